@@ -1,0 +1,5 @@
+import sys
+
+from hopfield_aa.cli import main
+
+sys.exit(main())
