@@ -49,7 +49,9 @@ def as_tensor(
     if not tensor.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
     if tensor.ndim < min_ndim:
-        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(tensor.shape)}")
+        raise ValueError(
+            f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(tensor.shape)}"
+        )
     kind = Kind(numpy=is_numpy, dtype=tensor.dtype, device=tensor.device)
     if tensor.dtype in _HALF:
         tensor = tensor.float()
@@ -64,7 +66,9 @@ def check_finite(tensor: torch.Tensor, name: str, *, allow_neg_inf: bool = False
     if allow_neg_inf:
         bad = torch.isnan(tensor) | (tensor == math.inf)
         if bool(bad.any()):
-            raise ValueError(f"{name} contains NaN or +inf entries (only -inf, for masked entries, is allowed)")
+            raise ValueError(
+                f"{name} contains NaN or +inf entries (only -inf, for masked entries, is allowed)"
+            )
     elif not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"{name} contains NaN or infinite entries")
 
@@ -83,6 +87,12 @@ def common_dtype(*tensors: torch.Tensor) -> torch.dtype:
     for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
     return dtype
+
+
+def promote(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors cast to their common floating dtype."""
+    dtype = common_dtype(*tensors)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def check_scalar(value: object, name: str, *, positive: bool = False, minimum: float | None = None) -> float:

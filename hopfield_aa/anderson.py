@@ -1,0 +1,806 @@
+"""Anderson acceleration AA(m) of fixed-point maps (THEORY.md §4): the batched, safeguarded solver
+:func:`anderson`, the single mixing step :func:`anderson_step`, and :func:`spectral_radius`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, overload
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from hopfield_aa._arrays import ArrayLike, Kind, as_tensor, check_scalar, restore
+
+__all__ = [
+    "AndersonConfig",
+    "AndersonResult",
+    "anderson",
+    "anderson_step",
+    "spectral_radius",
+]
+
+MapFn = Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class AndersonConfig:
+    """Settings of :func:`anderson`, for code that passes a solver configuration around.
+
+    The field names are the keyword arguments of :func:`anderson`, so
+    ``anderson(g, x0, **dataclasses.asdict(config))`` runs the solver with them.
+
+    Attributes
+    ----------
+    m : int
+        Number of difference columns (depth); 0 is plain (damped) iteration. Default 5.
+    mixing : float
+        Mixing (damping) parameter b > 0. Default 1.0.
+    regularization : float
+        Tikhonov weight λ ≥ 0, relative to the data (see :func:`anderson`). Default 0.0.
+    safeguard : bool
+        Reject mixed steps that increase the residual. Default True.
+    restart_cond : float or None
+        Condition-number bound of the column-scaled Gram matrix beyond which a row's history is
+        cleared; None means ``0.01 / eps`` of the dtype.
+    tol : float
+        Relative residual tolerance. Default 1e-8.
+    max_iter : int
+        Iteration limit. Default 500.
+    stability_check : bool
+        Test each converged row for stability and restart from a perturbed point where unstable.
+    max_stability_restarts : int
+        Perturbed restarts per row before the row falls back to plain iteration. Default 2.
+    stability_iters : int
+        Power-iteration steps of the stability test. Default 30.
+    """
+
+    m: int = 5
+    mixing: float = 1.0
+    regularization: float = 0.0
+    safeguard: bool = True
+    restart_cond: float | None = None
+    tol: float = 1e-8
+    max_iter: int = 500
+    stability_check: bool = False
+    max_stability_restarts: int = 2
+    stability_iters: int = 30
+
+
+@dataclass(frozen=True)
+class AndersonResult:
+    """What :func:`anderson` returns (all per-row fields have the leading shape of ``x0``).
+
+    Attributes
+    ----------
+    x : tensor or ndarray, shape (..., n)
+        The last accepted iterate x_k (not g(x_k)), in the kind and dtype of ``x0``.
+    g_x : tensor or ndarray, shape (..., n)
+        g(x_k) at the returned iterate (already computed, so free).
+    converged : bool tensor, shape (...)
+        ``‖g(x_k) − x_k‖ ≤ tol · ‖g(x_0) − x_0‖`` (or at the rounding floor, see :func:`anderson`).
+    n_iter : int tensor, shape (...)
+        Accepted steps taken by each row.
+    n_evals : int tensor, shape (...)
+        Evaluations of g on each row (including g(x_0), safeguard fallbacks and stability tests).
+    n_calls : int
+        Batched calls of g.
+    residual_norms : tensor, shape (n_iter.max() + 1, ...)
+        ``‖g(x_k) − x_k‖`` after k iterations; a row that has stopped repeats its last value.
+    n_rejected : int tensor, shape (...)
+        Mixed steps replaced by the plain step by the safeguard.
+    n_restarts : int tensor, shape (...)
+        History restarts (ill-conditioning, safeguard rejections, stability restarts).
+    failed : bool tensor, shape (...)
+        g returned non-finite values on the plain step of this row; ``x`` is its last finite iterate.
+    spectral_radius : tensor, shape (...), or None
+        Estimated spectral radius of the Jacobian of g at ``x`` (only with ``stability_check``).
+    stable : bool tensor, shape (...), or None
+        ``spectral_radius < 1`` (only with ``stability_check``).
+    message : str
+        A one-line summary.
+    """
+
+    x: ArrayLike
+    g_x: ArrayLike
+    converged: torch.Tensor
+    n_iter: torch.Tensor
+    n_evals: torch.Tensor
+    n_calls: int
+    residual_norms: torch.Tensor
+    n_rejected: torch.Tensor
+    n_restarts: torch.Tensor
+    failed: torch.Tensor
+    spectral_radius: torch.Tensor | None
+    stable: torch.Tensor | None
+    message: str
+
+    @property
+    def success(self) -> bool:
+        """Whether every row converged (scipy's ``OptimizeResult.success``)."""
+        return bool(self.converged.all())
+
+
+# --------------------------------------------------------------------------------------------------
+# The least-squares problem shared by the solver and the single step
+
+
+def _solve_gamma(
+    d_f: torch.Tensor,
+    f: torch.Tensor,
+    valid: torch.Tensor,
+    regularization: float,
+    restart_cond: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """γ = argmin ‖f − ΔF γ‖² + λ Σ_j ‖ΔF_j‖² γ_j², batched.
+
+    ``d_f`` holds the difference columns as rows, shape (..., k, n); ``f`` (..., n); ``valid``
+    (..., k) marks the columns in use. Columns are scaled to unit norm, so the Gram matrix
+    C = Uᵀ U (+ λ I) has unit diagonal and its Cholesky factor is the R of a QR of U: R_jj is the
+    sine of the angle between column j and the span of the columns before it. Zero or invalid
+    columns get γ_j = 0. Where the Cholesky factorisation fails, γ is non-finite, or some
+    R_jj² < 1 / restart_cond, the problem is ill-conditioned: those columns are dropped and the
+    problem solved again. Returns γ (..., k), ``well_conditioned`` (...) and ``finite`` (...).
+    """
+    norms = torch.linalg.vector_norm(d_f, dim=-1)
+    use = valid & (norms > 0) & torch.isfinite(norms)
+    scale = torch.where(use, norms, torch.ones_like(norms))
+    unit = torch.where(use[..., None], d_f / scale[..., None], torch.zeros_like(d_f))
+    rhs = (unit @ f[..., None])[..., 0]
+    gram = unit @ unit.transpose(-1, -2)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    threshold = 1.0 / restart_cond
+
+    def solve(columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # unused columns become identity rows/columns with zero right-hand side: γ_j = 0 exactly
+        keep = columns[..., :, None] & columns[..., None, :]
+        c = torch.where(keep, gram, torch.zeros_like(gram)) + eye * (
+            regularization + (~columns).to(gram.dtype)[..., None]
+        )
+        chol, info = torch.linalg.cholesky_ex(c)
+        coef = torch.cholesky_solve(torch.where(columns, rhs, 0.0)[..., None], chol)[..., 0]
+        r_diag_sq = chol.diagonal(dim1=-2, dim2=-1).square()
+        weak = columns & ~(r_diag_sq >= threshold)  # also catches NaN
+        # a failed factorisation stops at pivot `info` (1-based): that column and the later ones are weak
+        index = torch.arange(1, columns.shape[-1] + 1, device=columns.device)
+        pivot_failed = (info[..., None] > 0) & (index >= info[..., None])
+        nonfinite = ~torch.isfinite(coef).all(-1, keepdim=True)
+        return coef, weak | ((pivot_failed | nonfinite) & columns)
+
+    coef, weak = solve(use)
+    well = ~weak.any(-1)
+    if not bool(well.all()):
+        # drop the dependent columns and solve once more; anything still singular gets γ = 0
+        coef2, weak2 = solve(use & ~weak)
+        coef = torch.where(well[..., None], coef, coef2)
+        failed2 = weak2.any(-1) & ~well
+        coef = torch.where(failed2[..., None], torch.zeros_like(coef), coef)
+    gamma = torch.where(use, coef / scale, torch.zeros_like(coef))
+    finite = torch.isfinite(gamma).all(-1)
+    gamma = torch.where(finite[..., None], gamma, torch.zeros_like(gamma))
+    return gamma, well, finite
+
+
+def _stack_history(values: object, name: str) -> tuple[torch.Tensor, Kind]:
+    if isinstance(values, (list, tuple)):
+        if len(values) == 0:
+            raise ValueError(f"{name} must hold at least one state, got an empty sequence")
+        items = [as_tensor(v, f"{name}[{i}]", min_ndim=1) for i, v in enumerate(values)]
+        shapes = {tuple(t.shape) for t, _ in items}
+        if len(shapes) != 1:
+            raise ValueError(f"{name} entries must all have the same shape, got {sorted(shapes)}")
+        dtype = items[0][0].dtype
+        for t, _ in items[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+        return torch.stack([t.to(dtype) for t, _ in items]), items[-1][1]
+    tensor, kind = as_tensor(values, name, min_ndim=2)
+    return tensor, kind
+
+
+@overload
+def anderson_step(
+    xs: Sequence[ArrayLike] | ArrayLike,
+    gs: Sequence[ArrayLike] | ArrayLike,
+    *,
+    mixing: float = ...,
+    regularization: float = ...,
+    gamma: float | ArrayLike | None = ...,
+    return_gamma: Literal[False] = ...,
+) -> ArrayLike: ...
+
+
+@overload
+def anderson_step(
+    xs: Sequence[ArrayLike] | ArrayLike,
+    gs: Sequence[ArrayLike] | ArrayLike,
+    *,
+    mixing: float = ...,
+    regularization: float = ...,
+    gamma: float | ArrayLike | None = ...,
+    return_gamma: Literal[True],
+) -> tuple[ArrayLike, ArrayLike]: ...
+
+
+def anderson_step(
+    xs: Sequence[ArrayLike] | ArrayLike,
+    gs: Sequence[ArrayLike] | ArrayLike,
+    *,
+    mixing: float = 1.0,
+    regularization: float = 0.0,
+    gamma: float | ArrayLike | None = None,
+    return_gamma: bool = False,
+) -> ArrayLike | tuple[ArrayLike, ArrayLike]:
+    r"""One Anderson (type-II) mixing step from the last m + 1 iterates and map values.
+
+    With residuals f_i = g_i − x_i (oldest first, i = 0..m) and the difference columns
+    ΔF = [f_1 − f_0, …, f_m − f_{m−1}], ΔX and ΔG likewise, the step is (THEORY.md §4)
+
+    .. math::
+
+        \gamma = \arg\min_\gamma \|f_m - \Delta F \gamma\|_2^2
+                 + \lambda \sum_j \|\Delta F_j\|^2 \gamma_j^2, \qquad
+        x_{+} = (x_m - \Delta X \gamma) + b\,(f_m - \Delta F \gamma),
+
+    so with b = 1 it is x₊ = g_m − ΔG γ. Depth 1 has the closed form
+    γ = ⟨f_1, f_1 − f_0⟩ / ‖f_1 − f_0‖². The least-squares problem is solved as in :func:`anderson`
+    (normal equations of the column-normalised ΔF, Cholesky); a column with zero norm gets γ_j = 0
+    (so S = D gives the plain step, finite), and a column that is numerically dependent on the ones
+    before it is dropped.
+
+    Extrapolation is AA(1) (THEORY.md §4): with ``xs = [ξ, ξ]``, ``gs = [D(ξ), S(ξ)]`` and
+    ``gamma = 1 − λ`` the step is exactly P_λ(ξ) = D + λ (S − D); the least-squares γ* gives the
+    Anderson-optimal scale λ* = 1 − γ*.
+
+    Parameters
+    ----------
+    xs, gs : sequence of m + 1 arrays of shape (..., n), or arrays of shape (m + 1, ..., n)
+        Iterates and their map values, oldest first (history on dim 0). The step acts on the last
+        axis and is batched over all middle axes (e.g. heads, query tokens). m ≥ 1.
+    mixing : float, default 1.0
+        b > 0.
+    regularization : float, default 0.0
+        λ ≥ 0, relative to the column norms (scale-invariant).
+    gamma : float or array of shape (..., m), optional
+        Fixed coefficients instead of the least-squares ones (a float is broadcast).
+    return_gamma : bool, default False
+        Also return γ, shape (..., m).
+
+    Returns
+    -------
+    x_next : array of shape (..., n), the kind of ``xs``; and γ if ``return_gamma``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> xi, dense, sparse = torch.zeros(3), torch.tensor([1.0, 0, 0]), torch.tensor([0.0, 1, 0])
+    >>> anderson_step([xi, xi], [dense, sparse], gamma=1 - 2.0)  # D + 2 (S - D)
+    tensor([-1.,  2.,  0.])
+    """
+    x_hist, kind = _stack_history(xs, "xs")
+    g_hist, _ = _stack_history(gs, "gs")
+    if x_hist.shape != g_hist.shape:
+        raise ValueError(
+            f"xs and gs must have the same shape, got {tuple(x_hist.shape)} and {tuple(g_hist.shape)}"
+        )
+    if x_hist.shape[0] < 2:
+        raise ValueError(f"xs must hold at least 2 states (m + 1 with m >= 1), got {x_hist.shape[0]}")
+    b = check_scalar(mixing, "mixing", positive=True)
+    lam = check_scalar(regularization, "regularization", minimum=0.0)
+    dtype = torch.promote_types(x_hist.dtype, g_hist.dtype)
+    x_hist, g_hist = x_hist.to(dtype), g_hist.to(dtype)
+    m = x_hist.shape[0] - 1
+    f_hist = g_hist - x_hist
+    d_f = (f_hist[1:] - f_hist[:-1]).movedim(0, -2)  # (..., m, n)
+    d_x = (x_hist[1:] - x_hist[:-1]).movedim(0, -2)
+    batch = d_f.shape[:-2]
+    if gamma is None:
+        valid = torch.ones((*batch, m), dtype=torch.bool, device=d_f.device)
+        coef, _, _ = _solve_gamma(d_f, f_hist[-1], valid, lam, _default_restart_cond(dtype))
+    elif isinstance(gamma, (int, float, np.floating, np.integer)) and not isinstance(gamma, bool):
+        coef = torch.full((*batch, m), float(gamma), dtype=dtype, device=d_f.device)
+    else:
+        coef_t, _ = as_tensor(gamma, "gamma", min_ndim=1)
+        if coef_t.shape[-1] != m:
+            raise ValueError(f"gamma must have last dimension m = {m}, got shape {tuple(coef_t.shape)}")
+        coef = torch.broadcast_to(coef_t.to(dtype=dtype, device=d_f.device), (*batch, m))
+    mixed_x = x_hist[-1] - (coef[..., None, :] @ d_x)[..., 0, :]
+    mixed_f = f_hist[-1] - (coef[..., None, :] @ d_f)[..., 0, :]
+    x_next = mixed_x + b * mixed_f
+    if return_gamma:
+        return restore(x_next, kind), restore(coef, kind)
+    return restore(x_next, kind)
+
+
+_STALL_LIMIT = 3  # safeguard rejections without halving the residual before an escape phase
+_ESCAPE_MIN_STEPS = 5  # plain steps an escape phase takes at least
+
+
+def _default_restart_cond(dtype: torch.dtype) -> float:
+    return 0.01 / torch.finfo(dtype).eps
+
+
+# --------------------------------------------------------------------------------------------------
+# Calling the user's map
+
+
+class _Map:
+    """Calls g on rows (b, n) in the form the caller uses, checks the output and counts evaluations."""
+
+    def __init__(self, g: MapFn, kind: Kind, n: int, batch: int, device: torch.device) -> None:
+        if not callable(g):
+            raise TypeError(f"g must be callable, got {type(g).__name__}")
+        self.g, self.kind, self.n = g, kind, n
+        self.n_evals = torch.zeros(batch, dtype=torch.long, device=device)
+        self.n_calls = 0
+
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        out = self.g(restore(x, self.kind) if self.kind.numpy else x)
+        if isinstance(out, np.ndarray):
+            out_t = torch.from_numpy(np.asarray(out)).to(device=x.device)
+        elif isinstance(out, torch.Tensor):
+            out_t = out
+        else:
+            raise TypeError(f"g must return a torch.Tensor or numpy.ndarray, got {type(out).__name__}")
+        if tuple(out_t.shape) != tuple(x.shape):
+            raise ValueError(
+                f"g must map states of shape {tuple(x.shape)} to the same shape, got {tuple(out_t.shape)}"
+            )
+        if not out_t.is_floating_point():
+            raise TypeError(f"g must return floating-point values, got dtype {out_t.dtype}")
+        self.n_calls += 1
+        if rows is None:
+            self.n_evals += 1
+        else:
+            self.n_evals.index_add_(0, rows, torch.ones_like(rows))
+        return out_t.to(dtype=x.dtype, device=x.device)
+
+
+def _norm(v: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(v, dim=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stability of a fixed point
+
+
+def _power_iteration(
+    jvp: Callable[[torch.Tensor], torch.Tensor],
+    v0: torch.Tensor,
+    n_iter: int,
+    rtol: float,
+    decide_at: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ρ ≈ ‖J v_k‖ by power iteration. Stops when every row's estimate changes by at most
+    ``rtol`` relatively or, with ``decide_at``, by at most a fifth of its distance to ``decide_at``
+    (enough to tell on which side of it ρ lies)."""
+    v = v0 / _norm(v0).clamp_min(torch.finfo(v0.dtype).tiny)[..., None]
+    rho = torch.zeros(v0.shape[:-1], dtype=v0.dtype, device=v0.device)
+    for _ in range(n_iter):
+        w = jvp(v)
+        new = _norm(w)
+        v = torch.where(new[..., None] > 0, w / new.clamp_min(torch.finfo(w.dtype).tiny)[..., None], v)
+        change = (new - rho).abs()
+        settled = change <= rtol * new
+        if decide_at is not None:
+            settled |= change <= 0.2 * (new - decide_at).abs()
+        done = bool(settled.all())
+        rho = new
+        if done:
+            break
+    return rho, v
+
+
+def _jvp_operator(
+    call: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, g_x: torch.Tensor, method: str
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    if method == "jvp":
+        return lambda v: torch.func.jvp(call, (x,), (v,))[1]
+    # forward differences with a step at the square root of the rounding level of x
+    h = math.sqrt(torch.finfo(x.dtype).eps) * _norm(x).clamp_min(1.0)[..., None]
+    return lambda v: (call(x + h * v) - g_x) / h
+
+
+def spectral_radius(
+    g: MapFn,
+    x: ArrayLike,
+    *,
+    n_iter: int = 50,
+    method: str = "fd",
+    v0: ArrayLike | None = None,
+    rtol: float = 1e-4,
+    return_vector: bool = False,
+) -> ArrayLike | tuple[ArrayLike, ArrayLike]:
+    r"""Estimate the spectral radius ρ(J_g(x)) of the Jacobian of g at each row, by power iteration.
+
+    v_{k+1} = J v_k / ‖J v_k‖ and ρ ≈ ‖J v_k‖ (‖v_k‖ = 1), batched over rows; J v is a forward
+    difference (g(x + h v) − g(x)) / h with h = √ε · max(1, ‖x‖) (``method="fd"``, one map
+    evaluation each) or an exact Jacobian–vector product by ``torch.func.jvp`` (``method="jvp"``,
+    g must be a torch function). A fixed point x* of g is linearly stable (attracting for plain
+    iteration) when ρ(J_g(x*)) < 1. For a symmetric J (the Hopfield map:
+    J = β Xᵀ (diag p − p pᵀ) X, THEORY.md §2) each ‖J v_k‖ is a lower bound on ρ; for a non-normal J
+    it converges to ρ only as k grows, and a complex dominant pair makes it oscillate.
+
+    Parameters
+    ----------
+    g : callable, rows (b, n) -> (b, n)
+    x : array of shape (..., n)
+    n_iter : int, default 50
+        Maximum power-iteration steps (stops early when every row changes by less than ``rtol``).
+    method : {"fd", "jvp"}
+    v0 : array of shape (..., n), optional
+        Start vectors (default: a fixed pseudo-random vector per row).
+    rtol : float, default 1e-4
+    return_vector : bool
+        Also return the last (unit) power-iteration vector, an estimate of the dominant eigenvector.
+
+    Returns
+    -------
+    rho : array of shape (...), and the vectors (..., n) if ``return_vector``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> A = torch.diag(torch.tensor([0.5, -2.0, 1.0], dtype=torch.float64))
+    >>> rho = spectral_radius(lambda x: x @ A.T, torch.ones(1, 3, dtype=torch.float64), method="jvp")
+    >>> round(float(rho[0]), 3)
+    2.0
+    """
+    x_t, kind = as_tensor(x, "x", min_ndim=1)
+    if method not in ("fd", "jvp"):
+        raise ValueError(f"method must be 'fd' or 'jvp', got {method!r}")
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
+        raise ValueError(f"n_iter must be a positive integer, got {n_iter!r}")
+    rows = x_t.reshape(-1, x_t.shape[-1])
+    fmap = _Map(g, kind, rows.shape[-1], rows.shape[0], rows.device)
+    if method == "jvp" and kind.numpy:
+        raise ValueError("method='jvp' needs a torch map and torch input x; use method='fd' for NumPy")
+    if v0 is None:
+        start = _default_start(rows)
+    else:
+        v0_t, _ = as_tensor(v0, "v0", min_ndim=1)
+        if v0_t.shape != x_t.shape:
+            raise ValueError(f"v0 must have the shape of x {tuple(x_t.shape)}, got {tuple(v0_t.shape)}")
+        start = v0_t.reshape(rows.shape).to(rows.dtype)
+    call = (lambda z: fmap(z, None)) if method == "fd" else g
+    g_x = fmap(rows, None) if method == "fd" else rows
+    rho, vec = _power_iteration(_jvp_operator(call, rows, g_x, method), start, n_iter, rtol)
+    rho_out = restore(rho.reshape(x_t.shape[:-1]), kind)
+    if return_vector:
+        return rho_out, restore(vec.reshape(x_t.shape), kind)
+    return rho_out
+
+
+def _default_start(rows: torch.Tensor) -> torch.Tensor:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    return torch.randn(rows.shape, generator=gen, dtype=rows.dtype).to(rows.device)
+
+
+# --------------------------------------------------------------------------------------------------
+# The solver
+
+
+def anderson(
+    g: MapFn,
+    x0: ArrayLike,
+    m: int = 5,
+    *,
+    mixing: float = 1.0,
+    regularization: float = 0.0,
+    tol: float = 1e-8,
+    max_iter: int = 500,
+    safeguard: bool = True,
+    restart_cond: float | None = None,
+    stability_check: bool = False,
+    max_stability_restarts: int = 2,
+    stability_iters: int = 30,
+    callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    progress: bool = False,
+) -> AndersonResult:
+    r"""Find fixed points x = g(x) of a batch of independent problems by Anderson acceleration AA(m).
+
+    Type-II Anderson acceleration (Walker & Ni 2011; THEORY.md §4). With f_k = g(x_k) − x_k and the
+    last m differences ΔF = [f_{k−m+1} − f_{k−m}, …, f_k − f_{k−1}] (ΔX likewise), each row solves
+
+    .. math::
+
+        \gamma_k = \arg\min_\gamma \|f_k - \Delta F \gamma\|_2^2
+                   + \lambda \sum_j \|\Delta F_j\|_2^2 \gamma_j^2, \qquad
+        x_{k+1} = (x_k - \Delta X \gamma_k) + b\,(f_k - \Delta F \gamma_k).
+
+    **How the least-squares problem is solved.** The columns of ΔF are scaled to unit norm
+    (U = ΔF D⁻¹), the m × m normal equations (UᵀU + λ I) c = Uᵀ f_k are solved by a batched
+    Cholesky factorisation (``torch.linalg.cholesky_ex``, one per row, no host synchronisation), and
+    γ = D⁻¹ c. The Tikhonov term is therefore relative to the data, λ ‖ΔF_j‖² per column, never an
+    absolute constant; λ = 0 (the default) is plain AA. Since UᵀU has unit diagonal, its Cholesky
+    factor is the R of a QR of U, and R_jj is the sine of the angle between column j and the earlier
+    columns. A row whose factorisation fails, whose γ is not finite, or with some R_jj² below
+    1 / ``restart_cond`` is ill-conditioned: its history is cleared (restart) and it takes the plain
+    step, instead of raising.
+
+    **Depth convention.** ``m`` counts difference columns, so AA(m) mixes m + 1 iterates and m = 0 is
+    plain damped iteration x_{k+1} = x_k + b f_k. Peers count stored iterates instead: torchdeq's
+    ``anderson_solver(m=M)`` mixes M iterates (``m = M − 1`` here) and the optimistix/Walker–Ni
+    "memory m_k + 1 iterates" matches ours. (scipy's ``optimize.anderson(M=M)`` keeps M difference
+    pairs, i.e. ``m = M`` here, although its docstring says "previous vectors".)
+
+    **Convergence.** Row b has converged once ‖f_k‖ ≤ tol · ‖f_0‖ (relative to its initial
+    residual), or ‖f_k‖ ≤ 16 ε ‖g(x_k)‖ (ε the dtype's machine epsilon: the rounding floor, where
+    float32 stops). A converged row stops: it is no longer evaluated and its iterate never changes.
+    g is only evaluated on the rows still active.
+
+    **Safeguard** (``safeguard=True``). A mixed step that uses history is kept only if
+    ‖f(x_{k+1})‖ ≤ ‖f(x_k)‖ and g(x_{k+1}) is finite; otherwise that row takes the plain step
+    x_{k+1} = x_k + b f_k instead (one more evaluation, counted in ``n_evals`` and ``n_rejected``)
+    and its history restarts. Guarantee: every accepted iterate has
+    ‖f_{k+1}‖ ≤ max(‖f_k‖, ‖f(x_k + b f_k)‖): never worse than the current residual, unless the
+    plain step itself is. If the plain step gives non-finite values, the row is marked ``failed``
+    and frozen at its last finite iterate; the other rows are unaffected.
+
+    **Stability** (``stability_check=True``). AA is a secant root-finder for g(x) − x, so it also
+    converges to unstable fixed points (e.g. saddles of the Hopfield energy) that plain iteration
+    never reaches. With the check, each row that converges gets a power-iteration estimate of
+    ρ(J_g(x*)) (:func:`spectral_radius`, forward differences, ``stability_iters`` steps started from
+    the row's last AA differences, each a map evaluation; a row converged at x0 takes one step first
+    so that it is tested too). If ρ > 1, the row restarts from
+    x* + δ v (v the dominant direction, δ = 10⁻² max(1, ‖x*‖)) with a cleared history; after
+    ``max_stability_restarts`` such restarts it continues by plain iteration, which moves away from
+    repelling fixed points. ``spectral_radius``/``stable`` report the estimate at the final x.
+
+    Parameters
+    ----------
+    g : callable
+        Maps states of shape (b, n) to (b, n), rows independent; b varies (only active rows are
+        passed). It receives torch tensors, or NumPy arrays when ``x0`` is a NumPy array.
+    x0 : array of shape (n,) or (..., n)
+        Starting states; leading dimensions are flattened to rows and restored in the result.
+    m : int, default 5
+        Depth (number of difference columns), m ≥ 0.
+    mixing : float, default 1.0
+        b > 0; b = 1 gives x_{k+1} = g(x_k) − ΔG γ.
+    regularization : float, default 0.0
+        λ ≥ 0, relative to the data as above.
+    tol : float, default 1e-8
+        Relative residual tolerance, as defined above.
+    max_iter : int, default 500
+        Maximum number of iterations (accepted steps) per row.
+    safeguard : bool, default True
+    restart_cond : float, optional
+        Bound on the conditioning of the column-scaled Gram matrix; default 0.01 / ε.
+    stability_check : bool, default False
+    max_stability_restarts : int, default 2
+    stability_iters : int, default 30
+    callback : callable, optional
+        ``callback(k, x, residual_norms)`` after iteration k with the rows x (B, n) and ‖f‖ (B,).
+    progress : bool, default False
+        Show a tqdm progress bar.
+
+    Returns
+    -------
+    AndersonResult
+
+    References
+    ----------
+    H. F. Walker and P. Ni, "Anderson acceleration for fixed-point iterations", SIAM J. Numer. Anal.
+    49(4), 2011.
+
+    Examples
+    --------
+    >>> import torch
+    >>> A = torch.tensor([[0.5, 0.2], [0.1, 0.3]], dtype=torch.float64)
+    >>> res = anderson(lambda x: x @ A.T + 1.0, torch.zeros(4, 2, dtype=torch.float64), m=2)
+    >>> bool(res.converged.all()), int(res.n_iter.max()) <= 4
+    (True, True)
+    >>> x_star = torch.linalg.solve(torch.eye(2, dtype=torch.float64) - A, torch.ones(2, dtype=torch.float64))
+    >>> torch.allclose(res.x[0], x_star)
+    True
+    """
+    if isinstance(m, bool) or not isinstance(m, (int, np.integer)):
+        raise TypeError(f"m must be an integer, got {type(m).__name__}")
+    if m < 0:
+        raise ValueError(f"m must be >= 0, got {m}")
+    m = int(m)
+    b = check_scalar(mixing, "mixing", positive=True)
+    if math.isinf(b):
+        raise ValueError("mixing must be finite, got inf")
+    lam = check_scalar(regularization, "regularization", minimum=0.0)
+    rtol = check_scalar(tol, "tol", minimum=0.0)
+    for name, value in (("max_iter", max_iter), ("stability_iters", stability_iters)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(max_stability_restarts, bool) or not isinstance(max_stability_restarts, int):
+        raise TypeError("max_stability_restarts must be an integer")
+    if max_stability_restarts < 0:
+        raise ValueError(f"max_stability_restarts must be >= 0, got {max_stability_restarts}")
+    x0_t, kind = as_tensor(x0, "x0", min_ndim=1)
+    if x0_t.shape[-1] == 0:
+        raise ValueError("x0 must have a non-empty last dimension")
+    lead, n = x0_t.shape[:-1], x0_t.shape[-1]
+    x = x0_t.reshape(-1, n).clone()
+    batch, dtype, device = x.shape[0], x.dtype, x.device
+    cond = (
+        _default_restart_cond(dtype)
+        if restart_cond is None
+        else check_scalar(restart_cond, "restart_cond", positive=True)
+    )
+    eps = torch.finfo(dtype).eps
+    fmap = _Map(g, kind, n, batch, device)
+
+    def evaluate(xr: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return fmap(xr, None if rows.numel() == batch else rows)
+
+    all_rows = torch.arange(batch, device=device)
+    g_x = evaluate(x, all_rows)
+    f = g_x - x
+    f_norm = _norm(f)
+    failed = ~torch.isfinite(g_x).all(-1)
+    f_norm = torch.where(failed, torch.full_like(f_norm, math.inf), f_norm)
+    target = rtol * f_norm
+
+    def is_converged(fn: torch.Tensor, gn: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        return (fn <= tgt) | (fn <= 16 * eps * gn)
+
+    converged = is_converged(f_norm, _norm(g_x), target) & ~failed
+    # with the stability check, rows converged at x0 take one (null) step so that they are tested too
+    active = ~failed if stability_check else ~converged & ~failed
+    # history, newest column last; the valid columns of a row are its last `filled` columns
+    d_x = torch.zeros(batch, m, n, dtype=dtype, device=device)
+    d_f = torch.zeros_like(d_x)
+    filled = torch.zeros(batch, dtype=torch.long, device=device)
+    col = torch.arange(m, device=device)
+    n_iter = torch.zeros(batch, dtype=torch.long, device=device)
+    n_rejected = torch.zeros_like(n_iter)
+    n_restarts = torch.zeros_like(n_iter)
+    # escape phases: plain steps until the residual has halved (see the docstring)
+    escape = torch.zeros(batch, dtype=torch.bool, device=device)
+    escape_steps = torch.zeros_like(n_iter)
+    escape_entry = torch.zeros_like(f_norm)
+    stall = torch.zeros_like(n_iter)
+    progress_ref = f_norm.clone()
+    stab_restarts = torch.zeros_like(n_iter)
+    plain_only = torch.zeros(batch, dtype=torch.bool, device=device)
+    rho = torch.full((batch,), math.nan, dtype=dtype, device=device) if stability_check else None
+    history = [f_norm.clone()]
+
+    bar = tqdm(total=max_iter, disable=not progress, desc="anderson", leave=False)
+    for it in range(max_iter):
+        rows = active.nonzero().squeeze(-1)
+        if rows.numel() == 0:
+            break
+        xa, fa, ga, fna = x[rows], f[rows], g_x[rows], f_norm[rows]
+        # the plain step x + b f; with b = 1 it is g(x) itself, bit for bit
+        plain = x_new = ga.clone() if b == 1.0 else xa + b * fa
+        restart = torch.zeros_like(fna, dtype=torch.bool)
+        mixed = restart
+        fil = filled[rows]
+        if m > 0:
+            dxa, dfa = d_x[rows], d_f[rows]
+            fil = torch.where(plain_only[rows] | escape[rows], torch.zeros_like(fil), fil)
+            gamma, well, _ = _solve_gamma(dfa, fa, col >= (m - fil)[:, None], lam, cond)
+            restart = ~well & (fil > 0)
+            gamma = torch.where(restart[:, None], torch.zeros_like(gamma), gamma)
+            fil = torch.where(restart, torch.zeros_like(fil), fil)
+            mixed = fil > 0
+            x_new = plain - ((gamma[:, None, :] @ dxa)[:, 0] + b * (gamma[:, None, :] @ dfa)[:, 0])
+        g_new = evaluate(x_new, rows)
+        f_new = g_new - x_new
+        fn_new = _norm(f_new)
+        fn_new = torch.where(torch.isfinite(fn_new), fn_new, torch.full_like(fn_new, math.inf))
+        reject = mixed & ~(fn_new <= fna) if safeguard else mixed & ~torch.isfinite(fn_new)
+        if bool(reject.any()):
+            sub = reject.nonzero().squeeze(-1)
+            gp = evaluate(plain[sub], rows[sub])
+            x_new[sub], g_new[sub], f_new[sub] = plain[sub], gp, gp - plain[sub]
+            fnp = _norm(f_new[sub])
+            fn_new[sub] = torch.where(torch.isfinite(fnp), fnp, torch.full_like(fnp, math.inf))
+            fil = torch.where(reject, torch.zeros_like(fil), fil)
+            restart = restart | reject
+        ok = torch.isfinite(fn_new)
+        if m > 0:
+            new_dx = torch.where(ok[:, None], x_new - xa, torch.zeros_like(xa))
+            new_df = torch.where(ok[:, None], f_new - fa, torch.zeros_like(fa))
+            d_x[rows] = torch.cat([dxa[:, 1:], new_dx[:, None]], dim=1)
+            d_f[rows] = torch.cat([dfa[:, 1:], new_df[:, None]], dim=1)
+        x[rows] = torch.where(ok[:, None], x_new, xa)
+        g_x[rows] = torch.where(ok[:, None], g_new, ga)
+        f[rows] = torch.where(ok[:, None], f_new, fa)
+        fn = torch.where(ok, fn_new, fna)
+        f_norm[rows] = fn
+        n_iter[rows] += ok.long()
+        n_rejected[rows] += reject.long()
+        failed[rows] = ~ok
+
+        # stagnation: `stall_limit` safeguard rejections without halving the residual start an escape
+        esc = escape[rows]
+        steps = escape_steps[rows] + esc.long()
+        leave = esc & (steps >= _ESCAPE_MIN_STEPS) & (fn <= 0.5 * escape_entry[rows])
+        progressed = (fn <= 0.5 * progress_ref[rows]) | leave
+        progress_ref[rows] = torch.where(progressed, fn, progress_ref[rows])
+        st = torch.where(progressed, torch.zeros_like(steps), stall[rows] + reject.long())
+        enter = ~esc & (st >= _STALL_LIMIT)
+        escape[rows] = (esc & ~leave) | enter
+        escape_steps[rows] = torch.where(enter | leave, torch.zeros_like(steps), steps)
+        escape_entry[rows] = torch.where(enter, fn, escape_entry[rows])
+        stall[rows] = torch.where(enter, torch.zeros_like(st), st)
+        restart = restart | enter | leave
+        n_restarts[rows] += restart.long()
+        if m > 0:
+            filled[rows] = torch.where(enter | leave, torch.zeros_like(fil), torch.clamp(fil + 1, max=m))
+
+        done = is_converged(fn, _norm(g_x[rows]), target[rows]) & ok
+        if stability_check and bool(done.any()):
+            assert rho is not None
+            drows = rows[done]
+            # the last AA differences span the slowest directions: a good start for power iteration
+            start = d_x[drows].sum(1) if m > 0 else f[drows]
+            noise = _default_start(start)
+            start = start / _norm(start).clamp_min(torch.finfo(dtype).tiny)[:, None]
+            start = start + 1e-3 * noise / _norm(noise)[:, None]
+            x_d = x[drows]
+            r, v = _power_iteration(
+                _jvp_operator(functools.partial(fmap, rows=drows), x_d, g_x[drows], "fd"),
+                start,
+                stability_iters,
+                rtol=1e-3,
+                decide_at=1.0,
+            )
+            rho[drows] = r
+            unstable = r > 1.0
+            if bool(unstable.any()):
+                # restart from x* + δ v in an escape phase; plain iteration moves away from x*
+                urows = drows[unstable]
+                stab_restarts[urows] += 1
+                n_restarts[urows] += 1
+                plain_only[urows] |= stab_restarts[urows] > max_stability_restarts
+                x_u = x_d[unstable]
+                x_p = x_u + 1e-2 * _norm(x_u).clamp_min(1.0)[:, None] * v[unstable]
+                g_p = fmap(x_p, urows)
+                x[urows], g_x[urows], f[urows] = x_p, g_p, g_p - x_p
+                f_norm[urows] = _norm(g_p - x_p)
+                filled[urows] = 0
+                escape[urows] = True
+                escape_steps[urows] = 0
+                escape_entry[urows] = f_norm[urows]
+                done = done.clone()
+                done[done.nonzero().squeeze(-1)[unstable]] = False
+        converged[rows] = done
+        active[rows] = ~done & ok
+        history.append(f_norm.clone())
+        if callback is not None:
+            callback(it, x, f_norm)
+        bar.update(1)
+        bar.set_postfix(active=int(rows.numel()))
+    bar.close()
+
+    stable = None
+    if rho is not None:
+        stable = (rho < 1.0) & converged
+    n_conv = int(converged.sum())
+    n_fail = int(failed.sum())
+    message = f"{n_conv}/{batch} rows converged"
+    if n_fail:
+        message += f", {n_fail} failed (non-finite map values)"
+    if n_conv + n_fail < batch:
+        message += f", {batch - n_conv - n_fail} reached max_iter={max_iter}"
+    if stable is not None:
+        message += f", {int(stable.sum())} at stable fixed points"
+    shape = tuple(lead)
+    hist = torch.stack(history).reshape(len(history), *shape)
+    return AndersonResult(
+        x=restore(x.reshape(x0_t.shape), kind),
+        g_x=restore(g_x.reshape(x0_t.shape), kind),
+        converged=converged.reshape(shape),
+        n_iter=n_iter.reshape(shape),
+        n_evals=fmap.n_evals.reshape(shape),
+        n_calls=fmap.n_calls,
+        residual_norms=hist,
+        n_rejected=n_rejected.reshape(shape),
+        n_restarts=n_restarts.reshape(shape),
+        failed=failed.reshape(shape),
+        spectral_radius=None if rho is None else rho.reshape(shape),
+        stable=None if stable is None else stable.reshape(shape),
+        message=message,
+    )

@@ -1,0 +1,367 @@
+"""The geometry of attention-space guidance: the residual's decomposition, the norm cap, GAG, extrapolation,
+and the correspondence between extrapolation and a depth-1 Anderson step (THEORY.md §3–4).
+
+Every rule acts on the last axis (one vector per attention head and query token) and broadcasts over
+the leading ones. The public functions validate their inputs; the ``_``-prefixed kernels below them do
+the same mathematics without validation (no host synchronisation) and are what the diffusers processors
+call in the sampling loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Union, cast
+
+import torch
+
+from hopfield_aa._arrays import ArrayLike, as_tensor, check_scalar, promote, restore
+from hopfield_aa.anderson import anderson_step
+
+Reference = Union[str, torch.Tensor]
+REFERENCES = ("sparse", "dense", "update")
+
+# A reference direction whose norm is below this multiple of the dtype's epsilon (relative to the scale of
+# the residual and the reference) is treated as zero, and the parallel part is then zero by convention.
+_ZERO_FACTOR = 16.0
+
+
+# --------------------------------------------------------------------------------------------------
+# kernels (tensors in, tensors out, no validation)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(dim=-1, keepdim=True)
+
+
+def _decompose(residual: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    reference = reference.expand_as(residual) if reference.shape != residual.shape else reference
+    ref_sq = _dot(reference, reference)
+    eps = torch.finfo(residual.dtype).eps
+    scale = torch.maximum(
+        reference.abs().amax(dim=-1, keepdim=True), residual.abs().amax(dim=-1, keepdim=True)
+    )
+    is_zero = ref_sq.sqrt() <= _ZERO_FACTOR * eps * scale
+    coefficient = _dot(residual, reference) / torch.where(is_zero, torch.ones_like(ref_sq), ref_sq)
+    parallel = torch.where(is_zero, torch.zeros_like(residual), coefficient * reference)
+    return parallel, residual - parallel
+
+
+def _norm_cap(vector: torch.Tensor, eta: float) -> torch.Tensor:
+    if math.isinf(eta):
+        return vector
+    norm = torch.linalg.vector_norm(vector, dim=-1, keepdim=True)
+    # min(1, eta / ||v||) written so that ||v|| = 0 gives factor 1, never 0/0
+    factor = torch.clamp(eta / torch.clamp(norm, min=torch.finfo(vector.dtype).tiny), max=1.0)
+    return vector * factor
+
+
+def _reference_vector(
+    reference: Reference, dense: torch.Tensor, sparse: torch.Tensor, state: torch.Tensor | None
+) -> torch.Tensor:
+    if isinstance(reference, torch.Tensor):
+        return reference
+    if reference == "sparse":
+        return sparse
+    if reference == "dense":
+        return dense
+    if reference == "update":
+        if state is None:
+            raise ValueError('reference="update" needs the state (the update direction is S(ξ) - ξ)')
+        return sparse - state
+    raise ValueError(f"reference must be one of {REFERENCES} or a tensor, got {reference!r}")
+
+
+def _gag(
+    dense: torch.Tensor,
+    sparse: torch.Tensor,
+    scale: float,
+    zeta: float = 0.0,
+    eta: float = math.inf,
+    reference: Reference = "sparse",
+    state: torch.Tensor | None = None,
+) -> torch.Tensor:
+    residual = sparse - dense
+    parallel, orthogonal = _decompose(residual, _reference_vector(reference, dense, sparse, state))
+    update = _norm_cap(parallel, eta)
+    if zeta != 0.0:
+        update = update + zeta * orthogonal
+    return sparse + scale * update
+
+
+def _extrapolate(dense: torch.Tensor, sparse: torch.Tensor, scale: float) -> torch.Tensor:
+    return dense + scale * (sparse - dense)
+
+
+def _ladder_extrapolate(
+    retrievals: Sequence[torch.Tensor], scale: float, regularization: float = 0.0
+) -> torch.Tensor:
+    dense = retrievals[0]
+    if len(retrievals) == 2:
+        target = retrievals[1]
+    else:
+        target = cast(
+            torch.Tensor,
+            anderson_step(
+                torch.stack(list(retrievals[:-1])),
+                torch.stack(list(retrievals[1:])),
+                regularization=regularization,
+            ),
+        )
+    return dense + scale * (target - dense)
+
+
+# --------------------------------------------------------------------------------------------------
+# public API
+
+
+def decompose(residual: ArrayLike, reference: ArrayLike, dim: int = -1) -> tuple[ArrayLike, ArrayLike]:
+    r"""Split a residual into its parts parallel and orthogonal to a reference direction.
+
+    .. math::
+        r_\parallel = \frac{\langle r, u\rangle}{\lVert u\rVert^2}\,u, \qquad r_\perp = r - r_\parallel
+
+    (THEORY.md §3, Def. 3.5). When ``‖u‖`` is below ``16 · eps · max(|u|_∞, |r|_∞)`` the reference is
+    treated as zero and ``r_∥ = 0`` by convention, so the result is always finite.
+
+    Parameters
+    ----------
+    residual : tensor or array, shape (..., d)
+        The residual ``r``, e.g. ``S(ξ) - D(ξ)``.
+    reference : tensor or array, shape broadcastable to ``residual``
+        The direction ``u``.
+    dim : int
+        The axis holding the vectors (default: last).
+
+    Returns
+    -------
+    (parallel, orthogonal) : pair of the same kind and shape as ``residual``
+        ``parallel + orthogonal == residual`` and ``⟨orthogonal, u⟩ = 0`` up to rounding.
+
+    Examples
+    --------
+    >>> import torch
+    >>> par, orth = decompose(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 0.0]))
+    >>> par.tolist(), orth.tolist()
+    ([1.0, 0.0], [0.0, 2.0])
+    """
+    r, kind = as_tensor(residual, "residual", min_ndim=1)
+    u, _ = as_tensor(reference, "reference", min_ndim=1)
+    _check_broadcast(r, u, "reference", "residual")
+    r, u = promote(r, u)
+    r, u = r.movedim(dim, -1), u.movedim(dim, -1)
+    parallel, orthogonal = _decompose(r, u)
+    return restore(parallel.movedim(-1, dim), kind), restore(orthogonal.movedim(-1, dim), kind)
+
+
+def norm_cap(vector: ArrayLike, eta: float, dim: int = -1) -> ArrayLike:
+    r"""The norm cap :math:`\mathrm{clip}_\eta(v) = v \cdot \min(1, \eta / \lVert v\rVert)`.
+
+    ``eta = math.inf`` returns ``vector`` unchanged; ``eta = 0`` returns zeros. A zero vector stays zero.
+
+    Examples
+    --------
+    >>> import torch
+    >>> norm_cap(torch.tensor([3.0, 4.0]), 1.0).tolist()
+    [0.6000000238418579, 0.800000011920929]
+    """
+    v, kind = as_tensor(vector, "vector", min_ndim=1)
+    eta_value = check_scalar(eta, "eta", minimum=0.0)
+    return restore(_norm_cap(v.movedim(dim, -1), eta_value).movedim(-1, dim), kind)
+
+
+def extrapolate(dense: ArrayLike, sparse: ArrayLike, scale: float) -> ArrayLike:
+    r"""Sparse-vs-dense extrapolation (PLADIS-style guidance): :math:`P_\lambda = D + \lambda (S - D)`.
+
+    ``scale = 0`` returns ``dense``, ``scale = 1`` returns ``sparse``; ``scale > 1`` extrapolates past the
+    sparse retrieval. By :func:`aa1_gamma` this is a depth-1 Anderson step with ``γ = 1 - λ``
+    (THEORY.md §4, "extrapolation is AA(1)").
+
+    Examples
+    --------
+    >>> import torch
+    >>> extrapolate(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1.0]), 2.0).tolist()
+    [2.0, 1.0]
+    """
+    d, kind = as_tensor(dense, "dense", min_ndim=1)
+    s, _ = as_tensor(sparse, "sparse", min_ndim=1)
+    _check_same_shape(s, d, "sparse", "dense")
+    d, s = promote(d, s)
+    return restore(_extrapolate(d, s, check_scalar(scale, "scale")), kind)
+
+
+def gag(
+    dense: ArrayLike,
+    sparse: ArrayLike,
+    scale: float,
+    *,
+    zeta: float = 0.0,
+    eta: float = math.inf,
+    reference: Reference | ArrayLike = "sparse",
+    state: ArrayLike | None = None,
+) -> ArrayLike:
+    r"""Geometry-Aware Attention Guidance (THEORY.md §3).
+
+    .. math::
+        G = S + \lambda\,\bigl(\mathrm{clip}_\eta(r_\parallel) + \zeta\, r_\perp\bigr), \qquad r = S - D,
+
+    with ``r`` split relative to the reference direction ``u`` (:func:`decompose`).
+
+    Parameters
+    ----------
+    dense, sparse : tensor or array, shape (..., d)
+        The dense (softmax) and sparse (α-entmax) retrievals ``D(ξ)`` and ``S(ξ)``.
+    scale : float
+        The guidance scale λ. ``scale = 0`` returns ``sparse`` exactly.
+    zeta : float
+        Weight of the orthogonal part (0: parallel only, the paper's recommended rule; 1 with
+        ``eta = inf``: plain extrapolation ``P_{λ+1}``).
+    eta : float
+        Cap on the norm of the parallel part (``inf``: no cap).
+    reference : {"sparse", "dense", "update"} or tensor or array
+        The direction ``u``: the sparse retrieval ``S`` (default, the "retrieval direction"), the dense
+        retrieval ``D``, the update direction ``S - ξ`` (needs ``state``), or a given vector broadcastable
+        to ``dense``.
+    state : tensor or array, optional
+        The state ξ, needed only for ``reference="update"``.
+
+    Returns
+    -------
+    The guided output, same kind and shape as ``dense``. It satisfies the bounded-update inequality
+    ``‖G - S‖ ≤ |λ| (η + |ζ| ‖r_⊥‖)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> d, s = torch.tensor([1.0, 0.0]), torch.tensor([2.0, 1.0])
+    >>> gag(d, s, 1.0, reference=torch.tensor([1.0, 0.0])).tolist()  # keeps only r_∥ = (1, 0)
+    [3.0, 1.0]
+    """
+    d, kind = as_tensor(dense, "dense", min_ndim=1)
+    s, _ = as_tensor(sparse, "sparse", min_ndim=1)
+    _check_same_shape(s, d, "sparse", "dense")
+    d, s = promote(d, s)
+    scale_value = check_scalar(scale, "scale")
+    zeta_value = check_scalar(zeta, "zeta")
+    eta_value = check_scalar(eta, "eta", minimum=0.0)
+    xi = None
+    if state is not None:
+        xi, _ = as_tensor(state, "state", min_ndim=1)
+        _check_same_shape(xi, d, "state", "dense")
+        xi = xi.to(d.dtype)
+    ref: Reference
+    if isinstance(reference, str):
+        if reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {REFERENCES} or a tensor/array, got {reference!r}")
+        if reference == "update" and xi is None:
+            raise ValueError('reference="update" needs state= (the update direction is S(ξ) - ξ)')
+        ref = reference
+    else:
+        ref, _ = as_tensor(reference, "reference", min_ndim=1)
+        _check_broadcast(d, ref, "reference", "dense")
+        ref = ref.to(d.dtype)
+    return restore(_gag(d, s, scale_value, zeta_value, eta_value, ref, xi), kind)
+
+
+def aa1_gamma(scale: float) -> float:
+    r"""The depth-1 Anderson coefficient that makes an AA(1) step an extrapolation: ``γ = 1 - λ``.
+
+    With map values ``g_{k-1} = D(ξ)``, ``g_k = S(ξ)`` at a common iterate ξ, the AA(1) step
+    ``g_k - γ (g_k - g_{k-1})`` equals :func:`extrapolate` ``(D, S, λ)`` exactly when ``γ = 1 - λ``
+    (THEORY.md §4). Extrapolation past the sparse retrieval (λ > 1) is a negative γ.
+
+    >>> aa1_gamma(2.5)
+    -1.5
+    """
+    return 1.0 - check_scalar(scale, "scale")
+
+
+def anderson_optimal_scale(state: ArrayLike, dense: ArrayLike, sparse: ArrayLike) -> ArrayLike:
+    r"""The Anderson-optimal guidance scale :math:`\lambda^* = 1 - \gamma^*`, per vector.
+
+    ``γ*`` is the least-squares coefficient of the depth-1 Anderson step with iterates ``x = ξ`` and map
+    values ``D(ξ), S(ξ)``: with residuals ``f_{k-1} = D - ξ``, ``f_k = S - ξ``,
+
+    .. math:: \gamma^* = \frac{\langle f_k, f_k - f_{k-1}\rangle}{\lVert f_k - f_{k-1}\rVert^2}
+              = \frac{\langle S - \xi, S - D\rangle}{\lVert S - D\rVert^2}.
+
+    Where ``S = D`` the step is undetermined and :func:`hopfield_aa.anderson.anderson_step`'s convention
+    (γ = 0, hence λ* = 1) applies.
+
+    Returns
+    -------
+    Tensor or array of shape (...): one λ* per vector (last axis reduced).
+
+    Examples
+    --------
+    >>> import torch
+    >>> xi, d, s = torch.zeros(2), torch.tensor([1.0, 0.0]), torch.tensor([2.0, 0.0])
+    >>> float(anderson_optimal_scale(xi, d, s))  # γ* = <(2,0),(1,0)>/1 = 2
+    -1.0
+    """
+    xi, kind = as_tensor(state, "state", min_ndim=1)
+    d, _ = as_tensor(dense, "dense", min_ndim=1)
+    s, _ = as_tensor(sparse, "sparse", min_ndim=1)
+    _check_same_shape(d, xi, "dense", "state")
+    _check_same_shape(s, xi, "sparse", "state")
+    xi, d, s = promote(xi, d, s)
+    _, gamma = anderson_step(torch.stack([xi, xi]), torch.stack([d, s]), return_gamma=True)
+    return restore(1.0 - cast(torch.Tensor, gamma)[..., 0], kind)
+
+
+def ladder_extrapolate(
+    retrievals: Sequence[ArrayLike], scale: float, *, regularization: float = 0.0
+) -> ArrayLike:
+    r"""Anderson-mixed α-ladder guidance: the deeper AA(m) rule of THEORY.md §4.
+
+    ``retrievals`` are the outputs ``y_0 = D, y_1, …, y_m`` of one retrieval at increasing α (e.g.
+    α = 1, 1.25, 1.5, 2). They are read as successive iterates of a sparsifying map, ``y_{i+1} = F(y_i)``:
+    the Anderson step with iterates ``x_i = y_i`` and values ``g_i = y_{i+1}`` (depth ``m - 1``,
+    least-squares coefficients per vector) estimates the ladder's limit ``A``, and the rule guides toward it:
+
+    .. math:: L_\lambda = D + \lambda\,(A - D).
+
+    With two rungs ``[D, S]`` there are no difference columns, ``A = S`` and ``L_λ = P_λ``: the rule
+    generalises :func:`extrapolate`.
+
+    Parameters
+    ----------
+    retrievals : sequence of m + 1 ≥ 2 tensors or arrays of equal shape (..., d)
+        Ordered from dense (α = 1) to the sparsest rung.
+    scale : float
+        λ.
+    regularization : float
+        Tikhonov weight of the least-squares problem, relative to the data (see :func:`anderson_step`).
+    """
+    if isinstance(retrievals, (torch.Tensor,)) or len(retrievals) < 2:
+        raise ValueError("retrievals must be a sequence of at least two tensors (dense first)")
+    first, kind = as_tensor(retrievals[0], "retrievals[0]", min_ndim=1)
+    rungs = [first]
+    for i, value in enumerate(retrievals[1:], start=1):
+        rung, _ = as_tensor(value, f"retrievals[{i}]", min_ndim=1)
+        _check_same_shape(rung, first, f"retrievals[{i}]", "retrievals[0]")
+        rungs.append(rung)
+    rungs = list(promote(*rungs))
+    reg = check_scalar(regularization, "regularization", minimum=0.0)
+    return restore(_ladder_extrapolate(rungs, check_scalar(scale, "scale"), reg), kind)
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_same_shape(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} must have the shape of {name_b} {tuple(b.shape)}, got {tuple(a.shape)}")
+
+
+def _check_broadcast(target: torch.Tensor, other: torch.Tensor, name: str, target_name: str) -> None:
+    try:
+        shape = torch.broadcast_shapes(target.shape, other.shape)
+    except RuntimeError:
+        shape = None
+    if shape != target.shape:
+        raise ValueError(
+            f"{name} must broadcast to the shape of {target_name} {tuple(target.shape)}, "
+            f"got {tuple(other.shape)}"
+        )

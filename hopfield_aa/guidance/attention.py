@@ -1,0 +1,174 @@
+"""Guided attention from query, key and value tensors: the dense and sparse retrievals from one score
+matrix, the rule applied per head and query token, and the text-key block of joint (MMDiT) attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from hopfield_aa.normalizers import _entmax_tensor
+
+Combine = Callable[[Sequence[torch.Tensor]], torch.Tensor]
+"""The configured rule: retrievals (dense first) -> guided output, per head and query token."""
+
+ALL_ROWS = slice(None)
+
+
+def _mask_block(mask: torch.Tensor | None, rows: slice, cols: slice) -> torch.Tensor | None:
+    """``mask[..., rows, cols]`` for a mask broadcastable to (batch, heads, queries, keys) as float32."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, -torch.inf)
+    while mask.ndim < 4:
+        mask = mask.unsqueeze(0)
+    row_index = rows if mask.shape[-2] > 1 else ALL_ROWS
+    return mask[..., row_index, cols].float()
+
+
+def retrievals(
+    scores: torch.Tensor, value: torch.Tensor, alphas: Sequence[float], dense: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    r"""The retrievals :math:`\mathrm{entmax}_{\alpha_i}(\text{scores})\,V` for an α ladder (α_0 = 1: softmax).
+
+    Parameters
+    ----------
+    scores : tensor, shape (batch, heads, queries, keys)
+        ``β Q Kᵀ`` plus any additive mask (``-inf`` for masked keys).
+    value : tensor, shape (batch, heads, keys, d)
+    alphas : sequence of float
+        The ladder, ``alphas[0] == 1``.
+    dense : tensor, shape (batch, heads, queries, d), optional
+        The α = 1 retrieval when already computed.
+
+    Returns
+    -------
+    list of tensors of shape (batch, heads, queries, d), one per α.
+    """
+    if dense is None:
+        dense = torch.softmax(scores, dim=-1) @ value
+    return [dense, *(_entmax_tensor(scores, alpha, -1) @ value for alpha in alphas[1:])]
+
+
+def guided_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    combine: Combine,
+    alphas: Sequence[float],
+    *,
+    scale: float,
+    attention_mask: torch.Tensor | None = None,
+    rows: slice = ALL_ROWS,
+) -> torch.Tensor:
+    r"""Attention whose output is a guidance rule of its dense and sparse retrievals.
+
+    With scores :math:`Z = \beta Q K^\top + M`, the retrievals :math:`Y_i = \mathrm{entmax}_{\alpha_i}(Z) V`
+    share one score matrix, and the output for the batch rows ``rows`` is ``combine([Y_0, Y_1, …])``
+    (per head and query token); other rows get the dense retrieval ``Y_0 = softmax(Z) V``, the stock
+    attention. Everything is computed in float32 and cast back to ``query``'s dtype.
+
+    Parameters
+    ----------
+    query : tensor, shape (batch, heads, queries, d)
+    key, value : tensors, shape (batch, heads, keys, d)
+    combine : callable
+        The configured rule.
+    alphas : sequence of float
+        The α ladder the rule reads, dense first.
+    scale : float
+        β (``1/sqrt(d)`` in the stock processors).
+    attention_mask : tensor, optional
+        Additive (or boolean: True attends) mask broadcastable to (batch, heads, queries, keys).
+    rows : slice
+        The batch rows the rule acts on (all by default; the conditional half of a CFG batch).
+
+    Returns
+    -------
+    tensor, shape (batch, heads, queries, d), dtype of ``query``.
+    """
+    q, k, v = query.float(), key.float(), value.float()
+    scores = (q @ k.transpose(-1, -2)) * scale
+    mask = _mask_block(attention_mask, ALL_ROWS, ALL_ROWS)
+    if mask is not None:
+        scores = scores + mask
+    dense = torch.softmax(scores, dim=-1) @ v
+    if rows == ALL_ROWS:
+        output = combine(retrievals(scores, v, alphas, dense=dense))
+    else:
+        output = dense.clone()
+        output[rows] = combine(retrievals(scores[rows], v[rows], alphas, dense=dense[rows]))
+    return output.to(query.dtype)
+
+
+def guided_joint_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    combine: Combine,
+    alphas: Sequence[float],
+    *,
+    image: slice,
+    text: slice,
+    attention_mask: torch.Tensor | None = None,
+    rows: slice = ALL_ROWS,
+) -> torch.Tensor:
+    r"""Joint (MMDiT) attention with the rule on the image-query → text-key retrieval only.
+
+    For an image query with joint scores ``z = [z_img, z_txt]`` (``β = 1/sqrt(d)``), the stock softmax
+    splits into two blocks,
+
+    .. math:: O = \underbrace{\textstyle\sum_{j\in\text{img}} p_j v_j}_{\text{image block}}
+              + m\, D_{\text{txt}}, \qquad m = \textstyle\sum_{j\in\text{txt}} p_j,\quad
+              D_{\text{txt}} = \mathrm{softmax}(z_{\text{txt}}) V_{\text{txt}},
+
+    where ``m`` is the text block's share of the joint mass and ``D_txt`` its normalised (dense) retrieval.
+    The rule replaces ``D_txt`` by ``G_txt = combine([D_txt, entmax_α(z_txt) V_txt, …])`` and keeps the
+    block's original mass:
+
+    .. math:: O' = O + m\,(G_{\text{txt}} - D_{\text{txt}}).
+
+    So image→image attention weights, the text block's total weight and the text-query rows (the text
+    stream) are exactly the stock ones; only the direction of the text retrieval changes, renormalised
+    within the text block (entmax acts on the text scores alone, so the sparse retrieval is a convex
+    combination of text values, like ``D_txt``). ``O`` and ``m`` come from one stock attention call on
+    ``[V, 1_txt]`` (values with an indicator column of the text keys appended); the rule is computed in
+    float32.
+
+    Parameters
+    ----------
+    query, key, value : tensors, shape (batch, heads, tokens, d)
+        The joint sequence (image and text tokens in the model's order).
+    combine, alphas
+        The configured rule and its α ladder.
+    image, text : slice
+        Positions of the image and text tokens in the joint sequence.
+    attention_mask : tensor, optional
+        As for ``F.scaled_dot_product_attention`` (broadcastable to (batch, heads, tokens, tokens)).
+    rows : slice
+        Batch rows the rule acts on.
+
+    Returns
+    -------
+    tensor, shape (batch, heads, tokens, d), dtype of ``query``.
+    """
+    indicator = torch.zeros((*value.shape[:-1], 1), dtype=value.dtype, device=value.device)
+    indicator[..., text, :] = 1
+    joint = F.scaled_dot_product_attention(
+        query, key, torch.cat([value, indicator], dim=-1), attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+    )
+    output, text_mass = joint[..., :-1], joint[..., -1:]
+    q_img = query[rows, :, image].float()
+    k_txt, v_txt = key[rows, :, text].float(), value[rows, :, text].float()
+    scores = (q_img @ k_txt.transpose(-1, -2)) * query.shape[-1] ** -0.5
+    mask = _mask_block(attention_mask, image, text)
+    if mask is not None:
+        scores = scores + (mask[rows] if mask.shape[0] > 1 else mask)
+    text_retrievals = retrievals(scores, v_txt, alphas)
+    correction = text_mass[rows, :, image].float() * (combine(text_retrievals) - text_retrievals[0])
+    output = output.clone()
+    output[rows, :, image] = (output[rows, :, image].float() + correction).to(output.dtype)
+    return output

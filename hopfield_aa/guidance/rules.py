@@ -1,0 +1,220 @@
+"""The guidance rules the attention processors apply, and the registry that names them.
+
+A rule is a plain function of one attention call's retrievals (dense first) and a scale; a new rule is
+one such function plus one :func:`register_rule` call, and every processor, the evaluation and the
+benchmark pick it up by name.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hopfield_aa._arrays import check_alpha, check_scalar
+from hopfield_aa.geometry import _extrapolate, _gag, _ladder_extrapolate
+
+RuleFunction = Callable[..., torch.Tensor]
+"""``function(retrievals, scale, **options) -> tensor``: ``retrievals[i]`` is the attention output
+``entmax_{α_i}(β Q Kᵀ) V`` for the rule's α ladder (α_0 = 1, the dense softmax retrieval), each of
+shape (..., d); the result has the same shape."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A registered guidance rule.
+
+    Attributes
+    ----------
+    name : str
+        The registry key (``enable_gag(pipe, rule=name)``).
+    function : callable
+        ``function(retrievals, scale, **options)``; its keyword-only parameters are the rule's options.
+    alphas : tuple of float
+        The default α ladder, dense first (``alphas[0] == 1``).
+    scale : float
+        The default guidance scale λ.
+    rungs : int or None
+        How many retrievals the rule takes (None: any number ≥ 2).
+    check : callable or None
+        ``check(options)`` raises ``ValueError`` on an invalid option value.
+    options : dict
+        The option names and their defaults, read from ``function``'s signature.
+    """
+
+    name: str
+    function: RuleFunction
+    alphas: tuple[float, ...]
+    scale: float
+    rungs: int | None = 2
+    check: Callable[[Mapping[str, Any]], None] | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def description(self) -> str:
+        """The first line of the rule function's docstring."""
+        return (inspect.getdoc(self.function) or self.name).splitlines()[0]
+
+
+RULES: dict[str, Rule] = {}
+"""The registry: rule name -> :class:`Rule`."""
+
+
+def register_rule(
+    name: str,
+    function: RuleFunction,
+    *,
+    alphas: Sequence[float],
+    scale: float,
+    rungs: int | None = 2,
+    check: Callable[[Mapping[str, Any]], None] | None = None,
+    overwrite: bool = False,
+) -> Rule:
+    """Add a guidance rule to :data:`RULES` under ``name``.
+
+    Parameters
+    ----------
+    name : str
+        Registry key.
+    function : callable
+        ``function(retrievals, scale, *, option=default, ...) -> tensor``. Keyword-only parameters are the
+        rule's options; every one needs a default.
+    alphas : sequence of float
+        Default α ladder, starting at 1 (the dense retrieval), strictly increasing.
+    scale : float
+        Default guidance scale λ.
+    rungs : int or None, default 2
+        Number of retrievals the rule takes; None for any number ≥ 2 (a ladder).
+    check : callable, optional
+        Validates option values, raising ``ValueError`` naming the option.
+    overwrite : bool, default False
+        Replace an existing rule of the same name instead of raising.
+
+    Returns
+    -------
+    Rule
+
+    Examples
+    --------
+    >>> import torch
+    >>> def halfway(retrievals, scale):
+    ...     "Midpoint of dense and sparse, then scaled extrapolation."
+    ...     dense, sparse = retrievals
+    ...     return dense + scale * 0.5 * (sparse - dense)
+    >>> rule = register_rule("halfway", halfway, alphas=(1.0, 1.5), scale=2.0)
+    >>> rule.options
+    {}
+    >>> _ = RULES.pop("halfway")
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty string, got {name!r}")
+    if name in RULES and not overwrite:
+        raise ValueError(f"a rule named {name!r} is already registered (pass overwrite=True to replace it)")
+    if not callable(function):
+        raise TypeError(f"function must be callable, got {type(function).__name__}")
+    options: dict[str, Any] = {}
+    for parameter in list(inspect.signature(function).parameters.values())[2:]:
+        if parameter.kind is not inspect.Parameter.KEYWORD_ONLY or parameter.default is inspect.Parameter.empty:
+            raise TypeError(
+                f"rule {name!r}: after (retrievals, scale) every parameter must be keyword-only with a "
+                f"default, got {parameter.name!r}"
+            )
+        options[parameter.name] = parameter.default
+    ladder = check_ladder(alphas, rungs, name="alphas")
+    rule = Rule(
+        name=name,
+        function=function,
+        alphas=ladder,
+        scale=check_scalar(scale, "scale"),
+        rungs=rungs,
+        check=check,
+        options=options,
+    )
+    RULES[name] = rule
+    return rule
+
+
+def get_rule(name: str) -> Rule:
+    """The registered rule ``name``; ``ValueError`` listing the known names otherwise."""
+    try:
+        return RULES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"rule must be one of {sorted(RULES)}, got {name!r}") from None
+
+
+def check_ladder(alphas: Sequence[float], rungs: int | None, *, name: str = "alphas") -> tuple[float, ...]:
+    """Validate an α ladder: starts at 1, strictly increasing, each α ≥ 1 finite, ``rungs`` long if set."""
+    if isinstance(alphas, (str, bytes)) or not isinstance(alphas, Sequence):
+        raise TypeError(f"{name} must be a sequence of numbers, got {type(alphas).__name__}")
+    ladder = tuple(check_alpha(a) for a in alphas)
+    if len(ladder) < 2 or (rungs is not None and len(ladder) != rungs):
+        expected = "at least 2" if rungs is None else str(rungs)
+        raise ValueError(f"{name} must hold {expected} values, got {len(ladder)}")
+    if ladder[0] != 1.0:
+        raise ValueError(f"{name} must start at 1 (the dense retrieval), got {ladder[0]}")
+    if any(b <= a for a, b in zip(ladder, ladder[1:])):
+        raise ValueError(f"{name} must be strictly increasing, got {ladder}")
+    return ladder
+
+
+# --------------------------------------------------------------------------------------------------
+# the rules
+
+
+def gag_rule(
+    retrievals: Sequence[torch.Tensor],
+    scale: float,
+    *,
+    zeta: float = 0.0,
+    eta: float = math.inf,
+    reference: str = "sparse",
+) -> torch.Tensor:
+    r"""Geometry-Aware Attention Guidance: :math:`G = S + \lambda(\mathrm{clip}_\eta(r_\parallel) + \zeta r_\perp)`.
+
+    With ``r = S - D`` split relative to the reference ``u`` (the sparse retrieval ``S`` by default, or the
+    dense one ``D``), per head and query token (THEORY.md §3). ζ = 0, η = ∞ is the parallel-only rule;
+    ζ = 1, η = ∞ the full residual (``= P_{λ+1}``); ζ = 1, η = 0 keeps only the orthogonal part.
+    """
+    dense, sparse = retrievals
+    return _gag(dense, sparse, scale, zeta, eta, reference)
+
+
+def _check_gag(options: Mapping[str, Any]) -> None:
+    check_scalar(options["zeta"], "zeta")
+    check_scalar(options["eta"], "eta", minimum=0.0)
+    if options["reference"] not in ("sparse", "dense"):
+        # "update" (S(ξ) - ξ) needs the state in the value space, which cross-attention does not have.
+        raise ValueError(f"reference must be 'sparse' or 'dense' in attention layers, got {options['reference']!r}")
+
+
+def extrapolate_rule(retrievals: Sequence[torch.Tensor], scale: float) -> torch.Tensor:
+    r"""Sparse-vs-dense extrapolation (PLADIS-style): :math:`P_\lambda = D + \lambda (S - D)`.
+
+    λ = 0 is the stock dense attention, λ = 1 the sparse one; λ > 1 extrapolates (a depth-1 Anderson
+    step with γ = 1 - λ, THEORY.md §4).
+    """
+    dense, sparse = retrievals
+    return _extrapolate(dense, sparse, scale)
+
+
+def ladder_rule(retrievals: Sequence[torch.Tensor], scale: float, *, regularization: float = 0.0) -> torch.Tensor:
+    r"""Anderson-mixed α-ladder: :math:`L_\lambda = D + \lambda (A - D)`, A the AA step over the rungs.
+
+    The retrievals at α_0 = 1 < α_1 < … < α_m are read as successive iterates of a sparsifying map; the
+    least-squares Anderson step over them (depth m - 1, per head and query token) estimates the ladder's
+    limit ``A`` (THEORY.md §4, "deeper variants"). Two rungs reduce to :func:`extrapolate_rule`.
+    """
+    return _ladder_extrapolate(retrievals, scale, regularization)
+
+
+def _check_ladder(options: Mapping[str, Any]) -> None:
+    check_scalar(options["regularization"], "regularization", minimum=0.0)
+
+
+register_rule("gag", gag_rule, alphas=(1.0, 1.5), scale=1.0, check=_check_gag)
+register_rule("extrapolate", extrapolate_rule, alphas=(1.0, 1.5), scale=2.0)
+register_rule("ladder", ladder_rule, alphas=(1.0, 1.25, 1.5, 2.0), scale=2.0, rungs=None, check=_check_ladder)

@@ -1,0 +1,418 @@
+"""Modern Hopfield retrieval, dense and generalised sparse (THEORY.md §2): energies, the retrieval map T_α,
+attention as one hetero-associative retrieval step, iteration to a fixed point, Jacobians and Lipschitz
+estimates.
+
+Shapes: a state is ``(..., d)``; the memory holds patterns as rows, ``(N, d)`` shared by every state or
+``(..., N, d)`` broadcasting against the state's leading axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+
+from hopfield_aa._arrays import (
+    ArrayLike,
+    Kind,
+    as_tensor,
+    check_alpha,
+    check_scalar,
+    promote,
+    restore,
+    tolerance,
+)
+from hopfield_aa.anderson import AndersonConfig, anderson
+from hopfield_aa.normalizers import _entmax_tensor, entmax_conjugate, entmax_jacobian
+
+# --------------------------------------------------------------------------------------------------
+# kernels (validated tensors in, tensors out)
+
+
+def _scores(state: torch.Tensor, patterns: torch.Tensor, beta: float) -> torch.Tensor:
+    """β X ξ for states (..., d) and patterns (N, d) or (..., N, d): shape (..., N)."""
+    return beta * (state.unsqueeze(-2) @ patterns.mT).squeeze(-2)
+
+
+def _retrieve(state: torch.Tensor, patterns: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
+    """T_α(ξ) = Xᵀ entmax_α(β X ξ)."""
+    probs = _entmax_tensor(_scores(state, patterns, beta), alpha, -1)
+    return (probs.unsqueeze(-2) @ patterns).squeeze(-2)
+
+
+def _energy(state: torch.Tensor, patterns: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
+    """E_α(ξ) = −Ψ*_α(β X ξ)/β + ½‖ξ‖²."""
+    conjugate = entmax_conjugate(_scores(state, patterns, beta), alpha=alpha, dim=-1)
+    assert isinstance(conjugate, torch.Tensor)
+    return -conjugate / beta + 0.5 * (state * state).sum(-1)
+
+
+def _jacobian(state: torch.Tensor, patterns: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
+    """DT_α(ξ) = β Xᵀ J_entmax(β X ξ) X, shape (..., d, d), symmetric positive semidefinite."""
+    jac = entmax_jacobian(_scores(state, patterns, beta), alpha=alpha, dim=-1)
+    assert isinstance(jac, torch.Tensor)
+    return beta * (patterns.mT @ jac @ patterns)
+
+
+def _spectral_norm_psd(matrix: torch.Tensor) -> torch.Tensor:
+    """Largest eigenvalue of symmetric PSD matrices (= spectral norm = spectral radius)."""
+    sym = 0.5 * (matrix + matrix.mT)
+    return torch.linalg.eigvalsh(sym)[..., -1].clamp(min=0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# validation shared by the public functions
+
+
+def _memory_inputs(
+    state: object, patterns: object, beta: object, alpha: object
+) -> tuple[torch.Tensor, torch.Tensor, float, float, Kind]:
+    xi, kind = as_tensor(state, "state", min_ndim=1)
+    memory, _ = as_tensor(patterns, "patterns", min_ndim=2)
+    if memory.shape[-2] == 0:
+        raise ValueError("patterns must hold at least one pattern (got an empty memory, N = 0)")
+    if memory.shape[-1] != xi.shape[-1]:
+        raise ValueError(
+            f"patterns must have the state's dimension d = {xi.shape[-1]} in its last axis, "
+            f"got shape {tuple(memory.shape)}"
+        )
+    try:
+        torch.broadcast_shapes(xi.shape[:-1], memory.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"patterns' leading shape {tuple(memory.shape[:-2])} does not broadcast against "
+            f"state's leading shape {tuple(xi.shape[:-1])}"
+        ) from None
+    beta_value = check_scalar(beta, "beta", positive=True)
+    if math.isinf(beta_value):
+        raise ValueError("beta must be finite, got inf")
+    xi, memory = promote(xi, memory)
+    return xi, memory, beta_value, check_alpha(alpha), kind
+
+
+# --------------------------------------------------------------------------------------------------
+# public API
+
+
+def retrieve(state: ArrayLike, patterns: ArrayLike, beta: float, alpha: float = 1.0) -> ArrayLike:
+    r"""One retrieval step of the (generalised sparse) modern Hopfield network.
+
+    .. math:: T_\alpha(\xi) = X^\top \operatorname{entmax}_\alpha(\beta X \xi)
+
+    α = 1 is the dense (softmax) map ``D``, α > 1 a sparse map ``S`` (α = 1.5: entmax, α = 2: sparsemax).
+    The result lies in the convex hull of the patterns.
+
+    Parameters
+    ----------
+    state : tensor or array, shape (..., d)
+        States ξ (any batch of them).
+    patterns : tensor or array, shape (N, d) or (..., N, d)
+        The memory ``X``; rows are stored patterns.
+    beta : float
+        Inverse temperature β > 0.
+    alpha : float
+        Entmax parameter α ≥ 1.
+
+    Returns
+    -------
+    Tensor or array of shape (..., d), the kind and dtype of ``state``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> X = torch.eye(3, dtype=torch.float64)
+    >>> retrieve(torch.tensor([1.0, 0.2, 0.0], dtype=torch.float64), X, beta=10.0, alpha=2.0).tolist()
+    [1.0, 0.0, 0.0]
+    """
+    xi, memory, beta_value, alpha_value, kind = _memory_inputs(state, patterns, beta, alpha)
+    return restore(_retrieve(xi, memory, beta_value, alpha_value), kind)
+
+
+def energy(state: ArrayLike, patterns: ArrayLike, beta: float, alpha: float = 1.0) -> ArrayLike:
+    r"""The Hopfield energy whose concave–convex procedure step is :func:`retrieve`.
+
+    .. math:: E_\alpha(\xi) = -\tfrac{1}{\beta}\,\Psi^*_\alpha(\beta X\xi) + \tfrac12\lVert\xi\rVert^2
+
+    (constants dropped). Its gradient is ``ξ − T_α(ξ)``, so fixed points of ``T_α`` are its stationary
+    points, and ``E_α(T_α(ξ)) ≤ E_α(ξ) − ½‖T_α(ξ) − ξ‖²`` (energy descent, THEORY.md §2).
+
+    Returns
+    -------
+    Tensor or array of shape (...): one energy per state.
+
+    Examples
+    --------
+    >>> import torch
+    >>> X = torch.eye(2, dtype=torch.float64)
+    >>> xi = torch.tensor([0.9, 0.1], dtype=torch.float64)
+    >>> bool(energy(retrieve(xi, X, 2.0), X, 2.0) <= energy(xi, X, 2.0))
+    True
+    """
+    xi, memory, beta_value, alpha_value, kind = _memory_inputs(state, patterns, beta, alpha)
+    return restore(_energy(xi, memory, beta_value, alpha_value), kind)
+
+
+def attention(
+    queries: ArrayLike,
+    keys: ArrayLike,
+    values: ArrayLike,
+    *,
+    scale: float | None = None,
+    alpha: float = 1.0,
+) -> ArrayLike:
+    r"""Attention as one hetero-associative retrieval step, :math:`\mathrm{entmax}_\alpha(\beta QK^\top)V`.
+
+    ``scale`` is β, by default ``1/√d_head``. With ``alpha = 1`` this is standard scaled dot-product
+    attention; the keys play the memory and each query row a state.
+
+    Parameters
+    ----------
+    queries : (..., L_q, d); keys : (..., L_k, d); values : (..., L_k, d_v)
+
+    Returns
+    -------
+    (..., L_q, d_v), the kind and dtype of ``queries``.
+    """
+    q, kind = as_tensor(queries, "queries", min_ndim=2)
+    k, _ = as_tensor(keys, "keys", min_ndim=2)
+    v, _ = as_tensor(values, "values", min_ndim=2)
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"keys must have the queries' head dimension {q.shape[-1]}, got {tuple(k.shape)}")
+    if v.shape[-2] != k.shape[-2]:
+        raise ValueError(f"values must have as many rows as keys ({k.shape[-2]}), got {tuple(v.shape)}")
+    if k.shape[-2] == 0:
+        raise ValueError("keys must hold at least one key (got L_k = 0)")
+    beta = 1.0 / math.sqrt(q.shape[-1]) if scale is None else check_scalar(scale, "scale", positive=True)
+    q, k, v = promote(q, k, v)
+    probs = _entmax_tensor(beta * (q @ k.mT), check_alpha(alpha), -1)
+    return restore(probs @ v, kind)
+
+
+def retrieval_jacobian(state: ArrayLike, patterns: ArrayLike, beta: float, alpha: float = 1.0) -> ArrayLike:
+    r"""The Jacobian of the retrieval map, :math:`DT_\alpha(\xi) = \beta X^\top J(\beta X\xi) X`.
+
+    ``J`` is the Jacobian of entmax at the scores (:func:`hopfield_aa.normalizers.entmax_jacobian`).
+
+    Symmetric positive semidefinite (``T_α`` is the gradient of the convex ``Ψ*_α(βXξ)/β``); zero when a
+    single pattern carries the whole support (exact one-step retrieval).
+
+    Returns
+    -------
+    Tensor or array of shape (..., d, d).
+    """
+    xi, memory, beta_value, alpha_value, kind = _memory_inputs(state, patterns, beta, alpha)
+    return restore(_jacobian(xi, memory, beta_value, alpha_value), kind)
+
+
+def local_lipschitz(state: ArrayLike, patterns: ArrayLike, beta: float, alpha: float = 1.0) -> ArrayLike:
+    r"""Local Lipschitz constant of ``T_α`` at ξ: the spectral norm ``‖DT_α(ξ)‖₂``.
+
+    As ``DT_α`` is symmetric PSD this is its largest eigenvalue, which is also its spectral radius: a fixed
+    point with a value below 1 is stable (attracting) under plain iteration. The weak-contraction checks
+    evaluate it along trajectories.
+
+    Returns
+    -------
+    Tensor or array of shape (...).
+    """
+    xi, memory, beta_value, alpha_value, kind = _memory_inputs(state, patterns, beta, alpha)
+    return restore(_spectral_norm_psd(_jacobian(xi, memory, beta_value, alpha_value)), kind)
+
+
+def lipschitz_bound(
+    patterns: ArrayLike, beta: float, alpha: float = 1.0, *, state: ArrayLike | None = None
+) -> ArrayLike:
+    r"""Certified upper bounds on the Lipschitz constant of ``T_α`` (THEORY.md §2).
+
+    Without ``state``: the global bound ``β L_α ‖X‖₂²`` with the proven ``L_α`` (½ for softmax, 1 for
+    α ∈ (1, 2]); for α > 2 no finite global bound is proven and ``inf`` is returned. With ``state``: the
+    local bound at ξ, ``β σ min(M², D_S²/2)``, where ``σ = Σ_{support} p_i^{2−α}``, ``M`` is the largest
+    pattern norm and ``D_S`` the diameter of the patterns in the support of ``p = entmax_α(βXξ)``.
+
+    Returns
+    -------
+    Tensor or array: shape (...) of the memory's batch (global) or of the state's batch (local).
+    """
+    memory, kind = as_tensor(patterns, "patterns", min_ndim=2)
+    if memory.shape[-2] == 0:
+        raise ValueError("patterns must hold at least one pattern (got an empty memory, N = 0)")
+    beta_value = check_scalar(beta, "beta", positive=True)
+    alpha_value = check_alpha(alpha)
+    if state is None:
+        if alpha_value > 2.0:
+            bound = torch.full(memory.shape[:-2], math.inf, dtype=memory.dtype)
+        else:
+            l_alpha = 0.5 if alpha_value == 1.0 else 1.0
+            bound = beta_value * l_alpha * torch.linalg.matrix_norm(memory, ord=2) ** 2
+        return restore(bound, kind)
+    xi, memory, beta_value, alpha_value, kind = _memory_inputs(state, patterns, beta, alpha)
+    probs = _entmax_tensor(_scores(xi, memory, beta_value), alpha_value, -1)
+    support = probs > 0
+    sigma = torch.where(
+        support, probs.clamp(min=torch.finfo(probs.dtype).tiny) ** (2.0 - alpha_value), 0.0
+    ).sum(-1)
+    norms = torch.linalg.vector_norm(memory, dim=-1)  # (..., N)
+    m_sq = (norms**2).amax(-1)
+    distances = torch.cdist(memory, memory)  # (..., N, N)
+    pair_in_support = support.unsqueeze(-1) & support.unsqueeze(-2)
+    diameter = torch.where(pair_in_support, distances, torch.zeros_like(distances)).amax(dim=(-2, -1))
+    bound = beta_value * sigma * torch.minimum(m_sq.expand_as(sigma), 0.5 * diameter**2)
+    return restore(bound, kind)
+
+
+# --------------------------------------------------------------------------------------------------
+# iteration to a fixed point
+
+
+@dataclass(frozen=True)
+class IterateResult:
+    """The outcome of :func:`iterate`, per state (leading axes of the input state).
+
+    Attributes
+    ----------
+    state : the final states ξ, shape (..., d), the kind of the input.
+    converged : bool per state: ``‖T(ξ) − ξ‖ ≤ tol · M`` reached (``M`` the largest pattern norm).
+    n_iter : iterations (map evaluations for plain iteration) per state.
+    history : residual norms ``‖T(ξ_t) − ξ_t‖``, shape (iterations, ...); for plain iteration row ``t``
+        is the residual at ``ξ_t``.
+    energy_history : ``E_α(ξ_t)``, shape (iterations + 1, ...) for plain iteration; None when accelerated
+        (Anderson iterates are not energy-monotone).
+    spectral_radius : spectral radius of ``DT_α`` at the final state; below 1 means a stable fixed point.
+    stable : bool per state, ``spectral_radius < 1``.
+    message : a one-line summary.
+    """
+
+    state: Any
+    converged: Any
+    n_iter: Any
+    history: Any
+    energy_history: Any
+    spectral_radius: Any
+    stable: Any
+    message: str
+
+
+def iterate(
+    state: ArrayLike,
+    patterns: ArrayLike,
+    beta: float,
+    alpha: float = 1.0,
+    *,
+    tol: float | None = None,
+    max_iter: int = 1000,
+    accelerate: Union[int, AndersonConfig, None] = None,
+) -> IterateResult:
+    r"""Iterate the retrieval map ``ξ_{t+1} = T_α(ξ_t)`` to a fixed point, plainly or with Anderson.
+
+    Plain iteration is the concave–convex procedure for ``E_α`` and so decreases the energy monotonically
+    (recorded in ``energy_history``); every state that converges ends at a stationary point of ``E_α``.
+    ``accelerate`` (an ``m`` or an :class:`~hopfield_aa.anderson.AndersonConfig`) runs AA(m) on the same map
+    instead. Either way the result reports, per state, the spectral radius of ``DT_α`` at the end, so a
+    fixed point that acceleration reached but plain iteration cannot (a saddle: radius ≥ 1) is flagged.
+
+    Parameters
+    ----------
+    state : (..., d)   starting states ξ₀.
+    patterns : (N, d) or (..., N, d)   the memory.
+    beta, alpha : inverse temperature β > 0 and entmax α ≥ 1.
+    tol : convergence tolerance. Plain iteration stops a state once ``‖T(ξ) − ξ‖ ≤ tol · M`` (``M`` the
+        largest pattern norm; default ``100 · eps`` of the dtype). With ``accelerate`` the tolerance is
+        Anderson's, relative to each state's initial residual (default: the config's ``tol``).
+    max_iter : maximum iterations.
+    accelerate : None, an int m ≥ 0, or an AndersonConfig.
+
+    Examples
+    --------
+    >>> import torch
+    >>> X = torch.eye(3, dtype=torch.float64)
+    >>> out = iterate(torch.tensor([0.8, 0.3, 0.1], dtype=torch.float64), X, beta=8.0)
+    >>> bool(out.converged), int(out.state.argmax()), bool(out.stable)
+    (True, 0, True)
+    """
+    xi, memory, beta_value, alpha_value, kind = _memory_inputs(state, patterns, beta, alpha)
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+    tol_value = tolerance(xi.dtype, 100.0) if tol is None else check_scalar(tol, "tol", positive=True)
+    scale = torch.linalg.vector_norm(memory, dim=-1).amax(-1).clamp(min=torch.finfo(xi.dtype).tiny)
+    threshold = tol_value * scale  # broadcasts against the states' leading shape
+    xi = torch.broadcast_to(xi, torch.broadcast_shapes(xi.shape, memory.shape[:-2] + xi.shape[-1:]))
+    batch_shape = xi.shape[:-1]
+
+    def retrieval(x: torch.Tensor) -> torch.Tensor:
+        return _retrieve(x, memory, beta_value, alpha_value)
+
+    energies: torch.Tensor | None
+    if accelerate is None:
+        final, converged, n_iter, history, energies = _plain_iteration(
+            retrieval, lambda x: _energy(x, memory, beta_value, alpha_value), xi, threshold, max_iter
+        )
+    else:
+        config = AndersonConfig(m=accelerate) if isinstance(accelerate, int) else accelerate
+        if not isinstance(config, AndersonConfig):
+            raise TypeError(
+                f"accelerate must be None, an int or an AndersonConfig, got {type(accelerate).__name__}"
+            )
+        if memory.ndim > 2:
+            raise ValueError(
+                "accelerate= needs one memory (N, d) shared by all states; batch memories separately"
+            )
+        # Anderson's tolerance is relative to each row's initial residual (see hopfield_aa.anderson)
+        settings = {**dataclasses.asdict(config), "max_iter": max_iter}
+        if tol is not None:
+            settings["tol"] = tol_value
+        result = anderson(retrieval, xi, **settings)
+        final = torch.as_tensor(result.x).reshape(xi.shape)
+        converged = torch.as_tensor(result.converged).reshape(batch_shape)
+        n_iter = torch.as_tensor(result.n_iter).reshape(batch_shape)
+        history = torch.as_tensor(result.residual_norms).reshape(-1, *batch_shape)
+        energies = None
+    radius = _spectral_norm_psd(_jacobian(final, memory, beta_value, alpha_value))
+    stable = radius < 1.0
+    n_conv = int(converged.sum())
+    message = (
+        f"{n_conv}/{converged.numel()} states converged; "
+        f"{int((converged & ~stable).sum())} of them at unstable fixed points (spectral radius >= 1)"
+    )
+    return IterateResult(
+        state=restore(final, kind),
+        converged=_as_kind(converged, kind),
+        n_iter=_as_kind(n_iter, kind),
+        history=restore(history, kind),
+        energy_history=None if energies is None else restore(energies, kind),
+        spectral_radius=restore(radius, kind),
+        stable=_as_kind(stable, kind),
+        message=message,
+    )
+
+
+def _as_kind(tensor: torch.Tensor, kind: Kind) -> Any:
+    """Integer/boolean results: NumPy for NumPy callers, tensors otherwise."""
+    return tensor.detach().cpu().numpy() if kind.numpy else tensor
+
+
+def _plain_iteration(
+    retrieval: Any, energy_of: Any, start: torch.Tensor, threshold: torch.Tensor, max_iter: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ξ_{t+1} = T(ξ_t) with a per-state convergence mask: a converged state stops changing."""
+    x = start.clone()
+    batch_shape = x.shape[:-1]
+    active = torch.ones(batch_shape, dtype=torch.bool, device=x.device)
+    n_iter = torch.zeros(batch_shape, dtype=torch.long, device=x.device)
+    history, energies = [], [energy_of(x)]
+    for _ in range(max_iter):
+        mapped = retrieval(x)
+        residual = torch.linalg.vector_norm(mapped - x, dim=-1)
+        history.append(residual)
+        done = residual <= threshold
+        active = active & ~done
+        if not bool(active.any()):
+            energies.append(energy_of(x))
+            break
+        x = torch.where(active.unsqueeze(-1), mapped, x)
+        n_iter = n_iter + active.long()
+        energies.append(energy_of(x))
+    converged = ~active
+    return x, converged, n_iter, torch.stack(history), torch.stack(energies)

@@ -1,0 +1,671 @@
+"""Separation maps of THEORY.md §1: softmax, sparsemax, 1.5-entmax and α-entmax for any α ≥ 1,
+with their closed-form Jacobians, Jacobian-vector products, thresholds and convex conjugates.
+
+For scores ``z`` and α > 1, α-entmax is ``p_i = [(α−1) z_i − τ]_+^{1/(α−1)}`` with the threshold τ
+chosen so that ``Σ p = 1``. Internally the threshold is also written in score units, ``λ``, with
+``(α−1) z_i − τ = 1 + (α−1)(z_i − λ)``, i.e. ``τ = (α−1) λ − 1``; λ tends to logsumexp as α → 1,
+which keeps every α ≥ 1 accurate in one formula.
+
+Solvers (all sort-free, vectorised over rows, on cache-sized row blocks):
+
+- α = 2 and α = 1.5: the exact threshold of a candidate support ``S = {u > τ}`` (``u = (α−1) z``) is
+  linear (α = 2) or the root of a quadratic (α = 1.5). Starting from the left end of the bracket
+  ``τ₀ = max u − 1`` and re-solving on the support each new threshold induces reaches a threshold whose
+  support reproduces itself in a handful of passes; that fixed point is the exact answer (checked by
+  counting the support, with an exact sort-based fallback for any row that does not settle).
+- other α: Newton's method on the convex decreasing ``g(λ) = ‖[1 + (α−1)(z − λ)]_+‖_{1/(α−1)} − 1``
+  from the left end of the bracket (monotone for α ≤ 2, safeguarded by bisection for α > 2),
+  then one more Newton step on the found support (the polish) and normalisation.
+
+The sort-based algorithms (Martins & Astudillo 2016; Peters et al. 2019) and a plain bisection are
+kept (``_sparsemax_sort``, ``_entmax15_sort``, ``_entmax_bisect``) to cross-check the fast solvers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from hopfield_aa._arrays import ArrayLike, as_tensor, check_alpha, restore
+
+__all__ = [
+    "entmax",
+    "entmax15",
+    "entmax_conjugate",
+    "entmax_jacobian",
+    "entmax_jvp",
+    "entmax_threshold",
+    "softmax",
+    "sparsemax",
+]
+
+_HALF = (torch.float16, torch.bfloat16)
+# Rows are processed in blocks of about this many entries so that a block and its scratch buffer
+# stay in the L2 cache through all passes of the solver.
+_BLOCK_ELEMENTS = 1 << 17
+_MAX_SUPPORT_ITER = 24
+_MAX_NEWTON_ITER = 60
+
+
+# --------------------------------------------------------------------------------------------------
+# exact solvers for α = 2 and α = 1.5 (threshold τ in u = (α−1) z units, rows shifted to max u = 0)
+# --------------------------------------------------------------------------------------------------
+
+
+def _support_stats(u: torch.Tensor, tau: torch.Tensor, d: torch.Tensor, squares: bool) -> tuple[Any, ...]:
+    """d = [u − τ]_+ (in place in ``d``); returns Σd, Σd² (if ``squares``) and |{d > 0}|."""
+    torch.sub(u, tau, out=d)
+    d.clamp_(min=0)
+    s1 = d.sum(-1, keepdim=True)
+    count = torch.sign(d).sum(-1, keepdim=True)
+    s2 = torch.linalg.vecdot(d, d).unsqueeze(-1) if squares else None
+    return s1, s2, count
+
+
+def _threshold_sparsemax(u: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Threshold of sparsemax for rows ``u`` (max 0): Newton (Michelot) steps τ ← (Σ_{u>τ} u − 1)/|S|.
+
+    Each step is the exact threshold of the current support and a lower bound of τ*, so τ increases
+    monotonically; it is exact as soon as the support count repeats. Returns (τ, settled mask).
+    """
+    tau = torch.full_like(u[:, :1], -1.0)
+    count_prev = torch.full_like(tau, -1.0)
+    settled = torch.zeros_like(tau, dtype=torch.bool)
+    for _ in range(_MAX_SUPPORT_ITER):
+        s1, _, count = _support_stats(u, tau, d, squares=False)
+        settled = count == count_prev
+        if bool(settled.all()):
+            break
+        # Σ_S (u_i − τ_new) = 1 with d = u − τ: τ_new = τ + (Σd − 1)/|S|
+        tau = torch.where(settled, tau, tau + (s1 - 1) / count)
+        count_prev = count
+    return tau, settled
+
+
+def _threshold_entmax15(u: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Threshold of 1.5-entmax for rows ``u = z/2`` (max 0), p = [u − τ]_+².
+
+    On a support S the threshold solves Σ_S (u_i − τ)² = 1, the smaller root of a quadratic; with
+    d = u − τ_k this is τ = τ_k + (Σd² − 1)/(Σd + √((Σd)² − |S|(Σd² − 1))). Solving on S(τ_k) lands
+    above τ* when S(τ_k) ⊋ S* and below when S(τ_k) ⊊ S*, so the iterates bracket τ* from both sides
+    with shrinking gaps and stop as soon as a support reproduces itself (then τ = τ* exactly). When
+    the quadratic has no real root (a far too large support) a Newton step on ‖[u − τ]_+‖₂ − 1, a
+    convex decreasing function, is taken instead; it stays a lower bound.
+    """
+    tau = torch.full_like(u[:, :1], -1.0)
+    count_prev = torch.full_like(tau, -1.0)
+    exact_prev = torch.zeros_like(tau, dtype=torch.bool)
+    settled = exact_prev
+    for _ in range(_MAX_SUPPORT_ITER):
+        s1, s2, count = _support_stats(u, tau, d, squares=True)
+        settled = exact_prev & (count == count_prev)
+        if bool(settled.all()):
+            break
+        excess = s2 - 1
+        disc = s1 * s1 - count * excess
+        exact = disc >= 0
+        quadratic = tau + excess / (s1 + disc.clamp(min=0).sqrt())
+        norm = s2.sqrt()
+        newton = tau + norm * (norm - 1) / s1
+        tau = torch.where(settled, tau, torch.where(exact, quadratic, newton))
+        exact_prev = exact | settled
+        count_prev = count
+    return tau, settled
+
+
+def _exact_threshold_rows(
+    u: torch.Tensor, alpha: float, solver: Any, scratch: torch.Tensor
+) -> torch.Tensor:
+    """Run ``solver`` on rows ``u`` and repair any row that did not settle with the sort algorithm."""
+    tau, settled = solver(u, scratch)
+    if not bool(settled.all()):
+        rows = (~settled).squeeze(-1).nonzero().squeeze(-1)
+        sort_fn = _sparsemax_threshold_sort if alpha == 2.0 else _entmax15_threshold_sort
+        tau[rows] = sort_fn(u[rows])
+    return tau
+
+
+# --------------------------------------------------------------------------------------------------
+# general α: Newton on λ (score units), rows shifted to max z = 0
+# --------------------------------------------------------------------------------------------------
+
+
+def _entmax_general_block(z: torch.Tensor, alpha: float, out: torch.Tensor) -> torch.Tensor:
+    """α-entmax of rows ``z`` (max 0) into ``out``; returns λ with p_i = [1 + (α−1)(z_i − λ)]_+^{1/(α−1)}.
+
+    With F(λ) = Σ p_i and G(λ) = Σ p_i^{2−α} = −F'(λ), Newton on g = F^{α−1} − 1 (a p-norm of
+    non-negative convex functions, hence convex for α ≤ 2) gives the step
+    Δλ = expm1((α−1) log F)/(α−1) · F^{2−α}/G, monotone from the left end λ₀ = 0 for α ≤ 2.
+    For α > 2 every other step bisects the bracket [0, (1 − N^{1−α})/(α−1)].
+    """
+    am1 = alpha - 1.0
+    expo = 1.0 / am1
+    n = z.shape[-1]
+    u = z * am1
+    x = torch.empty_like(z)
+    q = torch.empty_like(z)
+    lam = torch.zeros_like(z[:, :1])
+    lo = lam.clone()
+    hi = torch.full_like(lam, -math.expm1(-am1 * math.log(n)) / am1 if n > 1 else 0.0)
+    tol = 32 * torch.finfo(z.dtype).eps
+    polished = torch.zeros_like(lam, dtype=torch.bool)
+    for it in range(_MAX_NEWTON_ITER):
+        # x = (α−1)(z − λ), clamped at −1 (outside the support); p = exp(log1p(x)/(α−1))
+        torch.sub(u, lam * am1, out=x)
+        x.clamp_(min=-1.0)
+        torch.log1p(x, out=q)
+        torch.mul(q, expo, out=out)
+        out.exp_()
+        f_sum = out.sum(-1, keepdim=True)
+        converged = (f_sum - 1).abs() <= tol
+        done = converged & polished
+        if bool(done.all()) or it == _MAX_NEWTON_ITER - 1:
+            break
+        polished = converged
+        # p^{2−α} = p / (1 + x) on the support
+        q.mul_(expo - 1.0).exp_()
+        if alpha > 2:
+            q.masked_fill_(x <= -1.0, 0.0)
+        g_sum = q.sum(-1, keepdim=True)
+        log_f = f_sum.log()
+        step = torch.expm1(am1 * log_f) / am1 * torch.exp((1.0 - am1) * log_f) / g_sum
+        lo = torch.where(f_sum >= 1, torch.maximum(lo, lam), lo)
+        hi = torch.where(f_sum < 1, torch.minimum(hi, lam), hi)
+        new = lam + step
+        bad = ~((new > lo) & (new < hi)) | ~torch.isfinite(new)
+        if alpha > 2 and it % 2 == 1:
+            bad = torch.ones_like(bad)
+        new = torch.where(bad, 0.5 * (lo + hi), new)
+        lam = torch.where(done, lam, new)
+    out.div_(out.sum(-1, keepdim=True))
+    return lam
+
+
+# --------------------------------------------------------------------------------------------------
+# the blocked forward kernel
+# --------------------------------------------------------------------------------------------------
+
+
+def _forward(scores: torch.Tensor, alpha: float, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """α-entmax of ``scores`` along ``dim`` (α > 1) and its threshold λ in score units (keepdim).
+
+    ``p_i = [1 + (α−1)(z_i − λ)]_+^{1/(α−1)}``. Rows of all −inf give p = 0 and λ = −inf.
+    Half precision is computed in float32; the result has the dtype of ``scores``.
+    """
+    in_dtype = scores.dtype
+    z = scores.float() if in_dtype in _HALF else scores
+    z = z.movedim(dim, -1)
+    shape = z.shape
+    n = shape[-1]
+    rows = z.reshape(-1, n)
+    n_rows = rows.shape[0]
+    probs = torch.empty_like(rows)
+    lam = torch.empty_like(rows[:, :1])
+    if rows.numel() > 0:
+        block = max(1, _BLOCK_ELEMENTS // max(n, 1))
+        shifted = torch.empty_like(rows[:block])
+        scratch = torch.empty_like(rows[:block])
+        for start in range(0, n_rows, block):
+            stop = min(start + block, n_rows)
+            zb = rows[start:stop]
+            sb = shifted[: stop - start]
+            pb = probs[start:stop]
+            top = zb.amax(-1, keepdim=True)
+            dead = top == -math.inf
+            any_dead = bool(dead.any())
+            if any_dead:
+                top = top.masked_fill(dead, 0.0)
+            if alpha == 2.0 or alpha == 1.5:
+                # u = (α−1)(z − max z), then p = [u − τ]_+^{1/(α−1)}
+                torch.sub(zb, top, out=sb)
+                if alpha == 1.5:
+                    sb.mul_(0.5)
+                    tau = _exact_threshold_rows(sb, alpha, _threshold_entmax15, scratch[: stop - start])
+                    torch.sub(sb, tau, out=pb)
+                    pb.clamp_(min=0)
+                    pb.mul_(pb)
+                    lam_b = 2.0 * (tau + 1.0)
+                else:
+                    tau = _exact_threshold_rows(sb, alpha, _threshold_sparsemax, scratch[: stop - start])
+                    torch.sub(sb, tau, out=pb)
+                    pb.clamp_(min=0)
+                    lam_b = tau + 1.0
+            else:
+                torch.sub(zb, top, out=sb)
+                lam_b = _entmax_general_block(sb, alpha, pb)
+            lam_b = lam_b + top
+            if any_dead:
+                pb.masked_fill_(dead, 0.0)
+                lam_b = lam_b.masked_fill(dead, -math.inf)
+            lam[start:stop] = lam_b
+    probs = probs.reshape(shape).movedim(-1, dim)
+    lam = lam.reshape((*shape[:-1], 1)).movedim(-1, dim)
+    if in_dtype in _HALF:
+        probs = probs.to(in_dtype)
+    return probs, lam
+
+
+def _jvp_tensor(probs: torch.Tensor, vector: torch.Tensor, alpha: float, dim: int) -> torch.Tensor:
+    """J v with J = diag(s) − s sᵀ/Σs, s = p^{2−α} on the support (s = p for softmax)."""
+    if alpha == 1.0:
+        s = probs
+    elif alpha == 2.0:
+        s = (probs > 0).to(probs.dtype)
+    elif alpha == 1.5:
+        s = probs.sqrt()
+    else:
+        s = torch.where(probs > 0, probs, 1.0).pow(2.0 - alpha) * (probs > 0)
+    sv = s * vector
+    return sv - s * (sv.sum(dim, keepdim=True) / s.sum(dim, keepdim=True))
+
+
+class _EntmaxFunction(torch.autograd.Function):
+    """α-entmax whose backward is the closed-form Jacobian product (no differentiation of the solver)."""
+
+    @staticmethod
+    def forward(ctx: Any, scores: torch.Tensor, alpha: float, dim: int) -> torch.Tensor:
+        probs = _forward(scores, alpha, dim)[0]
+        ctx.alpha = alpha
+        ctx.dim = dim
+        ctx.save_for_backward(probs)
+        return probs
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
+        (probs,) = ctx.saved_tensors
+        p = probs.float() if probs.dtype in _HALF else probs
+        g = grad_output.to(p.dtype)
+        grad = _jvp_tensor(p, g, ctx.alpha, ctx.dim).to(grad_output.dtype)
+        return grad, None, None
+
+
+def _softmax_tensor(scores: torch.Tensor, dim: int) -> torch.Tensor:
+    if scores.dtype in _HALF:
+        return torch.softmax(scores.float(), dim).to(scores.dtype)
+    return torch.softmax(scores, dim)
+
+
+def _entmax_tensor(scores: torch.Tensor, alpha: float, dim: int = -1) -> torch.Tensor:
+    """Fast α-entmax on a tensor, without validation (the attention hot path).
+
+    ``alpha`` must be a float ≥ 1 and ``scores`` free of NaN and +inf (−inf entries get p = 0).
+    Differentiable: the backward is the closed-form Jacobian product. Rows of all −inf give zeros
+    for α > 1 (and NaN for α = 1, as ``torch.softmax``); the public :func:`entmax` rejects them.
+    """
+    if alpha == 1.0:
+        return _softmax_tensor(scores, dim)
+    if scores.requires_grad and torch.is_grad_enabled():
+        out: torch.Tensor = _EntmaxFunction.apply(scores, alpha, dim)
+        return out
+    return _forward(scores, alpha, dim)[0]
+
+
+def _lambda_tensor(scores: torch.Tensor, alpha: float, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p, λ) in the compute dtype, λ in score units: logsumexp for α = 1."""
+    z = scores.float() if scores.dtype in _HALF else scores
+    if alpha == 1.0:
+        lse = torch.logsumexp(z, dim, keepdim=True)
+        return torch.exp(z - lse), lse
+    with torch.no_grad():
+        probs, lam = _forward(z, alpha, dim)
+    return probs, lam
+
+
+# --------------------------------------------------------------------------------------------------
+# sort-based references (cross-checks and the fallback of the exact solvers)
+# --------------------------------------------------------------------------------------------------
+
+
+def _sparsemax_threshold_sort(u: torch.Tensor) -> torch.Tensor:
+    """Sparsemax threshold of rows ``u`` by sorting: τ = (Σ_{j≤k} u_(j) − 1)/k for the largest k with
+    1 + k u_(k) > Σ_{j≤k} u_(j) (Martins & Astudillo 2016)."""
+    srt, _ = torch.sort(u, dim=-1, descending=True)
+    cum = srt.cumsum(-1) - 1
+    k = torch.arange(1, u.shape[-1] + 1, dtype=u.dtype, device=u.device)
+    support = (k * srt > cum).sum(-1, keepdim=True)
+    return cum.gather(-1, support - 1) / support.to(u.dtype)
+
+
+def _entmax15_threshold_sort(u: torch.Tensor) -> torch.Tensor:
+    """1.5-entmax threshold of rows ``u = z/2`` by sorting (Peters et al. 2019, Algorithm 2):
+    for each k, τ_k = mean_k − √(1/k − (mean of squares_k − mean_k²)); the support size is the
+    largest k with τ_k ≤ u_(k)."""
+    srt, _ = torch.sort(u, dim=-1, descending=True)
+    k = torch.arange(1, u.shape[-1] + 1, dtype=u.dtype, device=u.device)
+    finite = torch.where(torch.isfinite(srt), srt, 0.0)
+    mean = finite.cumsum(-1) / k
+    mean_sq = (finite * finite).cumsum(-1) / k
+    delta = (1 - k * (mean_sq - mean * mean)) / k
+    tau = mean - delta.clamp(min=0).sqrt()
+    support = (tau <= srt).sum(-1, keepdim=True)
+    return tau.gather(-1, support - 1)
+
+
+def _sparsemax_sort(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Sparsemax by sorting (reference implementation)."""
+    z = scores.movedim(dim, -1)
+    u = z - z.amax(-1, keepdim=True)
+    return (u - _sparsemax_threshold_sort(u)).clamp(min=0).movedim(-1, dim)
+
+
+def _entmax15_sort(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """1.5-entmax by sorting (reference implementation)."""
+    z = scores.movedim(dim, -1)
+    u = (z - z.amax(-1, keepdim=True)) / 2
+    return (u - _entmax15_threshold_sort(u)).clamp(min=0).square().movedim(-1, dim)
+
+
+def _entmax_bisect(scores: torch.Tensor, alpha: float, dim: int = -1, n_iter: int = 200) -> torch.Tensor:
+    """α-entmax by plain bisection of τ on [max u − 1, max u − N^{1−α}] (reference implementation)."""
+    z = scores.movedim(dim, -1)
+    u = (z - z.amax(-1, keepdim=True)) * (alpha - 1)
+    n = z.shape[-1]
+    lo = torch.full_like(u[..., :1], -1.0)
+    hi = torch.full_like(u[..., :1], -(n ** (1 - alpha)))
+    for _ in range(n_iter):
+        mid = (lo + hi) / 2
+        mass = (u - mid).clamp(min=0).pow(1 / (alpha - 1)).sum(-1, keepdim=True)
+        lo = torch.where(mass >= 1, mid, lo)
+        hi = torch.where(mass >= 1, hi, mid)
+    p = (u - (lo + hi) / 2).clamp(min=0).pow(1 / (alpha - 1))
+    return (p / p.sum(-1, keepdim=True)).movedim(-1, dim)
+
+
+# --------------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_dim(tensor: torch.Tensor, dim: object) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if tensor.ndim == 0 or not -tensor.ndim <= dim < tensor.ndim:
+        raise ValueError(f"dim={dim} is out of range for scores of shape {tuple(tensor.shape)}")
+    return dim
+
+
+def _validated(scores: object, alpha: object, dim: object) -> tuple[torch.Tensor, Any, float, int]:
+    z, kind = as_tensor(scores, "scores", allow_neg_inf=True, min_ndim=1)
+    a = check_alpha(alpha)
+    d = _check_dim(z, dim)
+    if z.numel() > 0 and z.shape[d] == 0:
+        raise ValueError("scores must have at least one entry along dim")
+    if z.numel() > 0 and bool((z.amax(d) == -math.inf).any()):
+        raise ValueError("scores has a row (along dim) whose entries are all -inf; entmax is undefined there")
+    return z, kind, a, d
+
+
+def entmax(scores: ArrayLike, alpha: float = 1.5, dim: int = -1) -> ArrayLike:
+    r"""α-entmax: the maximiser over the simplex of ⟨p, z⟩ − Ω_α(p) (THEORY.md §1).
+
+    ``p_i = [(α−1) z_i − τ]_+^{1/(α−1)}`` with τ such that Σ p = 1 (α > 1); softmax at α = 1,
+    sparsemax (Euclidean projection onto the simplex) at α = 2, exact 1.5-entmax at α = 1.5, and
+    Newton root-finding on the threshold with an exact polish on the found support otherwise.
+
+    Parameters
+    ----------
+    scores : torch.Tensor or numpy.ndarray, shape (..., N, ...)
+        Scores z; ``-inf`` entries (masked) get probability exactly 0. At least one finite entry per
+        row; NaN and +inf are rejected.
+    alpha : float, default 1.5
+        α ≥ 1.
+    dim : int, default -1
+        Axis along which to normalise.
+
+    Returns
+    -------
+    torch.Tensor or numpy.ndarray
+        Probabilities, same shape, kind and dtype as ``scores`` (half precision computed in float32).
+        Differentiable for torch inputs: the backward is the closed-form Jacobian of
+        :func:`entmax_jacobian`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> entmax(torch.tensor([1.0, 0.0, -1.0]), alpha=2.0)
+    tensor([1., 0., 0.])
+    """
+    z, kind, a, d = _validated(scores, alpha, dim)
+    return restore(_entmax_tensor(z, a, d), kind)
+
+
+def softmax(scores: ArrayLike, dim: int = -1) -> ArrayLike:
+    r"""Softmax ``p_i = exp(z_i) / Σ_j exp(z_j)`` (α-entmax at α = 1).
+
+    Parameters
+    ----------
+    scores : torch.Tensor or numpy.ndarray
+        Scores; ``-inf`` entries get probability 0.
+    dim : int, default -1
+        Axis to normalise.
+
+    Returns
+    -------
+    torch.Tensor or numpy.ndarray
+        Probabilities of the kind and dtype of ``scores``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> softmax(torch.zeros(2))
+    tensor([0.5000, 0.5000])
+    """
+    return entmax(scores, 1.0, dim)
+
+
+def sparsemax(scores: ArrayLike, dim: int = -1) -> ArrayLike:
+    r"""Sparsemax ``p = argmin_{p∈Δ} ‖p − z‖²`` = ``[z − τ]_+`` (α-entmax at α = 2).
+
+    Parameters
+    ----------
+    scores : torch.Tensor or numpy.ndarray
+        Scores; ``-inf`` entries get probability 0.
+    dim : int, default -1
+        Axis to normalise.
+
+    Returns
+    -------
+    torch.Tensor or numpy.ndarray
+        Probabilities of the kind and dtype of ``scores``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> sparsemax(torch.tensor([0.5, 0.0]))
+    tensor([0.7500, 0.2500])
+    """
+    return entmax(scores, 2.0, dim)
+
+
+def entmax15(scores: ArrayLike, dim: int = -1) -> ArrayLike:
+    r"""1.5-entmax ``p_i = [z_i/2 − τ]_+²`` with Σ p = 1 (exact threshold).
+
+    Parameters
+    ----------
+    scores : torch.Tensor or numpy.ndarray
+        Scores; ``-inf`` entries get probability 0.
+    dim : int, default -1
+        Axis to normalise.
+
+    Returns
+    -------
+    torch.Tensor or numpy.ndarray
+        Probabilities of the kind and dtype of ``scores``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> entmax15(torch.tensor([3.0, 0.0]))
+    tensor([1., 0.])
+    """
+    return entmax(scores, 1.5, dim)
+
+
+def entmax_threshold(scores: ArrayLike, alpha: float, dim: int = -1) -> ArrayLike:
+    r"""The threshold τ of α-entmax: ``p_i = [(α−1) z_i − τ]_+^{1/(α−1)}``, Σ p = 1 (keepdim).
+
+    For α = 1 the u-convention degenerates (τ → −1); the softmax normaliser ``logsumexp(z)`` is returned.
+
+    Parameters
+    ----------
+    scores : torch.Tensor or numpy.ndarray, shape (..., N, ...)
+        Scores (``-inf`` allowed, not a whole row).
+    alpha : float
+        α ≥ 1.
+    dim : int, default -1
+        Axis to normalise.
+
+    Returns
+    -------
+    torch.Tensor or numpy.ndarray
+        τ with ``dim`` kept as size 1.
+
+    Examples
+    --------
+    >>> import torch
+    >>> entmax_threshold(torch.tensor([1.0, 0.0]), alpha=2.0)
+    tensor([0.])
+    """
+    z, kind, a, d = _validated(scores, alpha, dim)
+    _, lam = _lambda_tensor(z, a, d)
+    tau = lam if a == 1.0 else (a - 1.0) * lam - 1.0
+    return restore(tau, kind)
+
+
+def entmax_jacobian(scores: ArrayLike, alpha: float = 1.5, dim: int = -1) -> ArrayLike:
+    r"""Dense Jacobian ∂entmax_α(z)/∂z, shape (..., N, N) (batch axes first, ``dim`` moved last).
+
+    Softmax: ``diag(p) − p pᵀ``; α > 1: ``diag(s) − s sᵀ / Σ s`` with ``s_i = p_i^{2−α}`` on the
+    support and 0 off it. Symmetric positive semidefinite with rank |support| − 1; it is the Hessian
+    of :func:`entmax_conjugate`.
+
+    Parameters
+    ----------
+    scores : torch.Tensor or numpy.ndarray, shape (..., N, ...)
+        Scores.
+    alpha : float, default 1.5
+        α ≥ 1.
+    dim : int, default -1
+        Axis of the normalisation; the two Jacobian axes are appended last.
+
+    Returns
+    -------
+    torch.Tensor or numpy.ndarray
+        Jacobian matrices of shape ``batch + (N, N)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> entmax_jacobian(torch.tensor([0.5, 0.0]), alpha=2.0)
+    tensor([[ 0.5000, -0.5000],
+            [-0.5000,  0.5000]])
+    """
+    z, kind, a, d = _validated(scores, alpha, dim)
+    with torch.no_grad():
+        p = _entmax_tensor(z, a, d) if z.dtype not in _HALF else _entmax_tensor(z.float(), a, d)
+    p = p.movedim(d, -1)
+    if a == 1.0:
+        s = p
+    elif a == 2.0:
+        s = (p > 0).to(p.dtype)
+    else:
+        s = torch.where(p > 0, p, 1.0).pow(2.0 - a) * (p > 0)
+    jac = torch.diag_embed(s) - s.unsqueeze(-1) * s.unsqueeze(-2) / s.sum(-1, keepdim=True).unsqueeze(-1)
+    return restore(jac, kind)
+
+
+def entmax_jvp(probs: ArrayLike, vector: ArrayLike, alpha: float = 1.5, dim: int = -1) -> ArrayLike:
+    r"""Jacobian-vector product ``J v`` of α-entmax from its output ``p`` alone.
+
+    ``J v = s ⊙ v − s ⟨s, v⟩ / Σ s`` with ``s = p`` for α = 1 and ``s_i = p_i^{2−α}`` on the support
+    otherwise. J is symmetric, so this is also the vector-Jacobian product (the backward pass).
+
+    Parameters
+    ----------
+    probs : torch.Tensor or numpy.ndarray, shape (..., N, ...)
+        α-entmax output p.
+    vector : torch.Tensor or numpy.ndarray, same shape as ``probs``
+        The vector v.
+    alpha : float, default 1.5
+        α ≥ 1.
+    dim : int, default -1
+        Axis of the normalisation.
+
+    Returns
+    -------
+    torch.Tensor or numpy.ndarray
+        J v, shape and kind of ``probs``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> entmax_jvp(torch.tensor([0.75, 0.25, 0.0]), torch.tensor([1.0, 0.0, 5.0]), alpha=2.0)
+    tensor([ 0.5000, -0.5000,  0.0000])
+    """
+    p, kind = as_tensor(probs, "probs")
+    v, _ = as_tensor(vector, "vector")
+    a = check_alpha(alpha)
+    d = _check_dim(p, dim)
+    if p.shape != v.shape:
+        raise ValueError(f"vector must have the shape of probs {tuple(p.shape)}, got {tuple(v.shape)}")
+    if bool((p < 0).any()):
+        raise ValueError("probs must be non-negative (an entmax output)")
+    dtype = torch.promote_types(p.dtype, v.dtype)
+    return restore(_jvp_tensor(p.to(dtype), v.to(dtype), a, d), kind)
+
+
+class _ConjugateFunction(torch.autograd.Function):
+    """Ψ*_α with gradient entmax_α (Danskin): the backward multiplies the saved probabilities."""
+
+    @staticmethod
+    def forward(ctx: Any, scores: torch.Tensor, alpha: float, dim: int) -> torch.Tensor:
+        probs, lam = _lambda_tensor(scores, alpha, dim)
+        if alpha == 1.0:
+            value = lam
+        else:
+            # Σ p^α/α + τ/(α−1) + 1/(α(α−1)) with τ = (α−1)λ − 1, rearranged to avoid the
+            # cancellation of two O(1/(α−1)) terms: λ + (Σ p^α − 1)/α
+            value = lam + (probs.pow(alpha).sum(dim, keepdim=True) - 1.0) / alpha
+        ctx.dim = dim
+        ctx.save_for_backward(probs)
+        return value.squeeze(dim).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
+        (probs,) = ctx.saved_tensors
+        return (grad_output.unsqueeze(ctx.dim) * probs).to(grad_output.dtype), None, None
+
+
+def entmax_conjugate(scores: ArrayLike, alpha: float = 1.5, dim: int = -1) -> ArrayLike:
+    r"""Convex conjugate ``Ψ*_α(z) = max_{p∈Δ} ⟨p, z⟩ − Ω_α(p)`` (the dim is reduced).
+
+    α = 1: ``logsumexp(z)``; α > 1, with p = entmax_α(z) and its threshold τ:
+    ``Ψ*_α(z) = Σ p_i^α / α + τ/(α−1) + 1/(α(α−1))`` (computed as ``λ + (Σ p^α − 1)/α`` with
+    ``τ = (α−1)λ − 1``, which is stable as α → 1). Its gradient is entmax_α(z) (torch inputs are
+    differentiable) and its Hessian :func:`entmax_jacobian`.
+
+    Parameters
+    ----------
+    scores : torch.Tensor or numpy.ndarray, shape (..., N, ...)
+        Scores z.
+    alpha : float, default 1.5
+        α ≥ 1.
+    dim : int, default -1
+        Axis reduced.
+
+    Returns
+    -------
+    torch.Tensor or numpy.ndarray
+        Ψ*_α(z), ``scores`` with ``dim`` removed.
+
+    Examples
+    --------
+    >>> import torch
+    >>> entmax_conjugate(torch.tensor([0.0, 0.0]), alpha=1.0)
+    tensor(0.6931)
+    """
+    z, kind, a, d = _validated(scores, alpha, dim)
+    value: torch.Tensor = _ConjugateFunction.apply(z, a, d)
+    return restore(value, kind)

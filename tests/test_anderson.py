@@ -1,0 +1,376 @@
+"""Properties of Anderson acceleration (THEORY.md §4): GMRES equivalence, AA(1) = extrapolation,
+plain iteration at m = 0, batch independence, the safeguard, stability, and input checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from hopfield_aa.anderson import AndersonConfig, anderson, anderson_step, spectral_radius
+
+F64 = torch.float64
+
+
+def _affine(seed: int, n: int, rho: float, normal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random A with spectral radius ``rho`` (symmetric or not) and a random b."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, n, generator=gen, dtype=F64)
+    if normal:
+        a = a + a.T
+    a = a * (rho / torch.linalg.eigvals(a).abs().max())
+    return a, torch.randn(n, generator=gen, dtype=F64)
+
+
+def _gmres_iterates(m_mat: torch.Tensor, rhs: torch.Tensor, x0: torch.Tensor, k_max: int) -> list[torch.Tensor]:
+    """x_k = argmin ‖rhs − M x‖ over x ∈ x0 + span{r0, M r0, …, M^{k−1} r0} (k = 0..k_max)."""
+    r0 = rhs - m_mat @ x0
+    out, basis = [x0], []
+    v = r0
+    for _ in range(k_max):
+        basis.append(v)
+        q, _ = torch.linalg.qr(torch.stack(basis, dim=1))
+        y = torch.linalg.lstsq(m_mat @ q, r0[:, None]).solution[:, 0]
+        out.append(x0 + q @ y)
+        v = m_mat @ v
+    return out
+
+
+def _hopfield(beta: float, n_patterns: int = 64, dim: int = 32, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    patterns = torch.randn(n_patterns, dim, generator=gen, dtype=F64)
+    patterns = patterns / patterns.norm(dim=1, keepdim=True)
+
+    def retrieve(xi: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(beta * xi @ patterns.T, dim=-1) @ patterns
+
+    def top_eigenvalue(xi: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(beta * xi @ patterns.T, dim=-1)
+        jac = beta * patterns.T @ (torch.diag_embed(p) - p[..., :, None] * p[..., None, :]) @ patterns
+        return torch.linalg.eigvalsh(jac)[..., -1]
+
+    return patterns, retrieve, top_eigenvalue
+
+
+# ---------------------------------------------------------------------------------------------------
+# Walker & Ni: untruncated AA on an affine map is GMRES on (I − A) x = b
+
+
+@settings(max_examples=15)
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(3, 9),
+    rho=st.floats(0.1, 0.95),
+    normal=st.booleans(),
+)
+@example(seed=0, n=9, rho=0.95, normal=False)
+def test_untruncated_aa_on_affine_map_equals_gmres(seed: int, n: int, rho: float, normal: bool) -> None:
+    """x^AA_{k+1} = g(x^GMRES_k) for untruncated AA(∞), b = 1, started at the same x0."""
+    a, c = _affine(seed, n, rho, normal)
+    x0 = torch.zeros(1, n, dtype=F64)
+    k_max = n - 1
+    seen: list[torch.Tensor] = []
+    anderson(
+        lambda x: x @ a.T + c,
+        x0,
+        m=n + 2,
+        safeguard=False,
+        tol=0.0,
+        max_iter=k_max,
+        restart_cond=1e30,
+        callback=lambda k, x, r: seen.append(x[0].clone()),
+    )
+    gmres = _gmres_iterates(torch.eye(n, dtype=F64) - a, c, x0[0], k_max - 1)
+    scale = 1.0 + float(torch.linalg.solve(torch.eye(n, dtype=F64) - a, c).norm())
+    for k, x_gm in enumerate(gmres):
+        if k + 1 > len(seen):
+            break  # converged to the rounding floor before the last step
+        assert torch.allclose(seen[k], a @ x_gm + c, atol=1e-7 * scale, rtol=0), k
+
+
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 40), rho=st.floats(0.0, 0.95), m=st.integers(0, 6))
+def test_aa_on_affine_contraction_converges_to_the_linear_solution(seed: int, n: int, rho: float, m: int) -> None:
+    """Every depth finds x* = (I − A)⁻¹ b of an affine contraction, and stops at ‖f‖ ≤ tol ‖f_0‖."""
+    a, c = (t.numpy() for t in _affine(seed, n, rho, normal=True))
+    res = anderson(lambda x: x @ a.T + c, np.zeros((2, n)), m=m, tol=1e-10, max_iter=2000)
+    x_star = np.linalg.solve(np.eye(n) - a, c)
+    assert isinstance(res.x, np.ndarray) and res.x.shape == (2, n)
+    assert bool(res.converged.all())
+    assert np.allclose(res.x, x_star[None], atol=1e-8 * (1 + np.linalg.norm(x_star)) / max(1e-3, 1 - rho))
+    final = res.residual_norms[-1]
+    assert bool((final <= 1e-10 * res.residual_norms[0] + 16 * 2.3e-16 * np.linalg.norm(x_star) * 2).all())
+
+
+# ---------------------------------------------------------------------------------------------------
+# The single step: extrapolation is AA(1), least-squares γ in closed form
+
+
+@given(
+    seed=st.integers(0, 10_000),
+    lam=st.floats(-5.0, 5.0),
+    shape=st.sampled_from([(3,), (2, 5), (2, 3, 7)]),
+    mixing=st.sampled_from([1.0]),
+)
+@example(seed=0, lam=1.0, shape=(3,), mixing=1.0)
+def test_aa1_with_gamma_one_minus_lambda_is_extrapolation(seed: int, lam: float, shape: tuple, mixing: float) -> None:
+    """AA₁(xs=[ξ, ξ], gs=[D, S]; γ = 1 − λ) = D + λ (S − D) on every head/token (Prop 3.2)."""
+    gen = torch.Generator().manual_seed(seed)
+    xi, dense, sparse = (torch.randn(shape, generator=gen, dtype=F64) for _ in range(3))
+    step = anderson_step([xi, xi], [dense, sparse], gamma=1.0 - lam, mixing=mixing)
+    assert torch.allclose(step, dense + lam * (sparse - dense), atol=1e-12, rtol=1e-12)
+    per_head = anderson_step(
+        torch.stack([xi, xi]), torch.stack([dense, sparse]), gamma=torch.full((*shape[:-1], 1), 1.0 - lam)
+    )
+    assert torch.allclose(per_head, step, atol=1e-12)
+
+
+@given(seed=st.integers(0, 10_000), shape=st.sampled_from([(4,), (3, 6), (2, 2, 5)]), mixing=st.floats(0.1, 1.5))
+def test_depth_one_least_squares_gamma_has_the_closed_form(seed: int, shape: tuple, mixing: float) -> None:
+    """γ* = ⟨f_1, f_1 − f_0⟩ / ‖f_1 − f_0‖² and x₊ = x_1 − γ Δx + b (f_1 − γ Δf)."""
+    gen = torch.Generator().manual_seed(seed)
+    x0, x1, g0, g1 = (torch.randn(shape, generator=gen, dtype=F64) for _ in range(4))
+    step, gamma = anderson_step([x0, x1], [g0, g1], mixing=mixing, return_gamma=True)
+    f0, f1 = g0 - x0, g1 - x1
+    closed = ((f1 * (f1 - f0)).sum(-1) / ((f1 - f0) ** 2).sum(-1))[..., None]
+    assert torch.allclose(gamma, closed, rtol=1e-9, atol=1e-12)
+    expected = x1 - closed * (x1 - x0) + mixing * (f1 - closed * (f1 - f0))
+    assert torch.allclose(step, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_equal_dense_and_sparse_give_gamma_zero_and_a_finite_step() -> None:
+    """S = D: the difference column is zero, so γ = 0 by convention and the step is S itself."""
+    xi = torch.randn(2, 3, 8, dtype=F64)
+    same = torch.randn(2, 3, 8, dtype=F64)
+    step, gamma = anderson_step([xi, xi], [same, same.clone()], return_gamma=True)
+    assert torch.equal(gamma, torch.zeros(2, 3, 1, dtype=F64))
+    assert torch.allclose(step, same, atol=0)
+
+
+def test_anderson_step_keeps_numpy_and_float32() -> None:
+    xs = np.random.default_rng(0).standard_normal((3, 4, 5)).astype(np.float32)
+    gs = np.random.default_rng(1).standard_normal((3, 4, 5)).astype(np.float32)
+    out = anderson_step(xs, gs)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == (4, 5)
+    assert np.isfinite(out).all()
+
+
+def test_dependent_columns_are_dropped_not_propagated_as_nan() -> None:
+    """Two equal difference columns (a singular Gram matrix) still give a finite least-squares step."""
+    x = torch.randn(3, 6, dtype=F64)
+    xs = [x[0], x[1], x[1] + (x[1] - x[0])]
+    gs = [2 * v for v in xs]
+    out, gamma = anderson_step(xs, gs, return_gamma=True)
+    assert torch.isfinite(out).all() and torch.isfinite(gamma).all()
+    # both columns span the same line, so the step is the depth-1 step on that line
+    assert torch.allclose(out, anderson_step(xs[1:], gs[1:]), atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------
+# m = 0 is plain (damped) iteration, bit for bit
+
+
+@pytest.mark.parametrize("mixing", [1.0, 0.5])
+def test_depth_zero_is_plain_damped_iteration_bit_for_bit(mixing: float) -> None:
+    """m = 0: x_{k+1} = x_k + b (g(x_k) − x_k), and exactly g(x_k) for b = 1."""
+    _, retrieve, _ = _hopfield(beta=4.0)
+    x0 = torch.randn(16, 32, generator=torch.Generator().manual_seed(1), dtype=F64) / 6
+    seen: list[torch.Tensor] = []
+    res = anderson(
+        retrieve, x0, m=0, mixing=mixing, tol=0.0, max_iter=25, callback=lambda k, x, r: seen.append(x.clone())
+    )
+    x = x0.clone()
+    for k, got in enumerate(seen):
+        x = retrieve(x) if mixing == 1.0 else x + mixing * (retrieve(x) - x)
+        assert torch.equal(got, x), k
+    assert len(seen) == 25 and int(res.n_evals.max()) == 26
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rows are independent problems
+
+
+def test_batch_solution_equals_each_row_solved_alone() -> None:
+    _, retrieve, _ = _hopfield(beta=7.5)
+    x0 = torch.randn(12, 32, generator=torch.Generator().manual_seed(3), dtype=F64) / 6
+    batch = anderson(retrieve, x0, m=5)
+    for i in range(12):
+        alone = anderson(retrieve, x0[i : i + 1], m=5)
+        assert torch.allclose(batch.x[i], alone.x[0], atol=1e-12), i
+        assert int(batch.n_evals[i]) == int(alone.n_evals[0])
+        assert int(batch.n_iter[i]) == int(alone.n_iter[0])
+
+
+def test_nan_row_and_singular_row_do_not_affect_the_others() -> None:
+    """Row 0: g returns NaN there; row 1: g(x) = x + 1 has no fixed point (ΔF = 0, singular)."""
+    a, c = _affine(5, 6, 0.8, normal=True)
+
+    def g(x: torch.Tensor) -> torch.Tensor:
+        out = x @ a.T + c
+        out = torch.where(x[:, :1] < -50, torch.full_like(out, float("nan")), out)
+        return torch.where(x[:, 1:2] > 50, x + 1.0, out)
+
+    x0 = torch.zeros(5, 6, dtype=F64)
+    x0[0, 0], x0[1, 1] = -100.0, 100.0
+    res = anderson(g, x0, m=3, max_iter=60)
+    clean = anderson(g, x0[2:], m=3, max_iter=60)
+    assert bool(res.failed[0]) and not bool(res.converged[0])
+    assert torch.isfinite(res.x).all()  # the failed row keeps its last finite iterate
+    assert not bool(res.converged[1]) and not bool(res.failed[1])
+    assert bool(res.converged[2:].all())
+    assert torch.allclose(res.x[2:], clean.x, atol=1e-13)
+    assert "failed" in res.message
+
+
+def test_converged_rows_stop_changing_and_are_not_evaluated() -> None:
+    a, c = _affine(7, 10, 0.9, normal=False)
+    x_star = torch.linalg.solve(torch.eye(10, dtype=F64) - a, c)
+    sizes: list[int] = []
+
+    def g(x: torch.Tensor) -> torch.Tensor:
+        sizes.append(x.shape[0])
+        return x @ a.T + c
+
+    x0 = torch.randn(4, 10, dtype=F64)
+    x0[0] = x_star  # converged before the first step
+    x0[1] = x_star + 1e-3 * torch.randn(10, dtype=F64)
+    seen: list[torch.Tensor] = []
+    res = anderson(g, x0, m=2, callback=lambda k, x, r: seen.append(x.clone()))
+    assert int(res.n_iter[0]) == 0 and int(res.n_evals[0]) == 1
+    for i in range(4):
+        k_i = int(res.n_iter[i])
+        for later in seen[k_i:]:
+            assert torch.equal(later[i], seen[-1][i])
+    assert sizes[0] == 4 and min(sizes) < 4  # only active rows are passed to g
+    assert int(res.n_evals.sum()) == sum(sizes)
+
+
+def test_leading_shape_is_restored_and_numpy_map_receives_numpy() -> None:
+    a, c = _affine(9, 5, 0.7, normal=True)
+    an, cn = a.numpy(), c.numpy()
+    x0 = np.zeros((2, 3, 5))
+    res = anderson(lambda x: x @ an.T + cn, x0, m=3)
+    assert res.x.shape == (2, 3, 5) and res.converged.shape == (2, 3) and res.residual_norms.shape[1:] == (2, 3)
+    assert np.allclose(res.x, np.linalg.solve(np.eye(5) - an, cn), atol=1e-8)
+    single = anderson(lambda x: x @ an.T + cn, np.zeros(5), m=3)
+    assert single.x.shape == (5,) and single.converged.shape == ()
+
+
+def test_float32_converges_at_its_rounding_floor() -> None:
+    _, retrieve64, _ = _hopfield(beta=4.0)
+    patterns = _hopfield(beta=4.0)[0].float()
+    x0 = torch.randn(32, 32, generator=torch.Generator().manual_seed(4)) / 6
+    res = anderson(lambda x: torch.softmax(4.0 * x @ patterns.T, -1) @ patterns, x0, m=5)
+    assert res.x.dtype == torch.float32 and bool(res.converged.all())
+    ref = anderson(retrieve64, x0.double(), m=5)
+    assert torch.allclose(res.x.double(), ref.x, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Safeguard and stability
+
+
+@pytest.mark.parametrize("m", [1, 5])
+def test_safeguard_never_accepts_a_step_worse_than_both_the_current_and_the_plain_residual(m: int) -> None:
+    """With the safeguard, every accepted iterate has ‖f_{k+1}‖ ≤ max(‖f_k‖, ‖f(x_k + b f_k)‖)."""
+    _, retrieve, _ = _hopfield(beta=7.5)
+    patterns = _hopfield(beta=7.5)[0]
+    gen = torch.Generator().manual_seed(5)
+    x0 = patterns[torch.randint(0, 64, (32,), generator=gen)] + 0.5 * torch.randn(32, 32, generator=gen, dtype=F64) / 32**0.5
+    xs: list[torch.Tensor] = [x0.clone()]
+    norms: list[torch.Tensor] = [(retrieve(x0) - x0).norm(dim=1)]
+    res = anderson(retrieve, x0, m=m, callback=lambda k, x, r: (xs.append(x.clone()), norms.append(r.clone())))
+    assert int(res.n_rejected.sum()) > 0  # the safeguard is exercised on this data
+    for k in range(1, len(xs)):
+        plain = xs[k - 1] + (retrieve(xs[k - 1]) - xs[k - 1])
+        bound = torch.maximum(norms[k - 1], (retrieve(plain) - plain).norm(dim=1))
+        assert bool((norms[k] <= bound * (1 + 1e-12)).all()), k
+
+
+def test_past_the_retrieval_threshold_every_row_reaches_the_stable_fixed_point_of_plain_iteration() -> None:
+    """β = 7.5, N = 64 patterns in d = 32: AA ends where plain iteration ends, at ρ(J) < 1."""
+    patterns, retrieve, top = _hopfield(beta=7.5)
+    gen = torch.Generator().manual_seed(0)
+    x0 = patterns[torch.randint(0, 64, (64,), generator=gen)] + 0.5 * torch.randn(64, 32, generator=gen, dtype=F64) / 32**0.5
+    plain = x0.clone()
+    for _ in range(800):
+        plain = retrieve(plain)
+    for stability_check in (False, True):
+        res = anderson(retrieve, x0, m=5, stability_check=stability_check, max_iter=1000)
+        assert bool(res.converged.all()), res.message
+        assert bool((top(res.x) < 1).all())
+        assert torch.allclose(res.x, plain, atol=1e-6)
+        if stability_check:
+            assert res.stable is not None and bool(res.stable.all())
+
+
+def test_stability_check_leaves_a_saddle_that_plain_aa_converges_to() -> None:
+    """Started at an unstable fixed point, the check perturbs along the unstable direction."""
+    # g(x) = x + 0.5 x (1 − x²) per coordinate: fixed points 0 (unstable, g' = 1.5) and ±1 (stable)
+    g = lambda x: x + 0.5 * x * (1 - x**2)  # noqa: E731
+    x0 = torch.zeros(3, 2, dtype=F64)
+    x0[:, 1] = 1.0
+    plain_aa = anderson(g, x0, m=3)
+    assert bool(plain_aa.converged.all()) and float(plain_aa.x[:, 0].abs().max()) == 0.0
+    checked = anderson(g, x0, m=3, stability_check=True)
+    assert checked.stable is not None and bool(checked.stable.all())
+    assert torch.allclose(checked.x.abs(), torch.ones_like(checked.x), atol=1e-7)
+    assert bool((checked.n_restarts >= 1).all())
+
+
+@settings(max_examples=4)
+@given(seed=st.integers(0, 1000), beta=st.sampled_from([2.0, 4.0, 7.5, 20.0]))
+def test_spectral_radius_of_the_hopfield_jacobian_matches_its_top_eigenvalue(seed: int, beta: float) -> None:
+    """J = β Xᵀ (diag p − p pᵀ) X is symmetric PSD: power iteration finds its largest eigenvalue."""
+    _, retrieve, top = _hopfield(beta=beta)
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(seed), dtype=F64) / 4
+    exact = top(x)
+    for method in ("jvp", "fd"):
+        est = spectral_radius(retrieve, x, method=method, n_iter=300, rtol=1e-8)
+        assert torch.allclose(est, exact, rtol=2e-3, atol=1e-6), method
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        ({"m": -1}, ValueError, "m"),
+        ({"m": 1.5}, TypeError, "m"),
+        ({"mixing": 0.0}, ValueError, "mixing"),
+        ({"mixing": -1.0}, ValueError, "mixing"),
+        ({"regularization": -1e-3}, ValueError, "regularization"),
+        ({"max_iter": 0}, ValueError, "max_iter"),
+    ],
+)
+def test_bad_parameters_raise_naming_the_argument(kwargs: dict, error: type, name: str) -> None:
+    with pytest.raises(error, match=name):
+        anderson(lambda x: 0.5 * x, torch.ones(2, 3), **kwargs)
+
+
+def test_bad_x0_and_bad_maps_raise_naming_the_argument() -> None:
+    with pytest.raises(ValueError, match="x0"):
+        anderson(lambda x: 0.5 * x, torch.tensor([1.0, float("nan")]))
+    with pytest.raises(TypeError, match="x0"):
+        anderson(lambda x: 0.5 * x, [1.0, 2.0])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="g"):
+        anderson(lambda x: x[:, :2], torch.ones(2, 3))
+    with pytest.raises(TypeError, match="g"):
+        anderson(lambda x: x.tolist(), torch.ones(2, 3))
+    with pytest.raises(TypeError, match="g"):
+        anderson("not callable", torch.ones(2, 3))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="xs"):
+        anderson_step([torch.ones(3)], [torch.ones(3)])
+    with pytest.raises(ValueError, match="gamma"):
+        anderson_step([torch.ones(3)] * 3, [torch.ones(3)] * 3, gamma=torch.ones(3))
+
+
+def test_config_fields_are_the_solver_keywords() -> None:
+    import dataclasses
+
+    config = AndersonConfig(m=3, stability_check=True)
+    res = anderson(lambda x: 0.5 * x + 1.0, torch.zeros(2, 4, dtype=F64), **dataclasses.asdict(config))
+    assert bool(res.converged.all()) and res.stable is not None and bool(res.stable.all())

@@ -1,0 +1,482 @@
+"""Guidance processors on tiny diffusers models built from config: equivalence with the stock processors,
+with manual dense/sparse attention, exact restoration, joint-attention blocks, half precision, selection."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from entmax import entmax15, entmax_bisect, sparsemax
+
+from hopfield_aa.geometry import extrapolate, gag, ladder_extrapolate
+from hopfield_aa.guidance import (
+    RULES,
+    GAGAttnProcessor,
+    attention_layers,
+    disable_gag,
+    enable_gag,
+    gag_guidance,
+    guidance_handle,
+    register_rule,
+)
+
+# (rule, enable_gag keyword arguments) with λ ≠ 0, covering every registered rule and the gag variants
+RULE_CASES = [
+    ("extrapolate", {"scale": 2.0}),
+    ("extrapolate", {"scale": 1.5, "alpha": 2.0}),
+    ("gag", {"scale": 1.5}),
+    ("gag", {"scale": 0.8, "zeta": 0.5, "eta": 0.05}),
+    ("gag", {"scale": 1.2, "zeta": 1.0, "eta": 0.0, "reference": "dense"}),
+    ("ladder", {"scale": 2.0}),
+]
+RULE_IDS = [f"{rule}-{i}" for i, (rule, _) in enumerate(RULE_CASES)]
+
+
+# ------------------------------------------------------------------------------------------ oracles
+
+
+def oracle_entmax(scores: torch.Tensor, alpha: float) -> torch.Tensor:
+    """α-entmax from the deep-spin ``entmax`` package, independent of hopfield_aa.normalizers."""
+    if alpha == 1.0:
+        return torch.softmax(scores, dim=-1)
+    if alpha == 1.5:
+        return entmax15(scores, dim=-1)
+    if alpha == 2.0:
+        return sparsemax(scores, dim=-1)
+    return entmax_bisect(scores, alpha, dim=-1, n_iter=100)
+
+
+def oracle_rule(rule: str, kwargs: dict, retrievals: list[torch.Tensor]) -> torch.Tensor:
+    """The rule applied with the validated public geometry functions."""
+    scale = kwargs["scale"]
+    if rule == "extrapolate":
+        return extrapolate(retrievals[0], retrievals[1], scale)
+    if rule == "gag":
+        options = {k: kwargs[k] for k in ("zeta", "eta", "reference") if k in kwargs}
+        return gag(retrievals[0], retrievals[1], scale, **options)
+    return ladder_extrapolate(retrievals, scale)
+
+
+def atol_of(rule: str) -> float:
+    # the ladder's least-squares Anderson step amplifies float32 rounding of the retrievals
+    return 2e-4 if rule == "ladder" else 2e-5
+
+
+def alphas_of(rule: str, kwargs: dict) -> tuple[float, ...]:
+    if rule == "ladder":
+        return (1.0, 1.25, 1.5, 2.0)
+    return (1.0, kwargs.get("alpha", 1.5))
+
+
+def heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    b, n, _ = x.shape
+    return x.view(b, n, n_heads, -1).transpose(1, 2)
+
+
+def merge(x: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def manual_cross(attn: Attention, x: torch.Tensor, context: torch.Tensor, rule: str | None, kwargs: dict):
+    """UNet cross-attention by hand: the rule of [entmax_α(βQKᵀ)V] (or dense attention for rule=None)."""
+    q, k, v = heads(attn.to_q(x), attn.heads), heads(attn.to_k(context), attn.heads), heads(attn.to_v(context), attn.heads)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if rule is None:
+        out = oracle_entmax(scores, 1.0) @ v
+    else:
+        out = oracle_rule(rule, kwargs, [oracle_entmax(scores, a) @ v for a in alphas_of(rule, kwargs)])
+    return attn.to_out[0](merge(out))
+
+
+def manual_joint(attn: Attention, x: torch.Tensor, context: torch.Tensor, rule: str | None, kwargs: dict):
+    """SD3 joint attention by hand, from the explicit joint softmax split into its image and text blocks."""
+    n_img = x.shape[1]
+    q = torch.cat([heads(attn.to_q(x), attn.heads), heads(attn.add_q_proj(context), attn.heads)], dim=2)
+    k = torch.cat([heads(attn.to_k(x), attn.heads), heads(attn.add_k_proj(context), attn.heads)], dim=2)
+    v = torch.cat([heads(attn.to_v(x), attn.heads), heads(attn.add_v_proj(context), attn.heads)], dim=2)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    p = torch.softmax(scores, dim=-1)
+    out = p @ v
+    if rule is not None:
+        z_txt, v_txt = scores[:, :, :n_img, n_img:], v[:, :, n_img:]
+        image_block = p[:, :, :n_img, :n_img] @ v[:, :, :n_img]
+        text_mass = p[:, :, :n_img, n_img:].sum(-1, keepdim=True)
+        guided = oracle_rule(rule, kwargs, [oracle_entmax(z_txt, a) @ v_txt for a in alphas_of(rule, kwargs)])
+        out = torch.cat([image_block + text_mass * guided, out[:, :, n_img:]], dim=2)
+    out = merge(out)
+    return attn.to_out[0](out[:, :n_img]), attn.to_add_out(out[:, n_img:])
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+@pytest.fixture(scope="module")
+def unet() -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def sd3() -> SD3Transformer2DModel:
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=8,
+        out_channels=4,
+        pos_embed_max_size=16,
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def flux() -> FluxTransformer2DModel:
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=8,
+        axes_dims_rope=(2, 2, 4),
+    )
+    return model.eval()
+
+
+def cross_attention_module() -> Attention:
+    torch.manual_seed(1)
+    return Attention(query_dim=16, cross_attention_dim=8, heads=2, dim_head=8).eval()
+
+
+def unet_inputs(batch: int = 2, cfg: bool = False) -> dict:
+    g = torch.Generator().manual_seed(2)
+    sample = torch.randn(batch // 2 if cfg else batch, 3, 8, 8, generator=g)
+    if cfg:
+        sample = torch.cat([sample, sample])
+    return {
+        "sample": sample,
+        "timestep": torch.tensor(500),
+        "encoder_hidden_states": torch.randn(batch, 5, 8, generator=g),
+    }
+
+
+def sd3_inputs(dtype: torch.dtype = torch.float32) -> dict:
+    g = torch.Generator().manual_seed(3)
+    return {
+        "hidden_states": torch.randn(2, 4, 8, 8, generator=g).to(dtype),
+        "encoder_hidden_states": torch.randn(2, 5, 16, generator=g).to(dtype),
+        "pooled_projections": torch.randn(2, 8, generator=g).to(dtype),
+        "timestep": torch.tensor([500.0, 500.0]),
+    }
+
+
+def flux_inputs() -> dict:
+    g = torch.Generator().manual_seed(4)
+    img_ids = torch.stack([torch.zeros(16), torch.arange(16.0) // 4, torch.arange(16.0) % 4], dim=1)
+    return {
+        "hidden_states": torch.randn(2, 16, 4, generator=g),
+        "encoder_hidden_states": torch.randn(2, 5, 16, generator=g),
+        "pooled_projections": torch.randn(2, 8, generator=g),
+        "timestep": torch.tensor([0.5, 0.5]),
+        "img_ids": img_ids,
+        "txt_ids": torch.zeros(5, 3),
+    }
+
+
+def run(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).sample
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+
+@pytest.mark.parametrize("which", ["unet", "sd3", "flux"])
+def test_extrapolate_at_zero_scale_reproduces_the_stock_processor(which, request):
+    model = request.getfixturevalue(which)
+    inputs = {"unet": unet_inputs, "sd3": sd3_inputs, "flux": flux_inputs}[which]()
+    stock = run(model, inputs)
+    with gag_guidance(model, "extrapolate", scale=0.0) as handle:
+        assert handle.layers, "no layer guided"
+        guided = run(model, inputs)
+    torch.testing.assert_close(guided, stock, rtol=1e-5, atol=1e-5)
+
+
+def test_gag_at_zero_scale_is_exactly_sparse_cross_attention():
+    attn = cross_attention_module()
+    g = torch.Generator().manual_seed(5)
+    x, context = torch.randn(2, 7, 16, generator=g), torch.randn(2, 5, 8, generator=g)
+    with torch.no_grad():
+        expected = manual_cross(attn, x, context, "extrapolate", {"scale": 1.0})  # D + 1 (S - D) = S
+        sparse_by_hand = attn.to_out[0](
+            merge(
+                oracle_entmax(
+                    heads(attn.to_q(x), 2) @ heads(attn.to_k(context), 2).transpose(-1, -2) / math.sqrt(8), 1.5
+                )
+                @ heads(attn.to_v(context), 2)
+            )
+        )
+        with gag_guidance(attn, "gag", scale=0.0):
+            out = attn(x, encoder_hidden_states=context)
+    torch.testing.assert_close(out, sparse_by_hand, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    stock = attn(x, encoder_hidden_states=context)
+    assert (out - stock).abs().max() > 1e-3, "sparse attention should differ from dense attention here"
+
+
+@pytest.mark.parametrize(("rule", "kwargs"), RULE_CASES, ids=RULE_IDS)
+def test_every_rule_equals_the_rule_of_manual_dense_and_sparse_cross_attention(rule, kwargs):
+    attn = cross_attention_module()
+    g = torch.Generator().manual_seed(6)
+    x, context = torch.randn(2, 9, 16, generator=g), torch.randn(2, 6, 8, generator=g)
+    with torch.no_grad():
+        expected = manual_cross(attn, x, context, rule, kwargs)
+        with gag_guidance(attn, rule, **kwargs):
+            out = attn(x, encoder_hidden_states=context)
+        stock = attn(x, encoder_hidden_states=context)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=atol_of(rule))
+    assert (out - stock).abs().max() > 1e-4, "a rule with λ ≠ 0 should change the output"
+
+
+@pytest.mark.parametrize(("rule", "kwargs"), RULE_CASES, ids=RULE_IDS)
+def test_every_rule_equals_the_rule_of_manual_joint_attention_blocks(sd3, rule, kwargs):
+    attn = sd3.transformer_blocks[0].attn
+    g = torch.Generator().manual_seed(7)
+    x, context = torch.randn(2, 16, 16, generator=g), torch.randn(2, 5, 16, generator=g)
+    with torch.no_grad():
+        expected_img, expected_txt = manual_joint(attn, x, context, rule, kwargs)
+        stock_img, stock_txt = attn(x, encoder_hidden_states=context)
+        with gag_guidance(attn, rule, **kwargs):
+            out_img, out_txt = attn(x, encoder_hidden_states=context)
+    torch.testing.assert_close(out_img, expected_img, rtol=1e-4, atol=atol_of(rule))
+    torch.testing.assert_close(out_txt, expected_txt, rtol=1e-4, atol=2e-5)
+    # the text stream is the stock one, the image stream is guided
+    torch.testing.assert_close(out_txt, stock_txt, rtol=1e-5, atol=1e-6)
+    assert (out_img - stock_img).abs().max() > 1e-4
+
+
+def test_joint_attention_leaves_the_image_to_image_block_and_text_stream_untouched(sd3):
+    """With identity projections the output minus m·G_txt is the stock image→image block, exactly."""
+    attn = sd3.transformer_blocks[0].attn
+    g = torch.Generator().manual_seed(8)
+    x, context = torch.randn(1, 16, 16, generator=g), torch.randn(1, 5, 16, generator=g)
+    n_img = x.shape[1]
+    with torch.no_grad():
+        q = torch.cat([heads(attn.to_q(x), 2), heads(attn.add_q_proj(context), 2)], dim=2)
+        k = torch.cat([heads(attn.to_k(x), 2), heads(attn.add_k_proj(context), 2)], dim=2)
+        v = torch.cat([heads(attn.to_v(x), 2), heads(attn.add_v_proj(context), 2)], dim=2)
+        p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1)
+        image_block = merge(p[:, :, :n_img, :n_img] @ v[:, :, :n_img])
+        text_mass = p[:, :, :n_img, n_img:].sum(-1, keepdim=True)
+        z_txt = (q @ k.transpose(-1, -2) / math.sqrt(8))[:, :, :n_img, n_img:]
+        sparse_txt = entmax15(z_txt, dim=-1) @ v[:, :, n_img:]
+        w = attn.to_out[0].weight
+        with gag_guidance(attn, "gag", scale=0.0):  # G_txt = S_txt
+            out_img, out_txt = attn(x, encoder_hidden_states=context)
+        stock_img, stock_txt = attn(x, encoder_hidden_states=context)
+    # undo the output projection (square, invertible for this seed) to read the attention output
+    attention_out = torch.linalg.solve(w, (out_img - attn.to_out[0].bias).transpose(-1, -2)).transpose(-1, -2)
+    torch.testing.assert_close(attention_out - merge(text_mass * sparse_txt), image_block, rtol=1e-4, atol=1e-5)
+    assert torch.equal(out_txt, stock_txt) or torch.allclose(out_txt, stock_txt, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("which", ["unet", "sd3", "flux"])
+def test_disable_restores_the_original_processor_objects_and_bit_identical_outputs(which, request):
+    model = request.getfixturevalue(which)
+    inputs = {"unet": unet_inputs, "sd3": sd3_inputs, "flux": flux_inputs}[which]()
+    before = dict(model.attn_processors)
+    stock = run(model, inputs)
+    handle = enable_gag(model, "gag", scale=2.0)
+    assert guidance_handle(model) is handle
+    guided = run(model, inputs)
+    assert not torch.allclose(guided, stock)
+    assert disable_gag(model) is True
+    assert disable_gag(model) is False  # already off
+    after = dict(model.attn_processors)
+    assert after.keys() == before.keys()
+    assert all(after[name] is before[name] for name in before)
+    assert torch.equal(run(model, inputs), stock)
+    assert guidance_handle(model) is None
+
+
+def test_flux_single_stream_blocks_are_guided_with_the_text_length_of_the_call(flux):
+    inputs = flux_inputs()
+    stock = run(flux, inputs)
+    with gag_guidance(flux, "gag", scale=2.0, layers="single_transformer_blocks.*") as handle:
+        assert handle.layers == ["single_transformer_blocks.0.attn"]
+        guided = run(flux, inputs)
+        assert handle.text_tokens == 5
+    assert (guided - stock).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rule", ["gag", "extrapolate", "ladder"])
+def test_half_precision_runs_without_nan_and_stays_near_float32(unet, sd3, dtype, rule):
+    for model, inputs in ((unet, unet_inputs()), (sd3, sd3_inputs())):
+        with gag_guidance(model, rule):
+            reference = run(model, inputs)
+            model.to(dtype)
+            try:
+                half_inputs = {k: v.to(dtype) if v.is_floating_point() and k != "timestep" else v for k, v in inputs.items()}
+                out = run(model, half_inputs)
+            finally:
+                model.to(torch.float32)
+        assert out.dtype == dtype
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out.float(), reference, rtol=0.1, atol=0.1)
+
+
+def test_default_selection_is_every_cross_attention_layer_and_patterns_select_by_name(unet):
+    kinds = attention_layers(unet)
+    cross = sorted(name for name, kind in kinds.items() if kind == "cross")
+    with gag_guidance(unet) as handle:
+        assert sorted(handle.layers) == cross
+        processors = unet.attn_processors
+        for name, kind in kinds.items():
+            guided = isinstance(processors[f"{name}.processor"], GAGAttnProcessor)
+            assert guided == (kind == "cross"), name
+    with gag_guidance(unet, layers=["down_blocks.*attn2", "mid_block.*.attn1"]) as handle:
+        assert handle.layers == [
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn2",
+            "mid_block.attentions.0.transformer_blocks.0.attn1",
+        ]
+        processors = unet.attn_processors
+        guided = {n[: -len(".processor")] for n, p in processors.items() if isinstance(p, GAGAttnProcessor)}
+        assert guided == set(handle.layers)
+    with pytest.raises(ValueError, match="matches no attention layer"):
+        enable_gag(unet, layers=["nothing.*"])
+    assert guidance_handle(unet) is None
+
+
+@pytest.fixture
+def probe():
+    """A registered rule that records the batch size of each call and returns the dense retrieval."""
+    calls: list[int] = []
+
+    def probe_rule(retrievals, scale):
+        """Record the call, return the dense retrieval."""
+        calls.append(retrievals[0].shape[0])
+        return retrievals[0]
+
+    register_rule("probe", probe_rule, alphas=(1.0, 1.5), scale=1.0)
+    yield calls
+    RULES.pop("probe")
+
+
+def test_step_fraction_and_timestep_windows_guide_only_inside_the_window(unet, probe):
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(4)
+    n_cross = sum(kind == "cross" for kind in attention_layers(unet).values())
+    inputs = unet_inputs()
+
+    def calls_per_step(**window) -> list[int]:
+        counts = []
+        with gag_guidance(unet, "probe", scheduler=scheduler, **window):
+            for _ in range(2):  # two sampling runs: the step count restarts with the second
+                for t in scheduler.timesteps:
+                    before = len(probe)
+                    run(unet, {**inputs, "timestep": t})
+                    counts.append((len(probe) - before) // n_cross)
+        return counts
+
+    assert calls_per_step(steps=(0.0, 0.5)) == [1, 1, 0, 0] * 2
+    assert calls_per_step(steps=(0.5, 1.0)) == [0, 0, 1, 1] * 2
+    low = float(scheduler.timesteps[2])
+    assert calls_per_step(timesteps=(0.0, low)) == [0, 0, 1, 1] * 2
+    with pytest.raises(ValueError, match="scheduler"):
+        enable_gag(unet, steps=(0.0, 0.5))
+
+
+def test_cond_only_guides_the_conditional_half_of_a_cfg_batch(unet, probe):
+    cfg_inputs = unet_inputs(batch=4, cfg=True)
+    with gag_guidance(unet, "probe", apply_to="cond"):
+        run(unet, cfg_inputs)
+    assert set(probe) == {2}  # the [uncond, cond] batch of 4: the rule sees the 2 conditional rows
+    probe.clear()
+    with gag_guidance(unet, "probe", apply_to="cond"):
+        run(unet, unet_inputs(batch=4))  # different latents: not a CFG batch, all rows are conditional
+    assert set(probe) == {4}
+    probe.clear()
+    with gag_guidance(unet, "probe", apply_to="both"):
+        run(unet, cfg_inputs)
+    assert set(probe) == {4}
+    probe.clear()
+    with gag_guidance(unet, "probe", apply_to="cond", cfg_batch=False):
+        run(unet, cfg_inputs)
+    assert set(probe) == {4}
+
+    # with a real rule the unconditional half keeps dense attention and the conditional half changes
+    stock = run(unet, cfg_inputs)
+    with gag_guidance(unet, "gag", scale=2.0, apply_to="cond"):
+        guided = run(unet, cfg_inputs)
+    torch.testing.assert_close(guided[:2], stock[:2], rtol=1e-5, atol=1e-5)
+    assert (guided[2:] - stock[2:]).abs().max() > 1e-4
+
+
+def test_a_registered_rule_is_used_by_name(unet):
+    def negate_residual(retrievals, scale, *, shift=0.0):
+        """D - λ (S - D) + shift."""
+        dense, sparse = retrievals
+        return dense - scale * (sparse - dense) + shift
+
+    register_rule("negate", negate_residual, alphas=(1.0, 2.0), scale=1.0)
+    try:
+        attn = cross_attention_module()
+        g = torch.Generator().manual_seed(9)
+        x, context = torch.randn(1, 4, 16, generator=g), torch.randn(1, 3, 8, generator=g)
+        with torch.no_grad(), gag_guidance(attn, "negate", scale=0.5, shift=0.25):
+            out = attn(x, encoder_hidden_states=context)
+        expected = manual_cross(attn, x, context, "extrapolate", {"scale": -0.5, "alpha": 2.0}) + attn.to_out[
+            0
+        ].weight.sum(-1) * 0.25
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+        with pytest.raises(ValueError, match="no option"):
+            enable_gag(attn, "negate", zeta=1.0)
+    finally:
+        RULES.pop("negate")
+
+
+def test_bad_arguments_are_rejected_with_the_argument_named(unet):
+    with pytest.raises(ValueError, match="rule must be one of"):
+        enable_gag(unet, "nope")
+    with pytest.raises(ValueError, match="eta"):
+        enable_gag(unet, eta=-1.0)
+    with pytest.raises(ValueError, match="reference"):
+        enable_gag(unet, reference="update")
+    with pytest.raises(ValueError, match="alpha"):
+        enable_gag(unet, alpha=0.5)
+    with pytest.raises(ValueError, match="apply_to"):
+        enable_gag(unet, apply_to="uncond")
+    with pytest.raises(ValueError, match="alphas"):
+        enable_gag(unet, "ladder", alphas=(1.0, 2.0, 1.5))
+    with pytest.raises(ValueError, match="steps"):
+        enable_gag(unet, steps=(0.8, 0.2), scheduler=DDIMScheduler())
+    with enable_gag(unet), pytest.raises(RuntimeError, match="already enabled"):
+        enable_gag(unet)
+    assert guidance_handle(unet) is None
+    assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
