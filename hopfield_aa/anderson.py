@@ -168,8 +168,10 @@ def _solve_gamma(
         # a failed factorisation stops at pivot `info` (1-based): that column and the later ones are weak
         index = torch.arange(1, columns.shape[-1] + 1, device=columns.device)
         pivot_failed = (info[..., None] > 0) & (index >= info[..., None])
-        nonfinite = ~torch.isfinite(coef).all(-1, keepdim=True)
-        return coef, weak | ((pivot_failed | nonfinite) & columns)
+        weak = weak | (pivot_failed & columns)
+        # non-finite γ with no weak pivot to blame (e.g. NaN in f): every column is suspect
+        nonfinite = ~torch.isfinite(coef).all(-1, keepdim=True) & ~weak.any(-1, keepdim=True)
+        return coef, weak | (nonfinite & columns)
 
     coef, weak = solve(use)
     well = ~weak.any(-1)
@@ -522,10 +524,10 @@ def anderson(
     step, instead of raising.
 
     **Depth convention.** ``m`` counts difference columns, so AA(m) mixes m + 1 iterates and m = 0 is
-    plain damped iteration x_{k+1} = x_k + b f_k. Peers count stored iterates instead: torchdeq's
-    ``anderson_solver(m=M)`` mixes M iterates (``m = M − 1`` here) and the optimistix/Walker–Ni
-    "memory m_k + 1 iterates" matches ours. (scipy's ``optimize.anderson(M=M)`` keeps M difference
-    pairs, i.e. ``m = M`` here, although its docstring says "previous vectors".)
+    plain damped iteration x_{k+1} = x_k + b f_k (Walker & Ni's depth m). Some peers count stored
+    iterates instead: torchdeq's ``anderson_solver(m=M)`` mixes M iterates, i.e. ``m = M − 1`` here.
+    scipy's ``optimize.anderson(M=M)`` keeps M difference pairs, i.e. ``m = M`` here, although its
+    docstring says "previous vectors".
 
     **Convergence.** Row b has converged once ‖f_k‖ ≤ tol · ‖f_0‖ (relative to its initial
     residual), or ‖f_k‖ ≤ 16 ε ‖g(x_k)‖ (ε the dtype's machine epsilon: the rounding floor, where
@@ -540,15 +542,22 @@ def anderson(
     plain step itself is. If the plain step gives non-finite values, the row is marked ``failed``
     and frozen at its last finite iterate; the other rows are unaffected.
 
+    **Escape phases.** Near a repelling fixed point (a saddle of the Hopfield energy) AA's secant steps
+    head towards it and lower the residual, so the safeguard accepts them, while plain steps push away:
+    the row stalls. After 3 safeguard rejections without the residual halving, the row enters an escape
+    phase of plain steps (at least 5, until its residual is half of what it was on entry), then AA
+    resumes with an empty history. Escape steps are plain steps, so the guarantee above still holds.
+
     **Stability** (``stability_check=True``). AA is a secant root-finder for g(x) − x, so it also
     converges to unstable fixed points (e.g. saddles of the Hopfield energy) that plain iteration
     never reaches. With the check, each row that converges gets a power-iteration estimate of
     ρ(J_g(x*)) (:func:`spectral_radius`, forward differences, ``stability_iters`` steps started from
     the row's last AA differences, each a map evaluation; a row converged at x0 takes one step first
     so that it is tested too). If ρ > 1, the row restarts from
-    x* + δ v (v the dominant direction, δ = 10⁻² max(1, ‖x*‖)) with a cleared history; after
+    x* + δ v (v the dominant direction, δ = 10⁻² max(1, ‖x*‖)) in an escape phase; after
     ``max_stability_restarts`` such restarts it continues by plain iteration, which moves away from
-    repelling fixed points. ``spectral_radius``/``stable`` report the estimate at the final x.
+    repelling fixed points. (The perturbed restart is the one step exempt from the safeguard
+    guarantee.) ``spectral_radius``/``stable`` report the estimate at the final x.
 
     Parameters
     ----------
@@ -665,7 +674,7 @@ def anderson(
     rho = torch.full((batch,), math.nan, dtype=dtype, device=device) if stability_check else None
     history = [f_norm.clone()]
 
-    bar = tqdm(total=max_iter, disable=not progress, desc="anderson", leave=False)
+    bar = tqdm(total=max_iter, desc="anderson", leave=False) if progress else None
     for it in range(max_iter):
         rows = active.nonzero().squeeze(-1)
         if rows.numel() == 0:
@@ -771,9 +780,11 @@ def anderson(
         history.append(f_norm.clone())
         if callback is not None:
             callback(it, x, f_norm)
-        bar.update(1)
-        bar.set_postfix(active=int(rows.numel()))
-    bar.close()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(active=int(rows.numel()))
+    if bar is not None:
+        bar.close()
 
     stable = None
     if rho is not None:

@@ -47,6 +47,7 @@ _HALF = (torch.float16, torch.bfloat16)
 _BLOCK_ELEMENTS = 1 << 17
 _MAX_SUPPORT_ITER = 24
 _MAX_NEWTON_ITER = 60
+_STATS: dict[str, int] = {}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,7 +152,8 @@ def _entmax_general_block(z: torch.Tensor, alpha: float, out: torch.Tensor) -> t
     hi = torch.full_like(lam, -math.expm1(-am1 * math.log(n)) / am1 if n > 1 else 0.0)
     tol = 32 * torch.finfo(z.dtype).eps
     polished = torch.zeros_like(lam, dtype=torch.bool)
-    for it in range(_MAX_NEWTON_ITER):
+    it = 0
+    for it in range(_MAX_NEWTON_ITER):  # noqa: B007
         # x = (α−1)(z − λ), clamped at −1 (outside the support); p = exp(log1p(x)/(α−1))
         torch.sub(u, lam * am1, out=x)
         x.clamp_(min=-1.0)
@@ -174,12 +176,13 @@ def _entmax_general_block(z: torch.Tensor, alpha: float, out: torch.Tensor) -> t
         lo = torch.where(f_sum >= 1, torch.maximum(lo, lam), lo)
         hi = torch.where(f_sum < 1, torch.minimum(hi, lam), hi)
         new = lam + step
-        bad = ~((new > lo) & (new < hi)) | ~torch.isfinite(new)
+        bad = (new < lo) | (new > hi) | ~torch.isfinite(new)
         if alpha > 2 and it % 2 == 1:
             bad = torch.ones_like(bad)
         new = torch.where(bad, 0.5 * (lo + hi), new)
         lam = torch.where(done, lam, new)
     out.div_(out.sum(-1, keepdim=True))
+    _STATS["general_iters"] = it
     return lam
 
 

@@ -36,7 +36,6 @@ __all__ = [
 ]
 
 Residual = Union[sp.Expr, sp.MatrixBase]
-Vector = sp.Matrix
 
 
 @dataclass(frozen=True)
@@ -90,15 +89,15 @@ def _simplify(value: Residual) -> Residual:
     return one(value)
 
 
-def _vector(name: str, dim: int, **assumptions: bool) -> Vector:
+def _vector(name: str, dim: int, **assumptions: bool) -> sp.Matrix:
     return sp.Matrix(sp.symbols(f"{name}0:{dim}", **assumptions))
 
 
-def _dot(a: Vector, b: Vector) -> sp.Expr:
+def _dot(a: sp.Matrix, b: sp.Matrix) -> sp.Expr:
     return (a.T * b)[0, 0]
 
 
-def _sq(a: Vector) -> sp.Expr:
+def _sq(a: sp.Matrix) -> sp.Expr:
     return _dot(a, a)
 
 
@@ -120,14 +119,14 @@ def _negative_terms(expr: sp.Expr) -> sp.Expr:
     poly = sp.Poly(expr, *sorted(expr.free_symbols, key=str))
     return sp.Add(
         *(
-            coefficient * sp.Mul(*(g**e for g, e in zip(poly.gens, monomial)))
+            coefficient * sp.Mul(*(g**e for g, e in zip(poly.gens, monomial, strict=True)))
             for monomial, coefficient in poly.terms()
             if coefficient < 0
         )
     )
 
 
-def _projection(residual: Vector, reference: Vector) -> Vector:
+def _projection(residual: sp.Matrix, reference: sp.Matrix) -> sp.Matrix:
     """r_∥ = ⟨r, u⟩/‖u‖² u (THEORY.md §3): the library's :func:`hopfield_aa.geometry.decompose`."""
     return (_dot(residual, reference) / _sq(reference)) * reference
 
@@ -139,7 +138,7 @@ def _projection(residual: Vector, reference: Vector) -> Vector:
 def aa1_extrapolation(
     gamma_of_scale: Callable[[sp.Expr], sp.Expr] = lambda scale: 1 - scale, dim: int = 3
 ) -> Derivation:
-    r"""Extrapolation is AA(1): the depth-1 Anderson step with :math:`\gamma = 1-\lambda` is :math:`P_\lambda`.
+    r"""Extrapolation is AA(1): the depth-1 step with :math:`\gamma = 1-\lambda` is :math:`P_\lambda`.
 
     The general AA(m) step :math:`x_{k+1} = (x_k - \Delta X\gamma) + b(f_k - \Delta F\gamma)` is written out
     for m = 1 and mixing b = 1 with the two latest iterates equal (both retrievals are taken at the same
@@ -161,7 +160,11 @@ def aa1_extrapolation(
     False
     """
     lam, b = sp.symbols("lambda b", real=True)
-    xi, dense, sparse = _vector("xi", dim, real=True), _vector("D", dim, real=True), _vector("S", dim, real=True)
+    xi, dense, sparse = (
+        _vector("xi", dim, real=True),
+        _vector("D", dim, real=True),
+        _vector("S", dim, real=True),
+    )
     gamma = gamma_of_scale(lam)
     x_prev, x_k, g_prev, g_k = xi, xi, dense, sparse
     f_prev, f_k = g_prev - x_prev, g_k - x_k
@@ -171,24 +174,26 @@ def aa1_extrapolation(
     return Derivation(
         claim="AA(1) with g_{k-1} = D, g_k = S at one state and gamma = 1 - lambda equals D + lambda (S - D)",
         residuals={
-            "mixing b = 1 gives g_k - gamma (g_k - g_{k-1})": _simplify(step_b1 - (g_k - gamma * (g_k - g_prev))),
+            "mixing b = 1 gives g_k - gamma (g_k - g_{k-1})": _simplify(
+                step_b1 - (g_k - gamma * (g_k - g_prev))
+            ),
             "AA(1) step equals extrapolation": _simplify(step_b1 - (dense + lam * (sparse - dense))),
         },
     )
 
 
-def _default_gamma(f_k: Vector, f_prev: Vector) -> sp.Expr:
+def _default_gamma(f_k: sp.Matrix, f_prev: sp.Matrix) -> sp.Expr:
     delta = f_k - f_prev
     return _dot(f_k, delta) / _sq(delta)
 
 
-def _default_optimal_scale(state: Vector, dense: Vector, sparse: Vector) -> sp.Expr:
+def _default_optimal_scale(state: sp.Matrix, dense: sp.Matrix, sparse: sp.Matrix) -> sp.Expr:
     return 1 - _dot(sparse - state, sparse - dense) / _sq(sparse - dense)
 
 
 def aa1_least_squares_gamma(
-    gamma_closed_form: Callable[[Vector, Vector], sp.Expr] = _default_gamma,
-    optimal_scale: Callable[[Vector, Vector, Vector], sp.Expr] = _default_optimal_scale,
+    gamma_closed_form: Callable[[sp.Matrix, sp.Matrix], sp.Expr] = _default_gamma,
+    optimal_scale: Callable[[sp.Matrix, sp.Matrix, sp.Matrix], sp.Expr] = _default_optimal_scale,
     dim: int = 3,
 ) -> Derivation:
     r"""The least-squares depth-1 coefficient and the Anderson-optimal guidance scale.
@@ -210,8 +215,15 @@ def aa1_least_squares_gamma(
     f_k, f_prev = _vector("f", dim, real=True), _vector("h", dim, real=True)
     objective = _sq(f_k - gamma * (f_k - f_prev))
     (stationary,) = sp.solve(sp.diff(objective, gamma), gamma)
-    xi, dense, sparse = _vector("xi", dim, real=True), _vector("D", dim, real=True), _vector("S", dim, real=True)
-    derived_scale = 1 - stationary.subs({**dict(zip(f_k, sparse - xi)), **dict(zip(f_prev, dense - xi))}, simultaneous=True)
+    xi, dense, sparse = (
+        _vector("xi", dim, real=True),
+        _vector("D", dim, real=True),
+        _vector("S", dim, real=True),
+    )
+    derived_scale = 1 - stationary.subs(
+        {**dict(zip(f_k, sparse - xi, strict=True)), **dict(zip(f_prev, dense - xi, strict=True))},
+        simultaneous=True,
+    )
     return Derivation(
         claim="argmin_gamma ||f_k - gamma (f_k - f_{k-1})||^2 = <f_k, f_k - f_{k-1}> / ||f_k - f_{k-1}||^2",
         residuals={
@@ -230,31 +242,33 @@ def aa1_least_squares_gamma(
 # §3: the guidance rules at fixed points
 
 
-RuleFn = Callable[..., Vector]
+RuleFn = Callable[..., sp.Matrix]
 
 
-def _rule_extrapolation(dense: Vector, sparse: Vector, state: Vector, lam: sp.Expr, **_: object) -> Vector:
+def _rule_extrapolation(
+    dense: sp.Matrix, sparse: sp.Matrix, state: sp.Matrix, lam: sp.Expr, **_: object
+) -> sp.Matrix:
     return dense + lam * (sparse - dense)
 
 
 def _rule_gag(
-    dense: Vector,
-    sparse: Vector,
-    state: Vector,
+    dense: sp.Matrix,
+    sparse: sp.Matrix,
+    state: sp.Matrix,
     lam: sp.Expr,
     *,
     zeta: sp.Expr,
     cap: sp.Expr,
-    reference: Vector,
-) -> Vector:
+    reference: sp.Matrix,
+) -> sp.Matrix:
     residual = sparse - dense
     parallel = _projection(residual, reference)
     return sparse + lam * (cap * parallel + zeta * (residual - parallel))
 
 
 def _rule_orthogonal_only(
-    dense: Vector, sparse: Vector, state: Vector, lam: sp.Expr, *, reference: Vector, **_: object
-) -> Vector:
+    dense: sp.Matrix, sparse: sp.Matrix, state: sp.Matrix, lam: sp.Expr, *, reference: sp.Matrix, **_: object
+) -> sp.Matrix:
     residual = sparse - dense
     return sparse + lam * (residual - _projection(residual, reference))
 
@@ -271,8 +285,8 @@ def fixed_point_preservation(rules: Mapping[str, RuleFn] | None = None, dim: int
 
     The retrievals are written as :math:`D(\xi) = \xi + a`, :math:`S(\xi) = \xi + b` with symbolic update
     vectors a, b; each rule is evaluated with symbolic λ, ζ, a generic reference direction u and a symbolic
-    cap factor :math:`c = \min(1, \eta/\lVert r_\parallel\rVert) \in [0, 1]` (the cap only rescales, so every η
-    is covered), then the common-fixed-point conditions a = b = 0 are substituted. The residual is
+    cap factor :math:`c = \min(1, \eta/\lVert r_\parallel\rVert) \in [0, 1]` (the cap only rescales, so
+    every η is covered), then the common-fixed-point conditions a = b = 0 are substituted. The residual is
     ``rule − ξ``.
 
     Parameters
@@ -295,7 +309,9 @@ def fixed_point_preservation(rules: Mapping[str, RuleFn] | None = None, dim: int
     for name, rule in (rules or DEFAULT_RULES).items():
         out = rule(xi + a, xi + b, xi, lam, zeta=zeta, cap=cap, reference=reference)
         residuals[f"{name} returns the fixed point"] = _simplify((out - xi).subs(at_common_fixed_point))
-    return Derivation(claim="D(xi*) = S(xi*) = xi* implies rule(xi*) = xi* for all lambda, zeta, eta", residuals=residuals)
+    return Derivation(
+        claim="D(xi*) = S(xi*) = xi* implies rule(xi*) = xi* for all lambda, zeta, eta", residuals=residuals
+    )
 
 
 def divergence_at_dense_fixed_point(rule: RuleFn = _rule_extrapolation, dim: int = 3) -> Derivation:
@@ -322,7 +338,7 @@ def divergence_at_dense_fixed_point(rule: RuleFn = _rule_extrapolation, dim: int
 
 
 def decomposition_identities(
-    parallel: Callable[[Vector, Vector], Vector] = _projection, dim: int = 3
+    parallel: Callable[[sp.Matrix, sp.Matrix], sp.Matrix] = _projection, dim: int = 3
 ) -> Derivation:
     r"""The decomposition identities of Def. 3.5 for generic r and u ≠ 0.
 
@@ -367,10 +383,11 @@ def _default_bound(lam: sp.Expr, eta: sp.Expr, zeta: sp.Expr, orthogonal_norm: s
 def bounded_update(
     bound: Callable[[sp.Expr, sp.Expr, sp.Expr, sp.Expr], sp.Expr] = _default_bound, dim: int = 3
 ) -> Derivation:
-    r"""The bounded-update inequality :math:`\lVert G - S\rVert \le |\lambda|(\eta + |\zeta|\lVert r_\perp\rVert)`.
+    r"""Bounded update: :math:`\lVert G - S\rVert \le |\lambda|(\eta + |\zeta|\lVert r_\perp\rVert)`.
 
     Step 1 (an identity, by orthogonality): with the cap
-    :math:`\mathrm{clip}_\eta(r_\parallel) = c\,r_\parallel`, :math:`c = \min(1, \eta/\lVert r_\parallel\rVert)`,
+    :math:`\mathrm{clip}_\eta(r_\parallel) = c\,r_\parallel`,
+    :math:`c = \min(1, \eta/\lVert r_\parallel\rVert)`,
 
     .. math:: \lVert G - S\rVert^2 = \lambda^2\lVert c\,r_\parallel + \zeta r_\perp\rVert^2
               = \lambda^2\bigl(c^2\lVert r_\parallel\rVert^2 + \zeta^2\lVert r_\perp\rVert^2\bigr).
@@ -415,7 +432,10 @@ def bounded_update(
             slack = sp.expand(value**2 - squared_update)
             negative_part += _negative_terms(value) + _negative_terms(slack)
     return Derivation(
-        claim="||G - S||^2 = lambda^2 (||clip r_par||^2 + zeta^2 ||r_perp||^2) <= lambda^2 (eta + |zeta| ||r_perp||)^2",
+        claim=(
+            "||G - S||^2 = lambda^2 (||clip r_par||^2 + zeta^2 ||r_perp||^2)"
+            " <= lambda^2 (eta + |zeta| ||r_perp||)^2"
+        ),
         residuals={
             "orthogonality: ||G - S||^2 splits into the two parts": step1,
             "bound and bound^2 - ||G - S||^2 have no negative coefficient": sp.expand(negative_part),
@@ -427,14 +447,14 @@ def bounded_update(
 # §2: energies, gradients, and the descent margin
 
 
-def _softmax_retrieval(state: Vector, patterns: sp.Matrix, beta: sp.Expr) -> Vector:
+def _softmax_retrieval(state: sp.Matrix, patterns: sp.Matrix, beta: sp.Expr) -> sp.Matrix:
     scores = beta * patterns * state
     weights = scores.applyfunc(sp.exp)
     return patterns.T * (weights / sum(weights))
 
 
 def energy_gradient_softmax(
-    retrieval: Callable[[Vector, sp.Matrix, sp.Expr], Vector] = _softmax_retrieval,
+    retrieval: Callable[[sp.Matrix, sp.Matrix, sp.Expr], sp.Matrix] = _softmax_retrieval,
     n_patterns: int = 3,
     dim: int = 2,
 ) -> Derivation:
@@ -458,13 +478,17 @@ def energy_gradient_softmax(
     gradient = sp.Matrix([sp.diff(energy, x) for x in xi])
     return Derivation(
         claim="grad(-lse(beta X xi)/beta + ||xi||^2/2) = xi - X^T softmax(beta X xi)",
-        residuals={"gradient equals state minus retrieval": _simplify(gradient - (xi - retrieval(xi, patterns, beta)))},
+        residuals={
+            "gradient equals state minus retrieval": _simplify(
+                gradient - (xi - retrieval(xi, patterns, beta))
+            )
+        },
     )
 
 
 def _sparsemax_retrieval_on_support(
-    state: Vector, patterns: sp.Matrix, beta: sp.Expr, support: int
-) -> Vector:
+    state: sp.Matrix, patterns: sp.Matrix, beta: sp.Expr, support: int
+) -> sp.Matrix:
     scores = beta * patterns * state
     tau = (sum(scores[:support]) - 1) / support
     probs = sp.Matrix([scores[i] - tau if i < support else 0 for i in range(patterns.rows)])
@@ -472,7 +496,7 @@ def _sparsemax_retrieval_on_support(
 
 
 def energy_gradient_sparsemax(
-    retrieval: Callable[[Vector, sp.Matrix, sp.Expr, int], Vector] = _sparsemax_retrieval_on_support,
+    retrieval: Callable[[sp.Matrix, sp.Matrix, sp.Expr, int], sp.Matrix] = _sparsemax_retrieval_on_support,
     n_patterns: int = 3,
     support: int = 2,
     dim: int = 2,
@@ -500,7 +524,9 @@ def energy_gradient_sparsemax(
     energy = -conjugate / beta + _sq(xi) / 2
     gradient = sp.Matrix([sp.diff(energy, x) for x in xi])
     return Derivation(
-        claim="on a fixed support, grad(-Psi*_2(beta X xi)/beta + ||xi||^2/2) = xi - X^T sparsemax(beta X xi)",
+        claim=(
+            "on a fixed support, grad(-Psi*_2(beta X xi)/beta + ||xi||^2/2) = xi - X^T sparsemax(beta X xi)"
+        ),
         residuals={
             "gradient equals state minus retrieval": _simplify(
                 gradient - (xi - retrieval(xi, patterns, beta, support))
@@ -543,7 +569,7 @@ def _implicit_entmax(support: int, alpha: sp.Expr) -> _ImplicitEntmax:
     t = sp.Symbol("t", real=True)
     p = sp.symbols(f"p0:{support}", positive=True)
     positive: dict[sp.Basic, sp.Expr] = {tau: t}
-    positive.update({zi: (pi ** (alpha - 1) + t) / (alpha - 1) for zi, pi in zip(z, p)})
+    positive.update({zi: (pi ** (alpha - 1) + t) / (alpha - 1) for zi, pi in zip(z, p, strict=True)})
     normalised: dict[sp.Basic, sp.Expr] = {p[-1]: 1 - sum(p[:-1])}
     return _ImplicitEntmax(z, tau, probs, dtau, positive, normalised)
 
@@ -553,11 +579,11 @@ def conjugate_gradient_is_entmax(
     alpha: object = sp.Rational(3, 2),
     support: int = 3,
 ) -> Derivation:
-    r"""The gradient of the convex conjugate is α-entmax: :math:`\nabla\Psi^*_\alpha(z) = \mathrm{entmax}_\alpha(z)`.
+    r"""The conjugate's gradient is α-entmax: :math:`\nabla\Psi^*_\alpha(z) = \mathrm{entmax}_\alpha(z)`.
 
-    On a fixed support, with :math:`p_i = ((\alpha-1)z_i - \tau)^{1/(\alpha-1)}` and τ(z) defined implicitly by
-    :math:`\sum p_i = 1`, the closed form
-    :math:`\Psi^*_\alpha(z) = \sum p_i^\alpha/\alpha + \tau/(\alpha-1) + 1/(\alpha(\alpha-1))` (THEORY.md §1) is
+    On a fixed support, with :math:`p_i = ((\alpha-1)z_i - \tau)^{1/(\alpha-1)}` and τ(z) defined
+    implicitly by :math:`\sum p_i = 1`, the closed form
+    :math:`\Psi^*_\alpha(z) = \sum p_i^\alpha/\alpha + \tau/(\alpha-1) + 1/(\alpha(\alpha-1))` (THEORY §1) is
     differentiated, dτ/dz coming from implicit differentiation. The residual is ``∇Ψ* − p``. By the chain
     rule this gives :math:`\nabla E_\alpha(\xi) = \xi - X^\top\mathrm{entmax}_\alpha(\beta X\xi)` for every α.
 
@@ -578,10 +604,8 @@ def conjugate_gradient_is_entmax(
     alpha_value = _rational(alpha)
     z, tau, probs, dtau, positive, normalised = _implicit_entmax(support, alpha_value)
     psi = conjugate(probs, tau, alpha_value)
-    gradient = [
-        sp.diff(psi, zj).subs(sp.Derivative(tau, zj), dtau[j]) for j, zj in enumerate(z)
-    ]
-    residual = sp.Matrix([g - p for g, p in zip(gradient, probs)])
+    gradient = [sp.diff(psi, zj).subs(sp.Derivative(tau, zj), dtau[j]) for j, zj in enumerate(z)]
+    residual = sp.Matrix([g - p for g, p in zip(gradient, probs, strict=True)])
     # the value of Ψ* is only meaningful on the constraint Σ p = 1 (τ is the normalising threshold)
     residual = _simplify(residual.subs(tau, positive[tau]).subs(positive)).subs(normalised)
     return Derivation(
@@ -590,18 +614,19 @@ def conjugate_gradient_is_entmax(
     )
 
 
-def _default_margin(state: Vector, mapped: Vector) -> sp.Expr:
+def _default_margin(state: sp.Matrix, mapped: sp.Matrix) -> sp.Expr:
     return _sq(mapped - state) / 2
 
 
 def energy_descent_margin(
-    margin: Callable[[Vector, Vector], sp.Expr] = _default_margin, dim: int = 3
+    margin: Callable[[sp.Matrix, sp.Matrix], sp.Expr] = _default_margin, dim: int = 3
 ) -> Derivation:
     r"""Energy descent (Thm 3.1): the concave–convex step's margin is exactly a Bregman divergence.
 
-    Write :math:`E(\xi) = -g(\xi) + \tfrac12\lVert\xi\rVert^2` with g convex (:math:`g = \Psi^*_\alpha(\beta X\cdot)/\beta`)
-    and :math:`T(\xi) = \nabla g(\xi)`. With symbolic values :math:`g(\xi), g(T)` and vectors ξ, T, the
-    Bregman gap :math:`B = g(T) - g(\xi) - \langle\nabla g(\xi), T - \xi\rangle \ge 0` (convexity) satisfies
+    Write :math:`E(\xi) = -g(\xi) + \tfrac12\lVert\xi\rVert^2` with g convex
+    (:math:`g = \Psi^*_\alpha(\beta X\cdot)/\beta`) and :math:`T(\xi) = \nabla g(\xi)`. With symbolic
+    values :math:`g(\xi), g(T)` and vectors ξ, T, the Bregman gap
+    :math:`B = g(T) - g(\xi) - \langle\nabla g(\xi), T - \xi\rangle \ge 0` (convexity) satisfies
 
     .. math:: E(\xi) - E(T) - \tfrac12\lVert T - \xi\rVert^2 = B,
 
@@ -623,7 +648,9 @@ def energy_descent_margin(
     return Derivation(
         claim="E(xi) - E(T xi) - ||T xi - xi||^2 / 2 = Bregman_g(T xi, xi) >= 0",
         residuals={
-            "descent margin equals the Bregman gap": _simplify(energy_xi - energy_t - margin(xi, mapped) - bregman)
+            "descent margin equals the Bregman gap": _simplify(
+                energy_xi - energy_t - margin(xi, mapped) - bregman
+            )
         },
     )
 
@@ -632,14 +659,14 @@ def energy_descent_margin(
 # §1–2: Jacobians
 
 
-def _softmax_jacobian_formula(probs: Vector) -> sp.Matrix:
+def _softmax_jacobian_formula(probs: sp.Matrix) -> sp.Matrix:
     return sp.diag(*probs) - probs * probs.T
 
 
 def softmax_jacobian(
-    jacobian: Callable[[Vector], sp.Matrix] = _softmax_jacobian_formula, size: int = 3
+    jacobian: Callable[[sp.Matrix], sp.Matrix] = _softmax_jacobian_formula, size: int = 3
 ) -> Derivation:
-    r"""The softmax Jacobian :math:`\partial p/\partial z = \mathrm{diag}(p) - pp^\top`, differentiated symbolically.
+    r"""The softmax Jacobian :math:`\partial p/\partial z = \mathrm{diag}(p) - pp^\top`, derived symbolically.
 
     Examples
     --------
@@ -670,7 +697,8 @@ def entmax_jacobian(
     support: int = 2,
     inactive: int = 1,
 ) -> Derivation:
-    r"""The α-entmax Jacobian :math:`\mathrm{diag}(s) - ss^\top/\sum s`, :math:`s_i = p_i^{2-\alpha}` on the support.
+    r"""The α-entmax Jacobian :math:`\mathrm{diag}(s) - ss^\top/\sum s` with :math:`s_i = p_i^{2-\alpha}` on
+    the support.
 
     On an open set where the first ``support`` scores are in the support and ``inactive`` more are
     strictly below the threshold, :math:`p_i = ((\alpha-1)z_i - \tau)^{1/(\alpha-1)}` on the support and
@@ -709,17 +737,20 @@ def entmax_jacobian(
     residual = derived - jacobian(all_probs, alpha_value)
     residual = residual.subs(tau, positive[tau]).subs(positive)
     return Derivation(
-        claim=f"d entmax_alpha(z)/dz = diag(s) - s s^T / sum(s), s = p^(2 - alpha) on the support, alpha = {alpha_value}",
+        claim=(
+            "d entmax_alpha(z)/dz = diag(s) - s s^T / sum(s), s = p^(2 - alpha) on the support, "
+            f"alpha = {alpha_value}"
+        ),
         residuals={"implicit-differentiation Jacobian equals the formula": _simplify(residual)},
     )
 
 
-def _retrieval_jacobian_formula(patterns: sp.Matrix, probs: Vector, beta: sp.Expr) -> sp.Matrix:
+def _retrieval_jacobian_formula(patterns: sp.Matrix, probs: sp.Matrix, beta: sp.Expr) -> sp.Matrix:
     return beta * patterns.T * (sp.diag(*probs) - probs * probs.T) * patterns
 
 
 def retrieval_jacobian(
-    jacobian: Callable[[sp.Matrix, Vector, sp.Expr], sp.Matrix] = _retrieval_jacobian_formula,
+    jacobian: Callable[[sp.Matrix, sp.Matrix, sp.Expr], sp.Matrix] = _retrieval_jacobian_formula,
     n_patterns: int = 3,
     dim: int = 2,
 ) -> Derivation:
@@ -745,9 +776,11 @@ def retrieval_jacobian(
     weights = [sp.Symbol(f"e{i}", positive=True) for i in range(n_patterns)]
     mapped = patterns.T * (sp.Matrix(weight_fns) / sum(weight_fns))
     chain_rule = {
-        sp.Derivative(fn, x): fn * sp.diff(score, x) for fn, score in zip(weight_fns, scores) for x in xi
+        sp.Derivative(fn, x): fn * sp.diff(score, x)
+        for fn, score in zip(weight_fns, scores, strict=True)
+        for x in xi
     }
-    derived = mapped.jacobian(xi).subs(chain_rule).subs(dict(zip(weight_fns, weights)))
+    derived = mapped.jacobian(xi).subs(chain_rule).subs(dict(zip(weight_fns, weights, strict=True)))
     probs = sp.Matrix(weights) / sum(weights)
     mean = patterns.T * probs
     covariance = sp.zeros(dim, dim)

@@ -24,7 +24,9 @@ def _affine(seed: int, n: int, rho: float, normal: bool) -> tuple[torch.Tensor, 
     return a, torch.randn(n, generator=gen, dtype=F64)
 
 
-def _gmres_iterates(m_mat: torch.Tensor, rhs: torch.Tensor, x0: torch.Tensor, k_max: int) -> list[torch.Tensor]:
+def _gmres_iterates(
+    m_mat: torch.Tensor, rhs: torch.Tensor, x0: torch.Tensor, k_max: int
+) -> list[torch.Tensor]:
     """x_k = argmin ‖rhs − M x‖ over x ∈ x0 + span{r0, M r0, …, M^{k−1} r0} (k = 0..k_max)."""
     r0 = rhs - m_mat @ x0
     out, basis = [x0], []
@@ -91,7 +93,9 @@ def test_untruncated_aa_on_affine_map_equals_gmres(seed: int, n: int, rho: float
 
 
 @given(seed=st.integers(0, 10_000), n=st.integers(2, 40), rho=st.floats(0.0, 0.95), m=st.integers(0, 6))
-def test_aa_on_affine_contraction_converges_to_the_linear_solution(seed: int, n: int, rho: float, m: int) -> None:
+def test_aa_on_affine_contraction_converges_to_the_linear_solution(
+    seed: int, n: int, rho: float, m: int
+) -> None:
     """Every depth finds x* = (I − A)⁻¹ b of an affine contraction, and stops at ‖f‖ ≤ tol ‖f_0‖."""
     a, c = (t.numpy() for t in _affine(seed, n, rho, normal=True))
     res = anderson(lambda x: x @ a.T + c, np.zeros((2, n)), m=m, tol=1e-10, max_iter=2000)
@@ -114,7 +118,9 @@ def test_aa_on_affine_contraction_converges_to_the_linear_solution(seed: int, n:
     mixing=st.sampled_from([1.0]),
 )
 @example(seed=0, lam=1.0, shape=(3,), mixing=1.0)
-def test_aa1_with_gamma_one_minus_lambda_is_extrapolation(seed: int, lam: float, shape: tuple, mixing: float) -> None:
+def test_aa1_with_gamma_one_minus_lambda_is_extrapolation(
+    seed: int, lam: float, shape: tuple, mixing: float
+) -> None:
     """AA₁(xs=[ξ, ξ], gs=[D, S]; γ = 1 − λ) = D + λ (S − D) on every head/token (Prop 3.2)."""
     gen = torch.Generator().manual_seed(seed)
     xi, dense, sparse = (torch.randn(shape, generator=gen, dtype=F64) for _ in range(3))
@@ -126,7 +132,9 @@ def test_aa1_with_gamma_one_minus_lambda_is_extrapolation(seed: int, lam: float,
     assert torch.allclose(per_head, step, atol=1e-12)
 
 
-@given(seed=st.integers(0, 10_000), shape=st.sampled_from([(4,), (3, 6), (2, 2, 5)]), mixing=st.floats(0.1, 1.5))
+@given(
+    seed=st.integers(0, 10_000), shape=st.sampled_from([(4,), (3, 6), (2, 2, 5)]), mixing=st.floats(0.1, 1.5)
+)
 def test_depth_one_least_squares_gamma_has_the_closed_form(seed: int, shape: tuple, mixing: float) -> None:
     """γ* = ⟨f_1, f_1 − f_0⟩ / ‖f_1 − f_0‖² and x₊ = x_1 − γ Δx + b (f_1 − γ Δf)."""
     gen = torch.Generator().manual_seed(seed)
@@ -158,7 +166,7 @@ def test_anderson_step_keeps_numpy_and_float32() -> None:
 
 def test_dependent_columns_are_dropped_not_propagated_as_nan() -> None:
     """Two equal difference columns (a singular Gram matrix) still give a finite least-squares step."""
-    x = torch.randn(3, 6, dtype=F64)
+    x = torch.randn(3, 6, dtype=F64, generator=torch.Generator().manual_seed(0))
     xs = [x[0], x[1], x[1] + (x[1] - x[0])]
     gs = [2 * v for v in xs]
     out, gamma = anderson_step(xs, gs, return_gamma=True)
@@ -178,7 +186,13 @@ def test_depth_zero_is_plain_damped_iteration_bit_for_bit(mixing: float) -> None
     x0 = torch.randn(16, 32, generator=torch.Generator().manual_seed(1), dtype=F64) / 6
     seen: list[torch.Tensor] = []
     res = anderson(
-        retrieve, x0, m=0, mixing=mixing, tol=0.0, max_iter=25, callback=lambda k, x, r: seen.append(x.clone())
+        retrieve,
+        x0,
+        m=0,
+        mixing=mixing,
+        tol=0.0,
+        max_iter=25,
+        callback=lambda k, x, r: seen.append(x.clone()),
     )
     x = x0.clone()
     for k, got in enumerate(seen):
@@ -251,7 +265,9 @@ def test_leading_shape_is_restored_and_numpy_map_receives_numpy() -> None:
     an, cn = a.numpy(), c.numpy()
     x0 = np.zeros((2, 3, 5))
     res = anderson(lambda x: x @ an.T + cn, x0, m=3)
-    assert res.x.shape == (2, 3, 5) and res.converged.shape == (2, 3) and res.residual_norms.shape[1:] == (2, 3)
+    assert (
+        res.x.shape == (2, 3, 5) and res.converged.shape == (2, 3) and res.residual_norms.shape[1:] == (2, 3)
+    )
     assert np.allclose(res.x, np.linalg.solve(np.eye(5) - an, cn), atol=1e-8)
     single = anderson(lambda x: x @ an.T + cn, np.zeros(5), m=3)
     assert single.x.shape == (5,) and single.converged.shape == ()
@@ -277,10 +293,15 @@ def test_safeguard_never_accepts_a_step_worse_than_both_the_current_and_the_plai
     _, retrieve, _ = _hopfield(beta=7.5)
     patterns = _hopfield(beta=7.5)[0]
     gen = torch.Generator().manual_seed(5)
-    x0 = patterns[torch.randint(0, 64, (32,), generator=gen)] + 0.5 * torch.randn(32, 32, generator=gen, dtype=F64) / 32**0.5
+    x0 = (
+        patterns[torch.randint(0, 64, (32,), generator=gen)]
+        + 0.5 * torch.randn(32, 32, generator=gen, dtype=F64) / 32**0.5
+    )
     xs: list[torch.Tensor] = [x0.clone()]
     norms: list[torch.Tensor] = [(retrieve(x0) - x0).norm(dim=1)]
-    res = anderson(retrieve, x0, m=m, callback=lambda k, x, r: (xs.append(x.clone()), norms.append(r.clone())))
+    res = anderson(
+        retrieve, x0, m=m, callback=lambda k, x, r: (xs.append(x.clone()), norms.append(r.clone()))
+    )
     assert int(res.n_rejected.sum()) > 0  # the safeguard is exercised on this data
     for k in range(1, len(xs)):
         plain = xs[k - 1] + (retrieve(xs[k - 1]) - xs[k - 1])
@@ -292,7 +313,10 @@ def test_past_the_retrieval_threshold_every_row_reaches_the_stable_fixed_point_o
     """β = 7.5, N = 64 patterns in d = 32: AA ends where plain iteration ends, at ρ(J) < 1."""
     patterns, retrieve, top = _hopfield(beta=7.5)
     gen = torch.Generator().manual_seed(0)
-    x0 = patterns[torch.randint(0, 64, (64,), generator=gen)] + 0.5 * torch.randn(64, 32, generator=gen, dtype=F64) / 32**0.5
+    x0 = (
+        patterns[torch.randint(0, 64, (64,), generator=gen)]
+        + 0.5 * torch.randn(64, 32, generator=gen, dtype=F64) / 32**0.5
+    )
     plain = x0.clone()
     for _ in range(800):
         plain = retrieve(plain)

@@ -83,7 +83,11 @@ def merge(x: torch.Tensor) -> torch.Tensor:
 
 def manual_cross(attn: Attention, x: torch.Tensor, context: torch.Tensor, rule: str | None, kwargs: dict):
     """UNet cross-attention by hand: the rule of [entmax_α(βQKᵀ)V] (or dense attention for rule=None)."""
-    q, k, v = heads(attn.to_q(x), attn.heads), heads(attn.to_k(context), attn.heads), heads(attn.to_v(context), attn.heads)
+    q, k, v = (
+        heads(attn.to_q(x), attn.heads),
+        heads(attn.to_k(context), attn.heads),
+        heads(attn.to_v(context), attn.heads),
+    )
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     if rule is None:
         out = oracle_entmax(scores, 1.0) @ v
@@ -112,6 +116,15 @@ def manual_joint(attn: Attention, x: torch.Tensor, context: torch.Tensor, rule: 
 
 
 # ------------------------------------------------------------------------------------------ models
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (two threads on a shared 2-core machine thrash)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +249,8 @@ def test_gag_at_zero_scale_is_exactly_sparse_cross_attention():
         sparse_by_hand = attn.to_out[0](
             merge(
                 oracle_entmax(
-                    heads(attn.to_q(x), 2) @ heads(attn.to_k(context), 2).transpose(-1, -2) / math.sqrt(8), 1.5
+                    heads(attn.to_q(x), 2) @ heads(attn.to_k(context), 2).transpose(-1, -2) / math.sqrt(8),
+                    1.5,
                 )
                 @ heads(attn.to_v(context), 2)
             )
@@ -298,10 +312,12 @@ def test_joint_attention_leaves_the_image_to_image_block_and_text_stream_untouch
         w = attn.to_out[0].weight
         with gag_guidance(attn, "gag", scale=0.0):  # G_txt = S_txt
             out_img, out_txt = attn(x, encoder_hidden_states=context)
-        stock_img, stock_txt = attn(x, encoder_hidden_states=context)
+        _, stock_txt = attn(x, encoder_hidden_states=context)
     # undo the output projection (square, invertible for this seed) to read the attention output
     attention_out = torch.linalg.solve(w, (out_img - attn.to_out[0].bias).transpose(-1, -2)).transpose(-1, -2)
-    torch.testing.assert_close(attention_out - merge(text_mass * sparse_txt), image_block, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        attention_out - merge(text_mass * sparse_txt), image_block, rtol=1e-4, atol=1e-5
+    )
     assert torch.equal(out_txt, stock_txt) or torch.allclose(out_txt, stock_txt, rtol=1e-6, atol=1e-7)
 
 
@@ -342,7 +358,10 @@ def test_half_precision_runs_without_nan_and_stays_near_float32(unet, sd3, dtype
             reference = run(model, inputs)
             model.to(dtype)
             try:
-                half_inputs = {k: v.to(dtype) if v.is_floating_point() and k != "timestep" else v for k, v in inputs.items()}
+                half_inputs = {
+                    k: v.to(dtype) if v.is_floating_point() and k != "timestep" else v
+                    for k, v in inputs.items()
+                }
                 out = run(model, half_inputs)
             finally:
                 model.to(torch.float32)
@@ -451,9 +470,10 @@ def test_a_registered_rule_is_used_by_name(unet):
         x, context = torch.randn(1, 4, 16, generator=g), torch.randn(1, 3, 8, generator=g)
         with torch.no_grad(), gag_guidance(attn, "negate", scale=0.5, shift=0.25):
             out = attn(x, encoder_hidden_states=context)
-        expected = manual_cross(attn, x, context, "extrapolate", {"scale": -0.5, "alpha": 2.0}) + attn.to_out[
-            0
-        ].weight.sum(-1) * 0.25
+        expected = (
+            manual_cross(attn, x, context, "extrapolate", {"scale": -0.5, "alpha": 2.0})
+            + attn.to_out[0].weight.sum(-1) * 0.25
+        )
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
         with pytest.raises(ValueError, match="no option"):
             enable_gag(attn, "negate", zeta=1.0)

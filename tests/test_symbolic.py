@@ -43,7 +43,9 @@ def test_least_squares_derivation_fails_for_wrong_closed_forms() -> None:
         gamma_closed_form=lambda f, h: _dot(f, f - h) / sp.sqrt(_dot(f - h, f - h))
     )
     assert no_square.failing() == ["stationary point equals the closed form"]
-    wrong_residual = symbolic.aa1_least_squares_gamma(gamma_closed_form=lambda f, h: _dot(h, f - h) / _dot(f - h, f - h))
+    wrong_residual = symbolic.aa1_least_squares_gamma(
+        gamma_closed_form=lambda f, h: _dot(h, f - h) / _dot(f - h, f - h)
+    )
     assert not wrong_residual.holds
     wrong_scale = symbolic.aa1_least_squares_gamma(
         optimal_scale=lambda xi, d, s: _dot(s - xi, s - d) / _dot(s - d, s - d)  # γ*, not 1 − γ*
@@ -56,7 +58,7 @@ def test_optimal_scale_closed_form_matches_the_library_numerically() -> None:
     xi, dense, sparse = (rng.normal(size=(5, 3)) for _ in range(3))
     syms = [sp.Matrix(sp.symbols(f"{n}0:3", real=True)) for n in ("xi", "D", "S")]
     closed = sp.lambdify([*syms[0], *syms[1], *syms[2]], symbolic._default_optimal_scale(*syms))
-    expected = np.array([closed(*a, *b, *c) for a, b, c in zip(xi, dense, sparse)])
+    expected = np.array([closed(*a, *b, *c) for a, b, c in zip(xi, dense, sparse, strict=True)])
     np.testing.assert_allclose(anderson_optimal_scale(xi, dense, sparse), expected, rtol=1e-10)
 
 
@@ -117,7 +119,7 @@ def test_symbolic_projection_matches_the_library_numerically() -> None:
     rs, us = sp.Matrix(sp.symbols("r0:3")), sp.Matrix(sp.symbols("u0:3"))
     projection = sp.lambdify([*rs, *us], list(symbolic._projection(rs, us)))
     parallel, _ = decompose(r, u)
-    np.testing.assert_allclose(parallel, [projection(*a, *b) for a, b in zip(r, u)], rtol=1e-10)
+    np.testing.assert_allclose(parallel, [projection(*a, *b) for a, b in zip(r, u, strict=True)], rtol=1e-10)
 
 
 # ----------------------------------------------------------------------------------- bounded update
@@ -134,7 +136,9 @@ def test_bounded_update_splits_by_orthogonality_and_the_bound_is_certified() -> 
         pytest.param(lambda lam, eta, zeta, perp: sp.Abs(lam) * eta, id="drops the orthogonal term"),
         pytest.param(lambda lam, eta, zeta, perp: lam * (eta + sp.Abs(zeta) * perp), id="lambda without abs"),
         pytest.param(lambda lam, eta, zeta, perp: sp.Abs(lam) * (eta + zeta * perp), id="zeta without abs"),
-        pytest.param(lambda lam, eta, zeta, perp: sp.Abs(lam) * (eta / 2 + sp.Abs(zeta) * perp), id="half the cap"),
+        pytest.param(
+            lambda lam, eta, zeta, perp: sp.Abs(lam) * (eta / 2 + sp.Abs(zeta) * perp), id="half the cap"
+        ),
     ],
 )
 def test_bounded_update_certificate_fails_for_wrong_bounds(wrong_bound) -> None:

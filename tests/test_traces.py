@@ -14,7 +14,15 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import hopfield_aa.traces.processors as processors_module
-from hopfield_aa.traces import Selection, TraceCapture, TraceFormatError, TraceSet, capture
+from hopfield_aa.traces import (
+    Selection,
+    TraceCapture,
+    TraceFormatError,
+    TraceSet,
+    attention_call_shapes,
+    capture,
+    estimate_capture,
+)
 from hopfield_aa.traces.format import MANIFEST_NAME
 from hopfield_aa.traces.selection import parse_steps
 from hopfield_aa.traces.testing import (
@@ -48,7 +56,7 @@ def _forward(model, inputs):
 
 
 class KernelSpy:
-    """Replaces the attention kernels the recording processors call, keeping copies of their inputs/outputs."""
+    """Replaces the kernels the recording processors call, keeping copies of their inputs and outputs."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[dict[str, torch.Tensor | None]] = []
@@ -161,7 +169,7 @@ def test_metadata_steps_and_timesteps(tmp_path):
     assert traces.complete
     meta = traces.metadata
     assert meta["model_class"] == "UNet2DConditionModel"
-    assert len(meta["config_hash"]) == 64 and meta["config_hash"] == TraceSet(tmp_path / "t").metadata["config_hash"]
+    assert len(meta["config_hash"]) == 64
     assert meta["torch_version"] == torch.__version__
     assert meta["model_dtype"] == "float32" and meta["device"] == "cpu" and meta["device_name"]
     assert meta["note"] == "x" and "diffusers_version" in meta
@@ -188,7 +196,10 @@ def test_selection_layers_kinds_steps_heads(tmp_path):
     inputs = unet_inputs(model)
     all_layers = [n for n, m in model.named_modules() if hasattr(m, "set_processor")]
     selection = Selection(
-        layers=["up_blocks.*attn1", "re:mid_block\\..*attn[12]"], steps=[1, 3], heads=[0, 2], batch_indices=[0]
+        layers=["up_blocks.*attn1", "re:mid_block\\..*attn[12]"],
+        steps=[1, 3],
+        heads=[0, 2],
+        batch_indices=[0],
     )
     with TraceCapture(model, tmp_path / "t", selection=selection) as cap:
         for _ in range(5):
@@ -236,7 +247,12 @@ def test_selected_heads_are_those_heads(tmp_path):
 def test_query_cap_keeps_a_recorded_seeded_subset(tmp_path):
     model = tiny_unet()
     inputs = unet_inputs(model)
-    runs = {"full": {}, "a": {"max_query_tokens": 7}, "b": {"max_query_tokens": 7}, "c": {"max_query_tokens": 7}}
+    runs = {
+        "full": {},
+        "a": {"max_query_tokens": 7},
+        "b": {"max_query_tokens": 7},
+        "c": {"max_query_tokens": 7},
+    }
     runs["c"]["query_seed"] = 1
     for name, kw in runs.items():
         with capture(model, tmp_path / name, layers=["*attn1"], **kw):
@@ -285,6 +301,31 @@ def test_selection_rejects_bad_input():
         Selection(heads=[-1])
     with pytest.raises(ValueError, match="no attention layer"):
         TraceCapture(tiny_unet(), "unused", selection=Selection(layers=["nothing*"])).start()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize(
+    "selection",
+    [
+        Selection(),
+        Selection(kinds=["cross", "joint"], heads=[1], max_query_tokens=6, steps=[1], batch_indices=[-1]),
+    ],
+)
+def test_size_estimate_from_a_meta_forward_equals_the_captured_bytes(name, selection, tmp_path):
+    make, inputs_of = MODELS[name]
+    model = make()
+    inputs = inputs_of(model)
+    with torch.device("meta"):
+        meta_model = make()
+    meta_inputs = {k: v.to("meta") for k, v in inputs.items()}
+    estimate = estimate_capture(attention_call_shapes(meta_model, meta_inputs), steps=3, selection=selection)
+    with TraceCapture(model, tmp_path / "t", selection=selection, dtype="float16"):
+        for _ in range(3):
+            _forward(model, inputs)
+    records = list(TraceSet(tmp_path / "t"))
+    stored = sum(t.numel() * t.element_size() for r in records for t in (r.q, r.k, r.v, r.query_indices))
+    assert estimate.records == len(records) > 0
+    assert estimate.bytes == stored
 
 
 # ------------------------------------------------------------------------------- joint attention view
@@ -357,7 +398,11 @@ def _write_manifest(path: Path, manifest: dict) -> None:
 
 def test_good_capture_validates(good_capture):
     traces = TraceSet(good_capture)
-    assert traces.validate() == {"shards": 3, "records": 12, "bytes": sum(s["bytes"] for s in traces.manifest["shards"])}
+    assert traces.validate() == {
+        "shards": 3,
+        "records": 12,
+        "bytes": sum(s["bytes"] for s in traces.manifest["shards"]),
+    }
     assert traces.unlisted_files == []
 
 
@@ -367,7 +412,7 @@ def test_flipped_bytes_name_the_shard_and_checksum(damaged):
     data[-10] ^= 0xFF  # inside the tensor data: only the checksum can tell
     shard.write_bytes(bytes(data))
     traces = TraceSet(damaged)  # sizes still agree: opening works
-    with pytest.raises(TraceFormatError, match="shard-000001.safetensors.*sha256.*corrupted") as info:
+    with pytest.raises(TraceFormatError, match=r"shard-000001\.safetensors.*sha256.*corrupted") as info:
         traces.validate()
     assert info.value.path == str(shard) and info.value.field == "sha256"
     assert len(list(traces.filter(steps=[0]))) == 4  # the undamaged shards still load
@@ -378,7 +423,7 @@ def test_flipped_header_bytes_without_checksum_name_the_shard(damaged):
     data = bytearray(shard.read_bytes())
     data[12] = ord("}")  # breaks the safetensors JSON header
     shard.write_bytes(bytes(data))
-    with pytest.raises(TraceFormatError, match="shard-000000.safetensors") as info:
+    with pytest.raises(TraceFormatError, match=r"shard-000000\.safetensors") as info:
         TraceSet(damaged, verify=False).validate()
     assert info.value.path == str(shard)
 
@@ -386,22 +431,22 @@ def test_flipped_header_bytes_without_checksum_name_the_shard(damaged):
 def test_truncated_shard_names_the_file_and_size(damaged):
     shard = damaged / "shard-000002.safetensors"
     shard.write_bytes(shard.read_bytes()[:-100])
-    with pytest.raises(TraceFormatError, match="shard-000002.safetensors.*bytes.*truncated") as info:
+    with pytest.raises(TraceFormatError, match=r"shard-000002\.safetensors.*bytes.*truncated") as info:
         TraceSet(damaged)
     assert info.value.field == "bytes"
 
 
 def test_missing_shard_names_the_file(damaged):
     (damaged / "shard-000001.safetensors").unlink()
-    with pytest.raises(TraceFormatError, match="shard-000001.safetensors.*missing"):
+    with pytest.raises(TraceFormatError, match=r"shard-000001\.safetensors.*missing"):
         TraceSet(damaged)
 
 
 def test_missing_or_unreadable_manifest_names_it(damaged, tmp_path):
-    with pytest.raises(TraceFormatError, match="manifest.json.*missing"):
+    with pytest.raises(TraceFormatError, match=r"manifest\.json.*missing"):
         TraceSet(tmp_path)
     (damaged / MANIFEST_NAME).write_text("{not json")
-    with pytest.raises(TraceFormatError, match="manifest.json.*not valid JSON"):
+    with pytest.raises(TraceFormatError, match=r"manifest\.json.*not valid JSON"):
         TraceSet(damaged)
 
 
@@ -411,13 +456,29 @@ def test_missing_or_unreadable_manifest_names_it(damaged, tmp_path):
         (lambda m: m.update(format_version=99), MANIFEST_NAME, "format_version"),
         (lambda m: m.update(format="other"), MANIFEST_NAME, "format"),
         (lambda m: m["shards"][1]["records"][0].pop("scale"), MANIFEST_NAME, "shards[1].records[0].scale"),
-        (lambda m: m["shards"][0]["records"][2].update(kind="diag"), MANIFEST_NAME, "shards[0].records[2].kind"),
-        (lambda m: m["shards"][0]["records"][0].update(heads=[0, 9]), MANIFEST_NAME, "shards[0].records[0].heads"),
+        (
+            lambda m: m["shards"][0]["records"][2].update(kind="diag"),
+            MANIFEST_NAME,
+            "shards[0].records[2].kind",
+        ),
+        (
+            lambda m: m["shards"][0]["records"][0].update(heads=[0, 9]),
+            MANIFEST_NAME,
+            "shards[0].records[0].heads",
+        ),
         (lambda m: m["shards"][0]["records"][0]["tensors"].update(k=[4, 6, 4]), MANIFEST_NAME, "tensors.k"),
         (lambda m: m["shards"][0].update(file="../x.safetensors"), MANIFEST_NAME, "shards[0].file"),
-        (lambda m: m["shards"][2].update(bytes=m["shards"][2]["bytes"] + 1), "shard-000002.safetensors", "bytes"),
+        (
+            lambda m: m["shards"][2].update(bytes=m["shards"][2]["bytes"] + 1),
+            "shard-000002.safetensors",
+            "bytes",
+        ),
         (lambda m: m["shards"][1].update(sha256="0" * 64), "shard-000001.safetensors", "sha256"),
-        (lambda m: m["shards"][0]["records"][1].update(dtype="float32"), "shard-000000.safetensors", "r000001/q"),
+        (
+            lambda m: m["shards"][0]["records"][1].update(dtype="float32"),
+            "shard-000000.safetensors",
+            "r000001/q",
+        ),
         (lambda m: m["shards"][0]["records"][1].update(key="r999999"), "shard-000000.safetensors", "records"),
         (lambda m: m["shards"][2]["records"].pop(), "shard-000002.safetensors", "records"),
         (lambda m: m["shards"][1].update(file="shard-000000.safetensors"), MANIFEST_NAME, "shards[1].file"),
@@ -463,6 +524,6 @@ def test_error_inside_capture_leaves_a_loadable_incomplete_set(tmp_path):
         raise RuntimeError("boom")
     traces = TraceSet(tmp_path / "t")
     assert not traces.complete and traces.steps == [0, 1] and traces.validate()["records"] == 16
-    assert type(model.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn2").processor).__name__ == (
-        "AttnProcessor2_0"
-    )
+    assert type(
+        model.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn2").processor
+    ).__name__ == ("AttnProcessor2_0")

@@ -164,10 +164,17 @@ def _sample(values: torch.Tensor, limit: int = 2000) -> list[float]:
 
 
 def _energy_margin(
-    patterns: torch.Tensor, x: torch.Tensor, tx: torch.Tensor, beta: float, alpha: float
+    patterns: torch.Tensor,
+    x: torch.Tensor,
+    tx: torch.Tensor,
+    beta: float,
+    alpha: float,
+    energies: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(margin, tol, violation) of E(T ξ) ≤ E(ξ) − ½‖Tξ − ξ‖² per state."""
-    e_before, e_after = _energy(x, patterns, beta, alpha), _energy(tx, patterns, beta, alpha)
+    """(margin, tol, violation) of E(T ξ) ≤ E(ξ) − ½‖Tξ − ξ‖² per state (``energies``: E(ξ), E(Tξ) if known)."""
+    if energies is None:
+        energies = (_energy(x, patterns, beta, alpha), _energy(tx, patterns, beta, alpha))
+    e_before, e_after = energies
     violation = e_after - e_before + 0.5 * _norm(tx - x) ** 2
     m = float(_norm(patterns).max())
     scale = torch.maximum(torch.maximum(_norm(x), _norm(tx)), torch.tensor(m, dtype=x.dtype)) ** 2
@@ -231,12 +238,12 @@ def check_energy_descent(
         xs = []
         for _ in range(steps):
             tx = fn(x, case.patterns, case.beta, alpha)
-            margin, tol, _ = _energy_margin(case.patterns, x, tx, case.beta, alpha)
+            energies.append(_energy(tx, case.patterns, case.beta, alpha))
+            margin, tol, _ = _energy_margin(case.patterns, x, tx, case.beta, alpha, (energies[-2], energies[-1]))
             per_t.append(margin)
             tol_t.append(tol)
             xs.append(x)
             x = tx
-            energies.append(_energy(x, case.patterns, case.beta, alpha))
         margins.append(torch.stack(per_t, dim=-1))  # (M, steps)
         tols.append(torch.stack(tol_t, dim=-1))
         trajectories.append(torch.stack(xs, dim=1))  # (M, steps, d)
@@ -386,9 +393,10 @@ def _preservation_margin(
     reference: str,
     threshold: float,
     rule: RuleFn,
+    retrievals: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    dense = _retrieve(point, patterns, beta, 1.0)
-    sparse = _retrieve(point, patterns, beta, alpha_sparse)
+    dense = _retrieve(point, patterns, beta, 1.0) if retrievals is None else retrievals[0]
+    sparse = _retrieve(point, patterns, beta, alpha_sparse) if retrievals is None else retrievals[1]
     guided = rule(dense, sparse, scale, zeta, eta, reference, point)
     extrapolated = _extrapolate(dense, sparse, scale)
     deviation = torch.maximum(_norm(guided - point), _norm(extrapolated - point))
@@ -444,8 +452,9 @@ def check_fixed_point_preservation(
         margins = torch.zeros(0, len(grid), dtype=case.patterns.dtype)
         tols = torch.zeros_like(margins)
     else:
+        both = (_retrieve(points, case.patterns, case.beta, 1.0), _retrieve(points, case.patterns, case.beta, alpha_sparse))
         pairs = [
-            _preservation_margin(case.patterns, points, case.beta, alpha_sparse, s, z, e * m, r, threshold, fn)
+            _preservation_margin(case.patterns, points, case.beta, alpha_sparse, s, z, e * m, r, threshold, fn, both)
             for s, z, e, r in grid
         ]
         margins = torch.stack([p[0] for p in pairs], dim=-1)
@@ -949,11 +958,14 @@ def _bounded_margin(
     eta: float,
     reference: str,
     rule: RuleFn,
+    retrievals: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    dense = _retrieve(xi, patterns, beta, 1.0)
-    sparse = _retrieve(xi, patterns, beta, alpha_sparse)
+    dense = _retrieve(xi, patterns, beta, 1.0) if retrievals is None else retrievals[0]
+    sparse = _retrieve(xi, patterns, beta, alpha_sparse) if retrievals is None else retrievals[1]
     guided = rule(dense, sparse, scale, zeta, eta, reference, xi)
-    u = _reference_at(patterns, xi, beta, alpha_sparse, reference)
+    u = {"sparse": sparse, "dense": dense, "update": sparse - xi}.get(reference)
+    if u is None:
+        raise ValueError(f"reference must be 'sparse', 'dense' or 'update', got {reference!r}")
     _, orthogonal = _decompose(sparse - dense, u)
     bound = abs(scale) * (eta + abs(zeta) * _norm(orthogonal))
     observed = _norm(guided - sparse)
@@ -992,8 +1004,13 @@ def check_bounded_update(
     fn = _gag if rule is None else rule
     m = case.pattern_scale
     grid = [(s, z, e, r) for s in scales for z in zetas for e in etas for r in references]
+    both = (
+        _retrieve(case.states, case.patterns, case.beta, 1.0),
+        _retrieve(case.states, case.patterns, case.beta, alpha_sparse),
+    )
     pairs = [
-        _bounded_margin(case.patterns, case.states, case.beta, alpha_sparse, s, z, e * m, r, fn) for s, z, e, r in grid
+        _bounded_margin(case.patterns, case.states, case.beta, alpha_sparse, s, z, e * m, r, fn, both)
+        for s, z, e, r in grid
     ]
     margins = torch.stack([p[0] for p in pairs], dim=-1)
     tols = torch.stack([p[1] for p in pairs], dim=-1)

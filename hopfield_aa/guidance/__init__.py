@@ -1,5 +1,5 @@
 """Attention-space guidance for diffusers pipelines: GAG, PLADIS-style extrapolation and the Anderson-mixed
-α-ladder as attention processors (UNet cross-attention, SD3 and FLUX joint attention), turned on with one call.
+α-ladder as attention processors (UNet cross-attention, SD3/FLUX joint attention), on with one call.
 
 >>> from hopfield_aa.guidance import enable_gag, disable_gag, gag_guidance
 >>> handle = enable_gag(pipe, "gag", scale=1.0)  # doctest: +SKIP
@@ -19,7 +19,15 @@ from hopfield_aa.guidance.api import (
 )
 from hopfield_aa.guidance.attention import guided_attention, guided_joint_attention
 from hopfield_aa.guidance.processors import GAGAttnProcessor, GAGFluxAttnProcessor, GAGJointAttnProcessor
-from hopfield_aa.guidance.rules import RULES, Rule, extrapolate_rule, gag_rule, get_rule, ladder_rule, register_rule
+from hopfield_aa.guidance.rules import (
+    RULES,
+    Rule,
+    extrapolate_rule,
+    gag_rule,
+    get_rule,
+    ladder_rule,
+    register_rule,
+)
 
 __all__ = [
     "GUIDANCE_PROCESSORS",

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0, JointAttnProcessor2_0
@@ -35,6 +35,8 @@ DEFAULT_KINDS = ("cross", "joint")
 """Layer kinds guided when ``layers`` is not given: every cross-attention and joint-attention layer."""
 
 APPLY_TO = ("both", "cond")
+
+_GUIDED = (GAGAttnProcessor, GAGJointAttnProcessor, GAGFluxAttnProcessor)
 
 _ACTIVE: weakref.WeakKeyDictionary[torch.nn.Module, GuidanceHandle] = weakref.WeakKeyDictionary()
 
@@ -64,7 +66,7 @@ def attention_layers(pipe_or_model: Any) -> dict[str, str]:
         processor = getattr(module, "processor", None)
         if processor is None or not hasattr(module, "set_processor"):
             continue
-        if isinstance(processor, _GuidedMarker):
+        if isinstance(processor, _GUIDED):
             processor = processor.original
         layers[name] = _layer_kind(module, processor)
     return layers
@@ -142,7 +144,9 @@ class GuidanceConfig:
         rule = get_rule(self.rule)
         unknown = sorted(set(self.options) - set(rule.options))
         if unknown:
-            raise ValueError(f"rule {self.rule!r} has no option(s) {unknown}; its options are {sorted(rule.options)}")
+            raise ValueError(
+                f"rule {self.rule!r} has no option(s) {unknown}; its options are {sorted(rule.options)}"
+            )
         options = {**rule.options, **dict(self.options)}
         if rule.check is not None:
             rule.check(options)
@@ -155,7 +159,9 @@ class GuidanceConfig:
         if self.layers is not None:
             layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
             if not layers or not all(isinstance(p, str) for p in layers):
-                raise TypeError(f"layers must be a non-empty sequence of names or patterns, got {self.layers!r}")
+                raise TypeError(
+                    f"layers must be a non-empty sequence of names or patterns, got {self.layers!r}"
+                )
             set_(self, "layers", layers)
         set_(self, "timesteps", _window(self.timesteps, "timesteps"))
         set_(self, "steps", _window(self.steps, "steps"))
@@ -172,7 +178,9 @@ class GuidanceConfig:
     def label(self) -> str:
         """A short readable description, e.g. ``gag(λ=1, α=1.5, zeta=0, eta=inf)``."""
         alphas = ",".join(f"{a:g}" for a in self.alphas[1:])  # type: ignore[index]
-        opts = "".join(f", {k}={v:g}" if isinstance(v, float) else f", {k}={v}" for k, v in self.options.items())
+        opts = "".join(
+            f", {k}={v:g}" if isinstance(v, float) else f", {k}={v}" for k, v in self.options.items()
+        )
         return f"{self.rule}(λ={self.scale:g}, α={alphas}{opts})"
 
 
@@ -243,7 +251,7 @@ class GuidanceHandle:
                 if attr in vars(original):
                     setattr(guided, attr, getattr(original, attr))
             self._originals[name] = (module, original)
-            module.set_processor(guided)
+            cast(Any, module).set_processor(guided)
         self.layers = [name for name, _ in targets]
         self._hook = self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
         _ACTIVE[self.model] = self
@@ -255,7 +263,7 @@ class GuidanceHandle:
             self._hook.remove()
             self._hook = None
         for module, original in self._originals.values():
-            module.set_processor(original)
+            cast(Any, module).set_processor(original)
         self._originals.clear()
         if _ACTIVE.get(self.model) is self:
             del _ACTIVE[self.model]
@@ -316,7 +324,9 @@ def _select(model: torch.nn.Module, patterns: tuple[str, ...] | None) -> list[tu
     if patterns is None:
         chosen = [name for name, kind in kinds.items() if kind in DEFAULT_KINDS]
         if not chosen:
-            raise ValueError(f"{type(model).__name__} has no cross-attention or joint-attention layer to guide")
+            raise ValueError(
+                f"{type(model).__name__} has no cross-attention or joint-attention layer to guide"
+            )
         return [(name, modules[name]) for name in chosen]
     chosen = []
     for pattern in patterns:
@@ -326,7 +336,9 @@ def _select(model: torch.nn.Module, patterns: tuple[str, ...] | None) -> list[tu
             if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(f"{name}.processor", pattern)
         ]
         if not matched:
-            raise ValueError(f"layers pattern {pattern!r} matches no attention layer of {type(model).__name__}")
+            raise ValueError(
+                f"layers pattern {pattern!r} matches no attention layer of {type(model).__name__}"
+            )
         unsupported = [name for name in matched if kinds[name] == "unsupported"]
         if unsupported:
             raise ValueError(

@@ -32,7 +32,7 @@ def _mask_block(mask: torch.Tensor | None, rows: slice, cols: slice) -> torch.Te
 def retrievals(
     scores: torch.Tensor, value: torch.Tensor, alphas: Sequence[float], dense: torch.Tensor | None = None
 ) -> list[torch.Tensor]:
-    r"""The retrievals :math:`\mathrm{entmax}_{\alpha_i}(\text{scores})\,V` for an α ladder (α_0 = 1: softmax).
+    r"""The retrievals :math:`\mathrm{entmax}_{\alpha_i}(Z)\,V` for an α ladder (α_0 = 1: softmax).
 
     Parameters
     ----------
@@ -158,7 +158,12 @@ def guided_joint_attention(
     indicator = torch.zeros((*value.shape[:-1], 1), dtype=value.dtype, device=value.device)
     indicator[..., text, :] = 1
     joint = F.scaled_dot_product_attention(
-        query, key, torch.cat([value, indicator], dim=-1), attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+        query,
+        key,
+        torch.cat([value, indicator], dim=-1),
+        attn_mask=attention_mask,
+        dropout_p=0.0,
+        is_causal=False,
     )
     output, text_mass = joint[..., :-1], joint[..., -1:]
     q_img = query[rows, :, image].float()

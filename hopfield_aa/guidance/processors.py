@@ -50,7 +50,8 @@ class GAGAttnProcessor(_GuidanceProcessor):
 
     Used on UNet cross-attention (image queries, text keys: SD1.5/SDXL ``attn2``) and, when selected,
     self-attention. The rule acts per head and query token on ``[softmax(Z) V, entmax_α(Z) V, …]`` with one
-    score matrix ``Z = β QKᵀ + mask`` (β = 1/sqrt(head_dim), as the stock processor), computed in float32 and cast back.
+    score matrix ``Z = β QKᵀ + mask`` (β = 1/sqrt(head_dim), as in the stock processor), computed in
+    float32 and cast back.
     """
 
     def __call__(
@@ -64,7 +65,9 @@ class GAGAttnProcessor(_GuidanceProcessor):
         **kwargs: Any,
     ) -> torch.Tensor:
         if not self.session.active:
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+            return self.original(
+                attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
+            )
         if len(args) > 0 or kwargs.get("scale", None) is not None:
             deprecate("scale", "1.0.0", "The `scale` argument is deprecated and will be ignored.")
 
@@ -156,12 +159,12 @@ class GAGJointAttnProcessor(_GuidanceProcessor):
     def __call__(
         self,
         attn: Any,
-        hidden_states: torch.FloatTensor,
-        encoder_hidden_states: torch.FloatTensor = None,
-        attention_mask: torch.FloatTensor | None = None,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         *args: Any,
         **kwargs: Any,
-    ) -> torch.FloatTensor | tuple[torch.FloatTensor, torch.FloatTensor]:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if not self.session.active or encoder_hidden_states is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         residual = hidden_states
@@ -254,11 +257,13 @@ class GAGFluxAttnProcessor(_GuidanceProcessor):
         self,
         attn: Any,
         hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor = None,
+        encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        n_text = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else self.session.text_tokens
+        n_text = (
+            encoder_hidden_states.shape[1] if encoder_hidden_states is not None else self.session.text_tokens
+        )
         if not self.session.active or n_text is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
@@ -306,7 +311,8 @@ class GAGFluxAttnProcessor(_GuidanceProcessor):
 
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
+                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]],
+                dim=1,
             )
             hidden_states = attn.to_out[0](hidden_states.contiguous())
             hidden_states = attn.to_out[1](hidden_states)

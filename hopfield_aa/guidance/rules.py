@@ -8,6 +8,7 @@ benchmark pick it up by name.
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -118,7 +119,10 @@ def register_rule(
         raise TypeError(f"function must be callable, got {type(function).__name__}")
     options: dict[str, Any] = {}
     for parameter in list(inspect.signature(function).parameters.values())[2:]:
-        if parameter.kind is not inspect.Parameter.KEYWORD_ONLY or parameter.default is inspect.Parameter.empty:
+        if (
+            parameter.kind is not inspect.Parameter.KEYWORD_ONLY
+            or parameter.default is inspect.Parameter.empty
+        ):
             raise TypeError(
                 f"rule {name!r}: after (retrievals, scale) every parameter must be keyword-only with a "
                 f"default, got {parameter.name!r}"
@@ -156,7 +160,7 @@ def check_ladder(alphas: Sequence[float], rungs: int | None, *, name: str = "alp
         raise ValueError(f"{name} must hold {expected} values, got {len(ladder)}")
     if ladder[0] != 1.0:
         raise ValueError(f"{name} must start at 1 (the dense retrieval), got {ladder[0]}")
-    if any(b <= a for a, b in zip(ladder, ladder[1:])):
+    if any(b <= a for a, b in itertools.pairwise(ladder)):
         raise ValueError(f"{name} must be strictly increasing, got {ladder}")
     return ladder
 
@@ -173,11 +177,12 @@ def gag_rule(
     eta: float = math.inf,
     reference: str = "sparse",
 ) -> torch.Tensor:
-    r"""Geometry-Aware Attention Guidance: :math:`G = S + \lambda(\mathrm{clip}_\eta(r_\parallel) + \zeta r_\perp)`.
+    r"""GAG: :math:`G = S + \lambda(\mathrm{clip}_\eta(r_\parallel) + \zeta r_\perp)`, r = S - D.
 
-    With ``r = S - D`` split relative to the reference ``u`` (the sparse retrieval ``S`` by default, or the
-    dense one ``D``), per head and query token (THEORY.md §3). ζ = 0, η = ∞ is the parallel-only rule;
-    ζ = 1, η = ∞ the full residual (``= P_{λ+1}``); ζ = 1, η = 0 keeps only the orthogonal part.
+    Geometry-Aware Attention Guidance, with ``r`` split relative to the reference ``u`` (the sparse
+    retrieval ``S`` by default, or the dense one ``D``), per head and query token (THEORY.md §3).
+    ζ = 0, η = ∞ is the parallel-only rule; ζ = 1, η = ∞ the full residual (``= P_{λ+1}``); ζ = 1, η = 0
+    keeps only the orthogonal part.
     """
     dense, sparse = retrievals
     return _gag(dense, sparse, scale, zeta, eta, reference)
@@ -188,7 +193,9 @@ def _check_gag(options: Mapping[str, Any]) -> None:
     check_scalar(options["eta"], "eta", minimum=0.0)
     if options["reference"] not in ("sparse", "dense"):
         # "update" (S(ξ) - ξ) needs the state in the value space, which cross-attention does not have.
-        raise ValueError(f"reference must be 'sparse' or 'dense' in attention layers, got {options['reference']!r}")
+        raise ValueError(
+            f"reference must be 'sparse' or 'dense' in attention layers, got {options['reference']!r}"
+        )
 
 
 def extrapolate_rule(retrievals: Sequence[torch.Tensor], scale: float) -> torch.Tensor:
@@ -201,7 +208,9 @@ def extrapolate_rule(retrievals: Sequence[torch.Tensor], scale: float) -> torch.
     return _extrapolate(dense, sparse, scale)
 
 
-def ladder_rule(retrievals: Sequence[torch.Tensor], scale: float, *, regularization: float = 0.0) -> torch.Tensor:
+def ladder_rule(
+    retrievals: Sequence[torch.Tensor], scale: float, *, regularization: float = 0.0
+) -> torch.Tensor:
     r"""Anderson-mixed α-ladder: :math:`L_\lambda = D + \lambda (A - D)`, A the AA step over the rungs.
 
     The retrievals at α_0 = 1 < α_1 < … < α_m are read as successive iterates of a sparsifying map; the

@@ -159,7 +159,7 @@ class TraceCapture:
         self.seed: int | None = None
         self.layers: list[str] = []
         self._writer: ShardWriter | None = None
-        self._originals: dict[torch.nn.Module, Any] = {}
+        self._originals: dict[Any, Any] = {}
         self._hook: Any = None
         self._signature = inspect.signature(self.model.forward)
 
@@ -430,7 +430,9 @@ def capture_pipeline(
         },
     )
     with cap:
-        for prompt_id, prompt in enumerate(tqdm(prompts, desc="capture", unit="prompt", disable=not progress)):
+        for prompt_id, prompt in enumerate(
+            tqdm(prompts, desc="capture", unit="prompt", disable=not progress)
+        ):
             run_seed = seed + prompt_id
             cap.begin_run(prompt_id=prompt_id, seed=run_seed, prompt=prompt, steps=num_inference_steps)
             generator = torch.Generator(device="cpu").manual_seed(run_seed)

@@ -40,7 +40,9 @@ def add_parsers(subparsers: Any) -> None:
         required=True,
         help="local diffusers pipeline directory, or 'reference' for the project's reference model",
     )
-    p.add_argument("--prompts", required=True, type=Path, help="text file, one prompt per line (blank lines skipped)")
+    p.add_argument(
+        "--prompts", required=True, type=Path, help="text file, one prompt per line (blank lines skipped)"
+    )
     p.add_argument("--out", required=True, type=Path, help="output capture directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing capture in --out")
     p.add_argument("--seed", type=int, default=0, help="base seed; prompt i uses seed+i (default 0)")
@@ -50,14 +52,25 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--width", type=int, default=None, help="image width in pixels")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument(
-        "--model-dtype", choices=("float32", "float16", "bfloat16"), default=None, help="load the pipeline in this dtype"
+        "--model-dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default=None,
+        help="load the pipeline in this dtype",
     )
     sel = p.add_argument_group("selection")
-    sel.add_argument("--layers", nargs="+", default=None, metavar="PATTERN", help="layer-name globs or 're:' regexes")
-    sel.add_argument("--kinds", nargs="+", choices=("self", "cross", "joint"), default=None, help="attention kinds")
-    sel.add_argument("--step-range", default=None, help="steps to keep: '0:50:5', '3', or '0,1,10:20' (default all)")
+    sel.add_argument(
+        "--layers", nargs="+", default=None, metavar="PATTERN", help="layer-name globs or 're:' regexes"
+    )
+    sel.add_argument(
+        "--kinds", nargs="+", choices=("self", "cross", "joint"), default=None, help="attention kinds"
+    )
+    sel.add_argument(
+        "--step-range", default=None, help="steps to keep: '0:50:5', '3', or '0,1,10:20' (default all)"
+    )
     sel.add_argument("--heads", default=None, help="head indices to keep, e.g. '0,1,2' (default all)")
-    sel.add_argument("--max-query-tokens", type=int, default=None, help="random subset of at most N query tokens")
+    sel.add_argument(
+        "--max-query-tokens", type=int, default=None, help="random subset of at most N query tokens"
+    )
     sel.add_argument("--query-seed", type=int, default=0, help="seed of the query subsets (default 0)")
     sel.add_argument(
         "--batch-index",

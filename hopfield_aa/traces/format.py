@@ -143,11 +143,6 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         raise
 
 
-def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Serialise ``obj`` as indented JSON and write it with :func:`atomic_write_bytes`."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode("utf-8"))
-
-
 class ShardWriter:
     """Buffers records and writes them as safetensors shards, keeping the manifest in step.
 
@@ -203,6 +198,7 @@ class ShardWriter:
             "runs": [],
             "shards": [],
         }
+        self._shard_json: list[str] = []
         self._entries: list[dict[str, Any]] = []
         self._tensors: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
@@ -294,4 +290,11 @@ class ShardWriter:
         self._write_manifest()
 
     def _write_manifest(self) -> None:
-        atomic_write_json(self.directory / MANIFEST_NAME, self._manifest)
+        # Shard entries never change once written: encode each once and splice the cached text in, so
+        # rewriting the manifest after every shard costs I/O, not re-encoding every record again.
+        shards = self._manifest["shards"]
+        while len(self._shard_json) < len(shards):
+            self._shard_json.append(json.dumps(shards[len(self._shard_json)]))
+        head = json.dumps({k: v for k, v in self._manifest.items() if k != "shards"})
+        text = head[:-1] + ', "shards": [\n' + ",\n".join(self._shard_json) + "\n]}\n"
+        atomic_write_bytes(self.directory / MANIFEST_NAME, text.encode("utf-8"))

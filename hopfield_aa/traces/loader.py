@@ -67,10 +67,13 @@ class _ManifestChecker:
             raise self.fail("format_version", f"must be an integer, got {version!r}")
         if version > FORMAT_VERSION:
             raise self.fail(
-                "format_version", f"is {version}, newer than this reader's {FORMAT_VERSION}; upgrade hopfield_aa"
+                "format_version",
+                f"is {version}, newer than this reader's {FORMAT_VERSION}; upgrade hopfield_aa",
             )
         if version != FORMAT_VERSION:
-            raise self.fail("format_version", f"unsupported version {version} (this reader: {FORMAT_VERSION})")
+            raise self.fail(
+                "format_version", f"unsupported version {version} (this reader: {FORMAT_VERSION})"
+            )
         if not isinstance(manifest["metadata"], dict):
             raise self.fail("metadata", "must be a JSON object")
         if not isinstance(manifest["shards"], list):
@@ -93,19 +96,25 @@ class _ManifestChecker:
                 raise self.fail(f"{where}.{name}", "missing")
         file = shard["file"]
         if not isinstance(file, str) or not SHARD_PATTERN.match(file):
-            raise self.fail(f"{where}.file", f"must be a shard name like shard-000000.safetensors, got {file!r}")
+            raise self.fail(
+                f"{where}.file", f"must be a shard name like shard-000000.safetensors, got {file!r}"
+            )
         if file in files:
             raise self.fail(f"{where}.file", f"{file} listed twice")
         files.add(file)
         if not _is_int(shard["bytes"]) or shard["bytes"] < 0:
             raise self.fail(f"{where}.bytes", f"must be a byte count, got {shard['bytes']!r}")
         digest = shard["sha256"]
-        if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        if (
+            not isinstance(digest, str)
+            or len(digest) != 64
+            or any(c not in "0123456789abcdef" for c in digest)
+        ):
             raise self.fail(f"{where}.sha256", f"must be a hex SHA-256 digest, got {digest!r}")
         if not isinstance(shard["records"], list):
             raise self.fail(f"{where}.records", "must be a list")
 
-    def check_record(self, where: str, r: Any) -> None:  # noqa: C901 - one check per field, in order
+    def check_record(self, where: str, r: Any) -> None:
         if not isinstance(r, dict):
             raise self.fail(where, "must be a JSON object")
         for name in RECORD_FIELDS:
@@ -183,10 +192,14 @@ class _ManifestChecker:
         if "mask" in tensors:
             shape = tensors["mask"]
             if not (
-                len(shape) == 3 and shape[0] in (1, n_heads) and shape[1] in (1, m) and shape[2] == r["key_tokens"]
+                len(shape) == 3
+                and shape[0] in (1, n_heads)
+                and shape[1] in (1, m)
+                and shape[2] == r["key_tokens"]
             ):
                 raise self.fail(
-                    f"{where}.tensors.mask", f"shape {shape} must be (1 or {n_heads}, 1 or {m}, {r['key_tokens']})"
+                    f"{where}.tensors.mask",
+                    f"shape {shape} must be (1 or {n_heads}, 1 or {m}, {r['key_tokens']})",
                 )
 
 
@@ -262,7 +275,7 @@ class TraceSet:
         self.manifest = self._read_manifest()
         self.metadata: Mapping[str, Any] = MappingProxyType(self.manifest["metadata"])
         self._check_files()
-        self._filter = {
+        self._filter: dict[str, Any] = {
             "layers": None if layers is None else tuple(layers),
             "steps": None if steps is None else frozenset(int(s) for s in steps),
             "kinds": None if kinds is None else frozenset(kinds),
@@ -314,7 +327,9 @@ class TraceSet:
                     "bytes",
                     f"size is {size} bytes but {MANIFEST_NAME} says {shard['bytes']} (truncated or modified)",
                 )
-        self.unlisted_files = sorted(n for n in os.listdir(self.path) if SHARD_PATTERN.match(n) and n not in listed)
+        self.unlisted_files = sorted(
+            n for n in os.listdir(self.path) if SHARD_PATTERN.match(n) and n not in listed
+        )
 
     def _load_shard(self, index: int) -> dict[str, torch.Tensor]:
         if self._cache is not None and self._cache[0] == index:
@@ -326,7 +341,9 @@ class TraceSet:
         except OSError as exc:
             raise TraceFormatError(file, "file", f"cannot be read: {exc}") from exc
         if len(data) != shard["bytes"]:
-            raise TraceFormatError(file, "bytes", f"size is {len(data)} bytes but {MANIFEST_NAME} says {shard['bytes']}")
+            raise TraceFormatError(
+                file, "bytes", f"size is {len(data)} bytes but {MANIFEST_NAME} says {shard['bytes']}"
+            )
         if self.verify and hashlib.sha256(data).hexdigest() != shard["sha256"]:
             raise TraceFormatError(
                 file, "sha256", f"checksum differs from {MANIFEST_NAME}: the shard's bytes are corrupted"
@@ -358,7 +375,13 @@ class TraceSet:
             t = tensors[full]
             if list(t.shape) != shape:
                 raise TraceFormatError(file, full, f"shape {list(t.shape)} but {MANIFEST_NAME} says {shape}")
-            want = torch.int64 if name == "query_indices" else torch.float32 if name == "mask" else DTYPES[r["dtype"]]
+            want = (
+                torch.int64
+                if name == "query_indices"
+                else torch.float32
+                if name == "mask"
+                else DTYPES[r["dtype"]]
+            )
             if t.dtype != want:
                 raise TraceFormatError(file, full, f"dtype {t.dtype} but {MANIFEST_NAME} says {want}")
         idx = tensors[f"{r['key']}/query_indices"]
@@ -437,7 +460,9 @@ class TraceSet:
         for shard_index, entry in self._selected:
             yield self._make(entry, self._load_shard(shard_index), shard_index)
 
-    def _make(self, r: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], shard_index: int) -> TraceRecord:
+    def _make(
+        self, r: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], shard_index: int
+    ) -> TraceRecord:
         key = r["key"]
         return TraceRecord(
             q=tensors[f"{key}/q"],

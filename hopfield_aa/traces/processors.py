@@ -75,7 +75,7 @@ class _Recording:
 class RecordingAttnProcessor2_0(_Recording, AttnProcessor2_0):
     """``AttnProcessor2_0`` that records Q, K, V (self-attention, or cross-attention with text keys)."""
 
-    def __call__(  # type: ignore[override]
+    def __call__(
         self,
         attn: Any,
         hidden_states: torch.Tensor,
@@ -177,12 +177,12 @@ class RecordingJointAttnProcessor2_0(_Recording, JointAttnProcessor2_0):
     def __call__(  # type: ignore[override]
         self,
         attn: Any,
-        hidden_states: torch.FloatTensor,
-        encoder_hidden_states: torch.FloatTensor = None,
-        attention_mask: torch.FloatTensor | None = None,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         *args: Any,
         **kwargs: Any,
-    ) -> torch.FloatTensor | tuple[torch.FloatTensor, torch.FloatTensor]:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         residual = hidden_states
 
         batch_size = hidden_states.shape[0]
@@ -278,7 +278,7 @@ class RecordingFluxAttnProcessor(_Recording, FluxAttnProcessor):
         self,
         attn: Any,
         hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor = None,
+        encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -343,7 +343,8 @@ class RecordingFluxAttnProcessor(_Recording, FluxAttnProcessor):
 
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
+                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]],
+                dim=1,
             )
             hidden_states = attn.to_out[0](hidden_states.contiguous())
             hidden_states = attn.to_out[1](hidden_states)

@@ -1,6 +1,5 @@
-"""One captured attention call (:class:`TraceRecord`) and its reading as Hopfield retrieval (:class:`HopfieldHead`).
-
-Owns the record type the loader yields and the map record -> (memory = keys, states = queries, beta = scale).
+"""One captured attention call (:class:`TraceRecord`) and its reading as Hopfield retrieval
+(:class:`HopfieldHead`): memory = keys, states = queries, beta = scale, per head.
 """
 
 from __future__ import annotations
@@ -175,9 +174,8 @@ class TraceRecord:
         if segment is None:
             return torch.arange(self.q.shape[1])
         if segment not in self.query_segments:
-            raise ValueError(
-                f"query segment {segment!r} not in this {self.kind} record (has {sorted(self.query_segments)})"
-            )
+            have = sorted(self.query_segments)
+            raise ValueError(f"query segment {segment!r} not in this {self.kind} record (has {have})")
         start, stop = self.query_segments[segment]
         inside = (self.query_indices >= start) & (self.query_indices < stop)
         return torch.nonzero(inside).flatten()

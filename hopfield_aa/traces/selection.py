@@ -192,4 +192,3 @@ def as_selection(selection: Selection | None = None, **kwargs: Any) -> Selection
             raise ValueError("give either selection or selection keywords, not both")
         return selection
     return Selection(**kwargs)
-

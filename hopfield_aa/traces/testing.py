@@ -9,23 +9,30 @@ from typing import Any
 import torch
 
 
+def _eval(model: Any) -> Any:
+    model.eval()
+    return model
+
+
 def tiny_unet(seed: int = 0, *, cross_attention_dim: int = 12) -> Any:
     """A ``UNet2DConditionModel`` with self- and cross-attention: 2 levels, 4 heads of dim 4, 8×8 latents."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    ).eval()
+    return _eval(
+        UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(16, 32),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=cross_attention_dim,
+            attention_head_dim=4,
+            norm_num_groups=8,
+        )
+    )
 
 
 def unet_inputs(model: Any, batch: int = 2, text_tokens: int = 5, seed: int = 1) -> dict[str, Any]:
@@ -35,7 +42,9 @@ def unet_inputs(model: Any, batch: int = 2, text_tokens: int = 5, seed: int = 1)
     return {
         "sample": torch.randn(batch, model.config.in_channels, size, size, generator=g),
         "timestep": torch.tensor(500),
-        "encoder_hidden_states": torch.randn(batch, text_tokens, model.config.cross_attention_dim, generator=g),
+        "encoder_hidden_states": torch.randn(
+            batch, text_tokens, model.config.cross_attention_dim, generator=g
+        ),
     }
 
 
@@ -44,20 +53,22 @@ def tiny_sd3(seed: int = 0) -> Any:
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
-    return SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=12,
-        caption_projection_dim=16,
-        pooled_projection_dim=6,
-        out_channels=4,
-        pos_embed_max_size=16,
-        qk_norm="rms_norm",
-    ).eval()
+    return _eval(
+        SD3Transformer2DModel(
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=12,
+            caption_projection_dim=16,
+            pooled_projection_dim=6,
+            out_channels=4,
+            pos_embed_max_size=16,
+            qk_norm="rms_norm",
+        )
+    )
 
 
 def sd3_inputs(model: Any, batch: int = 2, text_tokens: int = 5, seed: int = 1) -> dict[str, Any]:
@@ -77,20 +88,24 @@ def tiny_flux(seed: int = 0) -> Any:
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=8,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=12,
-        pooled_projection_dim=6,
-        axes_dims_rope=(2, 2, 4),
-    ).eval()
+    return _eval(
+        FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=8,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=12,
+            pooled_projection_dim=6,
+            axes_dims_rope=(2, 2, 4),
+        )
+    )
 
 
-def flux_inputs(model: Any, batch: int = 1, text_tokens: int = 5, side: int = 4, seed: int = 1) -> dict[str, Any]:
+def flux_inputs(
+    model: Any, batch: int = 1, text_tokens: int = 5, side: int = 4, seed: int = 1
+) -> dict[str, Any]:
     """Keyword inputs of :func:`tiny_flux` (packed latents of a ``side``×``side`` grid, ids for rotary)."""
     g = torch.Generator().manual_seed(seed)
     c = model.config
@@ -127,29 +142,33 @@ def tiny_sd_pipeline(seed: int = 0) -> Any:
         merges.write_text("#version: 0.2\n")
         tokenizer = CLIPTokenizer(str(vocab), str(merges), model_max_length=16)
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokens),
-            hidden_size=12,
-            intermediate_size=24,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=16,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
+    text_encoder = _eval(
+        CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokens),
+                hidden_size=12,
+                intermediate_size=24,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                max_position_embeddings=16,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            )
         )
-    ).eval()
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8,),
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        norm_num_groups=4,
-        sample_size=16,
-    ).eval()
+    )
+    vae = _eval(
+        AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(8,),
+            down_block_types=("DownEncoderBlock2D",),
+            up_block_types=("UpDecoderBlock2D",),
+            norm_num_groups=4,
+            sample_size=16,
+        )
+    )
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

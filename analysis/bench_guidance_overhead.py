@@ -1,0 +1,213 @@
+"""Sampling time of the reference model with and without each guidance rule, side by side in one run.
+
+Every repetition times each configuration once, in a shuffled order (interleaved, so drifts in machine
+load hit all configurations alike); the table reports the median time and its ratio to stock sampling
+with a bootstrap 95% interval over repetitions. A torch.profiler pass then shows where the extra time
+of cross-attention GAG goes. Writes analysis/results/guidance_overhead.md.
+
+    python analysis/bench_guidance_overhead.py            # single-threaded CPU
+    python analysis/bench_guidance_overhead.py --repeats 9 --batch 1 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hopfield_aa.guidance import gag_guidance
+from hopfield_aa.guidance.evaluate import write_text
+from hopfield_aa.reference.model import (
+    BUNDLED_WEIGHTS,
+    WEIGHTS_NAME,
+    ModelConfig,
+    ReferencePipeline,
+    build_model,
+    build_scheduler,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS: dict[str, dict] = {
+    "stock": {},
+    "extrapolate λ=2": {"rule": "extrapolate", "scale": 2.0},
+    "GAG ζ=0 (default)": {"rule": "gag"},
+    "GAG ζ=0, η cap": {"rule": "gag", "eta": 0.01},
+    "GAG ζ=1 (full)": {"rule": "gag", "zeta": 1.0},
+    "GAG cond-only": {"rule": "gag", "apply_to": "cond"},
+    "ladder (1, 1.25, 1.5, 2)": {"rule": "ladder"},
+}
+
+
+def model_config() -> ModelConfig:
+    """The reference model's architecture: bundled weights' config, else the training config."""
+    for path in (BUNDLED_WEIGHTS / "config.json", ROOT / "runs/reference/ema/config.json"):
+        if path.is_file() and (path.parent / WEIGHTS_NAME).is_file():
+            return ModelConfig.from_dict(json.loads(path.read_text(encoding="utf-8"))["model"])
+    train = json.loads((BUNDLED_WEIGHTS / "train_config.json").read_text(encoding="utf-8"))
+    return ModelConfig.from_dict(train["model"])
+
+
+def pipeline(config: ModelConfig) -> ReferencePipeline:
+    """The reference pipeline with random weights (timing does not depend on the weights)."""
+    torch.manual_seed(0)
+    unet, text_encoder, tokenizer = build_model(config)
+    return ReferencePipeline(unet.eval(), text_encoder.eval(), tokenizer, build_scheduler(config), config)
+
+
+def time_call(pipe: ReferencePipeline, options: dict, prompts: list[str], steps: int, cfg: float) -> float:
+    """Wall time of one sampling call under ``options`` (stock when empty)."""
+    latents = torch.randn(
+        len(prompts),
+        3,
+        pipe.config.image_size,
+        pipe.config.image_size,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+    def call() -> None:
+        pipe(prompts, num_inference_steps=steps, guidance_scale=cfg, latents=latents)
+
+    start = time.perf_counter()
+    if options:
+        with gag_guidance(pipe, **options):
+            call()
+    else:
+        call()
+    return time.perf_counter() - start
+
+
+def ratio_ci(times: np.ndarray, base: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Median ratio of paired repetition times with a bootstrap 95% interval."""
+    rng = np.random.default_rng(seed)
+    ratios = times / base
+    stats = [np.median(ratios[rng.integers(0, len(ratios), len(ratios))]) for _ in range(n)]
+    return float(np.median(ratios)), float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975))
+
+
+def profile(pipe: ReferencePipeline, options: dict, prompts: list[str], steps: int, top: int = 12) -> str:
+    """The ops taking the most self CPU time in one guided sampling call, as a Markdown table."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    def run() -> None:
+        with gag_guidance(pipe, **options):
+            pipe(
+                prompts,
+                num_inference_steps=steps,
+                guidance_scale=1.0,
+                generator=torch.Generator().manual_seed(0),
+            )
+
+    run()  # warm-up
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+        run()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    lines = ["| op | calls | self CPU (ms) | share |", "|---|---:|---:|---:|"]
+    for e in rows:
+        lines.append(
+            f"| `{e.key}` | {e.count} | {e.self_cpu_time_total / 1e3:.1f} "
+            f"| {e.self_cpu_time_total / total:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(ROOT / "analysis/results/guidance_overhead.md"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    config = model_config()
+    pipe = pipeline(config)
+    prompt_pool = ["a small red circle at the top", "a blue square left of a yellow triangle"]
+    sections = []
+    summary: dict[str, tuple[float, float, float]] = {}
+    for batch in args.batch:
+        prompts = [prompt_pool[i % 2] for i in range(batch)]
+        jobs: list[tuple[str, Callable[[], float]]] = [
+            (name, lambda o=options, p=prompts: time_call(pipe, o, p, args.steps, 1.0))
+            for name, options in CONFIGS.items()
+        ]
+        jobs.append(("CFG s=3 (for scale)", lambda p=prompts: time_call(pipe, {}, p, args.steps, 3.0)))
+        for _, job in jobs:  # warm-up
+            job()
+        times: dict[str, list[float]] = {name: [] for name, _ in jobs}
+        order = list(range(len(jobs)))
+        for rep in range(args.repeats):
+            random.Random(rep).shuffle(order)
+            for index in order:
+                name, job = jobs[index]
+                times[name].append(job())
+        base = np.array(times["stock"])
+        lines = [
+            f"### batch {batch}, {args.steps} DDIM steps, no CFG",
+            "",
+            "| configuration | median time (s) | ratio to stock [95% CI] |",
+            "|---|---:|---|",
+        ]
+        for name, values in times.items():
+            ratio = ratio_ci(np.array(values), base)
+            summary[f"{name} @ batch {batch}"] = ratio
+            lines.append(
+                f"| {name} | {np.median(values):.3f} | {ratio[0]:.3f} [{ratio[1]:.3f}, {ratio[2]:.3f}] |"
+            )
+        sections.append("\n".join(lines))
+        print(sections[-1], flush=True)
+    batch = max(args.batch)
+    prompts = [prompt_pool[i % 2] for i in range(batch)]
+    profile_gag = profile(pipe, {"rule": "gag"}, prompts, args.steps)
+    profile_ladder = profile(pipe, {"rule": "ladder"}, prompts, args.steps)
+    gag_ratios = [v[0] for k, v in summary.items() if k.startswith("GAG ζ=0 (default)")]
+    n_params = sum(p.numel() for p in pipe.unet.parameters())
+    target = "met" if all(r <= 1.15 for r in gag_ratios) else "not met"
+    text = "\n".join(
+        [
+            "# Guidance overhead: sampling time with and without each rule",
+            "",
+            f"Reference model architecture ({n_params:,} UNet parameters, {config.image_size}×"
+            f"{config.image_size}, cross-attention at levels {list(config.cross_attention_levels)}), "
+            f"CPU `{platform.processor() or platform.machine()}`, {args.threads} thread(s), "
+            f"torch {torch.__version__}; {args.repeats} interleaved repetitions (shuffled order per "
+            "repetition) after one warm-up each. Ratios are medians of per-repetition ratios to stock "
+            "sampling; the machine is shared, so absolute times move with its load while the interleaved "
+            "ratios are the comparable quantity.",
+            "",
+            f"Re-run: `python analysis/bench_guidance_overhead.py --repeats {args.repeats} --batch "
+            f"{' '.join(map(str, args.batch))} --steps {args.steps} --threads {args.threads}`",
+            "",
+            *[s + "\n" for s in sections],
+            f"Target ≤ 1.15× for cross-attention GAG on CPU: **{target}** "
+            f"(GAG default ratios: {', '.join(f'{r:.3f}' for r in gag_ratios)}).",
+            "",
+            f"### Where the time goes: torch.profiler, GAG default, batch {batch}, {args.steps} steps",
+            "",
+            profile_gag,
+            "",
+            f"### Where the time goes: the α-ladder, batch {batch}, {args.steps} steps",
+            "",
+            profile_ladder,
+            "",
+        ]
+    )
+    write_text(args.out, text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""The tables of papers/theory.md, generated from a ``hopfield-aa verify`` results.json and from the symbolic
+derivations, and inserted between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->`` markers.
+
+The note's measured evidence comes from the committed snapshot ``papers/data/verify/results.json``, written
+by ``hopfield-aa verify --quick --out papers/data/verify`` (``python analysis/make_all.py --only verify``
+regenerates it). A snapshot, not a fresh run, so the test that compares the note's tables with this script's
+output (tests/test_docs.py) is deterministic and fast; regenerate both with ``python analysis/make_all.py``.
+
+Usage:
+    python analysis/theory_tables.py                 # rewrite the tables in papers/theory.md
+    python analysis/theory_tables.py --check         # exit 1 if the note's tables are out of date
+    python analysis/theory_tables.py --results other/results.json --print
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTE = ROOT / "papers" / "theory.md"
+DEFAULT_RESULTS = ROOT / "papers" / "data" / "verify" / "results.json"
+RESULTS_MD = ROOT / "analysis" / "results" / "theory_tables.md"
+
+CLAIM_ORDER = (
+    "energy descent",
+    "extrapolation is AA(1)",
+    "fixed-point preservation",
+    "divergence at non-common fixed points",
+    "weak contraction",
+    "orthogonal-error convergence",
+    "bounded update",
+    "directional consistency",
+    "ladder AA (deeper)",
+)
+
+
+def slug(name: str) -> str:
+    """``"extrapolation is AA(1)"`` -> ``"extrapolation-is-aa-1"``: the marker name of a claim's table."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_results(path: str | os.PathLike[str] = DEFAULT_RESULTS) -> dict[str, Any] | None:
+    """The results document, or None when the file does not exist (tables then say so)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(doc, dict) or "summary" not in doc:
+        raise ValueError(f"{path}: not a results.json written by 'hopfield-aa verify' (no 'summary')")
+    return doc
+
+
+# ------------------------------------------------------------------------------------------ formatting
+
+
+def _num(value: Any, spec: str = ".2e") -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and math.isnan(value):
+        return "–"
+    if isinstance(value, (int, float)):
+        return format(value, spec)
+    return str(value)
+
+
+def _pct(passed: int, total: int) -> str:
+    return "–" if not total else f"{100.0 * passed / total:.1f} %"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _verdict(rows: Sequence[Mapping[str, Any]]) -> str:
+    statuses = [r["status"] for r in rows]
+    failing = [r for r in rows if r["status"] == "fail"]
+    if failing:
+        return f"**fails** on {len(failing)} of {len(rows)} (setting, data) groups"
+    if "measured" in statuses and all(s in ("measured", "n/a") for s in statuses):
+        return "measured (no verdict)"
+    if all(s == "n/a" for s in statuses):
+        return "n/a (no state it applies to)"
+    return "holds on every group" + (" (some n/a)" if "n/a" in statuses else "")
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def claims_table(doc: Mapping[str, Any]) -> str:
+    """One row per claim: groups, states tried, pass rate, worst margin, largest tolerance, verdict."""
+    by_claim: dict[str, list[Mapping[str, Any]]] = {}
+    for row in doc["summary"]:
+        by_claim.setdefault(row["claim"], []).append(row)
+    order = {name: i for i, name in enumerate(CLAIM_ORDER)}
+    out = []
+    for claim in sorted(by_claim, key=lambda c: order.get(c, len(order))):
+        rows = by_claim[claim]
+        tried = sum(int(r["n_states"]) for r in rows)
+        passed = sum(int(r["n_passed"]) for r in rows)
+        margins = [r["worst_margin"] for r in rows if isinstance(r["worst_margin"], (int, float))]
+        margins = [m for m in margins if not math.isnan(m)]
+        tolerances = [r["tolerance"] for r in rows if isinstance(r["tolerance"], (int, float))]
+        out.append(
+            [
+                claim,
+                str(len(rows)),
+                str(tried),
+                _pct(passed, tried),
+                _num(min(margins)) if margins else "–",
+                _num(max(tolerances)) if tolerances else "–",
+                _verdict(rows),
+            ]
+        )
+    return markdown_table(
+        ["claim", "groups", "tried", "pass rate", "worst margin", "max tolerance", "verdict"], out
+    )
+
+
+def claim_detail_table(doc: Mapping[str, Any], claim: str) -> str:
+    """The summary rows of one claim: setting × data group."""
+    rows = [r for r in doc["summary"] if r["claim"] == claim]
+    if not rows:
+        return f"*No results for “{claim}” in this run.*"
+    has_rate = any(r.get("rate") is not None for r in rows)
+    header = ["setting", "data", "cases", "tried", "pass rate", "worst margin", "tolerance"]
+    if has_rate:
+        header.append("rate (median)")
+    header.append("status")
+    body = []
+    for r in rows:
+        cells = [
+            r.get("setting") or "–",
+            str(r["data"]),
+            str(r["cases"]),
+            str(r["n_states"]),
+            _pct(int(r["n_passed"]), int(r["n_states"])),
+            _num(r["worst_margin"]),
+            _num(r["tolerance"]),
+        ]
+        if has_rate:
+            cells.append(_num(r.get("rate"), ".3g"))
+        cells.append(str(r["status"]))
+        body.append(cells)
+    return markdown_table(header, body)
+
+
+def failures_table(doc: Mapping[str, Any]) -> str:
+    """Every failing (claim, setting, data) group with its failing cases and saved counter-examples."""
+    rows = [r for r in doc["summary"] if r["status"] == "fail"]
+    if not rows:
+        return "*No claim failed on any data in this run.*"
+    body = []
+    for r in rows:
+        cases = list(r.get("failing_cases", []))
+        shown = ", ".join(f"`{c}`" for c in cases[:3]) + (f" (+{len(cases) - 3})" if len(cases) > 3 else "")
+        body.append(
+            [
+                r["claim"],
+                r.get("setting") or "–",
+                str(r["data"]),
+                f"{int(r['n_states']) - int(r['n_passed'])} of {r['n_states']}",
+                _num(r["worst_margin"]),
+                shown or "–",
+                str(len(r.get("counterexamples", []))),
+            ]
+        )
+    return markdown_table(
+        ["claim", "setting", "data", "violations", "worst margin", "failing cases", "counter-examples"], body
+    )
+
+
+def provenance_table(doc: Mapping[str, Any]) -> str:
+    settings, env = doc.get("settings", {}), doc.get("environment", {})
+    rows = [
+        ["command", "`hopfield-aa verify" + (" --quick" if settings.get("quick") else "") + f" --seed {settings.get('seed')}`"],
+        ["synthetic families", ", ".join(settings.get("families", [])) or "none"],
+        ["traces", str(settings.get("traces"))],
+        ["cases", str(len(doc.get("cases", [])))],
+        ["compute dtype", str(settings.get("dtype"))],
+        ["torch", str(env.get("torch"))],
+    ]
+    return markdown_table(["", "value"], rows)
+
+
+def derivations_table() -> str:
+    """One row per symbolic derivation of :mod:`hopfield_aa.symbolic`, run now."""
+    from hopfield_aa import symbolic
+
+    body = []
+    for name, derive in symbolic.DERIVATIONS.items():
+        result = derive()
+        body.append(
+            [
+                name,
+                f"`hopfield_aa.symbolic.{derive.__name__}`",
+                str(len(result.residuals)),
+                "0 (holds)" if result.holds else "non-zero: " + ", ".join(result.failing()),
+            ]
+        )
+    return markdown_table(["derivation", "function", "steps", "residual"], body)
+
+
+def render_tables(doc: Mapping[str, Any] | None, *, derivations: bool = True) -> dict[str, str]:
+    """Every table of the note, by marker name."""
+    tables: dict[str, str] = {}
+    if derivations:
+        tables["derivations"] = derivations_table()
+    if doc is None:
+        missing = (
+            f"*No verify results yet: run `hopfield-aa verify --quick --out {DEFAULT_RESULTS.parent.relative_to(ROOT)}`.*"
+        )
+        tables["provenance"] = tables["claims"] = tables["failures"] = missing
+        for claim in CLAIM_ORDER:
+            tables[f"claim-{slug(claim)}"] = missing
+        return tables
+    tables["provenance"] = provenance_table(doc)
+    tables["claims"] = claims_table(doc)
+    tables["failures"] = failures_table(doc)
+    for claim in CLAIM_ORDER:
+        tables[f"claim-{slug(claim)}"] = claim_detail_table(doc, claim)
+    return tables
+
+
+# ------------------------------------------------------------------------------------------- insertion
+
+
+def _pattern(name: str) -> re.Pattern[str]:
+    return re.compile(rf"(<!-- table:{re.escape(name)} -->\n)(.*?)(<!-- /table:{re.escape(name)} -->)", re.S)
+
+
+def extract_table(text: str, name: str) -> str | None:
+    """The text between the markers of table ``name`` (stripped), or None without markers."""
+    match = _pattern(name).search(text)
+    return None if match is None else match.group(2).strip()
+
+
+def insert_tables(text: str, tables: Mapping[str, str], *, require_all: bool = True) -> str:
+    """Replace what is between each table's markers; a table without markers raises ``ValueError``."""
+    for name, body in tables.items():
+        pattern = _pattern(name)
+        if not pattern.search(text):
+            if require_all:
+                raise ValueError(f"no <!-- table:{name} --> ... <!-- /table:{name} --> markers for table {name!r}")
+            continue
+        text = pattern.sub(lambda m, b=body: m.group(1) + b.strip() + "\n" + m.group(3), text)
+    return text
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="a verify results.json")
+    parser.add_argument("--note", type=Path, default=NOTE, help="the Markdown file with table markers")
+    parser.add_argument("--check", action="store_true", help="exit 1 if the note's tables are out of date")
+    parser.add_argument("--print", action="store_true", help="print the tables instead of writing")
+    args = parser.parse_args(argv)
+    tables = render_tables(load_results(args.results))
+    if args.print:
+        for name, body in tables.items():
+            print(f"## {name}\n\n{body}\n")
+        return 0
+    text = args.note.read_text(encoding="utf-8")
+    updated = insert_tables(text, tables)
+    if args.check:
+        stale = [n for n, b in tables.items() if extract_table(text, n) != b.strip()]
+        if stale:
+            print("out of date: " + ", ".join(stale), file=sys.stderr)
+            return 1
+        print("theory tables up to date")
+        return 0
+    _atomic_write(args.note, updated)
+    summary = "\n\n".join(f"## {name}\n\n{body}" for name, body in tables.items())
+    _atomic_write(RESULTS_MD, "# Tables of papers/theory.md\n\n" + summary + "\n")
+    print(f"wrote {len(tables)} tables into {args.note.relative_to(ROOT) if args.note.is_relative_to(ROOT) else args.note}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

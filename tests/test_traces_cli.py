@@ -1,0 +1,96 @@
+"""``hopfield-aa capture`` end to end on a tiny Stable Diffusion pipeline saved to disk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hopfield_aa.reference as reference
+from hopfield_aa.cli import build_parser, main
+from hopfield_aa.traces import TraceSet
+from hopfield_aa.traces.testing import tiny_sd_pipeline
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-sd")
+    tiny_sd_pipeline().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red circle\n\nblue square\n")
+    return path
+
+
+def test_capture_command_records_the_selected_calls(model_dir, prompts, tmp_path):
+    out = tmp_path / "traces"
+    argv = ["capture", "--model", str(model_dir), "--prompts", str(prompts), "--out", str(out), "--quiet"]
+    argv += ["--steps", "3", "--height", "8", "--width", "8", "--seed", "5", "--kinds", "cross"]
+    argv += ["--step-range", "0:3:2", "--heads", "0,3", "--max-query-tokens", "9", "--dtype", "float16"]
+    assert main(argv) == 0
+    traces = TraceSet(out)
+    assert traces.complete and traces.validate()["records"] == len(traces)
+    assert traces.metadata["pipeline_class"] == "StableDiffusionPipeline"
+    assert traces.metadata["prompts"] == ["a red circle", "blue square"]
+    assert [(r["prompt_id"], r["seed"]) for r in traces.manifest["runs"]] == [(0, 5), (1, 6)]
+    # 2 prompts x steps {0, 2} x 4 cross-attention layers, conditional row only (CFG batch of 2)
+    assert len(traces) == 2 * 2 * 4
+    for record in traces:
+        assert record.kind == "cross" and record.step in (0, 2) and record.heads == (0, 3)
+        assert record.batch_index == 1 and record.q.dtype == torch.float16
+        assert record.q.shape[1] == min(9, record.query_tokens) and record.k.shape[1] == 16  # text tokens
+    assert len({r.timestep for r in traces}) == 2
+    # an existing capture is refused without --overwrite
+    assert main(argv) == 2
+
+
+def test_capture_reference_model_uses_load_pipeline(prompts, tmp_path, monkeypatch):
+    calls = []
+
+    def load_pipeline(path=None):
+        calls.append(path)
+        return tiny_sd_pipeline()
+
+    monkeypatch.setattr(reference, "load_pipeline", load_pipeline, raising=False)
+    out = tmp_path / "ref"
+    argv = ["capture", "--model", "reference", "--prompts", str(prompts), "--out", str(out), "--quiet"]
+    assert main([*argv, "--steps", "1", "--height", "8", "--width", "8", "--layers", "mid_block.*"]) == 0
+    assert calls == [None]
+    assert set(TraceSet(out).layers) == {
+        "mid_block.attentions.0.transformer_blocks.0.attn1",
+        "mid_block.attentions.0.transformer_blocks.0.attn2",
+    }
+
+
+def test_capture_reference_model_missing_says_so(prompts, tmp_path, monkeypatch):
+    monkeypatch.delattr(reference, "load_pipeline", raising=False)
+    with pytest.raises(SystemExit, match="load_pipeline"):
+        main(["capture", "--model", "reference", "--prompts", str(prompts), "--out", str(tmp_path / "x")])
+
+
+def test_capture_help_has_an_example(capsys):
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["capture", "--help"])
+    text = capsys.readouterr().out
+    assert "hopfield-aa capture --model" in text and "--max-query-tokens" in text
+
+
+def test_capture_bad_arguments_exit_2(prompts, tmp_path):
+    base = ["capture", "--model", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert main([*base, "--prompts", str(tmp_path / "none.txt")]) == 2
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert main([*base, "--prompts", str(empty)]) == 2
+    assert main([*base, "--prompts", str(prompts), "--max-query-tokens", "0"]) == 2
