@@ -10,15 +10,16 @@ import argparse
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-import hopfield_aa as ha  # noqa: E402
-from hopfield_aa.anderson import anderson  # noqa: E402  (ha.anderson is shadowed by the submodule)
+import hopfield_aa as ha
+from hopfield_aa.anderson import anderson  # the function (the package attribute can be the submodule)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,17 +46,23 @@ def energy_figure(out: Path, steps: int) -> None:
     beta = 0.5
     fig, ax = plt.subplots(figsize=(6.0, 3.6))
     for alpha, color in ((1.0, "tab:blue"), (1.5, "tab:orange"), (2.0, "tab:green")):
-        xi = xi0.clone()
+        xi: Any = xi0.clone()
         energies = [ha.energy(xi, patterns, beta, alpha=alpha)]
         for _ in range(steps):
             xi = ha.retrieve(xi, patterns, beta, alpha=alpha)
             energies.append(ha.energy(xi, patterns, beta, alpha=alpha))
-        curve = torch.stack(energies)  # (steps + 1, states)
+        curve = torch.stack([torch.as_tensor(e) for e in energies])  # (steps + 1, states)
         limit = ha.iterate(xi0, patterns, beta, alpha=alpha, max_iter=20000).state
-        gap = (curve - ha.energy(limit, patterns, beta, alpha=alpha)).clamp(min=1e-15)
+        gap = (curve - torch.as_tensor(ha.energy(limit, patterns, beta, alpha=alpha))).clamp(min=1e-15)
         for i in range(gap.shape[1]):
-            ax.semilogy(range(steps + 1), gap[:, i], color=color, alpha=0.35, lw=0.8,
-                        label=f"α = {alpha:g}" if i == 0 else None)
+            ax.semilogy(
+                range(steps + 1),
+                gap[:, i],
+                color=color,
+                alpha=0.35,
+                lw=0.8,
+                label=f"α = {alpha:g}" if i == 0 else None,
+            )
     ax.set_xlabel("iteration t")
     ax.set_ylabel(r"$E_\alpha(\xi_t) - E_\alpha(\xi^*)$ (floor $10^{-15}$)")
     ax.set_title("Plain Hopfield iteration decreases the energy (N=64, d=16, β=0.5)")
@@ -67,7 +74,7 @@ def anderson_figure(out: Path, max_iter: int) -> None:
     patterns, xi0 = _memory(1)
     beta = 0.3
 
-    def dense_map(x: torch.Tensor) -> torch.Tensor:
+    def dense_map(x: Any) -> Any:
         return ha.retrieve(x, patterns, beta)
 
     fig, ax = plt.subplots(figsize=(6.0, 3.6))
@@ -91,16 +98,20 @@ def geometry_figure(out: Path, samples: int) -> None:
     parallel, orthogonal = ha.decompose(sparse - dense, sparse)
     scale = 1.0
 
-    def arrow(start: torch.Tensor, vec: torch.Tensor, color: str, label: str) -> None:
-        left.annotate("", xy=(start + vec).tolist(), xytext=start.tolist(),
-                      arrowprops={"arrowstyle": "->", "color": color, "lw": 2})
+    def arrow(start: Any, vec: Any, color: str, label: str) -> None:
+        left.annotate(
+            "",
+            xy=(start + vec).tolist(),
+            xytext=start.tolist(),
+            arrowprops={"arrowstyle": "->", "color": color, "lw": 2},
+        )
         left.plot([], [], color=color, lw=2, label=label)
 
     arrow(torch.zeros(2, dtype=torch.float64), sparse, "0.6", "u = S (retrieval direction)")
     arrow(dense, sparse - dense, "tab:red", "r = S − D")
     arrow(sparse, scale * parallel, "tab:blue", "λ r∥ (GAG, ζ = 0)")
     arrow(sparse, scale * orthogonal, "tab:purple", "λ r⊥ (orthogonal only)")
-    arrow(sparse, scale * (sparse - dense), "tab:orange", "λ r (extrapolation P_{λ+1})")
+    arrow(sparse, scale * (sparse - dense), "tab:orange", "λ r (extrapolation, P at λ+1)")
     for point, name in ((dense, "D"), (sparse, "S")):
         left.plot(*point.tolist(), "ko")
         left.annotate(name, point.tolist(), textcoords="offset points", xytext=(6, -12))
@@ -121,8 +132,14 @@ def geometry_figure(out: Path, samples: int) -> None:
         guided = ha.gag(d_all, s_all, lam, zeta=zeta, eta=eta)
         _, orth = ha.decompose(s_all - d_all, s_all)
         bound = abs(lam) * (eta + abs(zeta) * torch.linalg.vector_norm(orth, dim=-1))
-        right.loglog(bound, torch.linalg.vector_norm(guided - s_all, dim=-1), marker, ms=3, alpha=0.6,
-                     label=f"λ={lam:g}, ζ={zeta:g}, η={eta:g}")
+        right.loglog(
+            bound,
+            torch.linalg.vector_norm(guided - s_all, dim=-1),
+            marker,
+            ms=3,
+            alpha=0.6,
+            label=f"λ={lam:g}, ζ={zeta:g}, η={eta:g}",
+        )
     lims = [1e-2, 1e2]
     right.plot(lims, lims, "k--", lw=1, label="bound = update")
     right.set_xlabel(r"bound $|\lambda|(\eta + |\zeta|\,\Vert r_\perp\Vert)$")

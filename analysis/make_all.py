@@ -62,7 +62,13 @@ STEPS: tuple[Step, ...] = (
         ("-m", "hopfield_aa", "verify", "--out", VERIFY_OUT, "--no-progress"),
         f"{VERIFY_OUT}/ (results.json, report.md, figures)",
     ),
-    Step("theory_tables", ("analysis/theory_tables.py",), "tables in papers/theory.md", "analysis/theory_tables.py", ()),
+    Step(
+        "theory_tables",
+        ("analysis/theory_tables.py",),
+        "tables in papers/theory.md",
+        "analysis/theory_tables.py",
+        (),
+    ),
     _script("docs_figures", "docs/figures/*.png"),
     _script("bench_entmax", "analysis/results/bench_entmax.md"),
     _script("bench_anderson", "analysis/results/bench_anderson.md"),
@@ -93,7 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="pass --quick to every step that has it")
     parser.add_argument("--only", default=None, help=f"comma-separated steps ({', '.join(STEP_NAMES)})")
     parser.add_argument("--list", action="store_true", help="list the steps and whether their scripts exist")
-    parser.add_argument("--allow-missing", action="store_true", help="exit 0 even if some scripts are missing")
+    parser.add_argument(
+        "--allow-missing", action="store_true", help="exit 0 even if some scripts are missing"
+    )
     parser.add_argument("--keep-going", action="store_true", help="run the remaining steps after a failure")
     args = parser.parse_args(argv)
     steps = select(args.only)

@@ -68,6 +68,11 @@ def load_results(path: str | os.PathLike[str] = DEFAULT_RESULTS) -> dict[str, An
 
 
 def _num(value: Any, spec: str = ".2e") -> str:
+    if isinstance(value, str):  # JSON has no NaN/inf: results.json may spell them as strings
+        try:
+            value = float(value)
+        except ValueError:
+            return value
     if value is None:
         return "–"
     if isinstance(value, float) and math.isnan(value):
@@ -75,6 +80,13 @@ def _num(value: Any, spec: str = ".2e") -> str:
     if isinstance(value, (int, float)):
         return format(value, spec)
     return str(value)
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def _pct(passed: int, total: int) -> str:
@@ -113,9 +125,8 @@ def claims_table(doc: Mapping[str, Any]) -> str:
         rows = by_claim[claim]
         tried = sum(int(r["n_states"]) for r in rows)
         passed = sum(int(r["n_passed"]) for r in rows)
-        margins = [r["worst_margin"] for r in rows if isinstance(r["worst_margin"], (int, float))]
-        margins = [m for m in margins if not math.isnan(m)]
-        tolerances = [r["tolerance"] for r in rows if isinstance(r["tolerance"], (int, float))]
+        margins = [m for m in (_float(r["worst_margin"]) for r in rows) if not math.isnan(m)]
+        tolerances = [t for t in (_float(r["tolerance"]) for r in rows) if not math.isnan(t)]
         out.append(
             [
                 claim,
@@ -188,7 +199,12 @@ def failures_table(doc: Mapping[str, Any]) -> str:
 def provenance_table(doc: Mapping[str, Any]) -> str:
     settings, env = doc.get("settings", {}), doc.get("environment", {})
     rows = [
-        ["command", "`hopfield-aa verify" + (" --quick" if settings.get("quick") else "") + f" --seed {settings.get('seed')}`"],
+        [
+            "command",
+            "`hopfield-aa verify"
+            + (" --quick" if settings.get("quick") else "")
+            + f" --seed {settings.get('seed')}`",
+        ],
         ["synthetic families", ", ".join(settings.get("families", [])) or "none"],
         ["traces", str(settings.get("traces"))],
         ["cases", str(len(doc.get("cases", [])))],
@@ -222,9 +238,8 @@ def render_tables(doc: Mapping[str, Any] | None, *, derivations: bool = True) ->
     if derivations:
         tables["derivations"] = derivations_table()
     if doc is None:
-        missing = (
-            f"*No verify results yet: run `hopfield-aa verify --quick --out {DEFAULT_RESULTS.parent.relative_to(ROOT)}`.*"
-        )
+        where = DEFAULT_RESULTS.parent.relative_to(ROOT)
+        missing = f"*No verify results yet: run `hopfield-aa verify --out {where}`.*"
         tables["provenance"] = tables["claims"] = tables["failures"] = missing
         for claim in CLAIM_ORDER:
             tables[f"claim-{slug(claim)}"] = missing
@@ -256,9 +271,15 @@ def insert_tables(text: str, tables: Mapping[str, str], *, require_all: bool = T
         pattern = _pattern(name)
         if not pattern.search(text):
             if require_all:
-                raise ValueError(f"no <!-- table:{name} --> ... <!-- /table:{name} --> markers for table {name!r}")
+                raise ValueError(
+                    f"no <!-- table:{name} --> ... <!-- /table:{name} --> markers for table {name!r}"
+                )
             continue
-        text = pattern.sub(lambda m, b=body: m.group(1) + b.strip() + "\n" + m.group(3), text)
+
+        def replace(match: re.Match[str], table: str = body) -> str:
+            return match.group(1) + table.strip() + "\n" + match.group(3)
+
+        text = pattern.sub(replace, text)
     return text
 
 
@@ -294,7 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _atomic_write(args.note, updated)
     summary = "\n\n".join(f"## {name}\n\n{body}" for name, body in tables.items())
     _atomic_write(RESULTS_MD, "# Tables of papers/theory.md\n\n" + summary + "\n")
-    print(f"wrote {len(tables)} tables into {args.note.relative_to(ROOT) if args.note.is_relative_to(ROOT) else args.note}")
+    shown = args.note.relative_to(ROOT) if args.note.is_relative_to(ROOT) else args.note
+    print(f"wrote {len(tables)} tables into {shown}")
     return 0
 
 

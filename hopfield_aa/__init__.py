@@ -6,7 +6,8 @@ The public API (see docs/ and THEORY in papers/):
   its Jacobian and convex conjugate;
 - hopfield: :func:`energy`, :func:`retrieve`, :func:`attention`, :func:`iterate`;
 - anderson: :func:`anderson` (AA(m), batched), :func:`anderson_step`;
-- geometry: :func:`decompose`, :func:`norm_cap`, :func:`gag`, :func:`extrapolate`.
+- geometry: :func:`decompose`, :func:`norm_cap`, :func:`gag`, :func:`extrapolate`, :func:`ladder_extrapolate`;
+- traces: :class:`TraceSet`, :class:`TraceRecord`, :func:`capture`.
 
 Names are imported lazily so that ``import hopfield_aa`` stays cheap.
 """
@@ -43,18 +44,25 @@ _EXPORTS = {
     "extrapolate": "geometry",
     "aa1_gamma": "geometry",
     "anderson_optimal_scale": "geometry",
+    "ladder_extrapolate": "geometry",
+    "spectral_radius": "anderson",
+    "lipschitz_bound": "hopfield",
+    "TraceSet": "traces",
+    "TraceRecord": "traces",
+    "capture": "traces",
 }
 
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from hopfield_aa.anderson import AndersonConfig, AndersonResult, anderson, anderson_step
+    from hopfield_aa.anderson import AndersonConfig, AndersonResult, anderson, anderson_step, spectral_radius
     from hopfield_aa.geometry import (
         aa1_gamma,
         anderson_optimal_scale,
         decompose,
         extrapolate,
         gag,
+        ladder_extrapolate,
         norm_cap,
     )
     from hopfield_aa.hopfield import (
@@ -62,6 +70,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         attention,
         energy,
         iterate,
+        lipschitz_bound,
         local_lipschitz,
         retrieval_jacobian,
         retrieve,
@@ -75,6 +84,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         softmax,
         sparsemax,
     )
+    from hopfield_aa.traces import TraceRecord, TraceSet, capture
 
 
 def __getattr__(name: str) -> Any:

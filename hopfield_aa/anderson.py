@@ -146,12 +146,14 @@ def _solve_gamma(
     R_jj² < 1 / restart_cond, the problem is ill-conditioned: those columns are dropped and the
     problem solved again. Returns γ (..., k), ``well_conditioned`` (...) and ``finite`` (...).
     """
-    norms = torch.linalg.vector_norm(d_f, dim=-1)
+    # the scaled Gram matrix and right-hand side from ΔFᵀΔF and ΔFᵀf (no scaled copy of ΔF)
+    raw = d_f @ d_f.transpose(-1, -2)
+    norms = raw.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
     use = valid & (norms > 0) & torch.isfinite(norms)
     scale = torch.where(use, norms, torch.ones_like(norms))
-    unit = torch.where(use[..., None], d_f / scale[..., None], torch.zeros_like(d_f))
-    rhs = (unit @ f[..., None])[..., 0]
-    gram = unit @ unit.transpose(-1, -2)
+    rhs = torch.where(use, (d_f @ f[..., None])[..., 0] / scale, torch.zeros_like(scale))
+    keep_pair = use[..., :, None] & use[..., None, :]
+    gram = torch.where(keep_pair, raw / (scale[..., :, None] * scale[..., None, :]), torch.zeros_like(raw))
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     threshold = 1.0 / restart_cond
 
@@ -655,7 +657,7 @@ def anderson(
     converged = is_converged(f_norm, _norm(g_x), target) & ~failed
     # with the stability check, rows converged at x0 take one (null) step so that they are tested too
     active = ~failed if stability_check else ~converged & ~failed
-    # history, newest column last; the valid columns of a row are its last `filled` columns
+    # history as a ring buffer of m columns; the valid columns of a row are its `filled` newest ones
     d_x = torch.zeros(batch, m, n, dtype=dtype, device=device)
     d_f = torch.zeros_like(d_x)
     filled = torch.zeros(batch, dtype=torch.long, device=device)
@@ -679,16 +681,20 @@ def anderson(
         rows = active.nonzero().squeeze(-1)
         if rows.numel() == 0:
             break
-        xa, fa, ga, fna = x[rows], f[rows], g_x[rows], f_norm[rows]
+        # with every row active, slices give views instead of gathered copies
+        sel: slice | torch.Tensor = slice(None) if rows.numel() == batch else rows
+        xa, fa, ga, fna = x[sel], f[sel], g_x[sel], f_norm[sel]
         # the plain step x + b f; with b = 1 it is g(x) itself, bit for bit
         plain = x_new = ga.clone() if b == 1.0 else xa + b * fa
         restart = torch.zeros_like(fna, dtype=torch.bool)
         mixed = restart
-        fil = filled[rows]
+        fil = filled[sel]
         if m > 0:
-            dxa, dfa = d_x[rows], d_f[rows]
-            fil = torch.where(plain_only[rows] | escape[rows], torch.zeros_like(fil), fil)
-            gamma, well, _ = _solve_gamma(dfa, fa, col >= (m - fil)[:, None], lam, cond)
+            dxa, dfa = d_x[sel], d_f[sel]
+            fil = torch.where(plain_only[sel] | escape[sel], torch.zeros_like(fil), fil)
+            slot = it % m
+            age = (slot - 1 - col) % m  # 0 for the newest column
+            gamma, well, _ = _solve_gamma(dfa, fa, age < fil[:, None], lam, cond)
             restart = ~well & (fil > 0)
             gamma = torch.where(restart[:, None], torch.zeros_like(gamma), gamma)
             fil = torch.where(restart, torch.zeros_like(fil), fil)
@@ -711,35 +717,36 @@ def anderson(
         if m > 0:
             new_dx = torch.where(ok[:, None], x_new - xa, torch.zeros_like(xa))
             new_df = torch.where(ok[:, None], f_new - fa, torch.zeros_like(fa))
-            d_x[rows] = torch.cat([dxa[:, 1:], new_dx[:, None]], dim=1)
-            d_f[rows] = torch.cat([dfa[:, 1:], new_df[:, None]], dim=1)
-        x[rows] = torch.where(ok[:, None], x_new, xa)
-        g_x[rows] = torch.where(ok[:, None], g_new, ga)
-        f[rows] = torch.where(ok[:, None], f_new, fa)
+            # ring buffer: every active row writes its newest column at the shared position `slot`
+            d_x[sel, slot] = new_dx
+            d_f[sel, slot] = new_df
+        x[sel] = torch.where(ok[:, None], x_new, xa)
+        g_x[sel] = torch.where(ok[:, None], g_new, ga)
+        f[sel] = torch.where(ok[:, None], f_new, fa)
         fn = torch.where(ok, fn_new, fna)
-        f_norm[rows] = fn
-        n_iter[rows] += ok.long()
-        n_rejected[rows] += reject.long()
-        failed[rows] = ~ok
+        f_norm[sel] = fn
+        n_iter[sel] += ok.long()
+        n_rejected[sel] += reject.long()
+        failed[sel] = ~ok
 
         # stagnation: `stall_limit` safeguard rejections without halving the residual start an escape
-        esc = escape[rows]
-        steps = escape_steps[rows] + esc.long()
-        leave = esc & (steps >= _ESCAPE_MIN_STEPS) & (fn <= 0.5 * escape_entry[rows])
-        progressed = (fn <= 0.5 * progress_ref[rows]) | leave
-        progress_ref[rows] = torch.where(progressed, fn, progress_ref[rows])
-        st = torch.where(progressed, torch.zeros_like(steps), stall[rows] + reject.long())
+        esc = escape[sel]
+        steps = escape_steps[sel] + esc.long()
+        leave = esc & (steps >= _ESCAPE_MIN_STEPS) & (fn <= 0.5 * escape_entry[sel])
+        progressed = (fn <= 0.5 * progress_ref[sel]) | leave
+        progress_ref[sel] = torch.where(progressed, fn, progress_ref[sel])
+        st = torch.where(progressed, torch.zeros_like(steps), stall[sel] + reject.long())
         enter = ~esc & (st >= _STALL_LIMIT)
-        escape[rows] = (esc & ~leave) | enter
-        escape_steps[rows] = torch.where(enter | leave, torch.zeros_like(steps), steps)
-        escape_entry[rows] = torch.where(enter, fn, escape_entry[rows])
-        stall[rows] = torch.where(enter, torch.zeros_like(st), st)
+        escape[sel] = (esc & ~leave) | enter
+        escape_steps[sel] = torch.where(enter | leave, torch.zeros_like(steps), steps)
+        escape_entry[sel] = torch.where(enter, fn, escape_entry[sel])
+        stall[sel] = torch.where(enter, torch.zeros_like(st), st)
         restart = restart | enter | leave
-        n_restarts[rows] += restart.long()
+        n_restarts[sel] += restart.long()
         if m > 0:
-            filled[rows] = torch.where(enter | leave, torch.zeros_like(fil), torch.clamp(fil + 1, max=m))
+            filled[sel] = torch.where(enter | leave, torch.zeros_like(fil), torch.clamp(fil + 1, max=m))
 
-        done = is_converged(fn, _norm(g_x[rows]), target[rows]) & ok
+        done = is_converged(fn, _norm(g_x[sel]), target[sel]) & ok
         if stability_check and bool(done.any()):
             assert rho is not None
             drows = rows[done]
@@ -775,8 +782,8 @@ def anderson(
                 escape_entry[urows] = f_norm[urows]
                 done = done.clone()
                 done[done.nonzero().squeeze(-1)[unstable]] = False
-        converged[rows] = done
-        active[rows] = ~done & ok
+        converged[sel] = done
+        active[sel] = ~done & ok
         history.append(f_norm.clone())
         if callback is not None:
             callback(it, x, f_norm)

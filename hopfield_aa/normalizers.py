@@ -151,6 +151,7 @@ def _entmax_general_block(z: torch.Tensor, alpha: float, out: torch.Tensor) -> t
     lo = lam.clone()
     hi = torch.full_like(lam, -math.expm1(-am1 * math.log(n)) / am1 if n > 1 else 0.0)
     tol = 32 * torch.finfo(z.dtype).eps
+    width_tol = 4 * torch.finfo(z.dtype).eps * float(hi[0, 0]) if hi.numel() else 0.0
     polished = torch.zeros_like(lam, dtype=torch.bool)
     it = 0
     for it in range(_MAX_NEWTON_ITER):  # noqa: B007
@@ -162,7 +163,7 @@ def _entmax_general_block(z: torch.Tensor, alpha: float, out: torch.Tensor) -> t
         out.exp_()
         f_sum = out.sum(-1, keepdim=True)
         converged = (f_sum - 1).abs() <= tol
-        done = converged & polished
+        done = (converged & polished) | (hi - lo <= width_tol)
         if bool(done.all()) or it == _MAX_NEWTON_ITER - 1:
             break
         polished = converged
@@ -235,9 +236,16 @@ def _forward(scores: torch.Tensor, alpha: float, dim: int) -> tuple[torch.Tensor
                     torch.sub(sb, tau, out=pb)
                     pb.clamp_(min=0)
                     lam_b = tau + 1.0
-            else:
+            elif alpha < 2.0:
                 torch.sub(zb, top, out=sb)
                 lam_b = _entmax_general_block(sb, alpha, pb)
+            else:
+                # for α > 2 the map p = [·]_+^{1/(α−1)} amplifies the rounding of entries near the
+                # threshold (a root of F that float32 cannot resolve), so it is computed in float64
+                sb64 = (zb - top).double()
+                pb64 = torch.empty_like(sb64)
+                lam_b = _entmax_general_block(sb64, alpha, pb64).to(zb.dtype)
+                pb.copy_(pb64)
             lam_b = lam_b + top
             if any_dead:
                 pb.masked_fill_(dead, 0.0)

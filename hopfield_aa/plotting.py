@@ -12,8 +12,8 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 _FLOOR = 1e-17  # values at or below 0 are drawn at this floor on log axes
 
@@ -39,7 +39,7 @@ def plot_energy(data: Mapping[str, Any], path: Path) -> str | None:
         return None
     alphas = list(curves)
     fig, axes = plt.subplots(1, len(alphas), figsize=(3.6 * len(alphas), 3.4), sharey=True, squeeze=False)
-    for ax, alpha in zip(axes[0], alphas):
+    for ax, alpha in zip(axes[0], alphas, strict=False):
         for curve in curves[alpha]:
             ax.semilogy(range(len(curve)), _positive(curve), marker=".", lw=1)
         name = "dense (softmax)" if float(alpha) == 1.0 else f"{alpha}-entmax"
@@ -68,13 +68,13 @@ def plot_residuals(data: Mapping[str, Any], path: Path, title: str) -> str | Non
 
 
 def plot_orthogonal(data: Mapping[str, Any], path: Path) -> str | None:
-    r"""Orthogonal and parallel parts of the error ``ξ_t − ξ*`` of iterated GAG, one colour per ζ, log scale."""
+    r"""Orthogonal and parallel parts of the error ``ξ_t − ξ*`` of iterated GAG, per ζ, log scale."""
     if not data:
         return None
     fig, ax = plt.subplots(figsize=(5.6, 4.0))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     case = ""
-    for colour, (setting, series) in zip(colours, data.items()):
+    for colour, (setting, series) in zip(colours, data.items(), strict=False):
         case = series.get("case", case)
         orth, par = series.get("orthogonal", []), series.get("parallel", [])
         ax.semilogy(range(len(orth)), _positive(orth), color=colour, lw=1.8, label=f"{setting}: ‖e⊥‖")
@@ -96,11 +96,19 @@ def plot_contraction(data: Mapping[str, Any], path: Path) -> str | None:
         ratios = np.asarray(pool.get("ratios", []), dtype=float)
         lips = np.asarray(pool.get("lipschitz", []), dtype=float)
         if ratios.size:
-            ax1.hist(ratios, bins=np.linspace(0, max(1.05, float(ratios.max()) * 1.02), 41), alpha=0.55, label=setting)
+            ax1.hist(
+                ratios,
+                bins=np.linspace(0, max(1.05, float(ratios.max()) * 1.02), 41),
+                alpha=0.55,
+                label=setting,
+            )
         if lips.size:
             hi = max(1.05, float(np.quantile(lips, 0.99)) * 1.05)
             ax2.hist(np.clip(lips, 0, hi), bins=np.linspace(0, hi, 41), alpha=0.55, label=setting)
-    for ax, xlabel in ((ax1, "‖T(ξ) − ξ*‖ / ‖ξ − ξ*‖ near fixed points"), (ax2, "‖J_T(ξ)‖₂ along trajectories")):
+    for ax, xlabel in (
+        (ax1, "‖T(ξ) − ξ*‖ / ‖ξ − ξ*‖ near fixed points"),
+        (ax2, "‖J_T(ξ)‖₂ along trajectories"),
+    ):
         ax.axvline(1.0, color="k", lw=1, ls=":")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("count (log)")
@@ -113,19 +121,25 @@ def plot_contraction(data: Mapping[str, Any], path: Path) -> str | None:
 
 
 def plot_divergence(data: Mapping[str, Any], path: Path) -> str | None:
-    r"""``‖P_λ(ξ*) − ξ*‖ / M`` vs λ at non-common dense fixed points, with the law ``|λ| ‖r(ξ*)‖ / M`` dashed."""
+    r"""``‖P_λ(ξ*) − ξ*‖ / M`` vs λ at non-common dense fixed points; the law ``|λ| ‖r(ξ*)‖ / M`` dashed."""
     if not data or not data.get("moved"):
         return None
     scales = np.asarray(data["scales"], dtype=float)
     fig, ax = plt.subplots(figsize=(5.4, 3.9))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (moved, slope) in enumerate(zip(data["moved"], data["slope"])):
+    for i, (moved, slope) in enumerate(zip(data["moved"], data["slope"], strict=False)):
         c = colours[i % len(colours)]
         ax.plot(scales, moved, color=c, lw=1.6, label="measured" if i == 0 else None)
-        ax.plot(scales, np.abs(scales) * slope, color=c, lw=1, ls="--", label="|λ| ‖r(ξ*)‖" if i == 0 else None)
+        ax.plot(
+            scales, np.abs(scales) * slope, color=c, lw=1, ls="--", label="|λ| ‖r(ξ*)‖" if i == 0 else None
+        )
     ax.set_xlabel("guidance scale λ")
     ax.set_ylabel("‖P_λ(ξ*) − ξ*‖ / M")
-    ax.set_title(f"Extrapolation leaves non-common fixed points linearly ({data.get('case', '')})", fontsize=9)
+    ax.set_title(
+        f"Non-common dense fixed points ({data.get('case', '')})\n"
+        "measured (solid) and the law (dashed) coincide",
+        fontsize=9,
+    )
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=9)
     return _save(fig, path)
@@ -137,7 +151,7 @@ def plot_lambda_star(data: Mapping[str, Sequence[float]], path: Path) -> str | N
     if not groups:
         return None
     fig, ax = plt.subplots(figsize=(6.0, 3.9))
-    bins = np.linspace(-4, 8, 49)
+    bins = np.linspace(-4, 8, 49).tolist()
     for name, values in groups.items():
         outside = int(((values < -4) | (values > 8)).sum())
         label = f"{name} (n={values.size}" + (f", {outside} outside" if outside else "") + ")"
@@ -162,7 +176,9 @@ def plot_common_vs_beta(data: Sequence[Mapping[str, Any]], path: Path) -> str | 
     states = np.asarray([max(1, p["states"]) for p in data], dtype=float)
     fig, ax = plt.subplots(figsize=(5.4, 3.8))
     ax.semilogx(beta, share, marker="o", label="common share (dense + sparse limits)")
-    ax.semilogx(beta, non_common / states, marker="s", ls="--", label="non-common dense fixed points / states")
+    ax.semilogx(
+        beta, non_common / states, marker="s", ls="--", label="non-common dense fixed points / states"
+    )
     ax.set_xlabel("inverse temperature β (log)")
     ax.set_ylabel("share")
     ax.set_ylim(-0.05, 1.05)
@@ -172,18 +188,26 @@ def plot_common_vs_beta(data: Sequence[Mapping[str, Any]], path: Path) -> str | 
     return _save(fig, path)
 
 
-def plot_ladder(data: Mapping[str, Mapping[str, Any]], path: Path, limit: int = 5) -> str | None:
-    r"""Median distance to the sparse fixed point vs λ: the Anderson-mixed α-ladder ``L_λ`` and ``P_λ``, log scale."""
-    items = [(k, v) for k, v in data.items() if v.get("ladder")]
+def plot_ladder(data: Mapping[str, Mapping[str, Any]], path: Path, limit: int = 6) -> str | None:
+    r"""Median distance to the sparse fixed point vs λ: α-ladder ``L_λ`` and ``P_λ``, log scale."""
+    # one case per data group (the label up to its first "-"), skipping cases where both rules sit on ξ*_S
+    items, groups = [], set()
+    for k, v in data.items():
+        group = k.split("-")[0]
+        if not v.get("ladder") or group in groups or max(v.get("plain", [0.0])) <= _FLOOR:
+            continue
+        groups.add(group)
+        items.append((k, v))
+    items = items[:limit]
     if not items:
         return None
-    if len(items) > limit:
-        items = [items[round(i * (len(items) - 1) / (limit - 1))] for i in range(limit)]
     fig, ax = plt.subplots(figsize=(6.2, 4.0))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for colour, (label, series) in zip(colours, items):
+    for colour, (label, series) in zip(colours, items, strict=False):
         scales = series["scales"]
-        ax.semilogy(scales, _positive(series["ladder"]), color=colour, lw=1.8, marker="o", label=f"ladder: {label}")
+        ax.semilogy(
+            scales, _positive(series["ladder"]), color=colour, lw=1.8, marker="o", label=f"ladder: {label}"
+        )
         ax.semilogy(scales, _positive(series["plain"]), color=colour, lw=1.0, ls="--", marker="x")
     ax.set_xlabel("guidance scale λ")
     ax.set_ylabel("median ‖output − ξ*_S‖ / M")
@@ -206,19 +230,29 @@ def draw_all(figures: Mapping[str, Any], out: str | os.PathLike[str]) -> list[st
         ("energy", lambda: plot_energy(figures.get("energy") or {}, out / "energy.png")),
         (
             "residuals",
-            lambda: plot_residuals(figures.get("residuals") or {}, out / "residuals_dense.png", "Dense map: plain vs AA(m)"),
+            lambda: plot_residuals(
+                figures.get("residuals") or {}, out / "residuals_dense.png", "Dense map: plain vs AA(m)"
+            ),
         ),
         (
             "residuals_sparse",
             lambda: plot_residuals(
-                figures.get("residuals_sparse") or {}, out / "residuals_sparse.png", "1.5-entmax map: plain vs AA(m)"
+                figures.get("residuals_sparse") or {},
+                out / "residuals_sparse.png",
+                "1.5-entmax map: plain vs AA(m)",
             ),
         ),
-        ("orthogonal", lambda: plot_orthogonal(figures.get("orthogonal") or {}, out / "orthogonal_error.png")),
+        (
+            "orthogonal",
+            lambda: plot_orthogonal(figures.get("orthogonal") or {}, out / "orthogonal_error.png"),
+        ),
         ("contraction", lambda: plot_contraction(figures.get("contraction") or {}, out / "contraction.png")),
         ("divergence", lambda: plot_divergence(figures.get("divergence") or {}, out / "divergence.png")),
         ("lambda_star", lambda: plot_lambda_star(figures.get("lambda_star") or {}, out / "lambda_star.png")),
-        ("common_vs_beta", lambda: plot_common_vs_beta(figures.get("common_vs_beta") or [], out / "common_vs_beta.png")),
+        (
+            "common_vs_beta",
+            lambda: plot_common_vs_beta(figures.get("common_vs_beta") or [], out / "common_vs_beta.png"),
+        ),
         ("ladder", lambda: plot_ladder(figures.get("ladder") or {}, out / "ladder.png")),
     ]
     paths = []
@@ -227,4 +261,3 @@ def draw_all(figures: Mapping[str, Any], out: str | os.PathLike[str]) -> list[st
         if path is not None:
             paths.append(path)
     return paths
-

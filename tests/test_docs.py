@@ -102,7 +102,9 @@ def mocked_pretrained() -> Iterator[None]:
     saved = {name: getattr(diffusers, name).__dict__.get("from_pretrained") for name in names}
     try:
         for name, kind in names.items():
-            setattr(getattr(diffusers, name), "from_pretrained", classmethod(lambda cls, *a, _k=kind, **kw: _tiny_pretrained(_k)))
+            getattr(diffusers, name).from_pretrained = classmethod(
+                lambda cls, *a, _k=kind, **kw: _tiny_pretrained(_k)
+            )
         yield
     finally:
         for name, original in saved.items():
@@ -110,7 +112,7 @@ def mocked_pretrained() -> Iterator[None]:
             if original is None:
                 delattr(cls, "from_pretrained")
             else:
-                setattr(cls, "from_pretrained", original)
+                cls.from_pretrained = original
 
 
 # ------------------------------------------------------------------------------------ the tests
@@ -146,7 +148,9 @@ def test_docs_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.Monke
             try:
                 exec(compiled, namespace)
             except Exception as error:  # the page and line make the failure findable
-                raise AssertionError(f"{page.relative_to(ROOT)}, block at line {line} failed: {error!r}") from error
+                raise AssertionError(
+                    f"{page.relative_to(ROOT)}, block at line {line} failed: {error!r}"
+                ) from error
 
 
 # ----------------------------------------------------------------------------- references
@@ -245,24 +249,38 @@ def test_theory_table_insertion_replaces_only_between_markers() -> None:
 def test_make_all_lists_every_step_and_names_missing_scripts() -> None:
     out = subprocess.run(
         [sys.executable, str(ROOT / "analysis" / "make_all.py"), "--list"],
-        capture_output=True, text=True, check=True, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
     ).stdout
     for name in ("verify", "theory_tables", "docs_figures", "bench_entmax", "bench_anderson"):
         assert name in out
     assert ("missing" in out) == any(
         not (ROOT / "analysis" / f"{n}.py").exists()
-        for n in ("bench_entmax", "bench_anderson", "bench_capture", "eval_reference", "eval_guidance",
-                  "bench_guidance_overhead")
+        for n in (
+            "bench_entmax",
+            "bench_anderson",
+            "bench_capture",
+            "eval_reference",
+            "eval_guidance",
+            "bench_guidance_overhead",
+        )
     )
 
 
-@pytest.mark.skipif(shutil.which("mkdocs") is None, reason="mkdocs is not installed (pip install -e '.[docs]')")
+@pytest.mark.skipif(
+    shutil.which("mkdocs") is None, reason="mkdocs is not installed (pip install -e '.[docs]')"
+)
 def test_mkdocs_build_strict(tmp_path: Path) -> None:
     """``mkdocs build --strict``: broken links, missing pages, unresolved API references fail the build."""
     start = time.perf_counter()
     result = subprocess.run(
         ["mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "MPLBACKEND": "Agg"},
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "MPLBACKEND": "Agg"},
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "site" / "index.html").is_file()

@@ -18,7 +18,13 @@ from typing import Any
 import torch
 
 from hopfield_aa.anderson import anderson, anderson_step
-from hopfield_aa.checks.fixed_points import FixedPoints, find_fixed_points, local_lipschitz
+from hopfield_aa.checks.fixed_points import (
+    FIXED_POINT_FACTOR,
+    FixedPoints,
+    find_fixed_points,
+    local_lipschitz,
+    solve_fixed_points,
+)
 from hopfield_aa.checks.results import (
     STATUS_MEASURED,
     Case,
@@ -68,10 +74,12 @@ def _retrieval(fn: StepFn | None) -> StepFn:
 def _resolve(rule: Any, default: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """Replay: the stored rule name, or a callable handed in as an override."""
     if callable(rule):
-        return rule  # type: ignore[no-any-return]
+        return rule
     if rule in (None, "library"):
         return default
-    raise ValueError(f"this counter-example was made with the rule {rule!r}; pass it as rule=<callable> to replay")
+    raise ValueError(
+        f"this counter-example was made with the rule {rule!r}; pass it as rule=<callable> to replay"
+    )
 
 
 def _save_worst(
@@ -82,6 +90,7 @@ def _save_worst(
     directory: str | Path | None,
     limit: int,
     tol: torch.Tensor | float,
+    setting: str = "",
 ) -> list[str]:
     """Save the ``limit`` most negative margins (at most one per first index, i.e. per state)."""
     if directory is None or limit <= 0 or not bool((margins < 0).any()):
@@ -110,6 +119,7 @@ def _save_worst(
                 margin=float(flat[idx]),
                 tolerance=float(tols[idx]),
                 rank=len(paths),
+                setting=setting,
             )
         )
     return paths
@@ -149,7 +159,7 @@ def _quantiles(values: torch.Tensor) -> dict[str, float]:
         return {}
     v = values.double().reshape(-1)
     q = torch.quantile(v, torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=v.dtype))
-    return dict(zip(("min", "p10", "median", "p90", "max"), q.tolist()))
+    return dict(zip(("min", "p10", "median", "p90", "max"), q.tolist(), strict=False))
 
 
 def _sample(values: torch.Tensor, limit: int = 2000) -> list[float]:
@@ -171,7 +181,7 @@ def _energy_margin(
     alpha: float,
     energies: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(margin, tol, violation) of E(T ξ) ≤ E(ξ) − ½‖Tξ − ξ‖² per state (``energies``: E(ξ), E(Tξ) if known)."""
+    """(margin, tol, violation) of E(Tξ) ≤ E(ξ) − ½‖Tξ − ξ‖² per state; ``energies``: E(ξ), E(Tξ) if known."""
     if energies is None:
         energies = (_energy(x, patterns, beta, alpha), _energy(tx, patterns, beta, alpha))
     e_before, e_after = energies
@@ -193,7 +203,9 @@ def check_energy_descent(
     counterexample_dir: str | Path | None = None,
     max_counterexamples: int = 3,
 ) -> CheckResult:
-    r"""Energy descent (Thm 3.1): :math:`E_\alpha(T_\alpha\xi) \le E_\alpha(\xi) - \tfrac12\lVert T_\alpha\xi - \xi\rVert^2`.
+    r"""Energy descent (Thm 3.1): ``E_α(T_α ξ) ≤ E_α(ξ) − ½‖T_α ξ − ξ‖²`` at every state tried.
+
+    .. math:: E_\alpha(T_\alpha\xi) \le E_\alpha(\xi) - \tfrac12\lVert T_\alpha\xi - \xi\rVert^2
 
     Checked at every point of the trajectories ``ξ_{t+1} = T_α(ξ_t)`` from each starting state, for ``steps``
     steps and every α in ``alphas`` (α = 1.25 exercises the iterative entmax solver, whose accuracy the
@@ -239,7 +251,9 @@ def check_energy_descent(
         for _ in range(steps):
             tx = fn(x, case.patterns, case.beta, alpha)
             energies.append(_energy(tx, case.patterns, case.beta, alpha))
-            margin, tol, _ = _energy_margin(case.patterns, x, tx, case.beta, alpha, (energies[-2], energies[-1]))
+            margin, tol, _ = _energy_margin(
+                case.patterns, x, tx, case.beta, alpha, (energies[-2], energies[-1])
+            )
             per_t.append(margin)
             tol_t.append(tol)
             xs.append(x)
@@ -260,7 +274,9 @@ def check_energy_descent(
             {"beta": case.beta, "alpha": float(alphas[a]), "step": _name(step), "iteration": t},
         )
 
-    paths = _save_worst("energy descent", case, margin_all, instance, counterexample_dir, max_counterexamples, tol_all)
+    paths = _save_worst(
+        "energy descent", case, margin_all, instance, counterexample_dir, max_counterexamples, tol_all
+    )
     return _result(
         "energy descent",
         case,
@@ -274,14 +290,17 @@ def check_energy_descent(
         counterexamples=paths,
         settings={"alphas": list(alphas), "steps": steps, "step": _name(step)},
         measured={
-            f"pass_rate_alpha_{a:g}": float((margin_all[:, k] >= 0).double().mean()) for k, a in enumerate(alphas)
+            f"pass_rate_alpha_{a:g}": float((margin_all[:, k] >= 0).double().mean())
+            for k, a in enumerate(alphas)
         },
         series={"energy": curves},
     )
 
 
 @register_replayer("energy descent")
-def _replay_energy(tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]) -> tuple[float, dict[str, Any]]:
+def _replay_energy(
+    tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]
+) -> tuple[float, dict[str, Any]]:
     x, patterns = tensors["state"][None], tensors["patterns"]
     fn = _resolve(params.get("step"), _retrieve)
     tx = fn(x, patterns, params["beta"], params["alpha"])
@@ -313,7 +332,9 @@ def check_extrapolation_aa1(
     counterexample_dir: str | Path | None = None,
     max_counterexamples: int = 3,
 ) -> CheckResult:
-    r"""Extrapolation is AA(1) (Prop 3.2): :math:`\lVert P_\lambda(\xi) - \mathrm{AA}_1(D, S;\ \gamma = 1-\lambda)\rVert \le \mathrm{tol}`.
+    r"""Extrapolation is AA(1) (Prop 3.2): ``‖P_λ(ξ) − AA₁(D, S; γ = 1 − λ)‖ ≤ tol``.
+
+    .. math:: \lVert P_\lambda(\xi) - \mathrm{AA}_1(D, S;\ \gamma = 1-\lambda)\rVert \le \mathrm{tol}
 
     ``P_λ = D + λ (S − D)`` (or ``rule(D, S, λ)``) is compared with the depth-1 Anderson step of
     :func:`~hopfield_aa.anderson.anderson_step` with iterates ``[ξ, ξ]``, map values ``[D(ξ), S(ξ)]`` and
@@ -351,7 +372,9 @@ def check_extrapolation_aa1(
             {"beta": case.beta, "alpha_sparse": alpha_sparse, "scale": float(scales[k]), "rule": _name(rule)},
         )
 
-    paths = _save_worst("extrapolation is AA(1)", case, margins, instance, counterexample_dir, max_counterexamples, tols)
+    paths = _save_worst(
+        "extrapolation is AA(1)", case, margins, instance, counterexample_dir, max_counterexamples, tols
+    )
     return _result(
         "extrapolation is AA(1)",
         case,
@@ -363,18 +386,25 @@ def check_extrapolation_aa1(
         setting="λ∈{" + ",".join(f"{s:g}" for s in scales) + "}",
         counterexamples=paths,
         settings={"scales": list(scales), "alpha_sparse": alpha_sparse, "rule": _name(rule)},
-        measured={"lambda_star": _quantiles(lam_star), "lambda_star_undetermined": int((~nondegenerate).sum())},
+        measured={
+            "lambda_star": _quantiles(lam_star),
+            "lambda_star_undetermined": int((~nondegenerate).sum()),
+        },
         series={"lambda_star": _sample(lam_star)},
     )
 
 
 @register_replayer("extrapolation is AA(1)")
-def _replay_aa1(tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]) -> tuple[float, dict[str, Any]]:
+def _replay_aa1(
+    tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]
+) -> tuple[float, dict[str, Any]]:
     xi, patterns = tensors["state"][None], tensors["patterns"]
     dense = _retrieve(xi, patterns, params["beta"], 1.0)
     sparse = _retrieve(xi, patterns, params["beta"], params["alpha_sparse"])
     m = float(_norm(patterns).max())
-    margin, tol = _aa1_margin(xi, dense, sparse, params["scale"], _resolve(params.get("rule"), _extrapolate), m)
+    margin, tol = _aa1_margin(
+        xi, dense, sparse, params["scale"], _resolve(params.get("rule"), _extrapolate), m
+    )
     return float(margin[0]), {"tolerance_now": float(tol[0]), **params}
 
 
@@ -401,9 +431,9 @@ def _preservation_margin(
     extrapolated = _extrapolate(dense, sparse, scale)
     deviation = torch.maximum(_norm(guided - point), _norm(extrapolated - point))
     m = float(_norm(patterns).max())
-    tol = threshold * (1.0 + 2.0 * abs(scale) * (1.0 + abs(zeta))) + tolerance(point.dtype, LINEAR_FACTOR) * m * (
-        1.0 + abs(scale)
-    )
+    tol = threshold * (1.0 + 2.0 * abs(scale) * (1.0 + abs(zeta))) + tolerance(
+        point.dtype, LINEAR_FACTOR
+    ) * m * (1.0 + abs(scale))
     return torch.as_tensor(tol, dtype=point.dtype) - deviation, torch.full_like(deviation, tol)
 
 
@@ -452,9 +482,14 @@ def check_fixed_point_preservation(
         margins = torch.zeros(0, len(grid), dtype=case.patterns.dtype)
         tols = torch.zeros_like(margins)
     else:
-        both = (_retrieve(points, case.patterns, case.beta, 1.0), _retrieve(points, case.patterns, case.beta, alpha_sparse))
+        both = (
+            _retrieve(points, case.patterns, case.beta, 1.0),
+            _retrieve(points, case.patterns, case.beta, alpha_sparse),
+        )
         pairs = [
-            _preservation_margin(case.patterns, points, case.beta, alpha_sparse, s, z, e * m, r, threshold, fn, both)
+            _preservation_margin(
+                case.patterns, points, case.beta, alpha_sparse, s, z, e * m, r, threshold, fn, both
+            )
             for s, z, e, r in grid
         ]
         margins = torch.stack([p[0] for p in pairs], dim=-1)
@@ -503,7 +538,9 @@ def check_fixed_point_preservation(
 
 
 @register_replayer("fixed-point preservation")
-def _replay_preservation(tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]) -> tuple[float, dict[str, Any]]:
+def _replay_preservation(
+    tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]
+) -> tuple[float, dict[str, Any]]:
     margin, tol = _preservation_margin(
         tensors["patterns"],
         tensors["point"][None],
@@ -524,7 +561,12 @@ def _replay_preservation(tensors: Mapping[str, torch.Tensor], params: Mapping[st
 
 
 def _divergence_margin(
-    patterns: torch.Tensor, point: torch.Tensor, beta: float, alpha_sparse: float, scale: float, threshold: float
+    patterns: torch.Tensor,
+    point: torch.Tensor,
+    beta: float,
+    alpha_sparse: float,
+    scale: float,
+    threshold: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dense = _retrieve(point, patterns, beta, 1.0)
     sparse = _retrieve(point, patterns, beta, alpha_sparse)
@@ -563,7 +605,9 @@ def check_divergence(
         threshold = tolerance(case.patterns.dtype, 256.0) * case.pattern_scale
     m = case.pattern_scale
     if points.shape[0]:
-        out = [_divergence_margin(case.patterns, points, case.beta, alpha_sparse, s, threshold) for s in scales]
+        out = [
+            _divergence_margin(case.patterns, points, case.beta, alpha_sparse, s, threshold) for s in scales
+        ]
         margins = torch.stack([o[0] for o in out], dim=-1)
         tols = torch.stack([o[1] for o in out], dim=-1)
         sparse = _retrieve(points, case.patterns, case.beta, alpha_sparse)
@@ -573,7 +617,11 @@ def check_divergence(
         curves = [
             _norm(_extrapolate(dense[:8], sparse[:8], float(s)) - points[:8]).div(m).tolist() for s in fine
         ]
-        series = {"scales": fine.tolist(), "moved": [list(c) for c in zip(*curves)], "slope": slope[:8].tolist()}
+        series = {
+            "scales": fine.tolist(),
+            "moved": [list(c) for c in zip(*curves, strict=False)],
+            "slope": slope[:8].tolist(),
+        }
     else:
         margins = tols = torch.zeros(0, len(scales), dtype=case.patterns.dtype)
         slope = torch.zeros(0, dtype=case.patterns.dtype)
@@ -583,11 +631,22 @@ def check_divergence(
         i, k = where
         return (
             {"patterns": case.patterns, "point": points[i]},
-            {"beta": case.beta, "alpha_sparse": alpha_sparse, "scale": float(scales[k]), "threshold": threshold},
+            {
+                "beta": case.beta,
+                "alpha_sparse": alpha_sparse,
+                "scale": float(scales[k]),
+                "threshold": threshold,
+            },
         )
 
     paths = _save_worst(
-        "divergence at non-common fixed points", case, margins, instance, counterexample_dir, max_counterexamples, tols
+        "divergence at non-common fixed points",
+        case,
+        margins,
+        instance,
+        counterexample_dir,
+        max_counterexamples,
+        tols,
     )
     return _result(
         "divergence at non-common fixed points",
@@ -609,7 +668,9 @@ def check_divergence(
 
 
 @register_replayer("divergence at non-common fixed points")
-def _replay_divergence(tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]) -> tuple[float, dict[str, Any]]:
+def _replay_divergence(
+    tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]
+) -> tuple[float, dict[str, Any]]:
     margin, tol, moved, law = _divergence_margin(
         tensors["patterns"],
         tensors["point"][None],
@@ -618,7 +679,12 @@ def _replay_divergence(tensors: Mapping[str, torch.Tensor], params: Mapping[str,
         params["scale"],
         params["threshold"],
     )
-    return float(margin[0]), {"moved": float(moved[0]), "law": float(law[0]), "tolerance_now": float(tol[0]), **params}
+    return float(margin[0]), {
+        "moved": float(moved[0]),
+        "law": float(law[0]),
+        "tolerance_now": float(tol[0]),
+        **params,
+    }
 
 
 # ==================================================================================================
@@ -649,7 +715,7 @@ def check_weak_contraction(
     counterexample_dir: str | Path | None = None,
     max_counterexamples: int = 3,
 ) -> CheckResult:
-    r"""Weak contraction near fixed points: ``‖T(ξ) − ξ*‖ ≤ ‖ξ − ξ*‖`` for ξ near ξ*, and ``‖J_T(ξ)‖₂`` measured.
+    r"""Weak contraction near fixed points: ``‖T(ξ) − ξ*‖ ≤ ‖ξ − ξ*‖`` for ξ near ξ*; ``‖J_T(ξ)‖₂`` measured.
 
     Around every fixed point ξ* of ``T = T_α`` reached from the starting states (or each of ``points``),
     ``directions`` random unit directions u at each radius ``ρ M`` give ``ξ = ξ* + ρ M u``; one tried
@@ -673,7 +739,11 @@ def check_weak_contraction(
     fn = _retrieval(retrieval)
     m = case.pattern_scale
     if points is None:
-        fp = fixed_points if fixed_points is not None else find_fixed_points(case, alpha_sparse=max(alpha, 1.5))
+        fp = (
+            fixed_points
+            if fixed_points is not None
+            else find_fixed_points(case, alpha_sparse=max(alpha, 1.5))
+        )
         if alpha == fp.alpha_dense:
             points = fp.dense[fp.dense_converged]
         elif alpha == fp.alpha_sparse:
@@ -710,7 +780,16 @@ def check_weak_contraction(
             {"beta": case.beta, "alpha": alpha, "retrieval": _name(retrieval)},
         )
 
-    paths = _save_worst("weak contraction", case, margins, instance, counterexample_dir, max_counterexamples, tols)
+    paths = _save_worst(
+        "weak contraction",
+        case,
+        margins,
+        instance,
+        counterexample_dir,
+        max_counterexamples,
+        tols,
+        f"alpha={alpha:g}",
+    )
     return _result(
         "weak contraction",
         case,
@@ -724,7 +803,12 @@ def check_weak_contraction(
         rate=float(ratios.median()) if ratios.numel() else None,
         rate_note="median ‖T(ξ)−ξ*‖/‖ξ−ξ*‖ at radii " + ",".join(f"{r:g}" for r in radii) + " ·M",
         counterexamples=paths,
-        settings={"alpha": alpha, "radii_over_M": list(radii), "directions": directions, "retrieval": _name(retrieval)},
+        settings={
+            "alpha": alpha,
+            "radii_over_M": list(radii),
+            "directions": directions,
+            "retrieval": _name(retrieval),
+        },
         measured={
             "fixed_points": k,
             "max_ratio": float(ratios.max()) if ratios.numel() else math.nan,
@@ -739,7 +823,9 @@ def check_weak_contraction(
 
 
 @register_replayer("weak contraction")
-def _replay_contraction(tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]) -> tuple[float, dict[str, Any]]:
+def _replay_contraction(
+    tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]
+) -> tuple[float, dict[str, Any]]:
     margin, tol, ratio = _contraction_margin(
         tensors["patterns"],
         tensors["point"][None],
@@ -756,7 +842,14 @@ def _replay_contraction(tensors: Mapping[str, torch.Tensor], params: Mapping[str
 
 
 def _guided_map(
-    patterns: torch.Tensor, beta: float, alpha_sparse: float, scale: float, zeta: float, eta: float, reference: str, rule: RuleFn
+    patterns: torch.Tensor,
+    beta: float,
+    alpha_sparse: float,
+    scale: float,
+    zeta: float,
+    eta: float,
+    reference: str,
+    rule: RuleFn,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     def g(x: torch.Tensor) -> torch.Tensor:
         dense = _retrieve(x, patterns, beta, 1.0)
@@ -766,7 +859,9 @@ def _guided_map(
     return g
 
 
-def _reference_at(patterns: torch.Tensor, x: torch.Tensor, beta: float, alpha_sparse: float, reference: str) -> torch.Tensor:
+def _reference_at(
+    patterns: torch.Tensor, x: torch.Tensor, beta: float, alpha_sparse: float, reference: str
+) -> torch.Tensor:
     sparse = _retrieve(x, patterns, beta, alpha_sparse)
     if reference == "sparse":
         return sparse
@@ -804,13 +899,13 @@ def check_orthogonal_error(
     alpha_sparse: float = 1.5,
     fixed_points: FixedPoints | None = None,
     targets: torch.Tensor | None = None,
-    trajectory_steps: int = 30,
+    trajectory_steps: int = 20,
     max_iter: int = 300,
     rule: RuleFn | None = None,
     counterexample_dir: str | Path | None = None,
     max_counterexamples: int = 3,
 ) -> CheckResult:
-    r"""Orthogonal-error convergence (Thm 3.7): iterating ``G``, the error's part orthogonal to the reference → 0.
+    r"""Orthogonal-error convergence (Thm 3.7): iterating G, the error orthogonal to the reference → 0.
 
     The guided iteration ``ξ_{t+1} = G(ξ_t)``, ``G = S + λ(clip_η(r_∥) + ζ r_⊥)``, is solved from each
     starting state to its limit ξ_∞ by AA(5) with a stability test (a limit that plain iteration of G
@@ -849,10 +944,8 @@ def check_orthogonal_error(
     basin_changes = 0
     if targets is None:
         # ξ*: the sparse fixed point in whose basin the guided iteration ends
-        limit_case = Case(case.patterns, limit, case.beta, case.data, case.form)
-        fp_limit = find_fixed_points(limit_case, alpha_sparse=alpha_sparse)
-        targets = fp_limit.sparse
-        limit_converged = limit_converged & fp_limit.sparse_converged
+        targets, target_residual, _ = solve_fixed_points(case.patterns, limit, case.beta, alpha_sparse)
+        limit_converged = limit_converged & (target_residual <= tolerance(dtype, FIXED_POINT_FACTOR) * m)
         if fixed_points is not None:
             moved = _norm(fixed_points.sparse - targets) > fixed_points.threshold
             basin_changes = int((moved & fixed_points.sparse_converged).sum())
@@ -865,7 +958,9 @@ def check_orthogonal_error(
         par.append(_norm(p))
         x = g(x)
     orth_t, par_t = torch.stack(orth), torch.stack(par)  # (T + 1, M)
-    margins, tols, err = _orthogonal_margin(case.patterns, limit, targets, case.beta, alpha_sparse, reference, scale)
+    margins, tols, err = _orthogonal_margin(
+        case.patterns, limit, targets, case.beta, alpha_sparse, reference, scale
+    )
     # a limit that was not reached cannot show the claim: it fails, by at least its residual
     margins = torch.where(limit_converged, margins, torch.minimum(margins, -limit_residual.clamp(min=1e-300)))
     # rate from the trajectory
@@ -897,7 +992,14 @@ def check_orthogonal_error(
         )
 
     paths = _save_worst(
-        "orthogonal-error convergence", case, margins, instance, counterexample_dir, max_counterexamples, tols
+        "orthogonal-error convergence",
+        case,
+        margins,
+        instance,
+        counterexample_dir,
+        max_counterexamples,
+        tols,
+        f"zeta={zeta:g}",
     )
     rel = max(m, 1e-300)
     return _result(
@@ -928,17 +1030,30 @@ def check_orthogonal_error(
 
 
 @register_replayer("orthogonal-error convergence")
-def _replay_orthogonal(tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]) -> tuple[float, dict[str, Any]]:
+def _replay_orthogonal(
+    tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]
+) -> tuple[float, dict[str, Any]]:
     patterns = tensors["patterns"]
     rule = _resolve(params.get("rule"), _gag)
     g = _guided_map(
-        patterns, params["beta"], params["alpha_sparse"], params["scale"], params["zeta"], params["eta"],
-        params["reference"], rule,
+        patterns,
+        params["beta"],
+        params["alpha_sparse"],
+        params["scale"],
+        params["zeta"],
+        params["eta"],
+        params["reference"],
+        rule,
     )
     solved = anderson(g, tensors["state"][None], m=5, tol=1e-30, max_iter=300, stability_check=True)
     limit = torch.as_tensor(solved.x)
     margin, tol, err = _orthogonal_margin(
-        patterns, limit, tensors["target"][None], params["beta"], params["alpha_sparse"], params["reference"],
+        patterns,
+        limit,
+        tensors["target"][None],
+        params["beta"],
+        params["alpha_sparse"],
+        params["reference"],
         params["scale"],
     )
     return float(margin[0]), {"orthogonal_error": float(err[0]), "tolerance_now": float(tol[0]), **params}
@@ -987,7 +1102,9 @@ def check_bounded_update(
     counterexample_dir: str | Path | None = None,
     max_counterexamples: int = 3,
 ) -> CheckResult:
-    r"""Bounded update (Remark 3.8): :math:`\lVert G(\xi) - S(\xi)\rVert \le |\lambda| (\eta + |\zeta| \lVert r_\perp\rVert)`.
+    r"""Bounded update (Remark 3.8): ``‖G(ξ) − S(ξ)‖ ≤ |λ| (η + |ζ| ‖r_⊥‖)``.
+
+    .. math:: \lVert G(\xi) - S(\xi)\rVert \le |\lambda| (\eta + |\zeta| \lVert r_\perp\rVert)
 
     Every (λ, ζ, η, reference) of the grid at every starting state; η in units of M (η = ∞ makes the bound
     vacuous and is not tried). A state passes when every setting does.
@@ -1031,7 +1148,9 @@ def check_bounded_update(
             },
         )
 
-    paths = _save_worst("bounded update", case, margins, instance, counterexample_dir, max_counterexamples, tols)
+    paths = _save_worst(
+        "bounded update", case, margins, instance, counterexample_dir, max_counterexamples, tols
+    )
     return _result(
         "bounded update",
         case,
@@ -1053,7 +1172,9 @@ def check_bounded_update(
 
 
 @register_replayer("bounded update")
-def _replay_bounded(tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]) -> tuple[float, dict[str, Any]]:
+def _replay_bounded(
+    tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]
+) -> tuple[float, dict[str, Any]]:
     margin, tol = _bounded_margin(
         tensors["patterns"],
         tensors["state"][None],
@@ -1099,7 +1220,9 @@ def check_directional_consistency(
     counterexample_dir: str | Path | None = None,
     max_counterexamples: int = 3,
 ) -> CheckResult:
-    r"""Directional consistency: ``r = S(ξ) − D(ξ)`` points toward the sparse fixed point, ``⟨r, ξ*_S − D(ξ)⟩ > 0``.
+    r"""Directional consistency: ``r = S(ξ) − D(ξ)`` points toward the sparse fixed point.
+
+    The claim checked is ``⟨r, ξ*_S − D(ξ)⟩ > 0``.
 
     For each starting state ξ whose sparse iteration converged, ξ*_S is its sparse fixed point (or
     ``targets``). The share of states with ``⟨r, ξ*_S − D(ξ)⟩ > 0`` is the pass rate; the share with
@@ -1144,8 +1267,12 @@ def check_directional_consistency(
         counterexamples=paths,
         settings={"alpha_sparse": alpha_sparse},
         measured={
-            "share_toward_sparse_fixed_point": float((cos_t[use] > tols[use]).double().mean()) if bool(use.any()) else math.nan,
-            "share_aligned_with_retrieval": float((cos_r[use] > tols[use]).double().mean()) if bool(use.any()) else math.nan,
+            "share_toward_sparse_fixed_point": float((cos_t[use] > tols[use]).double().mean())
+            if bool(use.any())
+            else math.nan,
+            "share_aligned_with_retrieval": float((cos_r[use] > tols[use]).double().mean())
+            if bool(use.any())
+            else math.nan,
             "degenerate": int(degenerate.sum()),
             "cos_toward_target": _quantiles(cos_t[use]),
         },
@@ -1153,9 +1280,15 @@ def check_directional_consistency(
 
 
 @register_replayer("directional consistency")
-def _replay_directional(tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]) -> tuple[float, dict[str, Any]]:
+def _replay_directional(
+    tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]
+) -> tuple[float, dict[str, Any]]:
     cos_t, cos_r, tol, degenerate = _directional(
-        tensors["patterns"], tensors["state"][None], tensors["target"][None], params["beta"], params["alpha_sparse"]
+        tensors["patterns"],
+        tensors["state"][None],
+        tensors["target"][None],
+        params["beta"],
+        params["alpha_sparse"],
     )
     return float(cos_t[0] - tol[0]), {
         "cos_toward_target": float(cos_t[0]),
@@ -1178,7 +1311,7 @@ def check_ladder(
     fixed_points: FixedPoints | None = None,
     targets: torch.Tensor | None = None,
 ) -> CheckResult:
-    r"""The Anderson-mixed α-ladder (THEORY.md §4, deeper AA): is ``L_λ`` closer to the sparse fixed point than ``P_λ``?
+    r"""The Anderson-mixed α-ladder (THEORY.md §4): is ``L_λ`` closer to the sparse fixed point than ``P_λ``?
 
     For each starting state with a converged sparse fixed point ξ*_S, the retrievals at the α of
     ``ladder`` are mixed by :func:`~hopfield_aa.geometry.ladder_extrapolate` (``L_λ = D + λ(A − D)``,
@@ -1214,7 +1347,9 @@ def check_ladder(
         rate_note="median ‖L_λ−ξ*_S‖/‖P_λ−ξ*_S‖",
         settings={"ladder": list(ladder), "scales": list(scales), "alpha_sparse": alpha_sparse},
         measured={
-            f"share_closer_at_{s:g}": float((margins[:, k] > 0).double().mean()) if margins.numel() else math.nan
+            f"share_closer_at_{s:g}": float((margins[:, k] > 0).double().mean())
+            if margins.numel()
+            else math.nan
             for k, s in enumerate(scales)
         },
         series={

@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-EXAMPLE_VERIFY = "Example: hopfield-aa verify --quick --out report/ --claims energy,contraction --families gaussian"
+EXAMPLE_VERIFY = (
+    "Example: hopfield-aa verify --quick --out report/ --claims energy,contraction --families gaussian"
+)
 EXAMPLE_PLOT = "Example: hopfield-aa plot report/results.json --out report/"
 
 
@@ -22,9 +24,9 @@ def add_parsers(subparsers: Any) -> None:
         "verify",
         help="check every claim of the theory on synthetic memories and traces; write a report",
         description=(
-            "Run every check of THEORY.md §5 on the synthetic families and on captured traces, print the claims "
-            "table and write a report folder (report.md, results.json, PNG figures, counter-examples). Exits 0 "
-            "whatever the claims' outcome; non-zero only on errors."
+            "Run every check of THEORY.md §5 on the synthetic families and on captured traces, print "
+            "the claims table and write a report folder (report.md, results.json, PNG figures, "
+            "counter-examples). Exits 0 whatever the claims' outcome; non-zero only on errors."
         ),
         epilog=EXAMPLE_VERIFY,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -46,9 +48,14 @@ def add_parsers(subparsers: Any) -> None:
         help="a trace capture directory (or a folder of them); 'none' skips traces "
         "(default: the bundled traces in hopfield_aa/data/traces when present)",
     )
-    verify.add_argument("--states", type=int, default=None, help="starting states per case (default 32, quick 12)")
     verify.add_argument(
-        "--threads", type=int, default=1, help="torch threads (default 1: the work is many small ops, which extra threads only slow down)"
+        "--states", type=int, default=None, help="starting states per case (default 32, quick 12)"
+    )
+    verify.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: the work is many small ops, which extra threads only slow down)",
     )
     verify.add_argument("--no-progress", action="store_true", help="no progress bar")
     verify.set_defaults(func=run_verify)
@@ -97,7 +104,10 @@ def run_verify(args: argparse.Namespace) -> int:
         bundled = bundled_traces()
         traces = None if bundled is None else str(bundled)
         if traces is None:
-            print("traces: no bundled traces in hopfield_aa/data/traces; synthetic families only", file=sys.stderr)
+            print(
+                "traces: no bundled traces in hopfield_aa/data/traces; synthetic families only",
+                file=sys.stderr,
+            )
     elif args.traces.lower() == "none":
         traces = None
     else:
@@ -126,9 +136,13 @@ def run_verify(args: argparse.Namespace) -> int:
     print()
     print(
         f"{len(doc['cases'])} cases, {sum(r['n_states'] for r in doc['summary'])} states tried; "
-        f"{len(failing)} claim rows failing somewhere (counter-examples in {Path(args.out) / 'counterexamples'})"
+        f"{len(failing)} claim rows failing somewhere "
+        f"(counter-examples in {Path(args.out) / 'counterexamples'})"
     )
-    print(f"report: {Path(args.out) / 'report.md'} ({len(figures)} figures); {time.perf_counter() - start:.1f} s")
+    print(
+        f"report: {Path(args.out) / 'report.md'} ({len(figures)} figures); "
+        f"{time.perf_counter() - start:.1f} s"
+    )
     return 0
 
 

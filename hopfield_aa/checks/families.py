@@ -17,7 +17,9 @@ FAMILIES = ("gaussian", "normalised", "clustered", "near_duplicates", "beta_swee
 
 def _generator(seed: int, family: str, index: int) -> torch.Generator:
     # one independent, reproducible stream per (seed, family, case): adding a family never shifts another
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(family.encode()) * 101 + index) % 2**63)
+    return torch.Generator().manual_seed(
+        (seed * 1_000_003 + zlib.crc32(family.encode()) * 101 + index) % 2**63
+    )
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -55,14 +57,24 @@ def starting_states(
 
 
 def _case(
-    family: str, patterns: torch.Tensor, beta: float, gen: torch.Generator, n_states: int, seed: int, **params: object
+    family: str,
+    patterns: torch.Tensor,
+    beta: float,
+    gen: torch.Generator,
+    n_states: int,
+    seed: int,
+    **params: object,
 ) -> Case:
     n, d = patterns.shape
     data = {"family": family, "N": n, "d": d, "beta": float(beta), "seed": seed, **params}
-    return Case(patterns=patterns, states=starting_states(patterns, n_states, gen), beta=float(beta), data=data)
+    return Case(
+        patterns=patterns, states=starting_states(patterns, n_states, gen), beta=float(beta), data=data
+    )
 
 
-def gaussian(seed: int = 0, *, quick: bool = False, n_states: int = 32, dtype: torch.dtype = torch.float64) -> list[Case]:
+def gaussian(
+    seed: int = 0, *, quick: bool = False, n_states: int = 32, dtype: torch.dtype = torch.float64
+) -> list[Case]:
     r"""Patterns with i.i.d. standard normal entries at the attention scale ``β = 1/√d``.
 
     ``β ‖x‖² ≈ √d``: averaging at toy sizes (N = 2, d = 2), sharper retrieval at attention size
@@ -77,8 +89,10 @@ def gaussian(seed: int = 0, *, quick: bool = False, n_states: int = 32, dtype: t
     return out
 
 
-def normalised(seed: int = 0, *, quick: bool = False, n_states: int = 32, dtype: torch.dtype = torch.float64) -> list[Case]:
-    r"""Unit-norm patterns (uniform on the sphere) at ``β = 4 log N``, where retrieval of one pattern dominates."""
+def normalised(
+    seed: int = 0, *, quick: bool = False, n_states: int = 32, dtype: torch.dtype = torch.float64
+) -> list[Case]:
+    r"""Unit-norm patterns (uniform on the sphere) at ``β = 4 log N``: single-pattern retrieval dominates."""
     sizes = [(16, 8)] if quick else [(16, 8), (256, 32)]
     out = []
     for i, (n, d) in enumerate(sizes):
@@ -88,8 +102,10 @@ def normalised(seed: int = 0, *, quick: bool = False, n_states: int = 32, dtype:
     return out
 
 
-def clustered(seed: int = 0, *, quick: bool = False, n_states: int = 32, dtype: torch.dtype = torch.float64) -> list[Case]:
-    r"""Correlated patterns: ``K`` unit cluster centres, each pattern a centre plus noise of norm ≈ ``spread``.
+def clustered(
+    seed: int = 0, *, quick: bool = False, n_states: int = 32, dtype: torch.dtype = torch.float64
+) -> list[Case]:
+    r"""Correlated patterns: ``K`` unit cluster centres, each pattern a centre plus noise of norm ``spread``.
 
     Patterns of one cluster are strongly correlated (cosine ≈ 1 − spread²/2), so at moderate β the dense map
     settles on a metastable state (a cluster average) while the sparse map can still separate them.
@@ -167,7 +183,12 @@ _BUILDERS: dict[str, Callable[..., list[Case]]] = {
 
 
 def make_family(
-    name: str, seed: int = 0, *, quick: bool = False, n_states: int | None = None, dtype: torch.dtype = torch.float64
+    name: str,
+    seed: int = 0,
+    *,
+    quick: bool = False,
+    n_states: int | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> list[Case]:
     """The cases of one synthetic family (see :data:`FAMILIES`), reproducible from ``seed``.
 

@@ -27,7 +27,9 @@ def spectral_radius_psd(matrix: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(0.5 * (matrix + matrix.mT))[..., -1].clamp(min=0.0)
 
 
-def retrieval_jacobian_lowrank(states: torch.Tensor, patterns: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
+def retrieval_jacobian_lowrank(
+    states: torch.Tensor, patterns: torch.Tensor, beta: float, alpha: float
+) -> torch.Tensor:
     r"""``DT_α(ξ) = β Xᵀ (diag(s) − s sᵀ / Σs) X`` without forming the N × N entmax Jacobian.
 
     ``s = p`` for softmax and ``s_i = p_i^{2−α}`` on the support of ``p = entmax_α(βXξ)`` (THEORY.md §1),
@@ -140,16 +142,27 @@ class FixedPoints:
         }
 
 
-def _solve(case: Case, alpha: float, m: int, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
-    patterns, beta = case.patterns, case.beta
+def solve_fixed_points(
+    patterns: torch.Tensor,
+    states: torch.Tensor,
+    beta: float,
+    alpha: float,
+    *,
+    m: int = 5,
+    max_iter: int = 300,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Limits of ``T_α`` from each state by AA(m) with a stability test: (points, residuals, n_iter).
+
+    ``residuals`` are ``‖T_α(ξ*) − ξ*‖``; a row counts as a fixed point when it is at most τ.
+    """
 
     def g(x: torch.Tensor) -> torch.Tensor:
         return _retrieve(x, patterns, beta, alpha)
 
     # tol far below the rounding floor: rows stop at ‖f‖ ≤ 16 eps ‖g(x)‖ (see anderson's docstring)
-    result = anderson(g, case.states, m=m, tol=1e-30, max_iter=max_iter, stability_check=True)
+    result = anderson(g, states, m=m, tol=1e-30, max_iter=max_iter, stability_check=True)
     x = torch.as_tensor(result.x)
-    return x, torch.as_tensor(result.n_iter)
+    return x, torch.linalg.vector_norm(g(x) - x, dim=-1), torch.as_tensor(result.n_iter)
 
 
 def find_fixed_points(
@@ -169,7 +182,8 @@ def find_fixed_points(
     ``‖S(ξ*) − ξ*‖ ≤ τ`` (then every guidance rule keeps it, Lemma 3.3), otherwise *non-common* (then
     extrapolation moves it by ``|λ| ‖r(ξ*)‖``, Remark 3.4). Softmax weights are never exactly sparse, so
     common fixed points exist only where the dense map's weights off one pattern fall below rounding
-    (``β Δ ≳ 36`` in float64) or by symmetry: their share grows with β (see :func:`~hopfield_aa.checks.families.beta_sweep`).
+    (``β Δ ≳ 36`` in float64) or by symmetry: their share grows with β
+    (see :func:`~hopfield_aa.checks.families.beta_sweep`).
 
     Parameters
     ----------
@@ -187,8 +201,12 @@ def find_fixed_points(
     """
     patterns, beta = case.patterns, case.beta
     threshold = tolerance(patterns.dtype, FIXED_POINT_FACTOR) * case.pattern_scale
-    dense, it_d = _solve(case, alpha_dense, m, max_iter)
-    sparse, it_s = _solve(case, alpha_sparse, m, max_iter)
+    dense, dense_residual, it_d = solve_fixed_points(
+        patterns, case.states, beta, alpha_dense, m=m, max_iter=max_iter
+    )
+    sparse, sparse_residual, it_s = solve_fixed_points(
+        patterns, case.states, beta, alpha_sparse, m=m, max_iter=max_iter
+    )
 
     def res(x: torch.Tensor, alpha: float) -> torch.Tensor:
         return torch.linalg.vector_norm(_retrieve(x, patterns, beta, alpha) - x, dim=-1)
@@ -198,8 +216,8 @@ def find_fixed_points(
         alpha_sparse=alpha_sparse,
         dense=dense,
         sparse=sparse,
-        dense_residual=res(dense, alpha_dense),
-        sparse_residual=res(sparse, alpha_sparse),
+        dense_residual=dense_residual,
+        sparse_residual=sparse_residual,
         dense_cross=res(dense, alpha_sparse),
         sparse_cross=res(sparse, alpha_dense),
         dense_radius=local_lipschitz(dense, patterns, beta, alpha_dense),

@@ -40,7 +40,10 @@ ZETAS = (0.0, 0.5, 1.0)
 def _runners() -> dict[str, tuple[str, Runner]]:
     return {
         "energy": ("energy descent", lambda c, fp, d: [C.check_energy_descent(c, counterexample_dir=d)]),
-        "aa1": ("extrapolation is AA(1)", lambda c, fp, d: [C.check_extrapolation_aa1(c, counterexample_dir=d)]),
+        "aa1": (
+            "extrapolation is AA(1)",
+            lambda c, fp, d: [C.check_extrapolation_aa1(c, counterexample_dir=d)],
+        ),
         "preservation": (
             "fixed-point preservation",
             lambda c, fp, d: [C.check_fixed_point_preservation(c, fixed_points=fp, counterexample_dir=d)],
@@ -58,7 +61,9 @@ def _runners() -> dict[str, tuple[str, Runner]]:
         ),
         "orthogonal": (
             "orthogonal-error convergence",
-            lambda c, fp, d: [C.check_orthogonal_error(c, zeta=z, fixed_points=fp, counterexample_dir=d) for z in ZETAS],
+            lambda c, fp, d: [
+                C.check_orthogonal_error(c, zeta=z, fixed_points=fp, counterexample_dir=d) for z in ZETAS
+            ],
         ),
         "bounded": ("bounded update", lambda c, fp, d: [C.check_bounded_update(c, counterexample_dir=d)]),
         "directional": (
@@ -82,7 +87,9 @@ def parse_claims(text: str | Sequence[str] | None) -> list[str]:
     for item in items:
         key = next((k for k, (name, _) in runners.items() if item in (k, name)), None)
         if key is None:
-            raise ValueError(f"unknown claim {item!r}; choose from {', '.join(CLAIM_KEYS)} (or the full claim names)")
+            raise ValueError(
+                f"unknown claim {item!r}; choose from {', '.join(CLAIM_KEYS)} (or the full claim names)"
+            )
         out.append(key)
     return out
 
@@ -132,7 +139,9 @@ def _group(case: Case) -> str:
 
 
 def run_verification(config: VerifyConfig, out: str | os.PathLike[str]) -> dict[str, Any]:
-    """Run the selected checks on the selected data and return the results document (see :func:`write_report`).
+    """Run the selected checks on the selected data and return the results document.
+
+    The document is what :func:`write_report` writes as results.json.
 
     Counter-examples are written to ``out/counterexamples`` as they are found.
     """
@@ -155,7 +164,13 @@ def run_verification(config: VerifyConfig, out: str | os.PathLike[str]) -> dict[
         traces_note = f"{config.traces} ({len(trace_cases)} head cases)"
     runners = _runners()
     outcomes: list[CaseOutcome] = []
-    figures: dict[str, Any] = {"energy": {}, "orthogonal": {}, "contraction": {}, "lambda_star": {}, "ladder": {}}
+    figures: dict[str, Any] = {
+        "energy": {},
+        "orthogonal": {},
+        "contraction": {},
+        "lambda_star": {},
+        "ladder": {},
+    }
     bar = tqdm(cases, desc="verify", unit="case", disable=not config.progress, leave=False)
     for case in bar:
         bar.set_postfix_str(case.label[:40])
@@ -178,7 +193,7 @@ def run_verification(config: VerifyConfig, out: str | os.PathLike[str]) -> dict[
     figures["common_vs_beta"] = [
         {"beta": o.case.beta, **o.fixed_points} for o in outcomes if o.case.data.get("family") == "beta_sweep"
     ]
-    doc = {
+    doc: dict[str, Any] = {
         "format": "hopfield_aa.verify",
         "version": 1,
         "settings": {
@@ -212,9 +227,12 @@ def run_verification(config: VerifyConfig, out: str | os.PathLike[str]) -> dict[
         "figures": figures,
         "seconds": time.perf_counter() - start,
     }
+    # counter-example paths relative to the report folder, so the folder can be moved
     for case_doc in doc["cases"]:
         for r in case_doc["results"]:
             r["counterexamples"] = [os.path.relpath(p, out) for p in r["counterexamples"]]
+    for row in doc["summary"]:
+        row["counterexamples"] = [os.path.relpath(p, out) for p in row["counterexamples"]]
     return doc
 
 
@@ -318,7 +336,18 @@ def _fmt(value: Any, spec: str = ".2e") -> str:
     return format(value, spec)
 
 
-TABLE_COLUMNS = ("claim", "setting", "data", "cases", "tried", "pass rate", "worst margin", "tol", "rate", "status")
+TABLE_COLUMNS = (
+    "claim",
+    "setting",
+    "data",
+    "cases",
+    "tried",
+    "pass rate",
+    "worst margin",
+    "tol",
+    "rate",
+    "status",
+)
 
 
 def table_rows(summary: Sequence[dict[str, Any]]) -> list[list[str]]:
@@ -346,7 +375,7 @@ def format_table(summary: Sequence[dict[str, Any]]) -> str:
     """The claims table as aligned plain text."""
     rows = [list(TABLE_COLUMNS), *table_rows(summary)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -360,15 +389,16 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 
 
 def markdown_report(doc: dict[str, Any], figures: Sequence[str]) -> str:
-    """report.md: settings, the claims table, what fails where (with counter-example paths), fixed points vs β,
-    the ladder row, per-trace results, figures, and a per-case appendix."""
+    """report.md: settings, the claims table, what fails where (with counter-example paths), fixed points
+    vs β, the ladder row, per-trace results, figures, and a per-case appendix."""
     s = doc["settings"]
     lines = [
         "# hopfield-aa verify: the claims of THEORY.md §5, measured",
         "",
         f"Families: {', '.join(s['families']) or 'none'}; traces: {s['traces']}; seed {s['seed']}; "
         f"{'quick' if s['quick'] else 'full'} run; compute dtype {s['dtype']}; "
-        f"wall time {doc['seconds']:.1f} s on {doc['environment']['threads']} thread(s), torch {doc['environment']['torch']}.",
+        f"checks' wall time {doc['seconds']:.1f} s on {doc['environment']['threads']} thread(s), "
+        f"torch {doc['environment']['torch']}.",
         "",
         "Margins are (allowed − observed): negative is a violation. Tolerances are a stated factor of the",
         "dtype's epsilon times a stated scale (see each check's docstring); `M` is the largest pattern norm.",
@@ -385,14 +415,17 @@ def markdown_report(doc: dict[str, Any], figures: Sequence[str]) -> str:
     if not failing:
         lines.append("Every claim held on every case it applies to.")
     for r in failing:
-        cx = [os.path.relpath(p, ".") if os.path.isabs(p) else p for p in r["counterexamples"]]
+        cx = r["counterexamples"]
         lines.append(
-            f"- **{r['claim']}** ({r['setting']}) on *{r['data']}*: {r['n_states'] - r['n_passed']} of {r['n_states']} "
-            f"failing, worst margin {_fmt(r['worst_margin'])}; failing cases: {', '.join(r['failing_cases'][:6])}"
+            f"- **{r['claim']}** ({r['setting']}) on *{r['data']}*: "
+            f"{r['n_states'] - r['n_passed']} of {r['n_states']} failing, "
+            f"worst margin {_fmt(r['worst_margin'])}; failing cases: {', '.join(r['failing_cases'][:6])}"
             + (" …" if len(r["failing_cases"]) > 6 else "")
         )
         for path in cx[:3]:
-            lines.append(f"  - counter-example: `{path}` (replay: `hopfield_aa.checks.replay_counterexample(path)`)")
+            lines.append(
+                f"  - counter-example: `{path}` (replay: `hopfield_aa.checks.replay_counterexample(path)`)"
+            )
     lines.append("")
     sweep = doc["figures"].get("common_vs_beta") or []
     if sweep:
@@ -400,7 +433,15 @@ def markdown_report(doc: dict[str, Any], figures: Sequence[str]) -> str:
             "## Fixed points common to the dense and sparse maps, by β (beta_sweep family)",
             "",
             _markdown_table(
-                ("β", "dense fixed points", "common (dense)", "non-common (dense)", "sparse fixed points", "common (sparse)", "common share"),
+                (
+                    "β",
+                    "dense fixed points",
+                    "common (dense)",
+                    "non-common (dense)",
+                    "sparse fixed points",
+                    "common (sparse)",
+                    "common share",
+                ),
                 [
                     [
                         f"{p['beta']:g}",
@@ -446,7 +487,20 @@ def markdown_report(doc: dict[str, Any], figures: Sequence[str]) -> str:
                 )
         lines += [
             _markdown_table(
-                ("kind", "layer", "step", "head", "N×d", "β", "claim", "setting", "passed", "worst margin", "rate", "status"),
+                (
+                    "kind",
+                    "layer",
+                    "step",
+                    "head",
+                    "N×d",
+                    "β",
+                    "claim",
+                    "setting",
+                    "passed",
+                    "worst margin",
+                    "rate",
+                    "status",
+                ),
                 rows,
             ),
             "",
@@ -471,7 +525,12 @@ def markdown_report(doc: dict[str, Any], figures: Sequence[str]) -> str:
                     r["status"],
                 ]
             )
-    lines += [_markdown_table(("case", "claim", "setting", "passed", "worst margin", "tol", "rate", "status"), rows), ""]
+    lines += [
+        _markdown_table(
+            ("case", "claim", "setting", "passed", "worst margin", "tol", "rate", "status"), rows
+        ),
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -72,7 +72,11 @@ def data_label(data: Mapping[str, Any]) -> str:
         for key in ("N", "d", "beta"):
             if key in data:
                 value = data[key]
-                parts.append(f"{key if key != 'beta' else 'b'}{value:.4g}" if isinstance(value, float) else f"{key}{value}")
+                parts.append(
+                    f"{key if key != 'beta' else 'b'}{value:.4g}"
+                    if isinstance(value, float)
+                    else f"{key}{value}"
+                )
     else:
         layer = str(data.get("layer", "layer")).replace(".", "_")
         parts = ["trace", layer, str(data.get("kind", "")), f"s{data.get('step')}", f"h{data.get('head')}"]
@@ -215,6 +219,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be read
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -227,11 +232,16 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(path, json.dumps(_jsonable(obj), indent=1) + "\n")
 
 
-def _atomic_save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+def _atomic_save_tensors(
+    path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix="-" + path.name)
     os.close(fd)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata)
+        )
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -271,7 +281,9 @@ class Replay:
 
 
 # claim name -> function(tensors, params) -> (margin, details); filled by hopfield_aa.checks.claims
-_REPLAYERS: dict[str, Callable[[Mapping[str, torch.Tensor], Mapping[str, Any]], tuple[float, dict[str, Any]]]] = {}
+_REPLAYERS: dict[
+    str, Callable[[Mapping[str, torch.Tensor], Mapping[str, Any]], tuple[float, dict[str, Any]]]
+] = {}
 
 
 def register_replayer(
@@ -302,8 +314,11 @@ def save_counterexample(
     margin: float,
     tolerance: float,
     rank: int,
+    setting: str = "",
 ) -> str:
-    """Save one counter-example as ``<claim>__<data>__<rank>.safetensors`` + ``.json``; return the JSON path.
+    """Save one counter-example as ``<claim>__<data>[__<setting>]__<rank>`` ``.safetensors`` + ``.json``.
+
+    Returns the path of the JSON file.
 
     ``tensors`` hold what the claim is evaluated on (memory ``patterns``, the ``state`` or fixed ``point``,
     ...); ``params`` the settings (β, α, λ, ζ, η, reference, rule) that make the instance replayable with
@@ -311,7 +326,8 @@ def save_counterexample(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    stem = f"{slug(claim)}__{data_label(data)}__{rank}"
+    tag = f"__{slug(setting)}" if setting else ""
+    stem = f"{slug(claim)}__{data_label(data)}{tag}__{rank}"
     tensor_path = directory / f"{stem}.safetensors"
     json_path = directory / f"{stem}.json"
     _atomic_save_tensors(tensor_path, tensors, {"claim": claim})
@@ -325,6 +341,7 @@ def save_counterexample(
             "margin": margin,
             "tolerance": tolerance,
             "tensors": tensor_path.name,
+            "setting": setting,
             "dtype": str(next(iter(tensors.values())).dtype).replace("torch.", ""),
         },
     )

@@ -31,7 +31,7 @@ def capture_dirs(path: str | os.PathLike[str]) -> list[Path]:
 
 
 def bundled_traces() -> Path | None:
-    """The bundled traces folder (``hopfield_aa/data/traces``) when it holds at least one capture, else None."""
+    """The bundled traces folder (``hopfield_aa/data/traces``) if it holds a capture, else None."""
     if BUNDLED_TRACES.is_dir() and capture_dirs(BUNDLED_TRACES):
         return BUNDLED_TRACES
     return None
@@ -97,7 +97,9 @@ def _entry_key(entry: object) -> tuple[str, str, int, int]:
     return (str(e.get("kind")), str(e.get("layer")), int(e.get("step", 0)), int(e.get("batch_index", 0) or 0))
 
 
-def _record_cases(record: object, directory: Path, max_heads: int, max_states: int, dtype: torch.dtype) -> Iterator[Case]:
+def _record_cases(
+    record: object, directory: Path, max_heads: int, max_states: int, dtype: torch.dtype
+) -> Iterator[Case]:
     from hopfield_aa.traces.record import TraceRecord
 
     assert isinstance(record, TraceRecord)

@@ -67,7 +67,8 @@ def guided_attention(
     r"""Attention whose output is a guidance rule of its dense and sparse retrievals.
 
     With scores :math:`Z = \beta Q K^\top + M`, the retrievals :math:`Y_i = \mathrm{entmax}_{\alpha_i}(Z) V`
-    share one score matrix, and the output for the batch rows ``rows`` is ``combine([Y_0, Y_1, …])``
+    share one score matrix (the dense one through ``F.scaled_dot_product_attention``, the stock kernel),
+    and the output for the batch rows ``rows`` is ``combine([Y_0, Y_1, …])``
     (per head and query token); other rows get the dense retrieval ``Y_0 = softmax(Z) V``, the stock
     attention. Everything is computed in float32 and cast back to ``query``'s dtype.
 
@@ -91,11 +92,15 @@ def guided_attention(
     tensor, shape (batch, heads, queries, d), dtype of ``query``.
     """
     q, k, v = query.float(), key.float(), value.float()
-    scores = (q @ k.transpose(-1, -2)) * scale
     mask = _mask_block(attention_mask, ALL_ROWS, ALL_ROWS)
+    # the dense retrieval by the fused kernel (the stock one, in float32); the sparse ones from the same
+    # scores, computed explicitly
+    dense = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False, scale=scale
+    )
+    scores = (q @ k.transpose(-1, -2)) * scale
     if mask is not None:
         scores = scores + mask
-    dense = torch.softmax(scores, dim=-1) @ v
     if rows == ALL_ROWS:
         output = combine(retrievals(scores, v, alphas, dense=dense))
     else:

@@ -19,6 +19,7 @@ from hopfield_aa.reference.dataset import (
     caption_of,
     parse_caption,
     render,
+    scene_from_attributes,
     split_of,
     vocabulary,
 )
@@ -86,6 +87,7 @@ __all__ = [
     "read_objects",
     "render",
     "save_model",
+    "scene_from_attributes",
     "split_of",
     "train_reference",
     "vocabulary",

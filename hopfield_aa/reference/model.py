@@ -164,10 +164,16 @@ def build_scheduler(config: ModelConfig, kind: str = "ddim") -> Any:
     )
     if kind == "ddpm":
         return ddpm
+    # Pixel-space sampling clips the predicted x_0 to the data range [-1, 1]: at the first "trailing"
+    # timestep ᾱ_T ≈ 0, and x̂_0 = (x_t − √(1 − ᾱ_t) ε̂) / √ᾱ_t would amplify any error in ε̂ without bound.
     if kind == "ddim":
-        return DDIMScheduler.from_config(ddpm.config, set_alpha_to_one=True, timestep_spacing="trailing")
+        return DDIMScheduler.from_config(
+            ddpm.config, set_alpha_to_one=True, timestep_spacing="trailing", clip_sample=True
+        )
     if kind == "dpm":
-        return DPMSolverMultistepScheduler.from_config(ddpm.config, timestep_spacing="trailing")
+        return DPMSolverMultistepScheduler.from_config(
+            ddpm.config, timestep_spacing="trailing", thresholding=True, sample_max_value=1.0
+        )
     raise ValueError(f"scheduler must be 'ddpm', 'ddim' or 'dpm', got {kind!r}")
 
 
@@ -331,6 +337,7 @@ def _atomic_write(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; shipped files must be readable
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

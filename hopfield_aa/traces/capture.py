@@ -122,8 +122,8 @@ class TraceCapture:
     >>> with TraceCapture(unet, out, selection=Selection(kinds=["cross"])) as cap:
     ...     cap.begin_run(prompt_id=0, seed=0)
     ...     _ = unet(torch.randn(1, 4, 8, 8), 999, encoder_hidden_states=torch.randn(1, 5, 12))
-    >>> cap.n_records
-    3
+    >>> cap.n_records  # the four cross-attention layers, one batch row
+    4
     """
 
     def __init__(

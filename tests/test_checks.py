@@ -1,0 +1,289 @@
+"""Each check of THEORY.md §5 both ways: it passes where its claim holds and fails (with a replayable
+counter-example) on a constructed case where the claim must fail, so no check can pass vacuously."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hopfield_aa.checks import (
+    Case,
+    check_bounded_update,
+    check_directional_consistency,
+    check_divergence,
+    check_energy_descent,
+    check_extrapolation_aa1,
+    check_fixed_point_preservation,
+    check_ladder,
+    check_orthogonal_error,
+    check_weak_contraction,
+    find_fixed_points,
+    make_family,
+    replay_counterexample,
+    retrieval_jacobian_lowrank,
+)
+from hopfield_aa.checks.families import FAMILIES
+from hopfield_aa.geometry import _extrapolate, _gag, _ladder_extrapolate
+from hopfield_aa.hopfield import _retrieve, retrieval_jacobian
+
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def toy() -> Case:
+    """Gaussian N = 16, d = 8 at β = 1/√d: no common fixed point, every dense fixed point non-common."""
+    return make_family("gaussian", seed=0, quick=True, n_states=8)[1]
+
+
+@pytest.fixture(scope="module")
+def toy_fp(toy: Case):
+    return find_fixed_points(toy)
+
+
+@pytest.fixture(scope="module")
+def saturated() -> Case:
+    """16 unit patterns at β = 1000: softmax saturates, every fixed point is common to D and S."""
+    return make_family("beta_sweep", seed=0, n_states=8)[-1]
+
+
+def saddle_case() -> tuple[Case, torch.Tensor]:
+    """Patterns ±e₁ at β = 4: ξ* = 0 is fixed by D with DT(0) = β e₁e₁ᵀ, spectral radius 4 (a saddle)."""
+    patterns = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=F64)
+    states = torch.tensor([[0.3, 0.1]], dtype=F64)
+    return Case(patterns, states, 4.0, {"family": "saddle", "N": 2, "d": 2, "beta": 4.0}), torch.zeros(
+        1, 2, dtype=F64
+    )
+
+
+# ------------------------------------------------------------------------------------ families
+
+
+def test_families_are_reproducible_from_the_seed_and_span_toy_to_attention_size() -> None:
+    for name in FAMILIES:
+        a, b = make_family(name, seed=3, quick=True), make_family(name, seed=3, quick=True)
+        c = make_family(name, seed=4, quick=True)
+        assert all(
+            torch.equal(x.patterns, y.patterns) and torch.equal(x.states, y.states)
+            for x, y in zip(a, b, strict=False)
+        )
+        assert any(not torch.equal(x.states, z.states) for x, z in zip(a, c, strict=False))
+    sizes = {(c.data["N"], c.data["d"]) for c in make_family("gaussian")}
+    assert (2, 2) in sizes and (1024, 64) in sizes
+    betas = [c.beta for c in make_family("beta_sweep")]
+    assert min(betas) <= 0.1 and max(betas) >= 1000
+
+
+def test_unknown_family_is_rejected_by_name() -> None:
+    with pytest.raises(ValueError, match="family"):
+        make_family("uniform")
+
+
+def test_lowrank_jacobian_equals_the_library_jacobian(toy: Case) -> None:
+    for alpha in (1.0, 1.5, 2.0):
+        ours = retrieval_jacobian_lowrank(toy.states, toy.patterns, toy.beta, alpha)
+        theirs = retrieval_jacobian(toy.states, toy.patterns, toy.beta, alpha)
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------ fixed points
+
+
+def test_fixed_points_are_common_only_once_softmax_saturates(toy_fp, saturated: Case) -> None:
+    assert int(toy_fp.dense_converged.sum()) == toy_fp.dense.shape[0]
+    assert int(toy_fp.dense_common.sum()) == 0 and int(toy_fp.dense_non_common.sum()) == toy_fp.dense.shape[0]
+    fp = find_fixed_points(saturated)
+    assert bool(fp.dense_common.all()) and bool(fp.sparse_common.all())
+    assert fp.summary()["common_share"] == 1.0
+
+
+# ------------------------------------------------------------------------------------ energy descent
+
+
+def test_energy_descent_holds_for_the_retrieval_map(toy: Case) -> None:
+    result = check_energy_descent(toy, steps=4)
+    assert result.status == "pass" and result.n_states == 8 * 4 * 4 and result.worst_margin >= 0
+
+
+def test_energy_descent_fails_for_an_over_relaxed_step(toy: Case, tmp_path) -> None:
+    def over_relaxed(x, patterns, beta, alpha):
+        return x + 3.0 * (_retrieve(x, patterns, beta, alpha) - x)
+
+    result = check_energy_descent(toy, steps=3, step=over_relaxed, counterexample_dir=tmp_path)
+    assert result.status == "fail" and result.worst_margin < 0 and result.counterexamples
+    with pytest.raises(ValueError, match="rule"):
+        replay_counterexample(result.counterexamples[0])
+    replay = replay_counterexample(result.counterexamples[0], step=over_relaxed)
+    assert not replay.holds and replay.margin == pytest.approx(replay.recorded_margin, rel=1e-9)
+    # the same instance under the true retrieval map satisfies the claim
+    assert replay_counterexample(result.counterexamples[0], step="library").holds
+
+
+# ------------------------------------------------------------------------------------ extrapolation is AA(1)
+
+
+def test_extrapolation_is_an_aa1_step(toy: Case) -> None:
+    result = check_extrapolation_aa1(toy)
+    assert result.status == "pass" and result.n_states == 8
+    assert result.measured["lambda_star"]["min"] <= result.measured["lambda_star"]["max"]
+
+
+def test_gag_is_not_an_aa1_step(toy: Case) -> None:
+    result = check_extrapolation_aa1(toy, rule=lambda d, s, lam: _gag(d, s, lam))
+    assert result.status == "fail" and result.n_passed < result.n_states
+
+
+# ------------------------------------------------------------------------------- fixed-point preservation
+
+
+def test_rules_preserve_common_fixed_points(saturated: Case) -> None:
+    result = check_fixed_point_preservation(saturated)
+    assert result.status == "pass" and result.n_states > 0
+
+
+def test_preservation_is_not_applicable_without_common_fixed_points(toy: Case, toy_fp) -> None:
+    result = check_fixed_point_preservation(toy, fixed_points=toy_fp)
+    assert result.status == "n/a" and result.n_states == 0 and math.isnan(result.pass_rate)
+
+
+def test_a_rule_that_does_not_vanish_with_the_residual_breaks_preservation(saturated: Case, tmp_path) -> None:
+    def drift(dense, sparse, scale, zeta, eta, reference, state):
+        return sparse + 1e-3 * scale * sparse
+
+    result = check_fixed_point_preservation(saturated, rule=drift, counterexample_dir=tmp_path)
+    assert result.status == "fail" and result.n_passed == 0
+    assert not replay_counterexample(result.counterexamples[0], rule=drift).holds
+
+
+# ------------------------------------------------------------------------------------ divergence
+
+
+def test_extrapolation_leaves_non_common_fixed_points_linearly(toy: Case, toy_fp) -> None:
+    result = check_divergence(toy, fixed_points=toy_fp)
+    assert result.status == "pass" and result.n_states == 8 and result.rate is not None and result.rate > 0
+
+
+def test_divergence_law_fails_away_from_fixed_points(toy: Case, tmp_path) -> None:
+    result = check_divergence(toy, points=toy.states, counterexample_dir=tmp_path)
+    assert result.status == "fail" and result.counterexamples
+    replay = replay_counterexample(result.counterexamples[0])
+    assert not replay.holds and replay.margin == pytest.approx(replay.recorded_margin, rel=1e-9)
+
+
+# ------------------------------------------------------------------------------------ weak contraction
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.5])
+def test_retrieval_contracts_near_its_fixed_points(toy: Case, toy_fp, alpha: float) -> None:
+    result = check_weak_contraction(toy, alpha=alpha, fixed_points=toy_fp)
+    assert result.status == "pass" and result.n_states == 8 * 2 * 4 and result.rate < 1
+
+
+def test_weak_contraction_fails_at_a_saddle(tmp_path) -> None:
+    case, zero = saddle_case()
+    result = check_weak_contraction(case, points=zero, counterexample_dir=tmp_path)
+    # directions along e₁ expand by β = 4; those nearly along e₂ are not moved away
+    assert result.status == "fail" and result.n_passed < result.n_states / 2
+    # and no ratio exceeds the global Lipschitz certificate β · ½ · ‖X‖₂² = 4
+    assert 2.0 < result.measured["max_ratio"] <= result.measured["global_certificate"] + 1e-9
+    replay = replay_counterexample(result.counterexamples[0])
+    assert not replay.holds and replay.details["ratio"] > 1.0
+    assert replay.margin == pytest.approx(replay.recorded_margin, rel=1e-9)
+
+
+def test_weak_contraction_fails_for_an_expanding_map(toy: Case, toy_fp) -> None:
+    result = check_weak_contraction(toy, fixed_points=toy_fp, retrieval=lambda x, p, b, a: 2.0 * x)
+    assert result.status == "fail"
+
+
+# ------------------------------------------------------------------------------------ orthogonal error
+
+
+@pytest.mark.parametrize("zeta", [0.0, 0.5, 1.0])
+def test_orthogonal_error_vanishes_when_the_sparse_map_retrieves_single_patterns(
+    saturated: Case, zeta: float
+) -> None:
+    result = check_orthogonal_error(saturated, zeta=zeta, trajectory_steps=5)
+    assert result.status == "pass" and result.n_states == 8
+
+
+def test_orthogonal_error_persists_with_an_orthogonal_offset_target(saturated: Case, tmp_path) -> None:
+    fp = find_fixed_points(saturated)
+    # a target moved orthogonally to the reference direction (the retrieved pattern): the error cannot vanish
+    offset = torch.zeros_like(fp.sparse)
+    offset[:, 0] = 1.0
+    offset = offset - (offset * fp.sparse).sum(-1, keepdim=True) * fp.sparse / (fp.sparse**2).sum(
+        -1, keepdim=True
+    )
+    result = check_orthogonal_error(
+        saturated, targets=fp.sparse + 0.1 * offset, trajectory_steps=5, counterexample_dir=tmp_path
+    )
+    assert result.status == "fail" and result.counterexamples
+    assert not replay_counterexample(result.counterexamples[0]).holds
+
+
+def test_orthogonal_error_with_zeta_one_remains_on_correlated_patterns() -> None:
+    case = make_family("clustered", seed=0, quick=True, n_states=6)[0]
+    result = check_orthogonal_error(case, zeta=1.0, trajectory_steps=5)
+    assert result.status == "fail" and result.worst_margin < -1e-6
+
+
+# ------------------------------------------------------------------------------------ bounded update
+
+
+def test_gag_update_is_bounded(toy: Case) -> None:
+    assert check_bounded_update(toy).status == "pass"
+
+
+def test_an_uncapped_rule_violates_the_bound(toy: Case, tmp_path) -> None:
+    def uncapped(dense, sparse, scale, zeta, eta, reference, state):
+        return _gag(dense, sparse, scale, zeta, math.inf, reference, state)
+
+    result = check_bounded_update(toy, rule=uncapped, counterexample_dir=tmp_path)
+    assert result.status == "fail"
+    assert not replay_counterexample(result.counterexamples[0], rule=uncapped).holds
+
+
+# ------------------------------------------------------------------------------------ directional consistency
+
+
+def test_residual_points_toward_the_sparse_fixed_point_when_retrieval_is_sharp() -> None:
+    case = make_family("normalised", seed=0, quick=True, n_states=8)[0]
+    result = check_directional_consistency(case)
+    assert result.status == "pass" and result.n_states > 0
+    assert result.measured["share_toward_sparse_fixed_point"] == 1.0
+
+
+def test_directional_consistency_fails_for_a_target_behind_the_dense_retrieval(toy: Case, tmp_path) -> None:
+    dense = _retrieve(toy.states, toy.patterns, toy.beta, 1.0)
+    sparse = _retrieve(toy.states, toy.patterns, toy.beta, 1.5)
+    result = check_directional_consistency(toy, targets=dense - (sparse - dense), counterexample_dir=tmp_path)
+    assert (
+        result.status == "fail"
+        and result.n_passed == 0
+        and result.worst_margin == pytest.approx(-1.0, abs=1e-9)
+    )
+    assert not replay_counterexample(result.counterexamples[0]).holds
+
+
+# ------------------------------------------------------------------------------------ ladder
+
+
+def test_ladder_measurement_counts_states_where_the_mixed_output_is_closer(toy: Case, toy_fp) -> None:
+    scales = (1.0, 2.0)
+    result = check_ladder(toy, fixed_points=toy_fp, scales=scales)
+    assert result.status == "measured" and result.n_states == 8 * len(scales)
+    xi, target = toy.states, toy_fp.sparse
+    rungs = [_retrieve(xi, toy.patterns, toy.beta, a) for a in (1.0, 1.25, 1.5, 2.0)]
+    sparse = _retrieve(xi, toy.patterns, toy.beta, 1.5)
+    expected = sum(
+        int(
+            (
+                torch.linalg.vector_norm(_ladder_extrapolate(rungs, lam) - target, dim=-1)
+                < torch.linalg.vector_norm(_extrapolate(rungs[0], sparse, lam) - target, dim=-1)
+            ).sum()
+        )
+        for lam in scales
+    )
+    assert result.n_passed == expected

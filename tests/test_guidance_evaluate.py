@@ -1,0 +1,141 @@
+"""The guidance evaluation on a tiny randomly initialised reference pipeline: same prompts and noise for
+every method, the η calibration, the verdict logic, and a complete report written to disk."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hopfield_aa.guidance import RULES, GuidanceConfig, guidance_handle
+from hopfield_aa.guidance.evaluate import (
+    FAMILIES,
+    Method,
+    calibrate_eta,
+    default_methods,
+    evaluate,
+    evaluation_prompts,
+    initial_noise,
+    sample,
+)
+from hopfield_aa.guidance.report import Comparison, markdown_report, write_figures
+from hopfield_aa.reference.dataset import parse_caption
+from hopfield_aa.reference.metrics import Estimate
+from hopfield_aa.reference.model import ModelConfig, ReferencePipeline, build_model, build_scheduler
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipe() -> ReferencePipeline:
+    torch.manual_seed(0)
+    config = ModelConfig(image_size=16, block_out_channels=(8, 16), cross_attention_levels=(False, True))
+    config.norm_num_groups = 4
+    config.text_hidden_size = 16
+    config.text_layers = 1
+    unet, text_encoder, tokenizer = build_model(config)
+    return ReferencePipeline(unet.eval(), text_encoder.eval(), tokenizer, build_scheduler(config), config)
+
+
+def test_evaluation_prompts_are_seeded_half_single_half_pair():
+    prompts = evaluation_prompts(10, seed=3)
+    assert prompts == evaluation_prompts(10, seed=3)
+    assert prompts != evaluation_prompts(10, seed=4)
+    counts = [parse_caption(p)["count"] for p in prompts]
+    assert counts.count(1) == 5 and counts.count(2) == 5
+    assert len(set(prompts)) == 10
+    with pytest.raises(ValueError, match="n_prompts"):
+        evaluation_prompts(1)
+
+
+def test_initial_noise_is_seed_major_and_reproducible():
+    noise = initial_noise(3, [5, 7], 4)
+    assert noise.shape == (6, 3, 4, 4)
+    torch.testing.assert_close(noise[:3], torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(5)))
+    torch.testing.assert_close(noise[3:], torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(7)))
+
+
+def test_sampling_uses_the_given_noise_and_restores_the_pipeline(pipe):
+    captions = evaluation_prompts(4)
+    latents = initial_noise(4, [0], 16)
+    none = Method("none", "none", 0.0)
+    gag = Method("gag", "gag", 2.0, guidance=GuidanceConfig(scale=2.0))
+    first = sample(pipe, none, captions, latents, steps=2, batch_size=3)
+    guided = sample(pipe, gag, captions, latents, steps=2)
+    again = sample(pipe, none, captions, latents, steps=2)
+    assert first.shape == (4, 16, 16, 3)
+    np.testing.assert_array_equal(first, again)  # guidance left nothing behind
+    assert np.abs(guided - first).max() > 1e-4
+    assert guidance_handle(pipe) is None
+
+
+def test_calibrated_eta_is_a_positive_norm_and_the_probe_rule_is_removed(pipe):
+    eta = calibrate_eta(pipe, evaluation_prompts(2), initial_noise(2, [0], 16), steps=2)
+    assert math.isfinite(eta) and eta > 0
+    assert "_calibrate_eta" not in RULES
+
+
+def test_default_methods_cover_every_family_with_unique_names():
+    methods = default_methods(0.1)
+    assert {m.family for m in methods} == set(FAMILIES)
+    assert len({m.name for m in methods}) == len(methods)
+    capped = [m for m in methods if m.family == "gag_capped"]
+    assert all(m.guidance is not None and m.guidance.options["eta"] == 0.1 for m in capped)
+    orthogonal = [m for m in methods if m.family == "orthogonal"]
+    assert all(m.guidance.options == {"zeta": 1.0, "eta": 0.0, "reference": "sparse"} for m in orthogonal)
+    assert {m.family for m in default_methods(0.1, quick=True)} == set(FAMILIES) - {"full"}
+
+
+@pytest.mark.parametrize(
+    ("accuracy", "fd", "verdict"),
+    [
+        ((0.1, 0.02, 0.2), (0.0, -1.0, 1.0), "better"),
+        ((0.0, -0.1, 0.1), (-2.0, -3.0, -1.0), "better"),
+        ((-0.1, -0.2, -0.01), (0.0, -1.0, 1.0), "worse"),
+        ((0.1, 0.02, 0.2), (2.0, 1.0, 3.0), "mixed"),
+        ((0.0, -0.1, 0.1), (0.0, -1.0, 1.0), "no resolved difference"),
+    ],
+)
+def test_a_comparison_is_resolved_only_when_an_interval_excludes_zero(accuracy, fd, verdict):
+    assert Comparison("a", "b", Estimate(*accuracy), Estimate(*fd)).verdict == verdict
+
+
+def test_a_quick_evaluation_writes_tables_claims_and_figures(pipe, tmp_path):
+    n_prompts, seeds = 4, [0, 1]
+    prompts = evaluation_prompts(n_prompts)
+    captions = [c for _ in seeds for c in prompts]
+    methods = default_methods(0.05, quick=True)
+    ev = evaluate(
+        pipe,
+        methods,
+        captions,
+        n_prompts=n_prompts,
+        seeds=seeds,
+        steps=2,
+        eta=0.05,
+        progress=False,
+        real_per_caption=2,
+    )
+    ev.n_resamples = 40
+    data = ev.to_json()
+    assert [m["name"] for m in data["methods"]] == [m.name for m in methods]
+    for entry in data["methods"]:
+        low, value, high = entry["whole"][1], entry["whole"][0], entry["whole"][2]
+        assert 0.0 <= low <= value <= high <= 1.0
+        assert entry["fd"][0] >= 0.0
+    json.dumps(data)
+    figures = write_figures(ev, tmp_path)
+    assert all(p.is_file() and p.stat().st_size > 0 for p in figures)
+    text = markdown_report(ev, figures={p.stem: p.name for p in figures})
+    for heading in ("Alignment and quality per method", "Ordering of ζ = 0", "The λ curve", "On top of CFG"):
+        assert heading in text
+    assert all(m.name in text for m in methods)
