@@ -1,15 +1,18 @@
 """hopfield_aa: attention-space diffusion guidance as modern Hopfield dynamics and Anderson acceleration.
 
-The public API (see docs/ and THEORY in papers/):
+The public API (see docs/ and papers/theory.md):
 
-- normalizers: :func:`entmax` (α ≥ 1: softmax, sparsemax, exact 1.5, Newton/bisection otherwise),
+- normalizers: :func:`entmax` (α ≥ 1: softmax, sparsemax, exact 1.5, Newton root-finding otherwise),
   its Jacobian and convex conjugate;
-- hopfield: :func:`energy`, :func:`retrieve`, :func:`attention`, :func:`iterate`;
-- anderson: :func:`anderson` (AA(m), batched), :func:`anderson_step`;
+- hopfield: :func:`energy`, :func:`retrieve`, :func:`attention`, :func:`iterate`, Jacobians and
+  Lipschitz estimates;
+- anderson: :func:`anderson` (AA(m), batched and safeguarded), :func:`anderson_step`, :func:`spectral_radius`;
 - geometry: :func:`decompose`, :func:`norm_cap`, :func:`gag`, :func:`extrapolate`, :func:`ladder_extrapolate`;
-- traces: :class:`TraceSet`, :class:`TraceRecord`, :func:`capture`.
+- traces: :class:`TraceSet`, :class:`TraceRecord`, :func:`capture` (imported on first use, since they pull
+  in diffusers).
 
-Names are imported lazily so that ``import hopfield_aa`` stays cheap.
+The function :func:`anderson` shares its name with the module :mod:`hopfield_aa.anderson`; the package
+attribute is the function.
 """
 
 from __future__ import annotations
@@ -17,84 +20,86 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from hopfield_aa.anderson import AndersonConfig, AndersonResult, anderson_step, spectral_radius
+from hopfield_aa.geometry import (
+    aa1_gamma,
+    anderson_optimal_scale,
+    decompose,
+    extrapolate,
+    gag,
+    ladder_extrapolate,
+    norm_cap,
+)
+from hopfield_aa.hopfield import (
+    IterateResult,
+    attention,
+    energy,
+    iterate,
+    lipschitz_bound,
+    local_lipschitz,
+    retrieval_jacobian,
+    retrieve,
+)
+from hopfield_aa.normalizers import (
+    entmax,
+    entmax15,
+    entmax_conjugate,
+    entmax_jacobian,
+    entmax_jvp,
+    softmax,
+    sparsemax,
+)
+
+# Imported last: binding the submodule ``hopfield_aa.anderson`` (above) set the package attribute to the
+# module; this rebinds it to the function.
+from hopfield_aa.anderson import anderson  # isort: skip
+
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "entmax": "normalizers",
-    "softmax": "normalizers",
-    "sparsemax": "normalizers",
-    "entmax15": "normalizers",
-    "entmax_jacobian": "normalizers",
-    "entmax_jvp": "normalizers",
-    "entmax_conjugate": "normalizers",
-    "energy": "hopfield",
-    "retrieve": "hopfield",
-    "attention": "hopfield",
-    "iterate": "hopfield",
-    "IterateResult": "hopfield",
-    "retrieval_jacobian": "hopfield",
-    "local_lipschitz": "hopfield",
-    "anderson": "anderson",
-    "anderson_step": "anderson",
-    "AndersonConfig": "anderson",
-    "AndersonResult": "anderson",
-    "decompose": "geometry",
-    "norm_cap": "geometry",
-    "gag": "geometry",
-    "extrapolate": "geometry",
-    "aa1_gamma": "geometry",
-    "anderson_optimal_scale": "geometry",
-    "ladder_extrapolate": "geometry",
-    "spectral_radius": "anderson",
-    "lipschitz_bound": "hopfield",
-    "TraceSet": "traces",
-    "TraceRecord": "traces",
-    "capture": "traces",
-}
+_LAZY = {"TraceSet": "traces", "TraceRecord": "traces", "capture": "traces"}
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "AndersonConfig",
+    "AndersonResult",
+    "IterateResult",
+    "TraceRecord",
+    "TraceSet",
+    "__version__",
+    "aa1_gamma",
+    "anderson",
+    "anderson_optimal_scale",
+    "anderson_step",
+    "attention",
+    "capture",
+    "decompose",
+    "energy",
+    "entmax",
+    "entmax15",
+    "entmax_conjugate",
+    "entmax_jacobian",
+    "entmax_jvp",
+    "extrapolate",
+    "gag",
+    "iterate",
+    "ladder_extrapolate",
+    "lipschitz_bound",
+    "local_lipschitz",
+    "norm_cap",
+    "retrieval_jacobian",
+    "retrieve",
+    "softmax",
+    "sparsemax",
+    "spectral_radius",
+]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from hopfield_aa.anderson import AndersonConfig, AndersonResult, anderson, anderson_step, spectral_radius
-    from hopfield_aa.geometry import (
-        aa1_gamma,
-        anderson_optimal_scale,
-        decompose,
-        extrapolate,
-        gag,
-        ladder_extrapolate,
-        norm_cap,
-    )
-    from hopfield_aa.hopfield import (
-        IterateResult,
-        attention,
-        energy,
-        iterate,
-        lipschitz_bound,
-        local_lipschitz,
-        retrieval_jacobian,
-        retrieve,
-    )
-    from hopfield_aa.normalizers import (
-        entmax,
-        entmax15,
-        entmax_conjugate,
-        entmax_jacobian,
-        entmax_jvp,
-        softmax,
-        sparsemax,
-    )
     from hopfield_aa.traces import TraceRecord, TraceSet, capture
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
+    module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'hopfield_aa' has no attribute {name!r}")
     value = getattr(importlib.import_module(f"hopfield_aa.{module}"), name)
     globals()[name] = value
     return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)

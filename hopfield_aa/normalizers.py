@@ -150,7 +150,8 @@ def _entmax_general_block(z: torch.Tensor, alpha: float, out: torch.Tensor) -> t
     lam = torch.zeros_like(z[:, :1])
     lo = lam.clone()
     hi = torch.full_like(lam, -math.expm1(-am1 * math.log(n)) / am1 if n > 1 else 0.0)
-    tol = 32 * torch.finfo(z.dtype).eps
+    # F can be resolved to eps^{1/(α−1)} only for α > 2 (entries at the threshold enter as x^{1/(α−1)})
+    tol = 32 * torch.finfo(z.dtype).eps ** min(1.0, expo)
     width_tol = 4 * torch.finfo(z.dtype).eps * float(hi[0, 0]) if hi.numel() else 0.0
     polished = torch.zeros_like(lam, dtype=torch.bool)
     it = 0

@@ -71,7 +71,7 @@ def test_sampling_uses_the_given_noise_and_restores_the_pipeline(pipe):
     gag = Method("gag", "gag", 2.0, guidance=GuidanceConfig(scale=2.0))
     first = sample(pipe, none, captions, latents, steps=2, batch_size=3)
     guided = sample(pipe, gag, captions, latents, steps=2)
-    again = sample(pipe, none, captions, latents, steps=2)
+    again = sample(pipe, none, captions, latents, steps=2, batch_size=3)
     assert first.shape == (4, 16, 16, 3)
     np.testing.assert_array_equal(first, again)  # guidance left nothing behind
     assert np.abs(guided - first).max() > 1e-4

@@ -117,7 +117,7 @@ class VerifyConfig:
     claims: list[str] = field(default_factory=lambda: list(CLAIM_KEYS))
     traces: str | None = None
     n_states: int | None = None
-    max_records: int | None = 12
+    max_records: int | None = 8
     progress: bool = True
 
 
