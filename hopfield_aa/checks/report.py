@@ -281,7 +281,7 @@ def summarise(outcomes: Sequence[CaseOutcome]) -> list[dict[str, Any]]:
                     "n_states": 0,
                     "n_passed": 0,
                     "worst_margin": math.inf,
-                    "tolerance": 0.0,
+                    "tolerance": math.nan,
                     "rates": [],
                     "statuses": set(),
                     "counterexamples": [],
@@ -294,7 +294,9 @@ def summarise(outcomes: Sequence[CaseOutcome]) -> list[dict[str, Any]]:
             if not math.isnan(r.worst_margin):
                 row["worst_margin"] = min(row["worst_margin"], r.worst_margin)
             if not math.isnan(r.tolerance):
-                row["tolerance"] = max(row["tolerance"], r.tolerance)
+                row["tolerance"] = (
+                    r.tolerance if math.isnan(row["tolerance"]) else max(row["tolerance"], r.tolerance)
+                )
             if r.rate is not None and not math.isnan(r.rate):
                 row["rates"].append(r.rate)
             row["statuses"].add(r.status)
