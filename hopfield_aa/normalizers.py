@@ -1,25 +1,22 @@
-"""Separation maps of THEORY.md §1: softmax, sparsemax, 1.5-entmax and α-entmax for any α ≥ 1,
-with their closed-form Jacobians, Jacobian-vector products, thresholds and convex conjugates.
-
-For scores ``z`` and α > 1, α-entmax is ``p_i = [(α−1) z_i − τ]_+^{1/(α−1)}`` with the threshold τ
-chosen so that ``Σ p = 1``. Internally the threshold is also written in score units, ``λ``, with
-``(α−1) z_i − τ = 1 + (α−1)(z_i − λ)``, i.e. ``τ = (α−1) λ − 1``; λ tends to logsumexp as α → 1,
-which keeps every α ≥ 1 accurate in one formula.
-
-Solvers (all sort-free, vectorised over rows, on cache-sized row blocks):
-
-- α = 2 and α = 1.5: the exact threshold of a candidate support ``S = {u > τ}`` (``u = (α−1) z``) is
-  linear (α = 2) or the root of a quadratic (α = 1.5). Starting from the left end of the bracket
-  ``τ₀ = max u − 1`` and re-solving on the support each new threshold induces reaches a threshold whose
-  support reproduces itself in a handful of passes; that fixed point is the exact answer (checked by
-  counting the support, with an exact sort-based fallback for any row that does not settle).
-- other α: Newton's method on the convex decreasing ``g(λ) = ‖[1 + (α−1)(z − λ)]_+‖_{1/(α−1)} − 1``
-  from the left end of the bracket (monotone for α ≤ 2, safeguarded by bisection for α > 2),
-  then one more Newton step on the found support (the polish) and normalisation.
-
-The sort-based algorithms (Martins & Astudillo 2016; Peters et al. 2019) and a plain bisection are
-kept (``_sparsemax_sort``, ``_entmax15_sort``, ``_entmax_bisect``) to cross-check the fast solvers.
+"""Separation maps of THEORY.md §1: softmax, sparsemax, 1.5-entmax and α-entmax for any α ≥ 1 (sort-free
+exact solvers, sort-based references), their Jacobians, Jacobian-vector products, thresholds and conjugates.
 """
+
+# Conventions. For α > 1, p_i = [(α−1) z_i − τ]_+^{1/(α−1)} with Σ p = 1. Internally the threshold is
+# also written in score units λ, (α−1) z_i − τ = 1 + (α−1)(z_i − λ), i.e. τ = (α−1) λ − 1; λ tends to
+# logsumexp as α → 1, which keeps every α ≥ 1 accurate in one formula.
+#
+# Solvers (sort-free, vectorised over rows, on cache-sized row blocks):
+# - α = 2 and α = 1.5: the exact threshold of a candidate support S = {u > τ} (u = (α−1) z) is linear
+#   (α = 2) or the root of a quadratic (α = 1.5). Starting from the left end of the bracket
+#   τ₀ = max u − 1 and re-solving on the support each new threshold induces reaches, in a handful of
+#   passes, a threshold whose support reproduces itself: that fixed point is exact (checked by counting
+#   the support; any row that does not settle is repaired by the sort algorithm).
+# - other α: Newton's method on the convex decreasing g(λ) = ‖[1 + (α−1)(z − λ)]_+‖_{1/(α−1)} − 1 from
+#   the left end of the bracket (monotone for α ≤ 2; safeguarded by bisection for α > 2), one more
+#   Newton step once |Σp − 1| is at rounding level (the polish on the found support), then normalisation.
+# The sort-based algorithms (Martins & Astudillo 2016; Peters et al. 2019) and a plain bisection are kept
+# (_sparsemax_sort, _entmax15_sort, _entmax_bisect) to cross-check the fast solvers.
 
 from __future__ import annotations
 
@@ -47,8 +44,6 @@ _HALF = (torch.float16, torch.bfloat16)
 _BLOCK_ELEMENTS = 1 << 17
 _MAX_SUPPORT_ITER = 24
 _MAX_NEWTON_ITER = 60
-# iterations used by the last general-α block (read by analysis/bench_entmax.py)
-_STATS: dict[str, int] = {}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,7 +154,6 @@ def _entmax_general_block(z: torch.Tensor, alpha: float, out: torch.Tensor) -> t
     tol = 32 * torch.finfo(z.dtype).eps
     width_tol = 4 * torch.finfo(z.dtype).eps * float(hi[0, 0]) if hi.numel() else 0.0
     polished = torch.zeros_like(lam, dtype=torch.bool)
-    it = 0
     for it in range(_MAX_NEWTON_ITER):
         # x = (α−1)(z − λ), clamped at −1 (outside the support); p = exp(log1p(x)/(α−1))
         torch.sub(u, lam * am1, out=x)
@@ -189,7 +183,6 @@ def _entmax_general_block(z: torch.Tensor, alpha: float, out: torch.Tensor) -> t
         new = torch.where(bad, 0.5 * (lo + hi), new)
         lam = torch.where(done, lam, new)
     out.div_(out.sum(-1, keepdim=True))
-    _STATS["general_iters"] = it
     return lam
 
 

@@ -1,0 +1,335 @@
+"""Property tests of THEORY.md §1 for hopfield_aa.normalizers: simplex output, invariances, exact zeros,
+α → 1 continuity, agreement with the `entmax` package and the sort-based algorithms, Jacobian, JVP,
+conjugate, half precision, input handling."""
+
+# mypy: disable-error-code="union-attr,arg-type,operator,index,call-overload,misc,return-value"
+from __future__ import annotations
+
+import math
+
+import entmax as entmax_pkg
+import numpy as np
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from hopfield_aa.normalizers import (
+    _entmax15_sort,
+    _entmax_bisect,
+    _entmax_tensor,
+    _sparsemax_sort,
+    entmax,
+    entmax15,
+    entmax_conjugate,
+    entmax_jacobian,
+    entmax_jvp,
+    entmax_threshold,
+    softmax,
+    sparsemax,
+)
+
+F64 = torch.float64
+TOL = 1e-9
+ALPHAS = st.one_of(st.sampled_from([1.0, 1.5, 2.0, 1.0 + 1e-6]), st.floats(min_value=1.0, max_value=3.0))
+SPARSE_ALPHAS = st.one_of(st.sampled_from([1.5, 2.0]), st.floats(min_value=1.05, max_value=2.5))
+
+
+@st.composite
+def score_rows(draw: st.DrawFn, max_n: int = 12, allow_neg_inf: bool = True) -> np.ndarray:
+    """Score rows (B, N) in float64 reaching ties, tiny differences, huge logits (1e4), N = 1 and −inf."""
+    n = draw(st.integers(1, max_n))
+    b = draw(st.integers(1, 3))
+    scale = draw(st.sampled_from([1e-3, 1.0, 10.0, 1e4]))
+    z = draw(hnp.arrays(np.float64, (b, n), elements=st.floats(-3.0, 3.0))) * scale
+    mode = draw(st.sampled_from(["plain", "tie", "tiny", "constant", "neg_inf"]))
+    if mode == "tie" and n > 1:
+        z[:, -1] = z[:, 0]
+    elif mode == "tiny" and n > 1:
+        z[:, 1] = z[:, 0] + 1e-12
+    elif mode == "constant":
+        z[:] = z[0, 0]
+    elif mode == "neg_inf" and allow_neg_inf and n > 1:
+        z[:, draw(st.integers(1, n - 1))] = -np.inf
+    return z
+
+
+def _t(z: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(z)
+
+
+def _package(z: torch.Tensor, alpha: float) -> torch.Tensor:
+    if alpha == 1.5:
+        return entmax_pkg.entmax15(z, dim=-1)
+    if alpha == 2.0:
+        return entmax_pkg.sparsemax(z, dim=-1)
+    return entmax_pkg.entmax_bisect(z, alpha=alpha, dim=-1, n_iter=100)
+
+
+# ------------------------------------------------------------------------------------------ simplex
+
+
+@given(score_rows(), ALPHAS)
+@example(np.array([[1e4, -1e4, 0.0]]), 1.0 + 1e-6)
+@example(np.array([[0.0, -np.inf]]), 2.0)
+def test_output_is_nonnegative_and_sums_to_one(z: np.ndarray, alpha: float) -> None:
+    p = entmax(_t(z), alpha)
+    assert bool((p >= 0).all())
+    torch.testing.assert_close(p.sum(-1), torch.ones(z.shape[0], dtype=F64), atol=1e-9, rtol=0)
+    assert bool((p[_t(z) == -math.inf] == 0).all()), "masked (-inf) entries must get probability 0"
+
+
+@given(score_rows(), ALPHAS, st.sampled_from([-1e3, -1.0, 0.5, 7.0, 1e3]))
+def test_shift_invariance_entmax_of_z_plus_c_is_entmax_of_z(z: np.ndarray, alpha: float, c: float) -> None:
+    p = entmax(_t(z), alpha)
+    q = entmax(_t(z) + c, alpha)
+    torch.testing.assert_close(q, p, atol=1e-7, rtol=0)
+
+
+@given(score_rows(), ALPHAS, st.randoms(use_true_random=False))
+def test_permutation_equivariance(z: np.ndarray, alpha: float, rnd: object) -> None:
+    perm = torch.tensor(rnd.sample(range(z.shape[1]), z.shape[1]))  # type: ignore[attr-defined]
+    p = entmax(_t(z), alpha)
+    torch.testing.assert_close(entmax(_t(z)[:, perm], alpha), p[:, perm], atol=1e-9, rtol=0)
+
+
+@given(score_rows(allow_neg_inf=False), SPARSE_ALPHAS)
+@example(np.array([[3.0, 0.0, -5.0]]), 1.5)
+def test_exact_zeros_support_is_where_alpha_minus_1_times_z_exceeds_tau(z: np.ndarray, alpha: float) -> None:
+    zt = _t(z)
+    p = entmax(zt, alpha)
+    tau = entmax_threshold(zt, alpha)
+    gap = (alpha - 1) * zt - tau
+    scale = 1e-9 * (1 + (alpha - 1) * zt.abs().amax(-1, keepdim=True))
+    # entries clearly below the threshold are exactly zero; clearly above are positive
+    assert bool((p[gap < -scale] == 0).all())
+    assert bool((p[gap > scale] > 0).all())
+    closed = gap.clamp(min=0).pow(1 / (alpha - 1))
+    torch.testing.assert_close(p, closed, atol=1e-7, rtol=0)
+
+
+@given(score_rows(max_n=8, allow_neg_inf=False))
+def test_alpha_to_one_recovers_softmax(z: np.ndarray) -> None:
+    zt = _t(z)
+    ref = torch.softmax(zt, -1)
+    torch.testing.assert_close(entmax(zt, 1.0 + 1e-6), ref, atol=1e-5, rtol=0)
+    # continuity: the distance to softmax shrinks as α → 1
+    d1 = (entmax(zt, 1.01) - ref).abs().max()
+    d2 = (entmax(zt, 1.0001) - ref).abs().max()
+    assert d2 <= d1 + 1e-12
+
+
+def test_alpha_very_large_still_gives_a_distribution() -> None:
+    z = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
+    for alpha in (5.0, 50.0):
+        p = entmax(z, alpha)
+        assert not bool(torch.isnan(p).any())
+        torch.testing.assert_close(p.sum(-1), torch.ones(64), atol=1e-6, rtol=0)
+        assert bool((p >= 0).all())
+
+
+# ------------------------------------------------------------------ agreement with other algorithms
+
+
+@given(score_rows(), st.sampled_from([1.5, 2.0, 1.3, 1.7]))
+@example(np.array([[1e4, 1e4, -1e4, 0.0]]), 1.5)
+@example(np.array([[0.0, -np.inf, 0.0]]), 2.0)
+def test_agrees_with_entmax_package(z: np.ndarray, alpha: float) -> None:
+    zt = _t(z)
+    torch.testing.assert_close(entmax(zt, alpha), _package(zt, alpha), atol=1e-7, rtol=0)
+
+
+@given(score_rows(max_n=40))
+def test_sort_free_solvers_agree_with_sort_based_exact_algorithms(z: np.ndarray) -> None:
+    zt = _t(z)
+    torch.testing.assert_close(entmax15(zt), _entmax15_sort(zt), atol=1e-12, rtol=0)
+    torch.testing.assert_close(sparsemax(zt), _sparsemax_sort(zt), atol=1e-12, rtol=0)
+    # the Newton solver for general α, run at α = 1.5 and 2 through tiny offsets, matches too
+    torch.testing.assert_close(entmax(zt, 1.5 + 1e-9), _entmax15_sort(zt), atol=1e-7, rtol=0)
+
+
+@given(score_rows(allow_neg_inf=False), st.floats(min_value=1.05, max_value=2.9))
+def test_newton_agrees_with_bisection(z: np.ndarray, alpha: float) -> None:
+    zt = _t(z)
+    torch.testing.assert_close(entmax(zt, alpha), _entmax_bisect(zt, alpha), atol=1e-8, rtol=0)
+
+
+def test_float32_attention_shape_within_1e_6_of_float64() -> None:
+    z = 2 * torch.randn(512, 77, generator=torch.Generator().manual_seed(0))
+    for alpha in (1.5, 2.0, 1.3):
+        err = (_entmax_tensor(z, alpha).double() - _package(z.double(), alpha)).abs().max()
+        assert err <= 1e-6, (alpha, float(err))
+
+
+# ------------------------------------------------------------------------------ Jacobian and JVP
+
+
+@given(score_rows(max_n=6, allow_neg_inf=False), ALPHAS)
+def test_jacobian_matches_finite_differences(z: np.ndarray, alpha: float) -> None:
+    zt = _t(z)[:1]
+    jac = entmax_jacobian(zt, alpha)[0]
+    h = 1e-6
+    fd = torch.stack(
+        [
+            (entmax(zt + h * e, alpha) - entmax(zt - h * e, alpha))[0] / (2 * h)
+            for e in torch.eye(zt.shape[1], dtype=F64)
+        ],
+        dim=1,
+    )
+    # finite differences are wrong only where an entry sits within h of the support boundary
+    tau = entmax_threshold(zt, alpha)
+    if alpha > 1 and bool((((alpha - 1) * zt - tau).abs() < 1e-4).any()):
+        return
+    torch.testing.assert_close(jac, fd, atol=1e-4, rtol=1e-4)
+
+
+@given(score_rows(max_n=6), ALPHAS)
+def test_jacobian_matches_autograd(z: np.ndarray, alpha: float) -> None:
+    zt = _t(z)[0]
+    auto = torch.autograd.functional.jacobian(lambda x: entmax(x, alpha), zt)
+    torch.testing.assert_close(entmax_jacobian(zt, alpha), auto, atol=1e-10, rtol=0)
+
+
+@given(score_rows(), ALPHAS, st.integers(0, 2**31 - 1))
+def test_jvp_equals_dense_jacobian_times_vector(z: np.ndarray, alpha: float, seed: int) -> None:
+    zt = _t(z)
+    v = torch.randn(zt.shape, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    p = entmax(zt, alpha)
+    dense = (entmax_jacobian(zt, alpha) @ v.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(entmax_jvp(p, v, alpha), dense, atol=1e-10, rtol=0)
+
+
+@given(score_rows(allow_neg_inf=False), ALPHAS)
+@example(np.array([[-20.0, 0.0, 0.0]]), 1.000001)  # a support entry of size e^-20: numerical rank
+@example(np.array([[20.0, 0.0]]), 1.0)  # eigenvalue 0 computed from entries of size 1 − 1e-9
+def test_jacobian_is_symmetric_psd_with_rank_support_minus_one(z: np.ndarray, alpha: float) -> None:
+    zt = _t(z)
+    jac = entmax_jacobian(zt, alpha)
+    torch.testing.assert_close(jac, jac.mT, atol=0, rtol=0)
+    p = entmax(zt, alpha)
+    s = torch.where(p > 0, p, 1.0).pow(2 - alpha) * (p > 0)
+    s_max = s.amax(-1, keepdim=True)
+    eig = torch.linalg.eigvalsh(jac)
+    # entries are computed to ~eps·max s, so eigenvalues are exact to a few n·eps·max s
+    assert bool((eig >= -1e-13 * zt.shape[-1] * s_max).all())
+    if alpha > 1:
+        # the rank is |support| − 1 where every support weight s_i is numerically resolvable
+        resolvable = ((s == 0) | (s > 1e-6 * s_max)).all(-1)
+        rank = torch.linalg.matrix_rank(jac, rtol=1e-10)
+        assert torch.equal(rank[resolvable], ((p > 0).sum(-1) - 1)[resolvable])
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.3, 1.5, 2.0, 2.5])
+def test_autograd_backward_passes_gradcheck(alpha: float) -> None:
+    z = torch.randn(3, 7, dtype=F64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: entmax(x, alpha, dim=0), (z,))
+    assert torch.autograd.gradcheck(lambda x: _entmax_tensor(x, alpha, -1), (z,))
+
+
+# ------------------------------------------------------------------------------------- conjugate
+
+
+@given(score_rows(max_n=6, allow_neg_inf=False), ALPHAS)
+def test_conjugate_gradient_is_entmax_by_finite_differences(z: np.ndarray, alpha: float) -> None:
+    zt = _t(z)[0]
+    zt = zt / zt.abs().max().clamp(min=1.0)  # keep the step small relative to the scores
+    h = 1e-6
+    fd = torch.stack(
+        [
+            (entmax_conjugate(zt + h * e, alpha) - entmax_conjugate(zt - h * e, alpha)) / (2 * h)
+            for e in torch.eye(zt.shape[0], dtype=F64)
+        ]
+    )
+    torch.testing.assert_close(fd, entmax(zt, alpha), atol=1e-6, rtol=0)
+
+
+def _omega(p: torch.Tensor, alpha: float) -> torch.Tensor:
+    if alpha == 1.0:
+        return torch.special.xlogy(p, p).sum(-1)
+    return (p.pow(alpha).sum(-1) - 1) / (alpha * (alpha - 1))
+
+
+@given(score_rows(allow_neg_inf=False), ALPHAS)
+def test_conjugate_equals_max_of_inner_product_minus_tsallis_entropy(z: np.ndarray, alpha: float) -> None:
+    zt = _t(z)
+    p = entmax(zt, alpha)
+    value = (p * zt).sum(-1) - _omega(p, alpha)
+    scale = 1 + zt.abs().amax(-1)
+    assert bool(((entmax_conjugate(zt, alpha) - value).abs() <= 1e-9 * scale).all())
+
+
+@given(score_rows(max_n=6, allow_neg_inf=False), ALPHAS)
+def test_autograd_through_inner_product_minus_entropy_gives_entmax(z: np.ndarray, alpha: float) -> None:
+    zt = _t(z).clone().requires_grad_(True)
+    p = entmax(zt, alpha)
+    value = ((p * zt).sum(-1) - _omega(p.clamp(min=1e-300) if alpha == 1.0 else p, alpha)).sum()
+    (grad,) = torch.autograd.grad(value, zt)
+    torch.testing.assert_close(grad, p.detach(), atol=1e-7, rtol=0)
+
+
+@given(score_rows(), st.just(1.0))
+def test_conjugate_at_alpha_one_is_logsumexp(z: np.ndarray, alpha: float) -> None:
+    zt = _t(z)
+    torch.testing.assert_close(entmax_conjugate(zt, alpha), torch.logsumexp(zt, -1), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(entmax_conjugate(zt, 1.0 + 1e-7), torch.logsumexp(zt, -1), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------- dtypes and input
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("alpha", [1.0, 1.5, 2.0, 1.3])
+def test_half_precision_peaked_logits_no_nan_and_close_to_float64(dtype: torch.dtype, alpha: float) -> None:
+    z = (100 * torch.randn(256, 77, generator=torch.Generator().manual_seed(2))).to(dtype)
+    p = entmax(z, alpha)
+    assert p.dtype == dtype
+    assert not bool(torch.isnan(p).any())
+    ref = entmax(z.double(), alpha)
+    tol = 4 * torch.finfo(dtype).eps
+    assert float((p.double() - ref).abs().max()) <= tol
+
+
+@given(score_rows(), ALPHAS)
+def test_numpy_in_numpy_out_and_any_dim(z: np.ndarray, alpha: float) -> None:
+    out = entmax(z, alpha)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float64
+    np.testing.assert_allclose(out, entmax(_t(z), alpha).numpy(), atol=0)
+    np.testing.assert_allclose(entmax(z.T.copy(), alpha, dim=0), out.T, atol=1e-12)
+    z3 = np.stack([z, z + 1.0])
+    np.testing.assert_allclose(entmax(z3, alpha, dim=-1)[1], out, atol=1e-9)
+    assert isinstance(softmax(z.astype(np.float32)), np.ndarray)
+
+
+def test_public_functions_accept_numpy_and_keep_kind() -> None:
+    z = np.array([[1.0, 0.5, -2.0]], dtype=np.float32)
+    assert entmax_jacobian(z).shape == (1, 3, 3)
+    assert entmax_conjugate(z).shape == (1,)
+    assert entmax_threshold(z, 1.5).shape == (1, 1)
+    p = entmax(z)
+    assert isinstance(entmax_jvp(p, np.ones_like(p)), np.ndarray)
+
+
+@pytest.mark.parametrize(
+    ("scores", "alpha", "name"),
+    [
+        (torch.tensor([0.0, float("nan")]), 1.5, "scores"),
+        (torch.tensor([0.0, float("inf")]), 1.5, "scores"),
+        (torch.tensor([-float("inf"), -float("inf")]), 1.5, "scores"),
+        (torch.tensor([0.0, 1.0]), 0.5, "alpha"),
+        (torch.tensor([0.0, 1.0]), float("nan"), "alpha"),
+        (torch.tensor([1, 2]), 1.5, "scores"),
+        ([0.0, 1.0], 1.5, "scores"),
+    ],
+)
+def test_bad_inputs_raise_naming_the_argument(scores: object, alpha: float, name: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=name):
+        entmax(scores, alpha)
+
+
+def test_all_masked_row_in_fast_kernel_gives_zeros_not_nan() -> None:
+    z = torch.tensor([[0.0, 1.0], [-math.inf, -math.inf]])
+    for alpha in (1.5, 2.0, 1.3):
+        p = _entmax_tensor(z, alpha)
+        assert not bool(torch.isnan(p).any())
+        assert torch.equal(p[1], torch.zeros(2))
