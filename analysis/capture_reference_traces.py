@@ -121,11 +121,22 @@ def resolve_weights(weights: str | None) -> tuple[Path, str]:
 def snapshot_weights(folder: Path, into: Path) -> dict[str, Any]:
     """Copy ``model.safetensors`` and ``config.json`` of ``folder`` into ``into`` and describe them.
 
-    A training run may replace the files at any moment; the copy makes the weights loaded, the hashes
-    recorded and the training step read all refer to one version.
+    A training run may replace the files (or the whole folder) at any moment; the copy makes the weights
+    loaded, the hashes recorded and the training step read all refer to one version: the copy is retried
+    until both source files still hash to what was copied.
     """
-    for name in WEIGHT_FILES:
-        shutil.copy2(folder / name, into / name)
+    for attempt in range(10):
+        try:
+            for name in WEIGHT_FILES:
+                shutil.copy2(folder / name, into / name)
+            if all(sha256_file(folder / n) == sha256_file(into / n) for n in WEIGHT_FILES):
+                break
+        except FileNotFoundError:
+            if attempt == 9:
+                raise
+        time.sleep(3.0)
+    else:
+        raise RuntimeError(f"{folder} kept changing while it was copied")
     config = json.loads((into / "config.json").read_text(encoding="utf-8"))
     training = config.get("training", {}) if isinstance(config, dict) else {}
     return {
@@ -378,10 +389,19 @@ def _layer_order(name: str) -> tuple[int, int, str]:
     return 9, 0, name
 
 
+def _number(value: Any) -> float:
+    """A JSON number (results.json writes NaN and infinities as strings) as a float; NaN if none."""
+    if isinstance(value, bool) or value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def _fmt(value: Any, spec: str = ".3g") -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "—"
-    return format(value, spec)
+    number = _number(value)
+    return "—" if not math.isfinite(number) else format(number, spec)
 
 
 def _pct(passed: int, n: int) -> str:

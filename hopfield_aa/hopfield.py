@@ -26,7 +26,7 @@ from hopfield_aa._arrays import (
     tolerance,
 )
 from hopfield_aa.anderson import AndersonConfig, anderson
-from hopfield_aa.normalizers import _entmax_tensor, entmax_conjugate, entmax_jacobian
+from hopfield_aa.normalizers import _entmax_tensor, entmax_conjugate, jacobian_weights
 
 # --------------------------------------------------------------------------------------------------
 # kernels (validated tensors in, tensors out)
@@ -51,16 +51,28 @@ def _energy(state: torch.Tensor, patterns: torch.Tensor, beta: float, alpha: flo
 
 
 def _jacobian(state: torch.Tensor, patterns: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
-    """DT_α(ξ) = β Xᵀ J_entmax(β X ξ) X, shape (..., d, d), symmetric positive semidefinite."""
-    jac = entmax_jacobian(_scores(state, patterns, beta), alpha=alpha, dim=-1)
-    assert isinstance(jac, torch.Tensor)
-    return beta * (patterns.mT @ jac @ patterns)
+    """DT_α(ξ) = β Xᵀ J X, shape (..., d, d), symmetric positive semidefinite.
+
+    With the entmax Jacobian J = diag(s) − s sᵀ/Σs this is β [(s ⊙ X)ᵀ X − (Xᵀs)(Xᵀs)ᵀ/Σs]: O(N d²) per
+    state, without forming the N × N matrix J (attention-sized memories have N ≥ 1024).
+    """
+    probs = _entmax_tensor(_scores(state, patterns, beta), alpha, -1)
+    s = jacobian_weights(probs, alpha)  # (..., N)
+    weighted = (s.unsqueeze(-1) * patterns).mT @ patterns  # (..., d, d)
+    mean = (s.unsqueeze(-2) @ patterns).squeeze(-2)  # (..., d) = Xᵀ s
+    total = s.sum(-1).clamp(min=torch.finfo(s.dtype).tiny)
+    return beta * (weighted - mean.unsqueeze(-1) * mean.unsqueeze(-2) / total[..., None, None])
 
 
 def _spectral_norm_psd(matrix: torch.Tensor) -> torch.Tensor:
     """Largest eigenvalue of symmetric PSD matrices (= spectral norm = spectral radius)."""
     sym = 0.5 * (matrix + matrix.mT)
     return torch.linalg.eigvalsh(sym)[..., -1].clamp(min=0.0)
+
+
+def _local_lipschitz(state: torch.Tensor, patterns: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
+    """‖DT_α(ξ)‖₂ per state: the largest eigenvalue of the symmetric PSD Jacobian."""
+    return _spectral_norm_psd(_jacobian(state, patterns, beta, alpha))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -219,7 +231,7 @@ def local_lipschitz(state: ArrayLike, patterns: ArrayLike, beta: float, alpha: f
     Tensor or array of shape (...).
     """
     xi, memory, beta_value, alpha_value, kind = _memory_inputs(state, patterns, beta, alpha)
-    return restore(_spectral_norm_psd(_jacobian(xi, memory, beta_value, alpha_value)), kind)
+    return restore(_local_lipschitz(xi, memory, beta_value, alpha_value), kind)
 
 
 def lipschitz_bound(
@@ -369,7 +381,7 @@ def iterate(
         n_iter = torch.as_tensor(result.n_iter).reshape(batch_shape)
         history = torch.as_tensor(result.residual_norms).reshape(-1, *batch_shape)
         energies = None
-    radius = _spectral_norm_psd(_jacobian(final, memory, beta_value, alpha_value))
+    radius = _local_lipschitz(final, memory, beta_value, alpha_value)
     stable = radius < 1.0
     n_conv = int(converged.sum())
     message = (

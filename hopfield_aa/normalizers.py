@@ -257,16 +257,24 @@ def _forward(scores: torch.Tensor, alpha: float, dim: int) -> tuple[torch.Tensor
     return probs, lam
 
 
+def jacobian_weights(probs: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The weights ``s`` of the entmax Jacobian ``J = diag(s) − s sᵀ/Σs`` (THEORY.md §1).
+
+    ``s = p`` for softmax (α = 1) and ``s_i = p_i^{2−α}`` on the support, 0 off it, for α > 1
+    (sparsemax: the support indicator; α = 1.5: ``√p``). Tensor in, tensor out, no validation.
+    """
+    if alpha == 1.0:
+        return probs
+    if alpha == 2.0:
+        return (probs > 0).to(probs.dtype)
+    if alpha == 1.5:
+        return probs.sqrt()
+    return torch.where(probs > 0, probs, 1.0).pow(2.0 - alpha) * (probs > 0)
+
+
 def _jvp_tensor(probs: torch.Tensor, vector: torch.Tensor, alpha: float, dim: int) -> torch.Tensor:
     """J v with J = diag(s) − s sᵀ/Σs, s = p^{2−α} on the support (s = p for softmax)."""
-    if alpha == 1.0:
-        s = probs
-    elif alpha == 2.0:
-        s = (probs > 0).to(probs.dtype)
-    elif alpha == 1.5:
-        s = probs.sqrt()
-    else:
-        s = torch.where(probs > 0, probs, 1.0).pow(2.0 - alpha) * (probs > 0)
+    s = jacobian_weights(probs, alpha)
     sv = s * vector
     return sv - s * (sv.sum(dim, keepdim=True) / s.sum(dim, keepdim=True))
 
@@ -575,13 +583,7 @@ def entmax_jacobian(scores: ArrayLike, alpha: float = 1.5, dim: int = -1) -> Arr
     z, kind, a, d = _validated(scores, alpha, dim)
     with torch.no_grad():
         p = _entmax_tensor(z, a, d) if z.dtype not in _HALF else _entmax_tensor(z.float(), a, d)
-    p = p.movedim(d, -1)
-    if a == 1.0:
-        s = p
-    elif a == 2.0:
-        s = (p > 0).to(p.dtype)
-    else:
-        s = torch.where(p > 0, p, 1.0).pow(2.0 - a) * (p > 0)
+    s = jacobian_weights(p.movedim(d, -1), a)
     jac = torch.diag_embed(s) - s.unsqueeze(-1) * s.unsqueeze(-2) / s.sum(-1, keepdim=True).unsqueeze(-1)
     return restore(jac, kind)
 

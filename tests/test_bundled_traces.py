@@ -173,9 +173,11 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 def test_recorded_qkv_and_output_match_a_fresh_forward_of_the_bundled_model(
     traces: dict[str, TraceSet], pipe: Any, part: str, layer: str, step: int
 ) -> None:
-    """Q, K, V of a record equal those of a replayed run, rounded to the storage dtype (one half-ulp, plus
-    float32 noise); for a record of every head, ``to_out(softmax(β Q Kᵀ) V)`` computed from the stored tensors
-    matches the layer's output up to what float16 storage of Q, K and V perturbs (1 % of the output scale)."""
+    """Q, K, V of a record equal those of a replayed run up to float16 storage: two float16 ulps relative
+    (rounding is half an ulp; the rest covers float32 drift of a replay on another BLAS or thread count)
+    plus a quarter ulp of the tensor's largest entry. For a record of every head,
+    ``to_out(softmax(β Q Kᵀ) V)`` from the stored tensors matches the layer's output to 0.1 % of its scale
+    (float16 storage of Q, K, V moves it by about 0.01 %)."""
     ts = traces[part].filter(layers=[layer], steps=[step])
     prompt_id = max(e["prompt_id"] for e in ts.entries)  # a held-out two-object caption
     record = ts.filter(prompt_ids=[prompt_id])[0]
@@ -199,14 +201,15 @@ def test_recorded_qkv_and_output_match_a_fresh_forward_of_the_bundled_model(
         }
     for name, value in fresh.items():
         stored = getattr(record, name).float()
-        torch.testing.assert_close(stored, value, rtol=2.0**-10, atol=1e-5, msg=f"{name} of {record}")
+        atol = 2.0**-12 * float(value.abs().max())
+        torch.testing.assert_close(stored, value, rtol=2.0**-9, atol=atol, msg=f"{name} of {record}")
     if len(record.heads) == record.num_heads:
         with torch.no_grad():
             mixed = record.attention_output(torch.float32).transpose(0, 1).reshape(len(record.query_indices), -1)
             output = attn.to_out[0](mixed)
         expected = seen["output"][row][record.query_indices]
         scale = float(expected.abs().max())
-        torch.testing.assert_close(output, expected, rtol=0.0, atol=1e-2 * scale, msg=f"output of {record}")
+        torch.testing.assert_close(output, expected, rtol=0.0, atol=1e-3 * scale, msg=f"output of {record}")
 
 
 def test_bundle_readme_names_the_weights(traces: dict[str, TraceSet]) -> None:

@@ -22,11 +22,10 @@ from hopfield_aa.checks import (
     find_fixed_points,
     make_family,
     replay_counterexample,
-    retrieval_jacobian_lowrank,
 )
 from hopfield_aa.checks.families import FAMILIES
 from hopfield_aa.geometry import _extrapolate, _gag, _ladder_extrapolate
-from hopfield_aa.hopfield import _retrieve, retrieval_jacobian
+from hopfield_aa.hopfield import _retrieve
 
 F64 = torch.float64
 
@@ -78,13 +77,6 @@ def test_families_are_reproducible_from_the_seed_and_span_toy_to_attention_size(
 def test_unknown_family_is_rejected_by_name() -> None:
     with pytest.raises(ValueError, match="family"):
         make_family("uniform")
-
-
-def test_lowrank_jacobian_equals_the_library_jacobian(toy: Case) -> None:
-    for alpha in (1.0, 1.5, 2.0):
-        ours = retrieval_jacobian_lowrank(toy.states, toy.patterns, toy.beta, alpha)
-        theirs = retrieval_jacobian(toy.states, toy.patterns, toy.beta, alpha)
-        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------ fixed points

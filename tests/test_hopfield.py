@@ -16,6 +16,7 @@ from hopfield_aa import (
     AndersonConfig,
     attention,
     energy,
+    entmax_jacobian,
     iterate,
     local_lipschitz,
     retrieval_jacobian,
@@ -96,6 +97,18 @@ def test_retrieval_jacobian_matches_autograd_and_is_symmetric_psd(
     assert torch.allclose(jac, auto, atol=scale)
     assert torch.allclose(jac, jac.T, atol=scale)
     assert float(torch.linalg.eigvalsh(jac).min()) >= -scale
+
+
+@given(memory_and_state(max_patterns=6, max_dim=4), st.floats(min_value=0.01, max_value=30.0), alphas)
+def test_retrieval_jacobian_is_the_patterns_sandwich_of_the_entmax_jacobian(
+    case: tuple, beta: float, alpha: float
+) -> None:
+    """The low-rank form used by the code equals DT_α(ξ) = β Xᵀ J_entmax(βXξ) X with the dense N × N J."""
+    memory, state = case
+    x, xi = torch.tensor(memory), torch.tensor(state)
+    dense_form = beta * x.T @ entmax_jacobian(beta * x @ xi, alpha=alpha) @ x
+    scale = 1e-10 * (1 + beta * float((x**2).sum()))
+    assert torch.allclose(retrieval_jacobian(xi, x, beta, alpha), dense_form, atol=scale)
 
 
 @given(memory_and_state(max_patterns=6, max_dim=4), st.floats(min_value=0.01, max_value=30.0), alphas)

@@ -23,9 +23,7 @@ from hopfield_aa.checks.families import FAMILIES, make_family, starting_states
 from hopfield_aa.checks.fixed_points import (
     FixedPoints,
     find_fixed_points,
-    local_lipschitz,
     residual_curves,
-    retrieval_jacobian_lowrank,
 )
 from hopfield_aa.checks.report import VerifyConfig, format_table, run_verification, write_report
 from hopfield_aa.checks.results import (
@@ -63,11 +61,9 @@ __all__ = [
     "check_weak_contraction",
     "find_fixed_points",
     "format_table",
-    "local_lipschitz",
     "make_family",
     "replay_counterexample",
     "residual_curves",
-    "retrieval_jacobian_lowrank",
     "run_verification",
     "save_counterexample",
     "starting_states",

@@ -11,8 +11,8 @@ import torch
 
 from hopfield_aa.anderson import anderson
 from hopfield_aa.checks.results import Case, tolerance
+from hopfield_aa.hopfield import _local_lipschitz as local_lipschitz
 from hopfield_aa.hopfield import _retrieve
-from hopfield_aa.normalizers import _entmax_tensor
 
 # Fixed points count as reached when ‖T(ξ*) − ξ*‖ ≤ FIXED_POINT_FACTOR · eps · M. The solver stops at
 # its rounding floor 16 · eps · ‖T(ξ)‖ ≤ 16 · eps · M; 256 leaves room for the rounding of one more map
@@ -20,44 +20,6 @@ from hopfield_aa.normalizers import _entmax_tensor
 # visibly not fixed (a dense map at β ≈ 30 misses a pattern by about e^{-30} ≈ 1e-13 ≫ 256 eps ≈ 6e-14·M only
 # when the gap is near 1, which is the point of the β sweep).
 FIXED_POINT_FACTOR = 256.0
-
-
-def spectral_radius_psd(matrix: torch.Tensor) -> torch.Tensor:
-    """Largest eigenvalue of a batch of symmetric PSD matrices (= spectral norm = spectral radius)."""
-    return torch.linalg.eigvalsh(0.5 * (matrix + matrix.mT))[..., -1].clamp(min=0.0)
-
-
-def retrieval_jacobian_lowrank(
-    states: torch.Tensor, patterns: torch.Tensor, beta: float, alpha: float
-) -> torch.Tensor:
-    r"""``DT_α(ξ) = β Xᵀ (diag(s) − s sᵀ / Σs) X`` without forming the N × N entmax Jacobian.
-
-    ``s = p`` for softmax and ``s_i = p_i^{2−α}`` on the support of ``p = entmax_α(βXξ)`` (THEORY.md §1),
-    so ``DT = β [(s ⊙ X)ᵀ X − (Xᵀ s)(Xᵀ s)ᵀ / Σs]``: O(N d²) per state instead of O(N² d) time and
-    O(N²) memory (the attention-sized memories have N = 1024).
-
-    Parameters
-    ----------
-    states : (M, d); patterns : (N, d); beta > 0; alpha ≥ 1.
-
-    Returns
-    -------
-    Tensor, shape (M, d, d), symmetric positive semidefinite.
-    """
-    probs = _entmax_tensor(beta * states @ patterns.T, alpha, -1)  # (M, N)
-    if alpha == 1.0:
-        s = probs
-    else:
-        s = torch.where(probs > 0, probs.clamp(min=torch.finfo(probs.dtype).tiny) ** (2.0 - alpha), 0.0)
-    total = s.sum(-1).clamp(min=torch.finfo(s.dtype).tiny)
-    weighted = (s.unsqueeze(-1) * patterns).mT @ patterns  # (M, d, d)
-    mean = s @ patterns  # (M, d)
-    return beta * (weighted - mean.unsqueeze(-1) * mean.unsqueeze(-2) / total[:, None, None])
-
-
-def local_lipschitz(states: torch.Tensor, patterns: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
-    r"""``‖DT_α(ξ)‖₂`` per state (its largest eigenvalue: the Jacobian is symmetric PSD, THEORY.md §2)."""
-    return spectral_radius_psd(retrieval_jacobian_lowrank(states, patterns, beta, alpha))
 
 
 @dataclass(frozen=True)
