@@ -80,14 +80,22 @@ class CaptureSettings:
 
     def selections(self) -> dict[str, Selection]:
         """The two captures of the bundle: ``cross`` and ``self``."""
-        common = {
-            "max_query_tokens": self.max_query_tokens,
-            "query_seed": self.query_seed,
-            "batch_indices": self.batch_indices,
-        }
         return {
-            "cross": Selection(kinds=["cross"], steps=range(0, self.steps, self.record_every), **common),
-            "self": Selection(kinds=["self"], steps=self.self_steps, heads=self.self_heads, **common),
+            "cross": Selection(
+                kinds=("cross",),
+                steps=tuple(range(0, self.steps, self.record_every)),
+                max_query_tokens=self.max_query_tokens,
+                query_seed=self.query_seed,
+                batch_indices=self.batch_indices,
+            ),
+            "self": Selection(
+                kinds=("self",),
+                steps=self.self_steps,
+                heads=self.self_heads,
+                max_query_tokens=self.max_query_tokens,
+                query_seed=self.query_seed,
+                batch_indices=self.batch_indices,
+            ),
         }
 
 
@@ -115,7 +123,9 @@ def resolve_weights(weights: str | None) -> tuple[Path, str]:
         return BUNDLED_WEIGHTS, "bundled"
     if all((EMA_WEIGHTS / name).is_file() for name in WEIGHT_FILES):
         return EMA_WEIGHTS, "ema-fallback"
-    raise FileNotFoundError(f"no reference weights: neither {BUNDLED_WEIGHTS} nor {EMA_WEIGHTS} holds {WEIGHT_FILES}")
+    raise FileNotFoundError(
+        f"no reference weights: neither {BUNDLED_WEIGHTS} nor {EMA_WEIGHTS} holds {WEIGHT_FILES}"
+    )
 
 
 def snapshot_weights(folder: Path, into: Path) -> dict[str, Any]:
@@ -203,7 +213,9 @@ def cross_attention_layers(unet: torch.nn.Module) -> list[str]:
     ]
 
 
-def check_bundle(folder: Path, expected_cross_layers: Sequence[str], settings: CaptureSettings) -> dict[str, Any]:
+def check_bundle(
+    folder: Path, expected_cross_layers: Sequence[str], settings: CaptureSettings
+) -> dict[str, Any]:
     """Validate every capture in ``folder`` (hashes, shapes, completeness) and the coverage; return counts."""
     info: dict[str, Any] = {}
     for part in ("cross", "self"):
@@ -278,7 +290,9 @@ def capture_bundle(
             "seed": settings.seed,
             "num_inference_steps": settings.steps,
             "pipeline_kwargs": {"guidance_scale": settings.guidance_scale, "scheduler": settings.scheduler},
-            "capture_settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()},
+            "capture_settings": {
+                k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()
+            },
             "command": command,
         }
         counts = {}
@@ -291,7 +305,11 @@ def capture_bundle(
         from hopfield_aa.traces.capture import run_metadata
 
         meta.update(
-            {k: v for k, v in run_metadata(pipe.unet).items() if k in ("device", "device_name", "torch_version")}
+            {
+                k: v
+                for k, v in run_metadata(pipe.unet).items()
+                if k in ("device", "device_name", "torch_version")
+            }
         )
         size = folder_bytes(staging)
         (staging / "README.md").write_text(_readme(meta, settings, info, size), encoding="utf-8")
@@ -361,13 +379,16 @@ CLAIM_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("directional consistency", "", "direction"),
     ("ladder AA (deeper)", "", "ladder†"),
 )
+"""(claim, setting or "" for any, column label) of the pass-rate tables, in THEORY.md §5 order."""
 BUCKETS = ("early", "middle", "late")
+COUNTEREXAMPLES = ROOT / "analysis" / "results" / "reference_traces_counterexamples"
 
 
-def _column(claim: str, setting: str) -> str | None:
+def _column(claim: str, setting: str) -> tuple[str, str] | None:
+    """(label, title) of a result's column, or None for a claim the tables leave out."""
     for name, want, label in CLAIM_COLUMNS:
         if name == claim and (not want or want == setting):
-            return label
+            return label, name + (f" ({want})" if want else "")
     return None
 
 
@@ -383,8 +404,7 @@ def _bucket(step: int, n_steps: int) -> str:
 def _layer_order(name: str) -> tuple[int, int, str]:
     for rank, prefix in enumerate(("down_blocks", "mid_block", "up_blocks")):
         if name.startswith(prefix):
-            parts = name.split(".")
-            block = int(parts[1]) if prefix != "mid_block" else 0
+            block = int(name.split(".")[1]) if prefix != "mid_block" else 0
             return rank, block, name
     return 9, 0, name
 
@@ -405,7 +425,13 @@ def _fmt(value: Any, spec: str = ".3g") -> str:
 
 
 def _pct(passed: int, n: int) -> str:
-    return "n/a" if n == 0 else f"{100 * passed / n:.0f}%"
+    """``passed / n`` as a percentage that never rounds a failure up to 100 % (or a success down to 0 %)."""
+    if n == 0:
+        return "n/a"
+    text = f"{100 * passed / n:.0f}%"
+    if (text == "100%" and passed < n) or (text == "0%" and passed > 0):
+        return f"{passed}/{n}"
+    return text
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
@@ -414,56 +440,166 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     return out
 
 
-def _median(values: Sequence[float]) -> float:
-    finite = sorted(v for v in values if isinstance(v, (int, float)) and math.isfinite(v))
+def _finite(values: Iterable[Any]) -> list[float]:
+    return [v for v in (_number(x) for x in values) if math.isfinite(v)]
+
+
+def _median(values: Iterable[Any]) -> float:
+    finite = sorted(_finite(values))
     if not finite:
         return math.nan
     mid = len(finite) // 2
     return finite[mid] if len(finite) % 2 else 0.5 * (finite[mid - 1] + finite[mid])
 
 
-def _manifest_metadata(trace_dirs: Iterable[str]) -> dict[str, dict[str, Any]]:
-    out = {}
-    for d in sorted(set(trace_dirs)):
-        path = Path(d) / MANIFEST_NAME
-        if not path.is_file():
-            path = ROOT / d / MANIFEST_NAME
-        if path.is_file():
-            out[d] = json.loads(path.read_text(encoding="utf-8"))["metadata"]
-    return out
-
-
-def _stat(values: Sequence[float]) -> str:
-    finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+def _spread3(values: Iterable[Any]) -> str:
+    """``min / median / max`` of the finite values."""
+    finite = _finite(values)
     if not finite:
         return "—"
     return f"{min(finite):.3g} / {_median(finite):.3g} / {max(finite):.3g}"
 
 
-def summarise(results: Path, default_results: Path | None = None, wall_seconds: float | None = None) -> str:
-    """The Markdown report of a ``verify`` run on traces: per kind, layer, step bucket and claim.
+def _manifest_metadata(trace_dirs: Iterable[str]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for d in sorted(set(trace_dirs)):
+        for path in (Path(d) / MANIFEST_NAME, ROOT / d / MANIFEST_NAME):
+            if path.is_file():
+                out[d] = json.loads(path.read_text(encoding="utf-8"))["metadata"]
+                break
+    return out
 
-    Parameters
-    ----------
-    results : Path
-        ``results.json`` of a verify run on the bundled traces (e.g. ``--verify-wide``).
-    default_results : Path, optional
-        ``results.json`` of ``hopfield-aa verify --traces ...`` (its claims table is quoted).
-    wall_seconds : float, optional
-        Wall time of that command, if measured outside it.
+
+@dataclass
+class _Tally:
+    """Pooled results of one claim column over some head cases."""
+
+    passed: int = 0
+    tried: int = 0
+    cases: int = 0
+    failing: int = 0
+
+    def add(self, result: dict[str, Any]) -> None:
+        self.passed += int(result["n_passed"])
+        self.tried += int(result["n_states"])
+        self.cases += 1
+        self.failing += result["status"] == "fail"
+
+
+@dataclass
+class _Digest:
+    """Everything the Markdown reports, gathered from the trace cases of one results.json."""
+
+    n_steps: int
+    kinds: list[str]
+    cells: dict[tuple[str, str, str, str], _Tally]  # (kind, layer, bucket, label)
+    claims: dict[tuple[str, str], _Tally]  # (kind, label)
+    titles: dict[str, str]  # label -> claim (setting)
+    cases_in: dict[tuple[str, str, str], int]  # (kind, layer, bucket) -> head cases
+    measured: dict[tuple[str, str], dict[str, list[Any]]]  # (kind, layer) -> quantity -> values per case
+
+
+def _digest(cases: Sequence[dict[str, Any]], n_steps: int) -> _Digest:
+    digest = _Digest(
+        n_steps=n_steps,
+        kinds=sorted({c["data"]["kind"] for c in cases}),
+        cells=defaultdict(_Tally),
+        claims=defaultdict(_Tally),
+        titles={},
+        cases_in=defaultdict(int),
+        measured=defaultdict(lambda: defaultdict(list)),
+    )
+    for c in cases:
+        d = c["data"]
+        kind, layer, bucket = d["kind"], d["layer"], _bucket(int(d["step"]), n_steps)
+        digest.cases_in[(kind, layer, bucket)] += 1
+        acc = digest.measured[(kind, layer)]
+        for key in ("beta", "d", "N"):
+            acc[key].append(d[key])
+        acc["dense_converged"].append(c["fixed_points"].get("dense_converged", 0))
+        acc["dense_common"].append(c["fixed_points"].get("dense_common", 0))
+        for r in c["results"]:
+            column = _column(r["claim"], r["setting"])
+            if column is None:
+                continue
+            label, title = column
+            digest.titles[label] = title
+            digest.cells[(kind, layer, bucket, label)].add(r)
+            digest.claims[(kind, label)].add(r)
+            m = r.get("measured") or {}
+            if r["claim"] == "weak contraction":
+                tag = "D" if r["setting"] == "α=1" else "S"
+                lip = m.get("lipschitz_trajectory") or {}
+                acc[f"lip_median_{tag}"].append(lip.get("median"))
+                acc[f"lip_max_{tag}"].append(lip.get("max"))
+                acc[f"lip_share_{tag}"].append(m.get("lipschitz_share_below_1"))
+                acc[f"cert_{tag}"].append(m.get("global_certificate"))
+                acc[f"max_ratio_{tag}"].append(m.get("max_ratio"))
+            elif r["claim"] == "extrapolation is AA(1)":
+                acc["lambda_star"].append((m.get("lambda_star") or {}).get("median"))
+            elif r["claim"] == "directional consistency":
+                acc["toward"].append(m.get("share_toward_sparse_fixed_point"))
+                acc["aligned"].append(m.get("share_aligned_with_retrieval"))
+            elif r["claim"] == "orthogonal-error convergence":
+                tag = label.split()[-1]
+                acc[f"orth_limit_{tag}"].append((m.get("limit_orthogonal_error_over_M") or {}).get("median"))
+                acc[f"orth_rate_{tag}"].append(r.get("rate"))
+                acc[f"orth_converged_{tag}"].append(m.get("limit_converged_share"))
+            elif r["claim"] == "divergence at non-common fixed points":
+                acc["slope"].append(r.get("rate"))
+    return digest
+
+
+def keep_counterexamples(doc: dict[str, Any], report: Path, dest: Path) -> list[list[str]]:
+    """Copy one counter-example (the worst case's) per failing (claim, setting, kind) into ``dest``.
+
+    The verify report holds every counter-example in a temporary folder; this keeps one per failure
+    beside the Markdown so that it can be replayed with ``hopfield_aa.checks.replay_counterexample``.
+    Returns the Markdown rows (claim, setting, kind, case, margin, file).
     """
-    doc = json.loads(results.read_text(encoding="utf-8"))
-    cases = [c for c in doc["cases"] if "trace" in c["data"]]
-    if not cases:
-        raise ValueError(f"{results}: no trace cases")
-    meta = _manifest_metadata(c["data"]["trace"] for c in cases)
-    n_steps = next((int(m["num_inference_steps"]) for m in meta.values() if "num_inference_steps" in m), 20)
-    kinds = sorted({c["data"]["kind"] for c in cases})
+    worst: dict[tuple[str, str, str], tuple[float, str, str]] = {}
+    for c in doc["cases"]:
+        if "trace" not in c["data"]:
+            continue
+        for r in c["results"]:
+            if r["status"] != "fail" or not r["counterexamples"]:
+                continue
+            key = (r["claim"], r["setting"], c["data"]["kind"])
+            margin = _number(r["worst_margin"])
+            if key not in worst or margin < worst[key][0]:
+                worst[key] = (margin, c["label"], r["counterexamples"][0])
+    dest.mkdir(parents=True, exist_ok=True)
+    for old in dest.iterdir():
+        if old.suffix in (".json", ".safetensors"):
+            old.unlink()
+    rows = []
+    for (claim, setting, kind), (margin, label, relpath) in sorted(worst.items()):
+        source = report / relpath
+        record = json.loads(source.read_text(encoding="utf-8"))
+        shutil.copy2(source, dest / source.name)
+        shutil.copy2(source.parent / record["tensors"], dest / record["tensors"])
+        rows.append([claim, setting, kind, label, f"{margin:.3g}", f"`{_relative(dest / source.name)}`"])
+    return rows
+
+
+def _header(
+    doc: dict[str, Any], results: Path, meta: dict[str, dict[str, Any]], digest: _Digest
+) -> list[str]:
+    n_steps = digest.n_steps
+    ranges = {b: [s for s in range(n_steps) if _bucket(s, n_steps) == b] for b in BUCKETS}
     lines = [
         "# The claims of THEORY.md §5 on attention traces of the reference model",
         "",
-        "Generated by `python analysis/capture_reference_traces.py --summarise "
-        f"{_relative(results)}` from a verify run's results.json; do not edit by hand.",
+        "Generated from the results.json of a verify run by `python analysis/capture_reference_traces.py "
+        f"--summarise {_relative(results)}`; do not edit by hand. To regenerate:",
+        "",
+        "```",
+        "python analysis/capture_reference_traces.py                   # the bundled traces",
+        "hopfield-aa verify --traces hopfield_aa/data/traces --out /tmp/verify_traces",
+        "python analysis/capture_reference_traces.py --verify-wide /tmp/verify_traces_wide",
+        "python analysis/capture_reference_traces.py --summarise /tmp/verify_traces_wide/results.json \\",
+        "    --default-results /tmp/verify_traces/results.json",
+        "```",
         "",
         "## Data",
         "",
@@ -471,171 +607,122 @@ def summarise(results: Path, default_results: Path | None = None, wall_seconds: 
     for d, m in meta.items():
         lines.append(
             f"- `{_relative(Path(d))}`: {m.get('model_class')} from `{m.get('weights_path')}` "
-            f"({m.get('weights_source')}, training step {m.get('weights_training_step')}, model.safetensors "
-            f"SHA-256 `{str(m.get('weights_sha256'))[:16]}…`); {len(m.get('prompts', []))} prompts, "
-            f"{m.get('num_inference_steps')} DDIM steps, CFG {m.get('pipeline_kwargs', {}).get('guidance_scale')}; "
-            f"device {m.get('device_name')} ({m.get('device_note')})."
+            f"({m.get('weights_source')}; training step {m.get('weights_training_step')}; model.safetensors "
+            f"SHA-256 `{str(m.get('weights_sha256'))[:16]}…`), {len(m.get('prompts', []))} prompts, "
+            f"{m.get('num_inference_steps')} DDIM steps, CFG scale "
+            f"{(m.get('pipeline_kwargs') or {}).get('guidance_scale')}, conditional row; device "
+            f"{m.get('device_name')} ({m.get('device_note')})."
         )
+    n_cases = sum(digest.cases_in.values())
     lines += [
         "",
-        f"Verify run: {doc['settings']['traces']}; {len(cases)} head cases "
-        f"(each: one head of one record, keys as memory, up to 32 queries as starting states, β = the "
-        f"recorded scale), checks' wall time {doc['seconds']:.0f} s on {doc['environment']['threads']} "
-        f"thread(s). Form tested: {cases[0]['form']}.",
+        f"This report: {n_cases} head cases, each one head of one record read as Hopfield retrieval (memory "
+        "= the head's keys, starting states = up to 32 of its queries, β = the recorded scale), "
+        f"{doc['settings'].get('n_states') or 32} states per case; checks' wall time {doc['seconds']:.0f} s "
+        f"on {doc['environment']['threads']} thread(s). Form tested: {doc['cases'][-1]['form']}.",
         "",
         f"Step buckets of the {n_steps}-step run: "
-        + ", ".join(
-            f"{b} = steps {min(s for s in range(n_steps) if _bucket(s, n_steps) == b)}–"
-            f"{max(s for s in range(n_steps) if _bucket(s, n_steps) == b)}"
-            for b in BUCKETS
-        )
-        + " (step 0 is the noisiest, t = 999).",
+        + ", ".join(f"{b} = steps {r[0]}–{r[-1]}" for b, r in ranges.items() if r)
+        + " (step 0 is the noisiest).",
+        "",
+    ]
+    return lines
+
+
+def _default_run(default_results: Path, wall_seconds: float | None) -> list[str]:
+    ddoc = json.loads(default_results.read_text(encoding="utf-8"))
+    rows = [r for r in ddoc["summary"] if str(r["data"]).startswith("trace:")]
+    timing = f"checks' wall time {ddoc['seconds']:.0f} s (synthetic families and traces)"
+    if wall_seconds is not None:
+        timing += f", command wall time {wall_seconds:.0f} s"
+    return [
+        "## `hopfield-aa verify --traces hopfield_aa/data/traces` (default settings: 8 records per capture)",
+        "",
+        f"Traces: {ddoc['settings']['traces'].replace(str(ROOT) + os.sep, '')}; {timing}. Trace rows:",
+        "",
+        *_table(
+            ("claim", "setting", "data", "cases", "passed", "worst margin", "rate", "status"),
+            (
+                [
+                    r["claim"],
+                    r["setting"],
+                    r["data"],
+                    str(r["cases"]),
+                    "—" if not r["n_states"] else f"{r['n_passed']}/{r['n_states']}",
+                    _fmt(r["worst_margin"], ".2e"),
+                    _fmt(r["rate"]),
+                    r["status"],
+                ]
+                for r in rows
+            ),
+        ),
         "",
     ]
 
-    # default CLI run, quoted
-    if default_results is not None:
-        ddoc = json.loads(default_results.read_text(encoding="utf-8"))
-        rows = [r for r in ddoc["summary"] if str(r["data"]).startswith("trace:")]
-        timing = f"checks' wall time {ddoc['seconds']:.0f} s"
-        if wall_seconds is not None:
-            timing += f", command wall time {wall_seconds:.0f} s"
-        lines += [
-            "## `hopfield-aa verify --traces hopfield_aa/data/traces` (default settings)",
-            "",
-            f"{ddoc['settings']['traces']}; {timing}.",
-            "",
-            *_table(
-                ("claim", "setting", "data", "cases", "passed", "worst margin", "rate", "status"),
-                (
-                    [
-                        r["claim"],
-                        r["setting"],
-                        r["data"],
-                        str(r["cases"]),
-                        "—" if not r["n_states"] else f"{r['n_passed']}/{r['n_states']}",
-                        _fmt(r["worst_margin"], ".2e"),
-                        _fmt(r["rate"]),
-                        r["status"],
-                    ]
-                    for r in rows
-                ),
-            ),
-            "",
-        ]
 
-    # per kind: layer × bucket × claim matrix
-    cells: dict[tuple[str, str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0])  # passed, n, fails
-    by_claim: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # passed, n, cases, failing
-    where_fails: dict[tuple[str, str], set[str]] = defaultdict(set)
-    for c in cases:
-        d = c["data"]
-        bucket = _bucket(int(d["step"]), n_steps)
-        for r in c["results"]:
-            label = _column(r["claim"], r["setting"])
-            if label is None:
-                continue
-            cell = cells[(d["kind"], d["layer"], bucket, label)]
-            cell[0] += r["n_passed"]
-            cell[1] += r["n_states"]
-            cell[2] += r["status"] == "fail"
-            agg = by_claim[(d["kind"], label)]
-            agg[0] += r["n_passed"]
-            agg[1] += r["n_states"]
-            agg[2] += 1
-            agg[3] += r["status"] == "fail"
-            if r["status"] == "fail":
-                where_fails[(d["kind"], label)].add(f"{short_layer(d['layer'])} ({bucket})")
+def _pass_rate_tables(digest: _Digest) -> list[str]:
     labels = [label for *_, label in CLAIM_COLUMNS]
-    lines += [
+    lines = [
         "## Pass rates per attention kind, layer and step bucket",
         "",
-        "Each cell: share of tried states (or starts, or perturbed fixed points: the unit of the claim) that",
-        "satisfy the claim, pooled over the head cases of that layer and bucket; **bold** where a case",
-        "fails; `n/a` where the claim applies to no state (no fixed point common to the dense and sparse",
-        "maps). † the ladder row measures whether a deeper Anderson mix beats extrapolation: no verdict.",
+        "Each cell: share of tried states (or starts, or perturbed fixed points: each claim's unit)",
+        "that satisfy the claim, pooled over the head cases of that layer and bucket; **bold** where a",
+        "case fails; `n/a` where the claim applies to no state (no fixed point common to the dense and",
+        "sparse maps).",
+        "† The ladder column measures whether a deeper Anderson mix lands closer to the sparse fixed point",
+        "than extrapolation: a measurement, not a verdict.",
         "",
     ]
-    for kind in kinds:
-        layers = sorted({c["data"]["layer"] for c in cases if c["data"]["kind"] == kind}, key=_layer_order)
+    for kind in digest.kinds:
+        layers = sorted({layer for k, layer in digest.measured if k == kind}, key=_layer_order)
         rows = []
         for layer in layers:
             for bucket in BUCKETS:
-                n_cases = sum(
-                    1
-                    for c in cases
-                    if c["data"]["kind"] == kind
-                    and c["data"]["layer"] == layer
-                    and _bucket(int(c["data"]["step"]), n_steps) == bucket
-                )
+                n_cases = digest.cases_in.get((kind, layer, bucket), 0)
                 if not n_cases:
                     continue
                 row = [short_layer(layer), bucket, str(n_cases)]
                 for label in labels:
-                    passed, n, fails = cells.get((kind, layer, bucket, label), [0, 0, 0])
-                    text = _pct(passed, n)
-                    row.append(f"**{text}**" if fails else text)
+                    tally = digest.cells.get((kind, layer, bucket, label), _Tally())
+                    text = _pct(tally.passed, tally.tried)
+                    row.append(f"**{text}**" if tally.failing else text)
                 rows.append(row)
         lines += [f"### {kind}-attention", "", *_table(("layer", "steps", "cases", *labels), rows), ""]
+    return lines
 
-    # measured quantities per kind and layer
-    lines += [
+
+def _measured_tables(digest: _Digest) -> list[str]:
+    lines = [
         "## Measured quantities per layer",
         "",
-        "β is the recorded softmax scale 1/√d; `M` the largest key norm. Common share: fixed points of the",
-        "dense map D (reached from the queries) that the sparse map S (α = 1.5) also fixes. Lipschitz:",
-        "‖DT(ξ)‖₂ along the trajectories of T from the queries (min / median / max), share below 1, and the",
-        "global certificate β L_α ‖X‖₂² (below 1 would prove T a contraction everywhere). λ*: the",
-        "Anderson-optimal extrapolation scale 1 − γ* (median over queries). Directional: share of starts",
-        "where r = S − D points toward the sparse fixed point, and share where ⟨r, S(ξ)⟩ > 0.",
+        "N×d: keys × head dimension; β: the recorded scale 1/√d. Common: fixed points of the dense map D",
+        "(reached from the queries) that the sparse map S (α = 1.5) fixes too. Lipschitz ‖DT(ξ)‖₂ along the",
+        "trajectories of T from the queries: per-case medians (min / median / max over cases), the largest",
+        "value seen, and the median share below 1. Certificate: the global bound β L_α ‖K‖₂² (below 1 would",
+        "prove T a contraction everywhere; min / median / max). λ*: the Anderson-optimal extrapolation scale",
+        "1 − γ*, median of per-case medians. Direction: median share of starts where r = S − D points toward",
+        "the sparse fixed point / where ⟨r, S(ξ)⟩ > 0. Orth.: ‖e⊥‖/M at the limit of G (ζ = 0), median.",
         "",
     ]
-    per_layer: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for c in cases:
-        d = c["data"]
-        acc = per_layer[(d["kind"], d["layer"])]
-        acc["beta"].append(float(d["beta"]))
-        acc["d"].append(float(d["d"]))
-        acc["N"].append(float(d["N"]))
-        fp = c["fixed_points"]
-        acc["dense_converged"].append(float(fp.get("dense_converged", 0)))
-        acc["dense_common"].append(float(fp.get("dense_common", 0)))
-        for r in c["results"]:
-            m = r.get("measured", {}) or {}
-            if r["claim"] == "weak contraction":
-                tag = "1" if r["setting"] == "α=1" else "s"
-                lip = m.get("lipschitz_trajectory", {}) or {}
-                acc[f"lip_med_{tag}"].append(lip.get("median", math.nan))
-                acc[f"lip_max_{tag}"].append(lip.get("max", math.nan))
-                acc[f"lip_share_{tag}"].append(m.get("lipschitz_share_below_1", math.nan))
-                acc[f"cert_{tag}"].append(m.get("global_certificate", math.nan))
-            elif r["claim"] == "extrapolation is AA(1)":
-                acc["lambda_star"].append((m.get("lambda_star", {}) or {}).get("median", math.nan))
-            elif r["claim"] == "directional consistency":
-                acc["toward"].append(m.get("share_toward_sparse_fixed_point", math.nan))
-                acc["aligned"].append(m.get("share_aligned_with_retrieval", math.nan))
-            elif r["claim"] == "orthogonal-error convergence" and r["setting"] == "ζ=0":
-                lim = m.get("limit_orthogonal_error_over_M", {}) or {}
-                acc["orth_limit"].append(lim.get("median", math.nan))
-    for kind in kinds:
+    for kind in digest.kinds:
         rows = []
-        for (k, layer), acc in sorted(per_layer.items(), key=lambda kv: _layer_order(kv[0][1])):
+        for (k, layer), acc in sorted(digest.measured.items(), key=lambda kv: _layer_order(kv[0][1])):
             if k != kind:
                 continue
-            converged = sum(acc["dense_converged"])
+            converged = sum(_finite(acc["dense_converged"]))
             rows.append(
                 [
                     short_layer(layer),
-                    f"{int(acc['N'][0])}×{int(acc['d'][0])}",
-                    f"{acc['beta'][0]:.3f}",
-                    f"{sum(acc['dense_common']):.0f}/{converged:.0f}",
-                    _stat(acc["lip_med_1"]) + f"; {_median(acc['lip_share_1']):.0%}",
-                    _stat(acc["lip_med_s"]) + f"; {_median(acc['lip_share_s']):.0%}",
-                    _stat(acc["cert_1"]),
-                    _stat(acc["cert_s"]),
+                    f"{int(_number(acc['N'][0]))}×{int(_number(acc['d'][0]))}",
+                    f"{_number(acc['beta'][0]):.3f}",
+                    f"{sum(_finite(acc['dense_common'])):.0f}/{converged:.0f}",
+                    _lipschitz(acc, "D"),
+                    _lipschitz(acc, "S"),
+                    _spread3(acc["cert_D"]),
+                    _spread3(acc["cert_S"]),
                     _fmt(_median(acc["lambda_star"])),
                     f"{_median(acc['toward']):.0%} / {_median(acc['aligned']):.0%}",
-                    _fmt(_median(acc["orth_limit"])),
+                    _fmt(_median(acc["orth_limit_ζ=0"])),
                 ]
             )
         lines += [
@@ -646,107 +733,195 @@ def summarise(results: Path, default_results: Path | None = None, wall_seconds: 
                     "layer",
                     "N×d",
                     "β",
-                    "common / dense fixed points",
-                    "Lip. D median (min/med/max); share < 1",
-                    "Lip. S median; share < 1",
-                    "global cert. D",
-                    "global cert. S",
-                    "λ* median",
-                    "directional toward / aligned",
-                    "‖e⊥‖/M at the limit (ζ=0)",
+                    "common",
+                    "Lipschitz D",
+                    "Lipschitz S",
+                    "certificate D",
+                    "certificate S",
+                    "λ*",
+                    "direction",
+                    "orth.",
                 ),
                 rows,
             ),
             "",
         ]
-
-    lines += ["## What it says", "", *_plain_language(cases, by_claim, where_fails, per_layer, kinds), ""]
-    return "\n".join(lines)
+    return lines
 
 
-def _plain_language(
-    cases: Sequence[dict[str, Any]],
-    by_claim: dict[tuple[str, str], list[int]],
-    where_fails: dict[tuple[str, str], set[str]],
-    per_layer: dict[tuple[str, str], dict[str, list[float]]],
-    kinds: Sequence[str],
-) -> list[str]:
-    """Sentences computed from the results (nothing here is typed in by hand)."""
-    names = {label: name for name, _, label in CLAIM_COLUMNS}
+def _lipschitz(acc: dict[str, list[Any]], tag: str) -> str:
+    largest = max(_finite(acc[f"lip_max_{tag}"]), default=math.nan)
+    return (
+        f"{_spread3(acc[f'lip_median_{tag}'])}; max {_fmt(largest)}; {_median(acc[f'lip_share_{tag}']):.0%}"
+    )
+
+
+def _pooled(digest: _Digest, kind: str, key: str) -> list[float]:
+    return [v for (k, _), acc in digest.measured.items() if k == kind for v in _finite(acc[key])]
+
+
+def _plain_language(digest: _Digest) -> list[str]:
+    """One paragraph per attention kind, every number computed from the results."""
     out = []
-    for kind in kinds:
+    for kind in digest.kinds:
         held, failed, empty = [], [], []
-        for _, setting, label in CLAIM_COLUMNS:
-            if label.endswith("†"):
+        all_cells = {(layer, b) for (k, layer, b) in digest.cases_in if k == kind}
+        for *_, label in CLAIM_COLUMNS:
+            if label.endswith("†") or (kind, label) not in digest.claims:
                 continue
-            passed, n, n_cases, failing = by_claim.get((kind, label), [0, 0, 0, 0])
-            title = names[label] + (f" ({setting})" if setting else "")
-            if n == 0:
+            tally, title = digest.claims[(kind, label)], digest.titles[label]
+            if tally.tried == 0:
                 empty.append(title)
-            elif failing == 0:
-                held.append(f"{title} ({passed}/{n})")
+            elif tally.failing == 0:
+                held.append(f"{title} ({tally.passed}/{tally.tried})")
             else:
-                spots = sorted(where_fails[(kind, label)])
+                cells = sorted(
+                    (layer, b)
+                    for (k, layer, b, lab), t in digest.cells.items()
+                    if k == kind and lab == label and t.failing
+                )
+                where = (
+                    "in every layer and step bucket"
+                    if set(cells) == all_cells
+                    else "at "
+                    + ", ".join(f"{short_layer(layer)} ({b})" for layer, b in cells[:4])
+                    + (f" and {len(cells) - 4} more cells" if len(cells) > 4 else "")
+                )
                 failed.append(
-                    f"{title}: {passed}/{n} pass ({100 * passed / n:.0f}%), failing in {failing} of {n_cases} "
-                    f"head cases, at {len(spots)} layer/bucket cells"
-                    + (f" (e.g. {', '.join(spots[:3])})" if spots else "")
+                    f"{title}, {_pct(tally.passed, tally.tried)} of tries passing, {tally.failing} of "
+                    f"{tally.cases} head cases failing, {where}"
                 )
-        layers = [acc for (k, _), acc in per_layer.items() if k == kind]
-        betas = sorted({round(b, 4) for acc in layers for b in acc["beta"]})
-        dims = sorted({int(x) for acc in layers for x in acc["d"]})
-        common = sum(sum(acc["dense_common"]) for acc in layers)
-        converged = sum(sum(acc["dense_converged"]) for acc in layers)
-        certs = [v for acc in layers for key in ("cert_1", "cert_s") for v in acc[key] if math.isfinite(v)]
-        lip_d = [v for acc in layers for v in acc["lip_max_1"] if math.isfinite(v)]
-        lip_s = [v for acc in layers for v in acc["lip_max_s"] if math.isfinite(v)]
-        lam = [v for acc in layers for v in acc["lambda_star"] if math.isfinite(v)]
-        toward = [v for acc in layers for v in acc["toward"] if math.isfinite(v)]
-        aligned = [v for acc in layers for v in acc["aligned"] if math.isfinite(v)]
-        n_cases = sum(1 for c in cases if c["data"]["kind"] == kind)
-        text = (
-            f"**{kind}-attention** ({n_cases} head cases over {len(layers)} layers). "
-            f"Holding on every case: {'; '.join(held) if held else 'none'}. "
-        )
-        text += ("Failing: " + "; ".join(failed) + ". ") if failed else "No claim fails. "
+        n_cases = sum(n for (k, *_), n in digest.cases_in.items() if k == kind)
+        layers = {layer for k, layer in digest.measured if k == kind}
+        text = f"**{kind}-attention** ({n_cases} head cases, {len(layers)} layers). "
+        text += f"Holds on every case: {'; '.join(held) if held else 'nothing'}. "
+        text += ("Fails: " + "; ".join(failed) + ". ") if failed else "No claim fails. "
         if empty:
-            text += f"Not applicable anywhere: {', '.join(empty)}. "
+            text += f"Applies to no state: {', '.join(empty)}. "
+        betas = sorted(set(_pooled(digest, kind, "beta")))
+        dims = sorted({int(x) for x in _pooled(digest, kind, "d")})
+        common, converged = (
+            sum(_pooled(digest, kind, "dense_common")),
+            sum(_pooled(digest, kind, "dense_converged")),
+        )
+        beta_text, dim_text = ", ".join(f"{b:.3f}" for b in betas), ", ".join(map(str, dims))
         text += (
-            f"β ∈ {{{', '.join(f'{b:.3f}' for b in betas)}}} (1/√d for d ∈ {{{', '.join(map(str, dims))}}}). "
+            f"β takes the values {beta_text} (1/√d, d ∈ {{{dim_text}}}). "
             f"Of {converged:.0f} fixed points the dense map reaches from the queries, {common:.0f} "
-            f"({(common / converged if converged else math.nan):.1%}) are also fixed by the sparse map"
+            f"({common / converged if converged else math.nan:.1%}) are also fixed by the sparse map"
         )
-        text += (
-            ", so the preservation lemma has nothing to act on and every dense fixed point is one where "
-            "guidance moves the state linearly in λ (Remark 3.4). "
-            if converged and common == 0
-            else ". "
-        )
-        if certs:
-            below = sum(v < 1 for v in certs)
+        if converged and common == 0:
+            slopes = _pooled(digest, kind, "slope")
             text += (
-                f"The global weak-contraction certificate β L_α ‖K‖₂² ranges {min(certs):.3g}–{max(certs):.3g} "
-                f"and is below 1 in {below} of {len(certs)} (case, map) pairs"
+                ": fixed-point preservation never applies, and at every dense fixed point guidance moves the "
+                "state linearly in λ (Remark 3.4"
+                + (f"; median distance per unit λ {_median(slopes):.3g} M" if slopes else "")
+                + "). "
             )
-            if lip_d and lip_s:
-                text += (
-                    f", while the local Lipschitz constant along the trajectories stays at most "
-                    f"{max(lip_d):.3g} for the dense map and {max(lip_s):.3g} for the sparse map"
-                )
+        else:
             text += ". "
+        certs = _pooled(digest, kind, "cert_D") + _pooled(digest, kind, "cert_S")
+        if certs:
+            below = sum(c < 1 for c in certs)
+            lip_d = max(_pooled(digest, kind, "lip_max_D"), default=math.nan)
+            lip_s = max(_pooled(digest, kind, "lip_max_S"), default=math.nan)
+            ratio = max(_pooled(digest, kind, "max_ratio_S"), default=math.nan)
+            text += (
+                f"The global contraction certificate β L_α ‖K‖₂² lies between {min(certs):.3g} and "
+                f"{max(certs):.3g} (below 1 in {below} of {len(certs)} case-map pairs)"
+                + (", so it never proves contraction here" if below == 0 else "")
+                + f"; the local Lipschitz constant along trajectories is at most {lip_d:.3g} for the dense "
+                f"map and {lip_s:.3g} for the sparse one (median share below 1: "
+                f"{_median(_pooled(digest, kind, 'lip_share_D')):.0%} and "
+                f"{_median(_pooled(digest, kind, 'lip_share_S')):.0%}), and the largest contraction ratio "
+                f"at perturbed sparse fixed points is {ratio:.3g}. "
+            )
+        limits = _pooled(digest, kind, "orth_limit_ζ=0")
+        if limits:
+            reached = _pooled(digest, kind, "orth_converged_ζ=0")
+            factor = _median(_pooled(digest, kind, "orth_rate_ζ=0"))
+            orth = digest.claims.get((kind, "orth. ζ=0"), _Tally())
+            if orth.failing == 0:
+                text += (
+                    f"The guided iteration ξ ↦ G(ξ) (ζ = 0, λ = 1) removes the orthogonal error (median "
+                    f"per-step factor {factor:.3g}). "
+                )
+            else:
+                text += (
+                    f"The guided iteration ξ ↦ G(ξ) (ζ = 0, λ = 1) reaches a limit from a median "
+                    f"{_median(reached):.0%} of starts per case (median per-step factor of ‖e⊥‖ "
+                    f"{factor:.3g}), but that limit is not the sparse fixed point plus a multiple of the "
+                    "reference direction: the error's part orthogonal to S(ξ_∞) stays at a median "
+                    f"{_median(limits):.3g} M (ζ = ½: "
+                    f"{_median(_pooled(digest, kind, 'orth_limit_ζ=½')):.3g} M, ζ = 1: "
+                    f"{_median(_pooled(digest, kind, 'orth_limit_ζ=1')):.3g} M), far above the tolerance. "
+                )
+        lam = _pooled(digest, kind, "lambda_star")
         if lam:
             text += (
-                f"The Anderson-optimal scale λ* has median {_median(lam):.3g} (range of per-case medians "
-                f"{min(lam):.3g}–{max(lam):.3g}). "
+                f"The Anderson-optimal scale λ* has median {_median(lam):.3g} (per-case medians "
+                f"{min(lam):.3g} to {max(lam):.3g}). "
             )
+        toward, aligned = _pooled(digest, kind, "toward"), _pooled(digest, kind, "aligned")
         if toward and aligned:
             text += (
-                f"The sparse-minus-dense residual points toward the sparse fixed point in a median "
-                f"{_median(toward):.0%} of starts per case and aligns with the retrieval direction in "
-                f"{_median(aligned):.0%}."
+                "The residual r = S − D points toward the sparse fixed point in a median "
+                f"{_median(toward):.0%} of starts per case, and has ⟨r, S(ξ)⟩ > 0 in {_median(aligned):.0%}."
             )
         out += [text, ""]
     return out
+
+
+def summarise(
+    results: Path,
+    default_results: Path | None = None,
+    wall_seconds: float | None = None,
+    counterexamples: Path | None = COUNTEREXAMPLES,
+) -> str:
+    """The Markdown report of a ``verify`` run on traces: per attention kind, layer, step bucket and claim.
+
+    Parameters
+    ----------
+    results : Path
+        ``results.json`` of a verify run on the bundled traces (``--verify-wide``); the counter-examples
+        it names are read from its folder.
+    default_results : Path, optional
+        ``results.json`` of ``hopfield-aa verify --traces ...``, whose trace rows are quoted.
+    wall_seconds : float, optional
+        Wall time of that command, measured outside it.
+    counterexamples : Path or None
+        Where to keep one counter-example per failing (claim, setting, kind); None keeps none.
+
+    Returns
+    -------
+    str
+        The Markdown text.
+    """
+    doc = json.loads(results.read_text(encoding="utf-8"))
+    cases = [c for c in doc["cases"] if "trace" in c["data"]]
+    if not cases:
+        raise ValueError(f"{results}: no trace cases")
+    meta = _manifest_metadata(c["data"]["trace"] for c in cases)
+    n_steps = next((int(m["num_inference_steps"]) for m in meta.values() if "num_inference_steps" in m), 20)
+    digest = _digest(cases, n_steps)
+    lines = _header(doc, results, meta, digest)
+    lines += ["## What it says", "", *_plain_language(digest)]
+    if default_results is not None:
+        lines += _default_run(default_results, wall_seconds)
+    lines += _pass_rate_tables(digest)
+    lines += _measured_tables(digest)
+    if counterexamples is not None:
+        rows = keep_counterexamples(doc, results.parent, counterexamples)
+        lines += [
+            "## Counter-examples kept",
+            "",
+            "One per failing claim, setting and kind (the case with the worst margin); replay one with",
+            "`hopfield_aa.checks.replay_counterexample(path)`.",
+            "",
+            *(_table(("claim", "setting", "kind", "case", "margin", "file"), rows) if rows else ["None."]),
+            "",
+        ]
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -759,25 +934,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         epilog="Example: python analysis/capture_reference_traces.py --weights runs/reference/ema",
     )
-    parser.add_argument("--weights", default=None, help="weights folder (default: bundled, else runs/reference/ema)")
-    parser.add_argument("--prompts", type=Path, default=PROMPTS, help="prompts file (default: the bundled one)")
-    parser.add_argument("--out", type=Path, default=BUNDLED_TRACES, help="bundle folder (default: the bundled one)")
+    parser.add_argument(
+        "--weights", default=None, help="weights folder (default: bundled, else runs/reference/ema)"
+    )
+    parser.add_argument(
+        "--prompts", type=Path, default=PROMPTS, help="prompts file (default: the bundled one)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=BUNDLED_TRACES, help="bundle folder (default: the bundled one)"
+    )
     defaults = CaptureSettings()
     parser.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps per prompt")
-    parser.add_argument("--record-every", type=int, default=defaults.record_every, help="cross-attention step stride")
+    parser.add_argument(
+        "--record-every", type=int, default=defaults.record_every, help="cross-attention step stride"
+    )
     parser.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale, help="CFG scale")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="base seed (prompt i: seed + i)")
     parser.add_argument("--max-query-tokens", type=int, default=defaults.max_query_tokens)
     parser.add_argument("--query-seed", type=int, default=defaults.query_seed)
-    parser.add_argument("--dtype", choices=("float16", "float32"), default=defaults.dtype, help="storage dtype")
+    parser.add_argument(
+        "--dtype", choices=("float16", "float32"), default=defaults.dtype, help="storage dtype"
+    )
     parser.add_argument("--self-steps", default=",".join(map(str, defaults.self_steps)))
     parser.add_argument("--self-heads", default=",".join(map(str, defaults.self_heads)))
     parser.add_argument("--max-mb", type=float, default=defaults.max_mb, help="size budget in MiB")
-    parser.add_argument("--verify-wide", type=Path, default=None, metavar="OUT", help="run the wide verify only")
+    parser.add_argument(
+        "--verify-wide", type=Path, default=None, metavar="OUT", help="run the wide verify only"
+    )
     parser.add_argument("--max-records", type=int, default=56, help="records per capture for --verify-wide")
-    parser.add_argument("--summarise", type=Path, default=None, metavar="RESULTS", help="write the Markdown only")
-    parser.add_argument("--default-results", type=Path, default=None, help="results.json of the default verify")
-    parser.add_argument("--default-wall", type=float, default=None, help="wall time of the default verify (s)")
+    parser.add_argument(
+        "--summarise", type=Path, default=None, metavar="RESULTS", help="write the Markdown only"
+    )
+    parser.add_argument(
+        "--default-results", type=Path, default=None, help="results.json of the default verify"
+    )
+    parser.add_argument(
+        "--default-wall", type=float, default=None, help="wall time of the default verify (s)"
+    )
     parser.add_argument("--md", type=Path, default=RESULTS_MD, help="Markdown output of --summarise")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -812,8 +1005,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     run = capture_bundle(args.out, args.weights, args.prompts, settings, command.strip())
     print(
-        f"captured {run['records']} records from {run['weights_path']} ({run['weights_source']}, training step "
-        f"{run['weights_training_step']}, sha256 {run['weights_sha256'][:16]}…) into {run['out']}: "
+        f"captured {run['records']} records from {run['weights_path']} ({run['weights_source']}, "
+        f"training step {run['weights_training_step']}, sha256 {run['weights_sha256'][:16]}…) "
+        f"into {run['out']}: "
         f"{run['bytes'] / 2**20:.2f} MiB, {len(run['cross_layers'])} cross-attention layers, "
         f"{run['seconds']:.0f} s"
     )

@@ -135,6 +135,7 @@ def _solve_gamma(
     valid: torch.Tensor,
     regularization: float,
     restart_cond: float,
+    raw: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """γ = argmin ‖f − ΔF γ‖² + λ Σ_j ‖ΔF_j‖² γ_j², batched.
 
@@ -144,42 +145,42 @@ def _solve_gamma(
     sine of the angle between column j and the span of the columns before it. Zero or invalid
     columns get γ_j = 0. Where the Cholesky factorisation fails, γ is non-finite, or some
     R_jj² < 1 / restart_cond, the problem is ill-conditioned: those columns are dropped and the
-    problem solved again. Returns γ (..., k), ``well_conditioned`` (...) and ``finite`` (...).
+    problem solved again. ``raw``, if given, is the Gram matrix ΔFᵀΔF (..., k, k) kept up to date by
+    the caller (one new column per step instead of k). Returns γ (..., k), ``well_conditioned`` (...)
+    and ``finite`` (...).
     """
     # the scaled Gram matrix and right-hand side from ΔFᵀΔF and ΔFᵀf (no scaled copy of ΔF)
-    raw = d_f @ d_f.transpose(-1, -2)
+    if raw is None:
+        raw = d_f @ d_f.transpose(-1, -2)
     norms = raw.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
     use = valid & (norms > 0) & torch.isfinite(norms)
     scale = torch.where(use, norms, torch.ones_like(norms))
     rhs = torch.where(use, (d_f @ f[..., None])[..., 0] / scale, torch.zeros_like(scale))
     keep_pair = use[..., :, None] & use[..., None, :]
     gram = torch.where(keep_pair, raw / (scale[..., :, None] * scale[..., None, :]), torch.zeros_like(raw))
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     threshold = 1.0 / restart_cond
+    index = torch.arange(1, gram.shape[-1] + 1, device=gram.device)
 
-    def solve(columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def solve(columns: torch.Tensor, first: bool) -> tuple[torch.Tensor, torch.Tensor]:
         # unused columns become identity rows/columns with zero right-hand side: γ_j = 0 exactly
-        keep = columns[..., :, None] & columns[..., None, :]
-        c = torch.where(keep, gram, torch.zeros_like(gram)) + eye * (
-            regularization + (~columns).to(gram.dtype)[..., None]
-        )
+        # (on the first solve `gram` and `rhs` are already zero outside `columns`)
+        c = gram if first else torch.where(columns[..., :, None] & columns[..., None, :], gram, 0.0)
+        c = c + torch.diag_embed(regularization + (~columns).to(gram.dtype))
         chol, info = torch.linalg.cholesky_ex(c)
-        coef = torch.cholesky_solve(torch.where(columns, rhs, 0.0)[..., None], chol)[..., 0]
-        r_diag_sq = chol.diagonal(dim1=-2, dim2=-1).square()
-        weak = columns & ~(r_diag_sq >= threshold)  # also catches NaN
-        # a failed factorisation stops at pivot `info` (1-based): that column and the later ones are weak
-        index = torch.arange(1, columns.shape[-1] + 1, device=columns.device)
-        pivot_failed = (info[..., None] > 0) & (index >= info[..., None])
-        weak = weak | (pivot_failed & columns)
+        coef = torch.cholesky_solve((rhs if first else torch.where(columns, rhs, 0.0))[..., None], chol)[..., 0]
+        # a weak pivot (also NaN), or a failed factorisation, which stops at pivot `info` (1-based):
+        # that column and the later ones are weak
+        weak = columns & ~(chol.diagonal(dim1=-2, dim2=-1).square() >= threshold)
+        weak |= columns & (info[..., None] > 0) & (index >= info[..., None])
         # non-finite γ with no weak pivot to blame (e.g. NaN in f): every column is suspect
         nonfinite = ~torch.isfinite(coef).all(-1, keepdim=True) & ~weak.any(-1, keepdim=True)
         return coef, weak | (nonfinite & columns)
 
-    coef, weak = solve(use)
+    coef, weak = solve(use, True)
     well = ~weak.any(-1)
     if not bool(well.all()):
         # drop the dependent columns and solve once more; anything still singular gets γ = 0
-        coef2, weak2 = solve(use & ~weak)
+        coef2, weak2 = solve(use & ~weak, False)
         coef = torch.where(well[..., None], coef, coef2)
         failed2 = weak2.any(-1) & ~well
         coef = torch.where(failed2[..., None], torch.zeros_like(coef), coef)
@@ -660,6 +661,8 @@ def anderson(
     # history as a ring buffer of m columns; the valid columns of a row are its `filled` newest ones
     d_x = torch.zeros(batch, m, n, dtype=dtype, device=device)
     d_f = torch.zeros_like(d_x)
+    # ΔFᵀΔF of every row, updated by one column per step (O(m n) instead of O(m² n))
+    gram = torch.zeros(batch, m, m, dtype=dtype, device=device)
     filled = torch.zeros(batch, dtype=torch.long, device=device)
     col = torch.arange(m, device=device)
     n_iter = torch.zeros(batch, dtype=torch.long, device=device)
@@ -694,7 +697,7 @@ def anderson(
             fil = torch.where(plain_only[sel] | escape[sel], torch.zeros_like(fil), fil)
             slot = it % m
             age = (slot - 1 - col) % m  # 0 for the newest column
-            gamma, well, _ = _solve_gamma(dfa, fa, age < fil[:, None], lam, cond)
+            gamma, well, _ = _solve_gamma(dfa, fa, age < fil[:, None], lam, cond, raw=gram[sel])
             restart = ~well & (fil > 0)
             gamma = torch.where(restart[:, None], torch.zeros_like(gamma), gamma)
             fil = torch.where(restart, torch.zeros_like(fil), fil)
@@ -720,6 +723,9 @@ def anderson(
             # ring buffer: every active row writes its newest column at the shared position `slot`
             d_x[sel, slot] = new_dx
             d_f[sel, slot] = new_df
+            new_col = (d_f[sel] @ new_df[:, :, None])[:, :, 0]
+            gram[sel, slot, :] = new_col
+            gram[sel, :, slot] = new_col
         x[sel] = torch.where(ok[:, None], x_new, xa)
         g_x[sel] = torch.where(ok[:, None], g_new, ga)
         f[sel] = torch.where(ok[:, None], f_new, fa)

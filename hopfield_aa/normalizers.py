@@ -39,11 +39,14 @@ __all__ = [
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
-# Rows are processed in blocks of about this many entries so that a block and its scratch buffer
-# stay in the L2 cache through all passes of the solver.
-_BLOCK_ELEMENTS = 1 << 17
+# Rows are processed in blocks of about this many entries (α = 1.5 and 2; general α: the smaller
+# size, whose Newton passes run until the slowest row of the block has converged). Measured.
+_BLOCK_ELEMENTS = 1 << 20
+_BLOCK_ELEMENTS_GENERAL = 1 << 17
 _MAX_SUPPORT_ITER = 24
 _MAX_NEWTON_ITER = 60
+_SPLIT = 4  # a second, wider candidate group when some row has 4× the typical count
+_COMPACT_MIN_N = 128  # α = 1.5 and 2 compact rows of at least this length (general α: always)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -66,24 +69,81 @@ def _support_stats(u: torch.Tensor, tau: torch.Tensor, d: torch.Tensor, squares:
     return s1, s2, count
 
 
+_State = tuple[torch.Tensor, torch.Tensor]
+
+
+def _iterate_support(
+    u: torch.Tensor, d: torch.Tensor, squares: bool, update: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run support passes ``update(τ, Σd, Σd², |S|, state) -> (settled, τ_new, state)`` from τ₀ = −1.
+
+    Most rows settle in two or three passes while a few need more, so once at least half of the rows
+    still iterated have settled, their thresholds are stored and the passes go on with the others
+    only. Returns (τ, settled mask) for all rows.
+    """
+    tau = torch.full_like(u[:, :1], -1.0)
+    state: _State = (torch.full_like(tau, -1.0), torch.zeros_like(tau, dtype=torch.bool))
+    result = tau.clone()
+    done = torch.zeros_like(tau, dtype=torch.bool)
+    idx: torch.Tensor | None = None  # rows of u still iterated (None: all)
+    cur = u
+    for _ in range(_MAX_SUPPORT_ITER):
+        s1, s2, count = _support_stats(cur, tau, d[:, : cur.shape[0]], squares)
+        settled, new_tau, state = update(tau, s1, s2, count, state)
+        n_settled = int(settled.sum())
+        if n_settled == cur.shape[0] or 2 * n_settled >= cur.shape[0]:
+            rows_s = settled.squeeze(-1)
+            if idx is None:
+                result, done = tau.clone(), settled.clone()
+            else:
+                result[idx[rows_s]] = tau[rows_s]
+                done[idx[rows_s]] = True
+            if n_settled == cur.shape[0]:
+                return result, done
+            keep = (~rows_s).nonzero().squeeze(-1)
+            cur = cur.index_select(0, keep)
+            tau = new_tau.index_select(0, keep)
+            state = (state[0].index_select(0, keep), state[1].index_select(0, keep))
+            idx = keep if idx is None else idx[keep]
+        else:
+            tau = new_tau
+    if idx is None:
+        return tau, torch.zeros_like(done)
+    result[idx] = tau
+    return result, done
+
+
+def _sparsemax_update(
+    tau: torch.Tensor, s1: torch.Tensor, s2: Any, count: torch.Tensor, state: _State
+) -> tuple[torch.Tensor, torch.Tensor, _State]:
+    # Σ_S (u_i − τ_new) = 1 with d = u − τ: τ_new = τ + (Σd − 1)/|S|
+    count_prev = state[0]
+    settled = count == count_prev
+    return settled, torch.where(settled, tau, tau + (s1 - 1) / count), (count, state[1])
+
+
 def _threshold_sparsemax(u: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Threshold of sparsemax for rows ``u`` (max 0): Newton (Michelot) steps τ ← (Σ_{u>τ} u − 1)/|S|.
 
     Each step is the exact threshold of the current support and a lower bound of τ*, so τ increases
     monotonically; it is exact as soon as the support count repeats. Returns (τ, settled mask).
     """
-    tau = torch.full_like(u[:, :1], -1.0)
-    count_prev = torch.full_like(tau, -1.0)
-    settled = torch.zeros_like(tau, dtype=torch.bool)
-    for _ in range(_MAX_SUPPORT_ITER):
-        s1, _, count = _support_stats(u, tau, d, squares=False)
-        settled = count == count_prev
-        if bool(settled.all()):
-            break
-        # Σ_S (u_i − τ_new) = 1 with d = u − τ: τ_new = τ + (Σd − 1)/|S|
-        tau = torch.where(settled, tau, tau + (s1 - 1) / count)
-        count_prev = count
-    return tau, settled
+    return _iterate_support(u, d, False, _sparsemax_update)
+
+
+def _entmax15_update(
+    tau: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, count: torch.Tensor, state: _State
+) -> tuple[torch.Tensor, torch.Tensor, _State]:
+    count_prev, exact_prev = state
+    settled = exact_prev & (count == count_prev)
+    excess = s2 - 1
+    disc = s1 * s1 - count * excess
+    exact = disc >= 0
+    quadratic = tau + excess / (s1 + disc.clamp(min=0).sqrt())
+    norm = s2.sqrt()
+    newton = tau + norm * (norm - 1) / s1
+    new_tau = torch.where(settled, tau, torch.where(exact, quadratic, newton))
+    return settled, new_tau, (count, exact | settled)
 
 
 def _threshold_entmax15(u: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,25 +156,7 @@ def _threshold_entmax15(u: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor,
     the quadratic has no real root (a far too large support) a Newton step on ‖[u − τ]_+‖₂ − 1, a
     convex decreasing function, is taken instead; it stays a lower bound.
     """
-    tau = torch.full_like(u[:, :1], -1.0)
-    count_prev = torch.full_like(tau, -1.0)
-    exact_prev = torch.zeros_like(tau, dtype=torch.bool)
-    settled = exact_prev
-    for _ in range(_MAX_SUPPORT_ITER):
-        s1, s2, count = _support_stats(u, tau, d, squares=True)
-        settled = exact_prev & (count == count_prev)
-        if bool(settled.all()):
-            break
-        excess = s2 - 1
-        disc = s1 * s1 - count * excess
-        exact = disc >= 0
-        quadratic = tau + excess / (s1 + disc.clamp(min=0).sqrt())
-        norm = s2.sqrt()
-        newton = tau + norm * (norm - 1) / s1
-        tau = torch.where(settled, tau, torch.where(exact, quadratic, newton))
-        exact_prev = exact | settled
-        count_prev = count
-    return tau, settled
+    return _iterate_support(u, d, True, _entmax15_update)
 
 
 def _exact_threshold_rows(u: torch.Tensor, alpha: float, solver: Any, scratch: torch.Tensor) -> torch.Tensor:
@@ -191,6 +233,115 @@ def _entmax_general_block(z: torch.Tensor, alpha: float, out: torch.Tensor) -> t
 # --------------------------------------------------------------------------------------------------
 
 
+def _candidate_reach(alpha: float) -> float:
+    """How far below the row maximum a score can lie and still be in the support.
+
+    The threshold never drops below the left end of its bracket, τ ≥ (α−1) max z − 1 (λ ≥ max z in
+    score units), so p_i > 0 needs z_i > max z − 1/(α−1) (1 for sparsemax, 2 for 1.5-entmax).
+    """
+    return 1.0 / (alpha - 1.0)
+
+
+def _solve_compact(u: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """α-entmax of the compacted candidate rows ``u`` (shifted scores, max 0, padding −inf).
+
+    Returns (p of the same shape, λ relative to the row maximum).
+    """
+    if alpha == 2.0 or alpha == 1.5:
+        # u = (α−1)(z − max z), then p = [u − τ]_+^{1/(α−1)}
+        if alpha == 1.5:
+            u = u.mul_(0.5)
+        scratch = u.new_empty((2, *u.shape))
+        solver = _threshold_entmax15 if alpha == 1.5 else _threshold_sparsemax
+        tau = _exact_threshold_rows(u, alpha, solver, scratch)
+        p = u.sub_(tau).clamp_(min=0)
+        if alpha == 1.5:
+            return p.mul_(p), 2.0 * (tau + 1.0)
+        return p, tau + 1.0
+    if alpha < 2.0:
+        p = torch.empty_like(u)
+        return p, _entmax_general_block(u, alpha, p)
+    # for α > 2 the map p = [·]_+^{1/(α−1)} amplifies the rounding of entries near the threshold (a
+    # root of F that float32 cannot resolve), so it is computed in float64
+    u64 = u.double()
+    p64 = torch.empty_like(u64)
+    lam64 = _entmax_general_block(u64, alpha, p64)
+    return p64.to(u.dtype), lam64.to(u.dtype)
+
+
+def _forward_block(zb: torch.Tensor, alpha: float, pb: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """α-entmax of the contiguous rows ``zb`` into ``pb`` (zero-filled); returns λ (score units, keepdim).
+
+    Only the candidates z_i > max z − 1/(α−1) can be in the support (:func:`_candidate_reach`); in
+    attention rows they are a small share of the entries, so the threshold solvers run on a compacted
+    (rows, K) matrix of the candidates (padded with −inf) instead of the full rows, and the result is
+    scattered back. Rows with many more candidates than typical form a second, wider group so that a
+    few flat rows do not widen the whole block. ``buf`` is float scratch of the shape of ``zb``.
+    """
+    n_rows, n = zb.shape
+    top = zb.amax(-1, keepdim=True)
+    dead = top == -math.inf
+    any_dead = bool(dead.any())
+    if any_dead:
+        top = top.masked_fill(dead, 0.0)
+    if n < _COMPACT_MIN_N and alpha in (1.5, 2.0):
+        # short rows: the compaction costs more than it saves (measured), solve on the full rows
+        u = torch.sub(zb, top, out=pb)
+        p, lam = _solve_compact(u, alpha)
+        if any_dead:
+            p.masked_fill_(dead, 0.0)
+            return (lam + top).masked_fill(dead, -math.inf)
+        return lam + top
+    # candidate indicator as 0/1 floats (cheaper to produce and count than a bool mask)
+    cand = torch.gt(zb, top - _candidate_reach(alpha), out=buf)
+    if any_dead:
+        cand[dead.squeeze(-1), 0] = 1.0  # one dummy candidate per all −inf row, masked at the end
+    count = cand.sum(-1).long()
+    flat = cand.view(-1).bool().nonzero().squeeze(-1)  # row-major: each row's candidates in order
+    vals = zb.reshape(-1).index_select(0, flat)
+    row = flat // n
+    start = count.cumsum(0) - count
+    slot = torch.arange(flat.numel(), device=zb.device) - start[row]
+    dead_entry = None
+    if any_dead:
+        dead_entry = dead.squeeze(-1)[row]
+        vals = vals.masked_fill(dead_entry, 0.0)  # the dummy becomes a lone maximum: p = 1, λ = 0
+    k_max = int(count.max())
+    k_typ = max(16, 2 * int(math.ceil(flat.numel() / max(n_rows, 1))))
+    lam_b = torch.empty_like(top)
+    p_vals = torch.empty_like(vals)
+    if k_max <= _SPLIT * k_typ:
+        groups: list[tuple[torch.Tensor | None, int]] = [(None, k_max)]
+    else:
+        wide = count > k_typ
+        groups = [(~wide, k_typ), (wide, k_max)]
+    for group, k in groups:
+        if group is None:
+            v, t, pos, g_rows = vals, top, row * k + slot, n_rows
+            entries = None
+        else:
+            entries = group[row]
+            local = group.long().cumsum(0) - 1  # row index within the group
+            v, t = vals[entries], top[group]
+            pos = local[row[entries]] * k + slot[entries]
+            g_rows = t.shape[0]
+        u = torch.full((g_rows * k,), -math.inf, dtype=zb.dtype, device=zb.device)
+        u.index_copy_(0, pos, v)
+        u = u.view(g_rows, k).sub_(t)
+        p, lam = _solve_compact(u, alpha)
+        p_g = p.reshape(-1).index_select(0, pos)
+        if group is None:
+            p_vals, lam_b = p_g, lam + t
+        else:
+            p_vals[entries] = p_g
+            lam_b[group] = lam + t
+    if any_dead:
+        p_vals = p_vals.masked_fill(dead_entry, 0.0)
+        lam_b = lam_b.masked_fill(dead, -math.inf)
+    pb.view(-1).index_copy_(0, flat, p_vals)
+    return lam_b
+
+
 def _forward(scores: torch.Tensor, alpha: float, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """α-entmax of ``scores`` along ``dim`` (α > 1) and its threshold λ in score units (keepdim).
 
@@ -202,54 +353,17 @@ def _forward(scores: torch.Tensor, alpha: float, dim: int) -> tuple[torch.Tensor
     z = z.movedim(dim, -1)
     shape = z.shape
     n = shape[-1]
-    rows = z.reshape(-1, n)
+    rows = z.reshape(-1, n).contiguous()
     n_rows = rows.shape[0]
-    probs = torch.empty_like(rows)
+    probs = torch.zeros_like(rows)
     lam = torch.empty_like(rows[:, :1])
     if rows.numel() > 0:
-        block = max(1, _BLOCK_ELEMENTS // max(n, 1))
-        shifted = torch.empty_like(rows[:block])
-        scratch = rows.new_empty((2, min(block, n_rows), n))
+        size = _BLOCK_ELEMENTS if alpha in (1.5, 2.0) else _BLOCK_ELEMENTS_GENERAL
+        block = max(1, size // max(n, 1))
+        buf = torch.empty_like(rows[:block])
         for start in range(0, n_rows, block):
             stop = min(start + block, n_rows)
-            zb = rows[start:stop]
-            sb = shifted[: stop - start]
-            pb = probs[start:stop]
-            top = zb.amax(-1, keepdim=True)
-            dead = top == -math.inf
-            any_dead = bool(dead.any())
-            if any_dead:
-                top = top.masked_fill(dead, 0.0)
-            if alpha == 2.0 or alpha == 1.5:
-                # u = (α−1)(z − max z), then p = [u − τ]_+^{1/(α−1)}
-                torch.sub(zb, top, out=sb)
-                if alpha == 1.5:
-                    sb.mul_(0.5)
-                    tau = _exact_threshold_rows(sb, alpha, _threshold_entmax15, scratch[:, : stop - start])
-                    torch.sub(sb, tau, out=pb)
-                    pb.clamp_(min=0)
-                    pb.mul_(pb)
-                    lam_b = 2.0 * (tau + 1.0)
-                else:
-                    tau = _exact_threshold_rows(sb, alpha, _threshold_sparsemax, scratch[:, : stop - start])
-                    torch.sub(sb, tau, out=pb)
-                    pb.clamp_(min=0)
-                    lam_b = tau + 1.0
-            elif alpha < 2.0:
-                torch.sub(zb, top, out=sb)
-                lam_b = _entmax_general_block(sb, alpha, pb)
-            else:
-                # for α > 2 the map p = [·]_+^{1/(α−1)} amplifies the rounding of entries near the
-                # threshold (a root of F that float32 cannot resolve), so it is computed in float64
-                sb64 = (zb - top).double()
-                pb64 = torch.empty_like(sb64)
-                lam_b = _entmax_general_block(sb64, alpha, pb64).to(zb.dtype)
-                pb.copy_(pb64)
-            lam_b = lam_b + top
-            if any_dead:
-                pb.masked_fill_(dead, 0.0)
-                lam_b = lam_b.masked_fill(dead, -math.inf)
-            lam[start:stop] = lam_b
+            lam[start:stop] = _forward_block(rows[start:stop], alpha, probs[start:stop], buf[: stop - start])
     probs = probs.reshape(shape).movedim(-1, dim)
     lam = lam.reshape((*shape[:-1], 1)).movedim(-1, dim)
     if in_dtype in _HALF:

@@ -1,6 +1,7 @@
-"""The bundled traces (hopfield_aa/data/traces) load and validate, cover every attention layer of the reference
-UNet, name the device and the weights they came from, and were captured from exactly the bundled weights:
-replaying a record's sampling run through the bundled model gives back its Q, K, V and its layer output.
+"""The bundled traces (hopfield_aa/data/traces) load and validate, cover every attention layer of the
+reference UNet, name the device and the weights they came from, and were captured from exactly the
+bundled weights: replaying a record's sampling run through the bundled model gives back its Q, K, V and
+its layer output.
 
 Regenerate with ``python analysis/capture_reference_traces.py`` after the bundled weights change.
 """
@@ -76,7 +77,9 @@ def test_cross_capture_covers_every_cross_attention_layer_step_and_prompt(
     steps, prompt_ids = set(ts.steps), {e["prompt_id"] for e in entries}
     assert len(steps) >= MIN_STEPS and len(prompt_ids) >= MIN_PROMPTS
     seen = [(e["layer"], e["step"], e["prompt_id"]) for e in entries]
-    assert len(seen) == len(set(seen)) == len(ts.layers) * len(steps) * len(prompt_ids), "a gap or a duplicate"
+    assert len(seen) == len(set(seen)) == len(ts.layers) * len(steps) * len(prompt_ids), (
+        "a gap or a duplicate"
+    )
     for e in entries:
         assert e["heads"] == list(range(e["num_heads"])), f"{e['key']}: not every head captured"
         assert len(e["tensors"]["q"]) == 3 and 0 < e["tensors"]["q"][1] <= e["query_tokens"]
@@ -205,7 +208,9 @@ def test_recorded_qkv_and_output_match_a_fresh_forward_of_the_bundled_model(
         torch.testing.assert_close(stored, value, rtol=2.0**-9, atol=atol, msg=f"{name} of {record}")
     if len(record.heads) == record.num_heads:
         with torch.no_grad():
-            mixed = record.attention_output(torch.float32).transpose(0, 1).reshape(len(record.query_indices), -1)
+            mixed = (
+                record.attention_output(torch.float32).transpose(0, 1).reshape(len(record.query_indices), -1)
+            )
             output = attn.to_out[0](mixed)
         expected = seen["output"][row][record.query_indices]
         scale = float(expected.abs().max())

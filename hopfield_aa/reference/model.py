@@ -187,7 +187,8 @@ class ReferencePipeline:
         ε̂ = ε_∅ + s (ε_c − ε_∅),
 
     where ``ε_∅`` is the prediction for the empty caption; at ``s = 1`` only the conditional branch runs
-    (ε̂ = ε_c exactly).
+    (ε̂ = ε_c exactly). The scheduler then steps ``x_t → x_{t-1}`` with the predicted clean image
+    ``x̂_0 = (x_t − √(1 − ᾱ_t) ε̂) / √ᾱ_t`` clipped to [-1, 1] (pixel-space sampling).
 
     Parameters
     ----------
