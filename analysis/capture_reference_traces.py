@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from hopfield_aa.reference import BUNDLED_WEIGHTS, load_pipeline, parse_caption, split_of
-from hopfield_aa.traces import MANIFEST_NAME, Selection, TraceCapture, TraceSet
+from hopfield_aa.traces import MANIFEST_NAME, Selection, TraceCapture, TraceSet, run_metadata
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_TRACES = ROOT / "hopfield_aa" / "data" / "traces"
@@ -118,7 +118,8 @@ def _relative(path: Path) -> str:
 def resolve_weights(weights: str | None) -> tuple[Path, str]:
     """The weights folder and how it was chosen: ``given``, ``bundled``, or ``ema-fallback``."""
     if weights is not None:
-        return Path(weights), "given"
+        given = Path(weights)
+        return given, "bundled" if given.resolve() == BUNDLED_WEIGHTS.resolve() else "given"
     if all((BUNDLED_WEIGHTS / name).is_file() for name in WEIGHT_FILES):
         return BUNDLED_WEIGHTS, "bundled"
     if all((EMA_WEIGHTS / name).is_file() for name in WEIGHT_FILES):
@@ -174,6 +175,11 @@ def _capture_part(
     settings: CaptureSettings,
     metadata: dict[str, Any],
 ) -> int:
+    """Run every prompt through ``pipe`` under one :class:`TraceCapture` into ``directory``.
+
+    Prompt ``i`` runs with seed ``settings.seed + i``, so every part of the bundle sees the same sampling
+    trajectories. Returns the number of records.
+    """
     from tqdm.auto import tqdm
 
     cap = TraceCapture(pipe, directory, selection=selection, dtype=settings.dtype, metadata=metadata)
@@ -302,8 +308,6 @@ def capture_bundle(
             )
         shutil.rmtree(snapshot)
         info = check_bundle(staging, expected_layers, settings)
-        from hopfield_aa.traces.capture import run_metadata
-
         meta.update(
             {
                 k: v

@@ -114,6 +114,7 @@ def main() -> int:
     parser.add_argument("--n-real", type=int, default=1000, help="real renders for the Fréchet reference")
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--training-note", default="", help="a sentence on how the weights were trained")
     parser.add_argument(
         "--loss-curve", default=str(ROOT / "runs" / "reference" / "loss.png"), help="copied to the figures"
     )
@@ -203,6 +204,7 @@ def main() -> int:
         f"intervals ({args.n_boot} resamples; 200 for the Fréchet distance).",
         f"Chance whole-caption accuracy for a caption-blind model drawing valid scenes: single "
         f"{chance['single']:.4f}, pair {chance['pair']:.4f}.",
+        *([args.training_note, ""] if args.training_note else []),
         "",
         "Command: `python analysis/eval_reference.py "
         + (f"--weights {args.weights} " if args.weights else "")

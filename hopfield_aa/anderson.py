@@ -167,7 +167,8 @@ def _solve_gamma(
         c = gram if first else torch.where(columns[..., :, None] & columns[..., None, :], gram, 0.0)
         c = c + torch.diag_embed(regularization + (~columns).to(gram.dtype))
         chol, info = torch.linalg.cholesky_ex(c)
-        coef = torch.cholesky_solve((rhs if first else torch.where(columns, rhs, 0.0))[..., None], chol)[..., 0]
+        b = rhs if first else torch.where(columns, rhs, 0.0)
+        coef = torch.cholesky_solve(b[..., None], chol)[..., 0]
         # a weak pivot (also NaN), or a failed factorisation, which stops at pivot `info` (1-based):
         # that column and the later ones are weak
         weak = columns & ~(chol.diagonal(dim1=-2, dim2=-1).square() >= threshold)

@@ -15,6 +15,11 @@ exact solvers, sort-based references), their Jacobians, Jacobian-vector products
 # - other α: Newton's method on the convex decreasing g(λ) = ‖[1 + (α−1)(z − λ)]_+‖_{1/(α−1)} − 1 from
 #   the left end of the bracket (monotone for α ≤ 2; safeguarded by bisection for α > 2), one more
 #   Newton step once |Σp − 1| is at rounding level (the polish on the found support), then normalisation.
+# Work layout: the threshold never drops below the left end of its bracket, so only the candidates
+# z_i > max z − 1/(α−1) can be in the support; they are compacted into a (rows, K) matrix (K = the
+# largest candidate count, a second group for rare wide rows) and the solvers run on it (general α
+# always; α = 1.5 and 2 for rows of ≥ _COMPACT_MIN_N entries, where it pays off). Support passes
+# continue on the unsettled rows only once half of the rows have settled.
 # The sort-based algorithms (Martins & Astudillo 2016; Peters et al. 2019) and a plain bisection are kept
 # (_sparsemax_sort, _entmax15_sort, _entmax_bisect) to cross-check the fast solvers.
 
@@ -307,7 +312,7 @@ def _forward_block(zb: torch.Tensor, alpha: float, pb: torch.Tensor, buf: torch.
         dead_entry = dead.squeeze(-1)[row]
         vals = vals.masked_fill(dead_entry, 0.0)  # the dummy becomes a lone maximum: p = 1, λ = 0
     k_max = int(count.max())
-    k_typ = max(16, 2 * int(math.ceil(flat.numel() / max(n_rows, 1))))
+    k_typ = max(16, 2 * math.ceil(flat.numel() / max(n_rows, 1)))
     lam_b = torch.empty_like(top)
     p_vals = torch.empty_like(vals)
     if k_max <= _SPLIT * k_typ:
@@ -335,7 +340,7 @@ def _forward_block(zb: torch.Tensor, alpha: float, pb: torch.Tensor, buf: torch.
         else:
             p_vals[entries] = p_g
             lam_b[group] = lam + t
-    if any_dead:
+    if dead_entry is not None:
         p_vals = p_vals.masked_fill(dead_entry, 0.0)
         lam_b = lam_b.masked_fill(dead, -math.inf)
     pb.view(-1).index_copy_(0, flat, p_vals)

@@ -398,3 +398,23 @@ def test_config_fields_are_the_solver_keywords() -> None:
     config = AndersonConfig(m=3, stability_check=True)
     res = anderson(lambda x: 0.5 * x + 1.0, torch.zeros(2, 4, dtype=F64), **dataclasses.asdict(config))
     assert bool(res.converged.all()) and res.stable is not None and bool(res.stable.all())
+
+
+def test_solver_with_a_maintained_gram_matrix_equals_the_recomputed_one() -> None:
+    """_solve_gamma with ΔFᵀΔF passed in (the solver keeps it column by column) gives the same γ."""
+    from hopfield_aa.anderson import _solve_gamma
+
+    gen = torch.Generator().manual_seed(5)
+    d_f = torch.randn(16, 4, 9, generator=gen, dtype=F64)
+    d_f[3, 2] = d_f[3, 1]  # a dependent column: the retry path
+    f = torch.randn(16, 9, generator=gen, dtype=F64)
+    valid = torch.rand(16, 4, generator=gen) < 0.8
+    valid[3] = True
+    raw = d_f @ d_f.transpose(-1, -2)
+    for lam in (0.0, 1e-3):
+        got = _solve_gamma(d_f, f, valid, lam, 1e12, raw=raw)
+        want = _solve_gamma(d_f, f, valid, lam, 1e12)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+        if lam == 0.0:
+            assert not bool(got[1][3]), "the dependent column must be reported as ill-conditioned"

@@ -333,3 +333,43 @@ def test_all_masked_row_in_fast_kernel_gives_zeros_not_nan() -> None:
         p = _entmax_tensor(z, alpha)
         assert not bool(torch.isnan(p).any())
         assert torch.equal(p[1], torch.zeros(2))
+
+
+# ------------------------------------------------------------------------- fast-kernel code paths
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3, 2.5])
+def test_candidate_compaction_with_wide_and_masked_rows_matches_sort_and_bisection(alpha: float) -> None:
+    """Rows of 300 entries (compacted candidates): peaked rows, a few flat rows with every entry a
+    candidate (the second, wider group) and an all −inf row, against the exact references."""
+    gen = torch.Generator().manual_seed(3)
+    z = 2 * torch.randn(96, 300, generator=gen, dtype=F64)
+    z[5] = 0.0  # constant: all 300 entries in the support
+    z[17] = 1e-3 * torch.randn(300, generator=gen, dtype=F64)  # nearly flat
+    z[40, 7:] = -math.inf  # few finite entries
+    z[41] = -math.inf  # all masked: zeros from the fast kernel
+    p = _entmax_tensor(z, alpha)
+    assert bool((p[41] == 0).all())
+    live = torch.ones(96, dtype=torch.bool)
+    live[41] = False
+    if alpha == 1.5:
+        ref = _entmax15_sort(z[live])
+    elif alpha == 2.0:
+        ref = _sparsemax_sort(z[live])
+    else:
+        ref = _entmax_bisect(z[live], alpha)
+    torch.testing.assert_close(p[live], ref, atol=1e-12 if alpha in (1.5, 2.0) else 1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+def test_row_shrinking_support_passes_agree_with_sort_on_many_short_rows(alpha: float) -> None:
+    """Thousands of 77-entry rows (full-width path; the passes continue on the unsettled rows only)."""
+    gen = torch.Generator().manual_seed(4)
+    z = 2 * torch.randn(5000, 77, generator=gen, dtype=F64)
+    z[::7] *= 10.0  # some very peaked rows settle at once, others need more passes
+    ref = _entmax15_sort(z) if alpha == 1.5 else _sparsemax_sort(z)
+    torch.testing.assert_close(_entmax_tensor(z, alpha), ref, atol=1e-12, rtol=0)
+    # and the thresholds: p = [(α−1) z − τ]_+^{1/(α−1)} reproduces the output
+    tau = entmax_threshold(z, alpha)
+    rebuilt = ((alpha - 1) * z - tau).clamp(min=0) ** (1 / (alpha - 1))
+    torch.testing.assert_close(rebuilt, ref, atol=1e-12, rtol=0)

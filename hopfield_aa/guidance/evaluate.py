@@ -236,13 +236,22 @@ class Evaluation:
         """Results of one family, in sweep order."""
         return sorted((r for r in self.results if r.method.family == family), key=lambda r: r.method.value)
 
+    def scores(self, name: str, attribute: str = "whole") -> np.ndarray:
+        """Per-image correctness of ``name``: ``"whole"`` (1 when every stated attribute is right),
+        ``"attributes"`` (the fraction of the caption's stated attributes read correctly, a finer score
+        than the whole caption), or one attribute (NaN where the caption does not state it)."""
+        a = self.result(name).alignment
+        if attribute == "whole":
+            return a.whole
+        if attribute == "attributes":
+            return np.nanmean(np.stack(list(a.attributes.values())), axis=0)
+        return a.attributes[attribute]
+
     def accuracy(self, name: str, attribute: str = "whole") -> Estimate:
-        """Mean correctness (whole caption or one attribute) with its bootstrap 95% interval."""
+        """Mean of :meth:`scores` with its bootstrap 95% interval."""
         key = ("acc", name, attribute)
         if key not in self._cache:
-            r = self.result(name)
-            values = r.alignment.whole if attribute == "whole" else r.alignment.attributes[attribute]
-            self._cache[key] = bootstrap_ci(values, n_resamples=self.n_resamples)
+            self._cache[key] = bootstrap_ci(self.scores(name, attribute), n_resamples=self.n_resamples)
         return self._cache[key]
 
     def fd(self, name: str) -> Estimate:
@@ -257,14 +266,14 @@ class Evaluation:
             )
         return self._cache[key]
 
-    def paired_accuracy_gain(self, name: str, baseline: str) -> Estimate:
-        """Whole-caption accuracy of ``name`` minus ``baseline`` on the same prompts and noise (paired CI)."""
-        key = ("gain", name, baseline)
+    def paired_accuracy_gain(self, name: str, baseline: str, attribute: str = "whole") -> Estimate:
+        """Mean score of ``name`` minus ``baseline`` on the same prompts and noise (paired CI)."""
+        key = ("gain", name, baseline, attribute)
         if key not in self._cache:
             self._cache[key] = bootstrap_ci(
-                self.result(name).alignment.whole,
-                self.result(baseline).alignment.whole,
-                statistic=lambda a, b: float(np.mean(a) - np.mean(b)),
+                self.scores(name, attribute),
+                self.scores(baseline, attribute),
+                statistic=lambda a, b: float(np.nanmean(a) - np.nanmean(b)),
                 paired=True,
                 n_resamples=self.n_resamples,
             )
@@ -307,6 +316,7 @@ class Evaluation:
                     "guidance": None if m.guidance is None else m.guidance.label(),
                     "seconds": r.seconds,
                     "whole": est(self.accuracy(m.name)),
+                    "attribute_score": est(self.accuracy(m.name, "attributes")),
                     "attributes": {a: est(self.accuracy(m.name, a)) for a in self.attributes()},
                     "fd": est(self.fd(m.name)),
                 }

@@ -9,6 +9,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,19 +43,26 @@ def _signed(e: Estimate, digits: int = 3) -> str:
 
 
 def main_table(ev: Evaluation) -> str:
-    """One row per method: whole-caption accuracy, FD, paired change against no guidance, time."""
+    """One row per method: whole-caption accuracy, attribute score, FD, paired changes against no
+    guidance, time."""
     lines = [
-        "| method | family | CFG s | whole-caption accuracy [95% CI] | FD to real renders [95% CI] "
-        "| Δ accuracy vs none (paired) | Δ FD vs none (paired) | time (s) |",
-        "|---|---|---:|---|---|---|---|---:|",
+        "| method | CFG s | whole-caption accuracy [95% CI] | attribute score [95% CI] "
+        "| FD to real renders [95% CI] | Δ whole vs none | Δ attribute score vs none | Δ FD vs none "
+        "| time (s) |",
+        "|---|---:|---|---|---|---|---|---|---:|",
     ]
     for r in ev.results:
         m = r.method
-        gain = "—" if m.name == "none" else _signed(ev.paired_accuracy_gain(m.name, "none"))
-        dfd = "—" if m.name == "none" else _signed(ev.paired_fd_change(m.name, "none"), 2)
+        if m.name == "none":
+            gain = gain_attr = dfd = "—"
+        else:
+            gain = _signed(ev.paired_accuracy_gain(m.name, "none"))
+            gain_attr = _signed(ev.paired_accuracy_gain(m.name, "none", "attributes"))
+            dfd = _signed(ev.paired_fd_change(m.name, "none"), 2)
         lines.append(
-            f"| {m.name} | {m.family} | {m.cfg_scale:g} | {_fmt(ev.accuracy(m.name))} "
-            f"| {_fmt(ev.fd(m.name), 2)} | {gain} | {dfd} | {r.seconds:.0f} |"
+            f"| {m.name} | {m.cfg_scale:g} | {_fmt(ev.accuracy(m.name))} "
+            f"| {_fmt(ev.accuracy(m.name, 'attributes'))} | {_fmt(ev.fd(m.name), 2)} | {gain} | {gain_attr} "
+            f"| {dfd} | {r.seconds:.0f} |"
         )
     return "\n".join(lines)
 
@@ -89,13 +97,16 @@ class Comparison:
     baseline: str
     accuracy: Estimate
     fd: Estimate
+    attributes: Estimate | None = None
 
     @property
     def verdict(self) -> str:
-        """``better`` / ``worse`` when an interval excludes 0 in one direction only, ``mixed`` when the
-        two metrics disagree significantly, ``no resolved difference`` otherwise."""
-        better = self.accuracy.low > 0 or self.fd.high < 0
-        worse = self.accuracy.high < 0 or self.fd.low > 0
+        """``better`` / ``worse`` when intervals exclude 0 in one direction only (higher whole-caption
+        accuracy or attribute score, lower FD), ``mixed`` when metrics disagree significantly,
+        ``no resolved difference`` otherwise."""
+        gains = [self.accuracy] + ([self.attributes] if self.attributes is not None else [])
+        better = any(g.low > 0 for g in gains) or self.fd.high < 0
+        worse = any(g.high < 0 for g in gains) or self.fd.low > 0
         if better and worse:
             return "mixed"
         if better:
@@ -106,7 +117,8 @@ class Comparison:
 
     def row(self) -> str:
         return (
-            f"| {self.name} | {self.baseline} | {_signed(self.accuracy)} | {_signed(self.fd, 2)} "
+            f"| {self.name} | {self.baseline} | {_signed(self.accuracy)} "
+            f"| {'—' if self.attributes is None else _signed(self.attributes)} | {_signed(self.fd, 2)} "
             f"| {self.verdict} |"
         )
 
@@ -114,7 +126,11 @@ class Comparison:
 def compare(ev: Evaluation, name: str, baseline: str) -> Comparison:
     """The paired comparison of two methods."""
     return Comparison(
-        name, baseline, ev.paired_accuracy_gain(name, baseline), ev.paired_fd_change(name, baseline)
+        name,
+        baseline,
+        ev.paired_accuracy_gain(name, baseline),
+        ev.paired_fd_change(name, baseline),
+        ev.paired_accuracy_gain(name, baseline, "attributes"),
     )
 
 
@@ -124,8 +140,9 @@ def _names(ev: Evaluation) -> set[str]:
 
 def _comparison_table(rows: Sequence[Comparison]) -> str:
     head = [
-        "| method | against | Δ whole-caption accuracy [95% CI] | Δ FD [95% CI] | verdict |",
-        "|---|---|---|---|---|",
+        "| method | against | Δ whole-caption accuracy [95% CI] | Δ attribute score [95% CI] "
+        "| Δ FD [95% CI] | verdict |",
+        "|---|---|---|---|---|---|",
     ]
     return "\n".join(head + [c.row() for c in rows])
 
@@ -192,39 +209,43 @@ def _tally(rows: Sequence[Comparison]) -> str:
 def lambda_claim(ev: Evaluation) -> tuple[str, str]:
     """The λ curve of each attention rule: best λ for alignment and for FD, and the change against none."""
     lines = [
-        "| rule | λ with best accuracy | its accuracy | its Δ vs none (paired) | λ with lowest FD | its FD "
-        "| accuracy non-decreasing in λ? |",
-        "|---|---:|---|---|---:|---|---|",
+        "| rule | λ with best attribute score | its score | its Δ vs none (paired) | λ with lowest FD "
+        "| its FD | score non-decreasing in λ? | FD non-decreasing in λ? |",
+        "|---|---:|---|---|---:|---|---|---|",
     ]
     statements = []
     for family in LAMBDA_FAMILIES:
         members = ev.family(family)
         if not members:
             continue
-        accs = [ev.accuracy(r.method.name) for r in members]
+        accs = [ev.accuracy(r.method.name, "attributes") for r in members]
         fds = [ev.fd(r.method.name) for r in members]
         best = members[int(np.argmax([a.value for a in accs]))]
         lowest = members[int(np.argmin([f.value for f in fds]))]
-        gain = ev.paired_accuracy_gain(best.method.name, "none")
-        values = [a.value for a in accs]
-        if len(values) < 2:
-            monotone = "one point"
-        else:
-            monotone = "yes" if all(b >= a for a, b in itertools.pairwise(values)) else "no"
+        gain = ev.paired_accuracy_gain(best.method.name, "none", "attributes")
+        monotone = _non_decreasing([a.value for a in accs])
+        fd_monotone = _non_decreasing([f.value for f in fds])
         lines.append(
-            f"| {FAMILIES[family]} | {best.method.value:g} | {_fmt(ev.accuracy(best.method.name))} "
+            f"| {FAMILIES[family]} | {best.method.value:g} "
+            f"| {_fmt(ev.accuracy(best.method.name, 'attributes'))} "
             f"| {_signed(gain)} | {lowest.method.value:g} | {_fmt(ev.fd(lowest.method.name), 2)} "
-            f"| {monotone} |"
+            f"| {monotone} | {fd_monotone} |"
         )
         if gain.low > 0:
-            statements.append(f"{FAMILIES[family]} improves alignment over no guidance at its best λ.")
-        elif gain.high < 0:
-            statements.append(f"{FAMILIES[family]} lowers alignment below no guidance even at its best λ.")
-        else:
             statements.append(
-                f"{FAMILIES[family]} does not resolve a change in alignment against no guidance."
+                f"{FAMILIES[family]}: raises the attribute score over no guidance at its best λ."
             )
+        elif gain.high < 0:
+            statements.append(f"{FAMILIES[family]}: lowers the attribute score even at its best λ.")
+        else:
+            statements.append(f"{FAMILIES[family]}: no resolved change in the attribute score at its best λ.")
     return "\n".join(lines), " ".join(statements)
+
+
+def _non_decreasing(values: Sequence[float]) -> str:
+    if len(values) < 2:
+        return "one point"
+    return "yes" if all(b >= a for a, b in itertools.pairwise(values)) else "no"
 
 
 def cfg_claim(ev: Evaluation) -> tuple[str, str]:
@@ -250,26 +271,27 @@ def frontier_claim(ev: Evaluation) -> tuple[str, str]:
     alone does not.
     """
     cfg = [
-        (ev.accuracy(r.method.name).value, ev.fd(r.method.name).value, r.method.name)
+        (ev.accuracy(r.method.name, "attributes").value, ev.fd(r.method.name).value, r.method.name)
         for r in ev.family("cfg")
     ]
     if not cfg:
         return "", "CFG was not swept."
     lines = [
-        "| method | accuracy | FD | dominated by (CFG scales with ≥ accuracy and ≤ FD, point estimates) |",
+        "| method | attribute score | FD | dominated by (CFG scales with ≥ score and ≤ FD; point estimates) "
+        "|",
         "|---|---:|---:|---|",
     ]
     free = []
     for r in ev.results:
         if r.method.family in ("none", "cfg"):
             continue
-        acc, fd = ev.accuracy(r.method.name).value, ev.fd(r.method.name).value
+        acc, fd = ev.accuracy(r.method.name, "attributes").value, ev.fd(r.method.name).value
         dominators = [name for a, f, name in cfg if a >= acc and f <= fd]
         lines.append(f"| {r.method.name} | {acc:.3f} | {fd:.2f} | {', '.join(dominators) or '—'} |")
         if not dominators:
             free.append(r.method.name)
     best_cfg = max(cfg, key=lambda t: (t[0], -t[1]))
-    text = f"Best CFG point: {best_cfg[2]} (accuracy {best_cfg[0]:.3f}, FD {best_cfg[1]:.2f}). " + (
+    text = f"Best CFG point: {best_cfg[2]} (attribute score {best_cfg[0]:.3f}, FD {best_cfg[1]:.2f}). " + (
         f"Not dominated by any CFG scale: {', '.join(free)}."
         if free
         else "Every attention-space rule point is dominated by some CFG scale (point estimates)."
@@ -287,7 +309,21 @@ def plot_alignment_vs_fd(ev: Evaluation, path: str | os.PathLike[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8.5, 5.8))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.8))
+    for ax, score in zip(axes, ("attributes", "whole"), strict=True):
+        _alignment_panel(ev, ax, score)
+    axes[0].legend(fontsize=6.5, loc="best")
+    fig.suptitle(
+        f"Alignment vs quality: {len(ev.captions)} samples per method, {ev.steps} steps (bars: 95% bootstrap "
+        "CIs of the score; FD intervals and paired differences are in the tables)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def _alignment_panel(ev: Evaluation, ax: Any, score: str) -> None:
     none = ev.results[0] if ev.results[0].method.family == "none" else None
     groups: list[tuple[str, list[MethodResult]]] = [(f, ev.family(f)) for f in CURVE_FAMILIES]
     if none is not None:
@@ -295,16 +331,14 @@ def plot_alignment_vs_fd(ev: Evaluation, path: str | os.PathLike[str]) -> None:
     for family, members in groups:
         if not members:
             continue
-        acc = [ev.accuracy(r.method.name) for r in members]
+        acc = [ev.accuracy(r.method.name, score) for r in members]
         fd = [ev.fd(r.method.name) for r in members]
         x = np.array([f.value for f in fd])
         y = np.array([a.value for a in acc])
-        xerr = np.array([[f.value - f.low for f in fd], [f.high - f.value for f in fd]]).clip(min=0)
         yerr = np.array([[a.value - a.low for a in acc], [a.high - a.value for a in acc]]).clip(min=0)
         ax.errorbar(
             x,
             y,
-            xerr=xerr,
             yerr=yerr,
             marker="o",
             ms=4,
@@ -320,52 +354,52 @@ def plot_alignment_vs_fd(ev: Evaluation, path: str | os.PathLike[str]) -> None:
                 ax.annotate(tag, (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=6)
     ax.set_xscale("log")
     ax.set_xlabel("Fréchet distance to real renders (reader features, log scale; lower is better)")
-    ax.set_ylabel("whole-caption accuracy (higher is better)")
-    ax.set_title(
-        f"Alignment vs quality: {len(ev.captions)} samples per method, {ev.steps} steps (95% bootstrap CIs)",
-        fontsize=9,
+    label = (
+        "attribute score: share of stated attributes read correctly"
+        if score == "attributes"
+        else ("whole-caption accuracy")
     )
+    ax.set_ylabel(f"{label} (higher is better)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6.5, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
 
 
 def plot_lambda_curves(ev: Evaluation, path: str | os.PathLike[str]) -> None:
-    """Accuracy and FD against λ for each attention rule, with no guidance as a horizontal reference."""
+    """Paired change against no guidance of the attribute score and of FD, against λ, per attention rule."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_acc, ax_fd) = plt.subplots(1, 2, figsize=(11, 4.2))
+    getters = (
+        (ax_acc, lambda name: ev.paired_accuracy_gain(name, "none", "attributes")),
+        (ax_fd, lambda name: ev.paired_fd_change(name, "none")),
+    )
     for family in LAMBDA_FAMILIES:
         members = ev.family(family)
-        if not members:
+        if not members or "none" not in _names(ev):
             continue
         lam = np.array([r.method.value for r in members])
-        for ax, getter in ((ax_acc, ev.accuracy), (ax_fd, ev.fd)):
+        for ax, getter in getters:
             est = [getter(r.method.name) for r in members]
-            y = np.array([e.value for e in est])
-            ax.plot(lam, y, marker="o", ms=4, color=_COLOURS[family], label=FAMILIES[family])
+            ax.plot(
+                lam, [e.value for e in est], marker="o", ms=4, color=_COLOURS[family], label=FAMILIES[family]
+            )
             ax.fill_between(
                 lam, [e.low for e in est], [e.high for e in est], color=_COLOURS[family], alpha=0.12, lw=0
             )
-    if any(r.method.name == "none" for r in ev.results):
-        for ax, getter in ((ax_acc, ev.accuracy), (ax_fd, ev.fd)):
-            e = getter("none")
-            ax.axhline(e.value, color="black", lw=1, ls="--", label="no guidance")
-            ax.axhspan(e.low, e.high, color="black", alpha=0.06)
-    ax_acc.set_xlabel("guidance scale λ")
-    ax_acc.set_ylabel("whole-caption accuracy")
-    ax_fd.set_xlabel("guidance scale λ")
-    ax_fd.set_ylabel("Fréchet distance (log scale)")
-    ax_fd.set_yscale("log")
     for ax in (ax_acc, ax_fd):
-        ax.grid(alpha=0.3, which="both")
+        ax.axhline(0.0, color="black", lw=1, ls="--", label="no guidance")
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("guidance scale λ")
+    ax_acc.set_ylabel("Δ attribute score vs no guidance (higher is better)")
+    ax_fd.set_ylabel("Δ Fréchet distance vs no guidance (lower is better)")
     ax_acc.legend(fontsize=6.5)
-    fig.suptitle("The λ curve of each attention rule (shaded: 95% bootstrap CI)", fontsize=10)
+    fig.suptitle(
+        "The λ curve of each attention rule: paired change against no guidance "
+        "(shaded: paired 95% bootstrap CI)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
@@ -374,28 +408,32 @@ def plot_lambda_curves(ev: Evaluation, path: str | os.PathLike[str]) -> None:
 def plot_grid(
     ev: Evaluation, results: Sequence[MethodResult], path: str | os.PathLike[str], n_samples: int = 8
 ) -> None:
-    """Rows: methods; columns: the first ``n_samples`` prompts (first seed), captions on top."""
+    """Rows: methods; columns: ``n_samples`` prompts (first seed, half two-object), captions on top."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n_samples = min(n_samples, len(ev.captions))
+    # half one-object and half two-object prompts (evaluation_prompts lists the one-object ones first)
+    half = ev.n_prompts // 2
+    columns = [*range(min(n_samples // 2, half)), *range(half, half + n_samples - min(n_samples // 2, half))]
+    columns = [c for c in columns if c < len(ev.captions)]
+    n_samples = len(columns)
     fig, axes = plt.subplots(
         len(results), n_samples, figsize=(1.25 * n_samples + 1.6, 1.3 * len(results) + 0.6), squeeze=False
     )
     for i, r in enumerate(results):
-        for j in range(n_samples):
+        for j, index in enumerate(columns):
             ax = axes[i, j]
-            ax.imshow(np.clip(r.images[j], 0, 1), interpolation="nearest")
+            ax.imshow(np.clip(r.images[index], 0, 1), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            ok = r.alignment.whole[j] > 0.5
+            ok = r.alignment.whole[index] > 0.5
             for spine in ax.spines.values():
                 spine.set_color("tab:green" if ok else "tab:red")
                 spine.set_linewidth(1.5)
             if i == 0:
-                words = ev.captions[j].split()
+                words = ev.captions[index].split()
                 half = (len(words) + 1) // 2
                 ax.set_title(" ".join(words[:half]) + "\n" + " ".join(words[half:]), fontsize=5)
             if j == 0:
@@ -446,7 +484,9 @@ def markdown_report(ev: Evaluation, *, figures: dict[str, str] | None = None, co
         f"method; DDIM, {ev.steps} steps",
         f"- Fréchet distance: reader features of the samples against {ev.real_features.shape[0]} real "
         "renders of the same captions (random jitter); alignment read exactly from the pixels "
-        "(no learned judge)",
+        "(no learned judge); *attribute score* = per image, the share of the caption's stated attributes "
+        "(count, colours, shapes, size, position or relation) read correctly, a finer score than the "
+        "whole caption",
         f"- intervals: percentile bootstrap, 95%, {ev.n_resamples} resamples (FD: {ev.n_resamples // 2}); "
         "Δ columns resample prompts and seeds jointly (paired)",
         f"- η of the capped GAG: {ev.eta:.4g} (the median ‖r_∥‖ of the reference model's cross-attention "
@@ -473,8 +513,8 @@ def markdown_report(ev: Evaluation, *, figures: dict[str, str] | None = None, co
         "## The paper's claims against the data",
         "",
         "Verdicts come from paired 95% bootstrap intervals: *better* / *worse* when an interval of Δ "
-        "accuracy or Δ FD excludes 0 in one direction only, *mixed* when the two metrics disagree, "
-        "*no resolved difference* otherwise.",
+        "whole-caption accuracy, Δ attribute score or Δ FD excludes 0 in one direction only, *mixed* when "
+        "the metrics disagree, *no resolved difference* otherwise.",
         "",
         "### Ordering of ζ = 0, full residual and orthogonal only",
         "",
