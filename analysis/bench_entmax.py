@@ -1,5 +1,6 @@
 """Benchmark of hopfield_aa.normalizers against the `entmax` package and torch.softmax on
-attention-shaped float32 inputs (forward, forward+backward), plus a half-precision robustness table.
+attention-shaped float32 inputs (forward, forward+backward), with the eager and the compiled (fused)
+forward backends of hopfield_aa side by side, plus a half-precision robustness table.
 
 Run: ``python analysis/bench_entmax.py`` (``--quick`` for a smoke run, ``--threads`` to change the
 torch thread count, default 1 for stable timings); writes analysis/results/bench_entmax.md.
@@ -19,7 +20,7 @@ from pathlib import Path
 import entmax as entmax_pkg
 import torch
 
-from hopfield_aa.normalizers import _entmax_tensor
+from hopfield_aa.normalizers import _entmax_tensor, entmax_backend
 
 OUT = Path(__file__).resolve().parent / "results" / "bench_entmax.md"
 SHAPES = [(32768, 77), (8192, 1024), (16384, 256)]
@@ -55,6 +56,29 @@ def timed(fn: Callable[[], object]) -> float:
     return (time.process_time() - start) * 1e3
 
 
+BACKENDS = ("eager", "compiled")
+# kernel family -> (wall s, process CPU s) of its first compiled call
+COMPILE_COST: dict[str, tuple[float, float]] = {}
+
+
+def ours_fn(alpha: float, backend: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with entmax_backend(backend):
+            return _entmax_tensor(x, alpha, -1)
+
+    return run
+
+
+def compile_once(z: torch.Tensor, alpha: float) -> None:
+    """First compiled call of the kernel family of ``alpha`` (compilation), timed once and excluded."""
+    family = f"α = {alpha:g} (support passes)" if alpha in (1.5, 2.0) else "other α (Newton passes)"
+    if family in COMPILE_COST:
+        return
+    wall, cpu = time.perf_counter(), time.process_time()
+    ours_fn(alpha, "compiled")(z[:64])
+    COMPILE_COST[family] = (time.perf_counter() - wall, time.process_time() - cpu)
+
+
 def forward_backward(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, g: torch.Tensor) -> None:
     x = z.detach().requires_grad_(True)
     fn(x).backward(g)
@@ -71,16 +95,17 @@ def bench_shape(shape: tuple[int, int], alphas: list[float], repeats: int) -> li
         else:
             methods[("softmax", 1.0, mode)] = lambda: forward_backward(lambda x: torch.softmax(x, -1), z, g)
         for alpha in alphas:
-
-            def ours(x: torch.Tensor, a: float = alpha) -> torch.Tensor:
-                return _entmax_tensor(x, a, -1)
-
+            compile_once(z, alpha)
             pkg = package_fn(alpha)
+            for backend in BACKENDS:
+                f = ours_fn(alpha, backend)
+                if mode == "forward":
+                    methods[(backend, alpha, mode)] = lambda f=f: f(z)  # type: ignore[misc]
+                else:
+                    methods[(backend, alpha, mode)] = lambda f=f: forward_backward(f, z, g)  # type: ignore[misc]
             if mode == "forward":
-                methods[("ours", alpha, mode)] = lambda f=ours: f(z)  # type: ignore[misc]
                 methods[("package", alpha, mode)] = lambda f=pkg: f(z)  # type: ignore[misc]
             else:
-                methods[("ours", alpha, mode)] = lambda f=ours: forward_backward(f, z, g)  # type: ignore[misc]
                 methods[("package", alpha, mode)] = lambda f=pkg: forward_backward(f, z, g)  # type: ignore[misc]
     times: dict[tuple[str, float, str], list[float]] = {k: [] for k in methods}
     for fn in methods.values():  # warm-up
@@ -93,7 +118,7 @@ def bench_shape(shape: tuple[int, int], alphas: list[float], repeats: int) -> li
         ref_out, ref_grad = reference(z, alpha, g)
         errors = {}
         candidates: list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = [
-            ("ours", lambda x, a=alpha: _entmax_tensor(x, a, -1)),  # type: ignore[misc]
+            *((backend, ours_fn(alpha, backend)) for backend in BACKENDS),
             ("package", package_fn(alpha)),
         ]
         for who, solve in candidates:
@@ -106,22 +131,21 @@ def bench_shape(shape: tuple[int, int], alphas: list[float], repeats: int) -> li
                 (x.grad.double() - ref_grad).abs().max().item(),
             )
         for mode in ("forward", "forward+backward"):
-            soft = statistics.median(times[("softmax", 1.0, mode)])
-            ours_t = statistics.median(times[("ours", alpha, mode)])
-            pkg_t = statistics.median(times[("package", alpha, mode)])
             err_idx = 0 if mode == "forward" else 1
-            rows.append(
-                {
-                    "shape": f"{shape[0]}×{shape[1]}",
-                    "alpha": alpha,
-                    "mode": mode,
-                    "softmax": soft,
-                    "ours": ours_t,
-                    "package": pkg_t,
-                    "ours_err": errors["ours"][err_idx],
-                    "pkg_err": errors["package"][err_idx],
-                }
-            )
+            for backend in BACKENDS:
+                rows.append(
+                    {
+                        "shape": f"{shape[0]}×{shape[1]}",
+                        "alpha": alpha,
+                        "mode": mode,
+                        "backend": backend,
+                        "softmax": statistics.median(times[("softmax", 1.0, mode)]),
+                        "ours": statistics.median(times[(backend, alpha, mode)]),
+                        "package": statistics.median(times[("package", alpha, mode)]),
+                        "ours_err": errors[backend][err_idx],
+                        "pkg_err": errors["package"][err_idx],
+                    }
+                )
     return rows
 
 
@@ -129,8 +153,9 @@ def dtype_table(n_rows: int) -> list[str]:
     gen = torch.Generator().manual_seed(1)
     z = 100.0 * torch.randn(n_rows, 77, generator=gen)
     lines = [
-        "| dtype | α | ours NaN | ours max err | package NaN | package max err |",
-        "|---|---|---|---|---|---|",
+        "| dtype | α | ours NaN | ours max err | compiled NaN | compiled max err | package NaN "
+        "| package max err |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for dtype in (torch.float16, torch.bfloat16):
         zh = z.to(dtype)
@@ -139,6 +164,7 @@ def dtype_table(n_rows: int) -> list[str]:
             if alpha in (1.5, 2.0):
                 ref = package_fn(alpha)(zh.double())
             ours = _entmax_tensor(zh, alpha, -1).double()
+            fused = ours_fn(alpha, "compiled")(zh).double()
             try:
                 pkg = package_fn(alpha)(zh).double()
                 pkg_nan = str(int(torch.isnan(pkg).any(-1).sum()))
@@ -147,9 +173,14 @@ def dtype_table(n_rows: int) -> list[str]:
                 pkg_nan, pkg_err = "error", str(exc).splitlines()[0][:40]
             lines.append(
                 f"| {str(dtype).removeprefix('torch.')} | {alpha:g} | {int(torch.isnan(ours).any(-1).sum())} "
-                f"| {(ours - ref).abs().max().item():.2e} | {pkg_nan} | {pkg_err} |"
+                f"| {(ours - ref).abs().max().item():.2e} | {int(torch.isnan(fused).any(-1).sum())} "
+                f"| {(fused - ref).abs().max().item():.2e} | {pkg_nan} | {pkg_err} |"
             )
     return lines
+
+
+def fmt_load(load: tuple[float, float, float]) -> str:
+    return "/".join(f"{x:.2f}" for x in load)
 
 
 def main() -> None:
@@ -162,11 +193,22 @@ def main() -> None:
     shapes = QUICK_SHAPES if args.quick else SHAPES
     repeats = args.repeats or (3 if args.quick else 7)
     alphas = [1.5, 2.0, 1.3]
+    load_before = os.getloadavg()
     rows = []
     for shape in shapes:
         print(f"benchmarking {shape} …", flush=True)
         rows.extend(bench_shape(shape, alphas, repeats))
 
+    dtype_lines = [
+        "",
+        "## half precision on peaked logits (scores = 100·N(0,1), 77 columns)",
+        "",
+        "Rows with any NaN, and max |·| vs float64 of the same half-precision inputs.",
+        "",
+        *dtype_table(256 if args.quick else 4096),
+    ]
+    load_after = os.getloadavg()
+    compile_line = "; ".join(f"{k}: {w:.1f} s wall, {c:.1f} s CPU" for k, (w, c) in COMPILE_COST.items())
     header = [
         "# entmax benchmark: hopfield_aa.normalizers vs the `entmax` package vs torch.softmax",
         "",
@@ -177,26 +219,26 @@ def main() -> None:
         f"- inputs: float32 scores = {LOGIT_SCALE:g}·N(0,1) of the shapes shown; "
         f"{repeats} interleaved rounds, median process CPU time (the machine is shared, so wall time "
         "measures the scheduler more than the code)",
+        f"- load average (1, 5, 15 min) before {fmt_load(load_before)}, after {fmt_load(load_after)} "
+        f"on {os.cpu_count()} cores shared with other jobs",
+        "- backends: `eager` (default) and `compiled` (opt-in: `set_backend('compiled')`, "
+        "`with entmax_backend('compiled')` or HOPFIELD_AA_ENTMAX_BACKEND=compiled): fused fixed passes "
+        "in one torch.compile'd function, rows failing the exactness test re-solved eagerly",
+        f"- one-time compilation (first call, excluded from the timings; dynamic shapes, reused by every "
+        f"shape): {compile_line}",
         "- errors: max |·| vs the package in float64 (α = 1.3: its bisection with 100 halvings); "
         "forward rows show the output error, forward+backward rows the input-gradient error",
         "",
-        "| shape | α | pass | softmax ms | ours ms | ours / softmax | package ms | package / ours "
+        "| shape | α | pass | backend | softmax ms | ours ms | ours / softmax | package ms | package / ours "
         "| ours err | package err |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     body = [
-        f"| {r['shape']} | {r['alpha']:g} | {r['mode']} | {r['softmax']:.2f} | {r['ours']:.2f} "
+        f"| {r['shape']} | {r['alpha']:g} | {r['mode']} | {r['backend']} | {r['softmax']:.2f} "
+        f"| {r['ours']:.2f} "
         f"| {r['ours'] / r['softmax']:.1f}× | {r['package']:.1f} | {r['package'] / r['ours']:.1f}× "  # type: ignore[operator]
         f"| {r['ours_err']:.1e} | {r['pkg_err']:.1e} |"
         for r in rows
-    ]
-    dtype_lines = [
-        "",
-        "## half precision on peaked logits (scores = 100·N(0,1), 77 columns)",
-        "",
-        "Rows with any NaN, and max |·| vs float64 of the same half-precision inputs.",
-        "",
-        *dtype_table(256 if args.quick else 4096),
     ]
     text = "\n".join([*header, *body, *dtype_lines]) + "\n"
     print(text)

@@ -196,6 +196,93 @@ def failures_table(doc: Mapping[str, Any]) -> str:
     )
 
 
+def _relative(text: str) -> str:
+    """``text`` with this checkout's absolute path removed (paths in results.json are absolute)."""
+    return text.replace(str(ROOT) + os.sep, "").replace(str(ROOT), ".")
+
+
+def _is_trace(data: Any) -> bool:
+    return str(data).startswith("trace:")
+
+
+NO_TRACES = (
+    "*This snapshot has no trace rows: it was made without the bundled traces of the reference model "
+    "(`hopfield-aa verify` reads them from `hopfield_aa/data/traces` when they are present).*"
+)
+
+
+def trace_data_table(doc: Mapping[str, Any]) -> str:
+    """One row per trace group (attention kind): head cases, layers, steps, memory sizes, β, and how many
+    dense fixed points reached from the queries the sparse map fixes too."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for case in doc.get("cases", []):
+        if _is_trace(case.get("group")):
+            groups.setdefault(str(case["group"]), []).append(case)
+    if not groups:
+        return NO_TRACES
+    body = []
+    for group in sorted(groups):
+        cases = groups[group]
+        data = [c.get("data", {}) for c in cases]
+        sizes = sorted({(int(x["N"]), int(x["d"])) for x in data if "N" in x and "d" in x})
+        betas = sorted({round(float(x["beta"]), 3) for x in data if "beta" in x})
+        steps = sorted({int(x["step"]) for x in data if x.get("step") is not None})
+        fixed = [c.get("fixed_points") or {} for c in cases]
+        non_common = sum(int(f.get("dense_non_common", 0)) for f in fixed)
+        common = sum(int(f.get("dense_common", 0)) for f in fixed)
+        body.append(
+            [
+                group,
+                str(len(cases)),
+                str(len({x.get("layer") for x in data})),
+                ", ".join(map(str, steps)) or "–",
+                ", ".join(f"{n}×{d}" for n, d in sizes) or "–",
+                ", ".join(f"{b:g}" for b in betas) or "–",
+                f"{common} of {common + non_common}",
+            ]
+        )
+    return markdown_table(
+        ["data", "head cases", "layers", "steps", "N × d", "β", "dense fixed points also fixed by S"], body
+    )
+
+
+def trace_claims_table(doc: Mapping[str, Any]) -> str:
+    """The summary rows on traces only: claim × setting × attention kind."""
+    rows = [r for r in doc["summary"] if _is_trace(r["data"])]
+    if not rows:
+        return NO_TRACES
+    order = {name: i for i, name in enumerate(CLAIM_ORDER)}
+    rows.sort(key=lambda r: (order.get(r["claim"], len(order)), str(r.get("setting")), str(r["data"])))
+    body = [
+        [
+            r["claim"],
+            r.get("setting") or "–",
+            str(r["data"]),
+            str(r["cases"]),
+            f"{r['n_passed']}/{r['n_states']}" if int(r["n_states"]) else "–",
+            _pct(int(r["n_passed"]), int(r["n_states"])),
+            _num(r["worst_margin"]),
+            _num(r.get("rate"), ".3g"),
+            str(r["status"]),
+        ]
+        for r in rows
+    ]
+    return markdown_table(
+        [
+            "claim",
+            "setting",
+            "data",
+            "cases",
+            "passed",
+            "pass rate",
+            "worst margin",
+            "rate (median)",
+            "status",
+        ],
+        body,
+    )
+
+
 def provenance_table(doc: Mapping[str, Any]) -> str:
     settings, env = doc.get("settings", {}), doc.get("environment", {})
     rows = [
@@ -206,7 +293,7 @@ def provenance_table(doc: Mapping[str, Any]) -> str:
             + f" --seed {settings.get('seed')}`",
         ],
         ["synthetic families", ", ".join(settings.get("families", [])) or "none"],
-        ["traces", str(settings.get("traces"))],
+        ["traces", _relative(str(settings.get("traces")))],
         ["cases", str(len(doc.get("cases", [])))],
         ["compute dtype", str(settings.get("dtype"))],
         ["torch", str(env.get("torch"))],
@@ -241,12 +328,15 @@ def render_tables(doc: Mapping[str, Any] | None, *, derivations: bool = True) ->
         where = DEFAULT_RESULTS.parent.relative_to(ROOT)
         missing = f"*No verify results yet: run `hopfield-aa verify --out {where}`.*"
         tables["provenance"] = tables["claims"] = tables["failures"] = missing
+        tables["trace-data"] = tables["trace-claims"] = missing
         for claim in CLAIM_ORDER:
             tables[f"claim-{slug(claim)}"] = missing
         return tables
     tables["provenance"] = provenance_table(doc)
     tables["claims"] = claims_table(doc)
     tables["failures"] = failures_table(doc)
+    tables["trace-data"] = trace_data_table(doc)
+    tables["trace-claims"] = trace_claims_table(doc)
     for claim in CLAIM_ORDER:
         tables[f"claim-{slug(claim)}"] = claim_detail_table(doc, claim)
     return tables

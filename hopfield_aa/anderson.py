@@ -321,6 +321,7 @@ def anderson_step(
     return restore(x_next, kind)
 
 
+_FAST_PATH = True  # use the whole-batch fast path while every row is in the common case
 _STALL_LIMIT = 3  # safeguard rejections without halving the residual before an escape phase
 _ESCAPE_MIN_STEPS = 5  # plain steps an escape phase takes at least
 
@@ -363,6 +364,14 @@ class _Map:
         else:
             self.n_evals.index_add_(0, rows, torch.ones_like(rows))
         return out_t.to(dtype=x.dtype, device=x.device)
+
+
+def _combine(gamma: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Σ_j γ_j d_j for γ (b, k) and columns d (b, k, n): a broadcast product and sum for short
+    rows, where a batched matrix product of (1 × k)(k × n) blocks costs more, bmm otherwise."""
+    if d.shape[-1] <= 64:
+        return (gamma[:, :, None] * d).sum(1)
+    return (gamma[:, None, :] @ d)[:, 0]
 
 
 def _norm(v: torch.Tensor) -> torch.Tensor:
@@ -527,6 +536,15 @@ def anderson(
     1 / ``restart_cond`` is ill-conditioned: its history is cleared (restart) and it takes the plain
     step, instead of raising.
 
+    **Cost per iteration.** ΔFᵀΔF is kept up to date one column per step, and the step is taken as
+    x_{k+1} = (x_k + b f_k) − (ΔX + b ΔF) γ with the step directions ΔX + b ΔF (ΔG for b = 1) kept
+    in their own ring buffer. While every row is active in the common case (no convergence,
+    safeguard rejection, restart, escape phase or failure; every history the same length) an
+    iteration works on the whole ring buffers in place, without gathers, masks or scatters, and
+    synchronises with the host once; the first iteration in which some row leaves the common case is
+    finished by the general per-row path, which produces the same numbers, bit for bit. The fast path
+    resumes when every row is active again with a full history.
+
     **Depth convention.** ``m`` counts difference columns, so AA(m) mixes m + 1 iterates and m = 0 is
     plain damped iteration x_{k+1} = x_k + b f_k (Walker & Ni's depth m). Some peers count stored
     iterates instead: torchdeq's ``anderson_solver(m=M)`` mixes M iterates, i.e. ``m = M − 1`` here.
@@ -662,6 +680,8 @@ def anderson(
     # history as a ring buffer of m columns; the valid columns of a row are its `filled` newest ones
     d_x = torch.zeros(batch, m, n, dtype=dtype, device=device)
     d_f = torch.zeros_like(d_x)
+    # ΔX + b ΔF, the step directions (ΔG for b = 1): x_{k+1} = (x_k + b f_k) − (ΔX + b ΔF) γ
+    d_m = torch.zeros_like(d_x)
     # ΔFᵀΔF of every row, updated by one column per step (O(m n) instead of O(m² n))
     gram = torch.zeros(batch, m, m, dtype=dtype, device=device)
     filled = torch.zeros(batch, dtype=torch.long, device=device)
@@ -680,34 +700,120 @@ def anderson(
     rho = torch.full((batch,), math.nan, dtype=dtype, device=device) if stability_check else None
     history = [f_norm.clone()]
 
+    # Fast path: while every row is active with one shared history length (no convergence,
+    # rejection, restart, escape or failure yet), an iteration works on whole buffers (no gathers,
+    # masks or scatters), keeps ΔF and ΔX as ring buffers of views and ΔFᵀΔF incrementally, and
+    # synchronises with the host once. It computes the same numbers as the general path below, op
+    # for op; at the first iteration where any row departs from the common case, that iteration is
+    # finished by the general path, which runs from then on.
+    fast = _FAST_PATH and batch > 0 and bool(active.all()) and not bool(converged.any())
+    n_fast = 0  # fast iterations not yet counted in n_iter
+    sel: slice | torch.Tensor
+    floor = 16 * eps
+    threshold = 1.0 / cond
+    pads: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for k in range(m + 1):
+        # what _solve_gamma adds for k valid columns (the newest k slots are 0..k-1 here):
+        # unit scale and a unit diagonal (+ λ) for the unused ones, λ on the used ones
+        unused = (col >= k).to(dtype)
+        pads.append((unused, torch.diag_embed(lam + unused)))
+
     bar = tqdm(total=max_iter, desc="anderson", leave=False) if progress else None
     for it in range(max_iter):
-        rows = active.nonzero().squeeze(-1)
-        if rows.numel() == 0:
-            break
-        # with every row active, slices give views instead of gathered copies
-        sel: slice | torch.Tensor = slice(None) if rows.numel() == batch else rows
-        xa, fa, ga, fna = x[sel], f[sel], g_x[sel], f_norm[sel]
-        # the plain step x + b f; with b = 1 it is g(x) itself, bit for bit
-        plain = x_new = ga.clone() if b == 1.0 else xa + b * fa
-        restart = torch.zeros_like(fna, dtype=torch.bool)
-        mixed = restart
-        fil = filled[sel]
-        if m > 0:
-            dxa, dfa = d_x[sel], d_f[sel]
-            fil = torch.where(plain_only[sel] | escape[sel], torch.zeros_like(fil), fil)
-            slot = it % m
-            age = (slot - 1 - col) % m  # 0 for the newest column
-            gamma, well, _ = _solve_gamma(dfa, fa, age < fil[:, None], lam, cond, raw=gram[sel])
-            restart = ~well & (fil > 0)
-            gamma = torch.where(restart[:, None], torch.zeros_like(gamma), gamma)
-            fil = torch.where(restart, torch.zeros_like(fil), fil)
+        if fast:
+            k = min(it, m)  # every row's history length
+            slot = it % m if m > 0 else 0
+            # the plain step; a copy where it becomes the new iterate (x must not share g_x's memory)
+            plain = (g_x if k > 0 else g_x.clone()) if b == 1.0 else x + b * f
+            x_new = plain
+            if k > 0:
+                norms = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+                scale = norms + pads[k][0] if k < m else norms
+                rhs = (d_f @ f[..., None])[..., 0] / scale
+                c = gram / (scale[..., :, None] * scale[..., None, :]) + pads[k][1]
+                chol, info = torch.linalg.cholesky_ex(c)
+                coef = torch.cholesky_solve(rhs[..., None], chol)[..., 0]
+                gamma = coef / scale
+                pivot_ok = chol.diagonal(dim1=-2, dim2=-1)[:, :k].square().amin(-1) >= threshold
+                use_row = pivot_ok & (info == 0) & torch.isfinite(gamma).all(-1)
+                gamma = torch.where(use_row[:, None], gamma, 0.0)
+                x_new = plain - _combine(gamma, d_m)
+            g_new = fmap(x_new, None)
+            f_new = g_new - x_new
+            fn_new = _norm(f_new)
+            # the common case: not converged, finite, accepted by the safeguard, well conditioned
+            good = fn_new > torch.maximum(target, floor * _norm(g_new))
+            good &= fn_new <= f_norm if safeguard and k > 0 else torch.isfinite(fn_new)
+            if k > 0:
+                good &= use_row
+            if m > 0:
+                new_df = f_new - f
+                new_dx = x_new - x
+                d_x[:, slot] = new_dx
+                d_f[:, slot] = new_df
+                d_m[:, slot] = g_new - g_x if b == 1.0 else new_dx + b * new_df
+                new_col = (d_f @ new_df[:, :, None])[:, :, 0]
+                gram[:, slot, :] = new_col
+                gram[:, :, slot] = new_col
+                # the new column must be usable by the next solve: positive, finite norm
+                sq = new_col[:, slot]
+                good &= (sq > 0) & (sq < math.inf)
+            if bool(good.all()):
+                n_fast += 1
+                x, f, f_norm = x_new, f_new, fn_new
+                g_x.copy_(g_new)
+                progressed = fn_new <= 0.5 * progress_ref
+                progress_ref = torch.where(progressed, fn_new, progress_ref)
+                stall = torch.where(progressed, 0, stall)  # no rejection here, so it only resets
+                history.append(fn_new)
+                if callback is not None:
+                    callback(it, x, f_norm)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(active=batch)
+                continue
+            # some row leaves the common case: finish this iteration by the general rules
+            fast = False
+            n_iter += n_fast
+            n_fast = 0
+            f_norm = f_norm.clone()  # the history holds the fast path's norms
+            rows, sel = all_rows, slice(None)
+            xa, fa, ga, fna = x, f, g_x, f_norm
+            if k > 0:
+                restart = ~(pivot_ok & (info == 0) & torch.isfinite(coef).all(-1))
+                fil = torch.where(restart, 0, k)
+            else:
+                restart = torch.zeros_like(fna, dtype=torch.bool)
+                fil = torch.zeros_like(filled)
             mixed = fil > 0
-            x_new = plain - ((gamma[:, None, :] @ dxa)[:, 0] + b * (gamma[:, None, :] @ dfa)[:, 0])
-        g_new = evaluate(x_new, rows)
-        f_new = g_new - x_new
-        fn_new = _norm(f_new)
-        fn_new = torch.where(torch.isfinite(fn_new), fn_new, torch.full_like(fn_new, math.inf))
+            fn_new = torch.where(torch.isfinite(fn_new), fn_new, torch.full_like(fn_new, math.inf))
+        else:
+            rows = active.nonzero().squeeze(-1)
+            if rows.numel() == 0:
+                break
+            # with every row active, slices give views instead of gathered copies
+            sel = slice(None) if rows.numel() == batch else rows
+            xa, fa, ga, fna = x[sel], f[sel], g_x[sel], f_norm[sel]
+            # the plain step x + b f; with b = 1 it is g(x) itself, bit for bit
+            plain = x_new = ga.clone() if b == 1.0 else xa + b * fa
+            restart = torch.zeros_like(fna, dtype=torch.bool)
+            mixed = restart
+            fil = filled[sel]
+            if m > 0:
+                dfa, dma = d_f[sel], d_m[sel]
+                fil = torch.where(plain_only[sel] | escape[sel], torch.zeros_like(fil), fil)
+                slot = it % m
+                age = (slot - 1 - col) % m  # 0 for the newest column
+                gamma, well, _ = _solve_gamma(dfa, fa, age < fil[:, None], lam, cond, raw=gram[sel])
+                restart = ~well & (fil > 0)
+                gamma = torch.where(restart[:, None], torch.zeros_like(gamma), gamma)
+                fil = torch.where(restart, torch.zeros_like(fil), fil)
+                mixed = fil > 0
+                x_new = plain - _combine(gamma, dma)
+            g_new = evaluate(x_new, rows)
+            f_new = g_new - x_new
+            fn_new = _norm(f_new)
+            fn_new = torch.where(torch.isfinite(fn_new), fn_new, torch.full_like(fn_new, math.inf))
         reject = mixed & ~(fn_new <= fna) if safeguard else mixed & ~torch.isfinite(fn_new)
         if bool(reject.any()):
             sub = reject.nonzero().squeeze(-1)
@@ -724,6 +830,8 @@ def anderson(
             # ring buffer: every active row writes its newest column at the shared position `slot`
             d_x[sel, slot] = new_dx
             d_f[sel, slot] = new_df
+            new_dm = g_new - ga if b == 1.0 else new_dx + b * new_df
+            d_m[sel, slot] = torch.where(ok[:, None], new_dm, torch.zeros_like(new_dm))
             new_col = (d_f[sel] @ new_df[:, :, None])[:, :, 0]
             gram[sel, slot, :] = new_col
             gram[sel, :, slot] = new_col
@@ -792,6 +900,14 @@ def anderson(
         converged[sel] = done
         active[sel] = ~done & ok
         history.append(f_norm.clone())
+        if _FAST_PATH and rows.numel() == batch:
+            # back in the common case (e.g. m steps after a rejection: every history full again,
+            # every column usable)? Then the fast path takes over again.
+            common = active.all() & ~(escape | plain_only | converged).any()
+            if m > 0:
+                sq = gram.diagonal(dim1=-2, dim2=-1)
+                common &= (filled == m).all() & ((sq > 0) & (sq < math.inf)).all()
+            fast = bool(common)
         if callback is not None:
             callback(it, x, f_norm)
         if bar is not None:
@@ -799,6 +915,7 @@ def anderson(
             bar.set_postfix(active=int(rows.numel()))
     if bar is not None:
         bar.close()
+    n_iter += n_fast if fast else 0
 
     stable = None
     if rho is not None:

@@ -20,12 +20,19 @@ exact solvers, sort-based references), their Jacobians, Jacobian-vector products
 # largest candidate count, a second group for rare wide rows) and the solvers run on it (general α
 # always; α = 1.5 and 2 for rows of ≥ _COMPACT_MIN_N entries, where it pays off). Support passes
 # continue on the unsettled rows only once half of the rows have settled.
+# Opt-in backend (set_backend("compiled"), entmax_backend(...), HOPFIELD_AA_ENTMAX_BACKEND=compiled): the
+# same updates on the full rows, a fixed number of passes fused by torch.compile, then the same exactness
+# test; rows that fail it (and all −inf rows) are solved again by the eager kernel.
 # The sort-based algorithms (Martins & Astudillo 2016; Peters et al. 2019) and a plain bisection are kept
 # (_sparsemax_sort, _entmax15_sort, _entmax_bisect) to cross-check the fast solvers.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -35,10 +42,13 @@ from hopfield_aa._arrays import ArrayLike, as_tensor, check_alpha, restore
 __all__ = [
     "entmax",
     "entmax15",
+    "entmax_backend",
     "entmax_conjugate",
     "entmax_jacobian",
     "entmax_jvp",
     "entmax_threshold",
+    "get_backend",
+    "set_backend",
     "softmax",
     "sparsemax",
 ]
@@ -347,11 +357,248 @@ def _forward_block(zb: torch.Tensor, alpha: float, pb: torch.Tensor, buf: torch.
     return lam_b
 
 
-def _forward(scores: torch.Tensor, alpha: float, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+# --------------------------------------------------------------------------------------------------
+# opt-in fused backend: a fixed number of passes in one torch.compile'd function, then an exactness
+# check; rows the fixed passes did not settle are solved again by the eager kernel above
+# --------------------------------------------------------------------------------------------------
+
+_BACKENDS = ("eager", "compiled")
+_ENV_BACKEND = "HOPFIELD_AA_ENTMAX_BACKEND"
+_backend = os.environ.get(_ENV_BACKEND, "eager").strip().lower() or "eager"
+if _backend not in _BACKENDS:
+    warnings.warn(
+        f"{_ENV_BACKEND}={_backend!r} is not one of {_BACKENDS}; using 'eager'", RuntimeWarning, stacklevel=1
+    )
+    _backend = "eager"
+_compiled_kernels: dict[str, Any] = {}
+_compile_failed = False
+_FUSED_SUPPORT_PASSES = 6  # α = 1.5 and 2: support passes inside the compiled function
+_FUSED_NEWTON_PASSES = 6  # other α in (1, 2): Newton passes inside the compiled function
+_FUSED_BLOCK_ELEMENTS = 1 << 18  # rows per compiled call: about this many entries (measured)
+
+
+def set_backend(name: str) -> None:
+    """Select the forward kernel of α-entmax: ``"eager"`` (default) or ``"compiled"``.
+
+    ``"compiled"`` runs the forward of α = 1.5, α = 2 and 1 < α < 2 on float32 (and half precision,
+    computed in float32) through one ``torch.compile``'d function per family: a fixed number of exact
+    support passes (α = 1.5, 2) or Newton steps on the threshold (other α), then the exactness test of
+    the eager solver; rows that fail it are solved again by the eager kernel, so the result is exact
+    either way. The first call compiles (tens of seconds); if compilation fails a warning is issued
+    once and the eager kernel is used. The backward is the closed-form Jacobian product in both cases.
+    The environment variable ``HOPFIELD_AA_ENTMAX_BACKEND`` sets the initial value.
+
+    Parameters
+    ----------
+    name : {"eager", "compiled"}
+        The backend.
+
+    Examples
+    --------
+    >>> set_backend("eager")
+    >>> get_backend()
+    'eager'
+    """
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"name must be one of {_BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    """The current α-entmax forward backend, ``"eager"`` or ``"compiled"`` (see :func:`set_backend`).
+
+    Returns
+    -------
+    str
+        The backend name.
+
+    Examples
+    --------
+    >>> get_backend() in ("eager", "compiled")
+    True
+    """
+    return _backend
+
+
+@contextlib.contextmanager
+def entmax_backend(name: str) -> Iterator[None]:
+    """Context manager that selects the α-entmax backend (:func:`set_backend`) and restores the previous one.
+
+    Parameters
+    ----------
+    name : {"eager", "compiled"}
+        The backend inside the block.
+
+    Examples
+    --------
+    >>> import torch
+    >>> with entmax_backend("eager"):
+    ...     p = entmax(torch.tensor([1.0, 0.0, -1.0]), alpha=2.0)
+    >>> p
+    tensor([1., 0., 0.])
+    """
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _fused_support(z: torch.Tensor, out: torch.Tensor, half: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed support passes of α = 2 (``half`` False) or α = 1.5 (True) on rows ``z`` (compiled).
+
+    The same updates as :func:`_sparsemax_update` / :func:`_entmax15_update` from τ₀ = max u − 1,
+    ``_FUSED_SUPPORT_PASSES`` times; writes p into ``out`` and returns (λ in score units, settled)
+    where settled marks the rows whose support reproduced itself (their τ is exact).
+    """
+    top = z.amax(-1, keepdim=True)
+    u = z - top
+    if half:
+        u = u * 0.5
+    tau = torch.full_like(top, -1.0)
+    count_prev = torch.full_like(top, -1.0)
+    exact_prev = torch.zeros_like(top, dtype=torch.bool)
+    settled = torch.zeros_like(top, dtype=torch.bool)
+    for _ in range(_FUSED_SUPPORT_PASSES):
+        d = (u - tau).clamp(min=0)
+        s1 = d.sum(-1, keepdim=True)
+        count = (d > 0).to(d.dtype).sum(-1, keepdim=True)
+        if half:
+            s2 = (d * d).sum(-1, keepdim=True)
+            settled = exact_prev & (count == count_prev)
+            excess = s2 - 1
+            disc = s1 * s1 - count * excess
+            exact = disc >= 0
+            quadratic = tau + excess / (s1 + disc.clamp(min=0).sqrt())
+            norm = s2.sqrt()
+            newton = tau + norm * (norm - 1) / s1
+            tau = torch.where(settled, tau, torch.where(exact, quadratic, newton))
+            exact_prev = exact | settled
+        else:
+            settled = count == count_prev
+            tau = torch.where(settled, tau, tau + (s1 - 1) / count)
+        count_prev = count
+    p = (u - tau).clamp(min=0)
+    settled = settled & (top > -math.inf)  # all −inf rows (NaN here) are left to the eager kernel
+    if half:
+        out.copy_(p * p)
+        return 2.0 * (tau + 1.0) + top, settled.squeeze(-1)
+    out.copy_(p)
+    return tau + 1.0 + top, settled.squeeze(-1)
+
+
+def _fused_general(
+    z: torch.Tensor, out: torch.Tensor, alpha: torch.Tensor, log_n: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed Newton steps on λ for 1 < α < 2 on rows ``z`` (compiled; ``alpha``, ``log_n`` 0-d tensors).
+
+    The steps of :func:`_entmax_general_block` from λ₀ = max z, ``_FUSED_NEWTON_PASSES`` times;
+    writes p (normalised) into ``out`` and returns (λ, settled) where settled marks the rows with
+    |Σp − 1| ≤ 32 eps after the polishing step (the eager stopping test).
+    """
+    top = z.amax(-1, keepdim=True)
+    am1 = alpha - 1.0
+    expo = 1.0 / am1
+    u = (z - top) * am1
+    tol = 32 * torch.finfo(z.dtype).eps
+    lam = torch.zeros_like(top)
+    lo = lam
+    hi = torch.zeros_like(top) - torch.expm1(-am1 * log_n) / am1
+    polished = torch.zeros_like(top, dtype=torch.bool)
+    done = polished
+    p = z
+    f_sum = top
+    for it in range(_FUSED_NEWTON_PASSES + 1):
+        x = (u - lam * am1).clamp(min=-1.0)
+        q = torch.log1p(x)
+        p = torch.exp(q * expo)
+        f_sum = p.sum(-1, keepdim=True)
+        converged = (f_sum - 1).abs() <= tol
+        done = converged & polished
+        if it == _FUSED_NEWTON_PASSES:
+            break
+        polished = converged
+        # p^{2−α} = p / (1 + x) on the support (one division instead of a second exponential)
+        g_sum = torch.where(x > -1.0, p / (1.0 + x), 0.0).sum(-1, keepdim=True)
+        log_f = f_sum.log()
+        step = torch.expm1(am1 * log_f) / am1 * torch.exp((1.0 - am1) * log_f) / g_sum
+        lo = torch.where(f_sum >= 1, torch.maximum(lo, lam), lo)
+        hi = torch.where(f_sum < 1, torch.minimum(hi, lam), hi)
+        new = lam + step
+        bad = (new < lo) | (new > hi) | ~torch.isfinite(new)
+        new = torch.where(bad, 0.5 * (lo + hi), new)
+        lam = torch.where(done, lam, new)
+    out.copy_(p / f_sum)
+    done = done & (top > -math.inf)  # all −inf rows (NaN here) are left to the eager kernel
+    return lam + top, done.squeeze(-1)
+
+
+def _fused_kernel(kind: str) -> Any:
+    """The compiled function of ``kind`` ("support" or "general"), compiled once (dynamic shapes)."""
+    if kind not in _compiled_kernels:
+        fn = _fused_support if kind == "support" else _fused_general
+        _compiled_kernels[kind] = torch.compile(fn, dynamic=True)
+    return _compiled_kernels[kind]
+
+
+def _compiled_applies(rows: torch.Tensor, alpha: float) -> bool:
+    return (
+        _backend == "compiled"
+        and not _compile_failed
+        and rows.dtype == torch.float32
+        and rows.numel() > 0
+        and 1.0 < alpha <= 2.0
+    )
+
+
+def _forward_compiled(rows: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """α-entmax of the contiguous float32 rows (R, N) by the compiled kernel; None if it is unavailable.
+
+    Rows with an all −inf or not settled result are solved again by the eager blocked kernel.
+    """
+    global _compile_failed
+    n_rows, n = rows.shape
+    extra: tuple[Any, ...]
+    try:
+        if alpha in (1.5, 2.0):
+            kernel, extra = _fused_kernel("support"), (alpha == 1.5,)
+        else:
+            kernel = _fused_kernel("general")
+            extra = (torch.tensor(alpha, dtype=rows.dtype), torch.tensor(math.log(n), dtype=rows.dtype))
+        probs = torch.empty_like(rows)
+        block = max(1, _FUSED_BLOCK_ELEMENTS // n)
+        parts = [kernel(rows[s : s + block], probs[s : s + block], *extra) for s in range(0, n_rows, block)]
+    except Exception as exc:  # any compiler failure falls back to the eager kernel
+        _compile_failed = True
+        warnings.warn(
+            f"the compiled entmax backend is unavailable ({type(exc).__name__}: {str(exc)[:200]}); "
+            "using the eager kernel",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    if len(parts) == 1:
+        lam, settled = parts[0]
+    else:
+        lam, settled = (torch.cat(t) for t in zip(*parts, strict=True))
+    redo = (~settled).nonzero().squeeze(-1)
+    if redo.numel() > 0:
+        p_e, lam_e = _forward(rows.index_select(0, redo), alpha, -1, eager=True)
+        probs[redo] = p_e
+        lam[redo] = lam_e
+    return probs, lam
+
+
+def _forward(
+    scores: torch.Tensor, alpha: float, dim: int, eager: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """α-entmax of ``scores`` along ``dim`` (α > 1) and its threshold λ in score units (keepdim).
 
     ``p_i = [1 + (α−1)(z_i − λ)]_+^{1/(α−1)}``. Rows of all −inf give p = 0 and λ = −inf.
-    Half precision is computed in float32; the result has the dtype of ``scores``.
+    Half precision is computed in float32; the result has the dtype of ``scores``. The compiled
+    backend (:func:`set_backend`) is used where it applies unless ``eager``.
     """
     in_dtype = scores.dtype
     z = scores.float() if in_dtype in _HALF else scores
@@ -360,9 +607,13 @@ def _forward(scores: torch.Tensor, alpha: float, dim: int) -> tuple[torch.Tensor
     n = shape[-1]
     rows = z.reshape(-1, n).contiguous()
     n_rows = rows.shape[0]
-    probs = torch.zeros_like(rows)
-    lam = torch.empty_like(rows[:, :1])
-    if rows.numel() > 0:
+    fused = None if eager or not _compiled_applies(rows, alpha) else _forward_compiled(rows, alpha)
+    if fused is not None:
+        probs, lam = fused
+    else:
+        probs = torch.zeros_like(rows)
+        lam = torch.empty_like(rows[:, :1])
+    if fused is None and rows.numel() > 0:
         size = _BLOCK_ELEMENTS if alpha in (1.5, 2.0) else _BLOCK_ELEMENTS_GENERAL
         block = max(1, size // max(n, 1))
         buf = torch.empty_like(rows[:block])

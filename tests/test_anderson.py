@@ -1,7 +1,10 @@
 """Properties of Anderson acceleration (THEORY.md §4): GMRES equivalence, AA(1) = extrapolation,
-plain iteration at m = 0, batch independence, the safeguard, stability, and input checks."""
+plain iteration at m = 0, batch independence, the safeguard, stability, input checks, and the
+whole-batch fast path giving the general path's iterates bit for bit."""
 
 from __future__ import annotations
+
+import importlib
 
 import numpy as np
 import pytest
@@ -418,3 +421,90 @@ def test_solver_with_a_maintained_gram_matrix_equals_the_recomputed_one() -> Non
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
         if lam == 0.0:
             assert not bool(got[1][3]), "the dependent column must be reported as ill-conditioned"
+
+
+def _run_recorded(monkeypatch: pytest.MonkeyPatch, fast: bool, g, x0: torch.Tensor, **kwargs):  # type: ignore[no-untyped-def]
+    """Run the solver with the fast path on or off; record every iterate and count the general
+    path's least-squares solves (the fast path does not call _solve_gamma)."""
+    aa = importlib.import_module("hopfield_aa.anderson")
+    solves = [0]
+    original = aa._solve_gamma
+
+    def counting(*args, **kw):  # type: ignore[no-untyped-def]
+        solves[0] += 1
+        return original(*args, **kw)
+
+    monkeypatch.setattr(aa, "_FAST_PATH", fast)
+    monkeypatch.setattr(aa, "_solve_gamma", counting)
+    xs: list[torch.Tensor] = []
+    res = anderson(g, x0, callback=lambda k, x, r: xs.append(x.clone()), **kwargs)
+    return res, xs, solves[0]
+
+
+@pytest.mark.parametrize(
+    ("m", "mixing", "regularization", "normal"),
+    [
+        (1, 1.0, 0.0, True),
+        (3, 1.0, 0.0, True),
+        (5, 0.7, 1e-6, True),
+        (0, 0.5, 0.0, True),
+        (1, 1.0, 0.0, False),  # a safeguard rejection ends the fast path before any row converges
+        (5, 1.0, 0.0, False),
+    ],
+)
+def test_fast_path_gives_the_general_paths_iterates_bit_for_bit_and_hands_over_when_a_row_converges(
+    monkeypatch: pytest.MonkeyPatch, m: int, mixing: float, regularization: float, normal: bool
+) -> None:
+    """While every row is active the solver runs its whole-batch fast path; its iterates, and
+    everything after the switch to the general path at the first convergence (or rejection), equal
+    the general path's exactly (torch.equal, float64)."""
+    a, b = _affine(11, 30, 0.9, normal)
+    gen = torch.Generator().manual_seed(3)
+    # rows at very different distances from x*: they converge at different iterations
+    x0 = torch.randn(12, 30, generator=gen, dtype=F64) * torch.logspace(-6, 2, 12, dtype=F64)[:, None]
+    g = lambda x: x @ a.T + b  # noqa: E731
+    kw = dict(m=m, mixing=mixing, regularization=regularization, tol=1e-10, max_iter=400)
+    ref, ref_xs, _ = _run_recorded(monkeypatch, False, g, x0, **kw)
+    got, got_xs, solves = _run_recorded(monkeypatch, True, g, x0, **kw)
+    assert bool(ref.converged.all()), ref.message
+    assert len(ref_xs) == len(got_xs)
+    for k, (u, v) in enumerate(zip(ref_xs, got_xs, strict=True)):
+        assert torch.equal(u, v), f"iterate {k} differs by {float((u - v).abs().max())}"
+    for field in ("x", "g_x", "converged", "n_iter", "n_evals", "residual_norms", "n_rejected", "n_restarts"):
+        assert torch.equal(getattr(ref, field), getattr(got, field)), field
+    assert ref.n_calls == got.n_calls
+    # the first iteration at which some row converged (0-based); the fast path ran before it, that
+    # iteration was finished by the general path, and every later one ran on the general path
+    first = int((ref.residual_norms[1:] <= 1e-10 * ref.residual_norms[0]).any(-1).nonzero()[0, 0])
+    n_iter = len(ref_xs)
+    assert 3 <= first < n_iter - 1, "rows must stay active for a while, then converge one by one"
+    assert int(ref.n_iter.min()) < int(ref.n_iter.max())
+    if int(ref.n_rejected.sum()) + int(ref.n_restarts.sum()) == 0:
+        assert solves == (n_iter - 1 - first if m > 0 else 0)
+    else:
+        # switched earlier than the first convergence (and back when all histories were full again)
+        assert 0 < solves < n_iter - 1
+
+
+def test_fast_path_equals_the_general_path_with_rejections_escapes_and_the_stability_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """β = 7.5 Hopfield rows (safeguard rejections, restarts, stability tests): same result bit for bit."""
+    patterns, retrieve, _ = _hopfield(beta=7.5)
+    gen = torch.Generator().manual_seed(0)
+    x0 = (
+        patterns[torch.randint(0, 64, (64,), generator=gen)]
+        + 0.5 * torch.randn(64, 32, generator=gen, dtype=F64) / 32**0.5
+    )
+    for stability_check in (False, True):
+        kw = dict(m=5, stability_check=stability_check, max_iter=1000)
+        ref, ref_xs, _ = _run_recorded(monkeypatch, False, retrieve, x0, **kw)
+        got, got_xs, _ = _run_recorded(monkeypatch, True, retrieve, x0, **kw)
+        assert int(ref.n_rejected.sum()) > 0 and bool(ref.converged.all())
+        assert len(ref_xs) == len(got_xs)
+        assert all(torch.equal(u, v) for u, v in zip(ref_xs, got_xs, strict=True))
+        for field in ("x", "n_iter", "n_evals", "residual_norms", "n_rejected", "n_restarts"):
+            assert torch.equal(getattr(ref, field), getattr(got, field)), field
+        if stability_check:
+            assert ref.spectral_radius is not None and got.spectral_radius is not None
+            assert torch.equal(ref.spectral_radius, got.spectral_radius)

@@ -6,6 +6,10 @@ conjugate, half precision, input handling."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import warnings
 
 import entmax as entmax_pkg
 import numpy as np
@@ -15,6 +19,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from hopfield_aa import normalizers
 from hopfield_aa.normalizers import (
     _entmax15_sort,
     _entmax_bisect,
@@ -22,10 +27,13 @@ from hopfield_aa.normalizers import (
     _sparsemax_sort,
     entmax,
     entmax15,
+    entmax_backend,
     entmax_conjugate,
     entmax_jacobian,
     entmax_jvp,
     entmax_threshold,
+    get_backend,
+    set_backend,
     softmax,
     sparsemax,
 )
@@ -373,3 +381,178 @@ def test_row_shrinking_support_passes_agree_with_sort_on_many_short_rows(alpha: 
     tau = entmax_threshold(z, alpha)
     rebuilt = ((alpha - 1) * z - tau).clamp(min=0) ** (1 / (alpha - 1))
     torch.testing.assert_close(rebuilt, ref, atol=1e-12, rtol=0)
+
+
+# ------------------------------------------------------------------------- compiled (fused) backend
+
+
+def _adversarial_float32(n: int, seed: int) -> torch.Tensor:
+    """float32 rows of ``n`` entries: random, ties at the maximum, constant, nearly flat, huge logits,
+    masked entries, a single finite entry and an all −inf row (last)."""
+    gen = torch.Generator().manual_seed(seed)
+    z = 2 * torch.randn(600, n, generator=gen)
+    z[0] = 0.0  # constant: every entry in the support
+    z[1, : n // 2] = 3.0  # a tie of half the row at the maximum
+    z[2, 1] = z[2, 0] = z[2].max() + 0.5  # two tied maxima
+    z[3] = 1e-6 * torch.randn(n, generator=gen)  # nearly flat
+    z[4:40] *= 1e4  # huge logits
+    z[40:80, n // 3 :] = -math.inf  # masked tails
+    z[80, 1:] = -math.inf  # one finite entry
+    z[81] = torch.linspace(0.0, -3.0, n)  # a staircase: the support grows one entry at a time
+    z[82:120] *= 0.01  # flat rows, large supports
+    z[-1] = -math.inf  # all masked: zeros
+    return z
+
+
+def _exact_reference(z: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Sort-based (α = 1.5, 2) or 200-halving bisection (other α) in float64 on the live rows."""
+    z64 = z.double()
+    if alpha == 1.5:
+        return _entmax15_sort(z64)
+    if alpha == 2.0:
+        return _sparsemax_sort(z64)
+    return _entmax_bisect(z64, alpha)
+
+
+@pytest.fixture
+def fresh_compiled_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Isolate the backend switch and the compile-failure flag of one test."""
+    monkeypatch.setattr(normalizers, "_backend", "eager")
+    monkeypatch.setattr(normalizers, "_compile_failed", False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])
+@pytest.mark.parametrize("n", [77, 300])
+def test_compiled_backend_agrees_with_eager_and_exact_references(
+    alpha: float, n: int, fresh_compiled_state: None
+) -> None:
+    """Compiled forward = eager forward = sort/bisection reference within 1e-6 on adversarial rows."""
+    z = _adversarial_float32(n, seed=11)
+    eager = _entmax_tensor(z, alpha)
+    with entmax_backend("compiled"), warnings.catch_warnings():
+        # a silent fallback to eager would make this test vacuous
+        warnings.filterwarnings("error", message="the compiled entmax backend")
+        fused = _entmax_tensor(z, alpha)
+        lam_fused = entmax_threshold(z[:-1], alpha)
+    assert not normalizers._compile_failed
+    assert bool((fused[-1] == 0).all())
+    ref = _exact_reference(z[:-1], alpha)
+    assert (fused[:-1].double() - ref).abs().max().item() <= 1e-6
+    assert (fused - eager).abs().max().item() <= 1e-6
+    assert bool(((fused[:-1] > 0) == (ref > 1e-6)).logical_or(ref.abs() <= 1e-6).all())  # same support
+    torch.testing.assert_close(lam_fused, entmax_threshold(z[:-1], alpha), atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])
+def test_compiled_backend_with_too_few_passes_repairs_unsettled_rows_exactly(
+    alpha: float, fresh_compiled_state: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one fused pass most rows fail the exactness test; the eager repair keeps the output exact."""
+    monkeypatch.setattr(normalizers, "_FUSED_SUPPORT_PASSES", 1)
+    monkeypatch.setattr(normalizers, "_FUSED_NEWTON_PASSES", 1)
+    z = _adversarial_float32(77, seed=12)[:-1]
+    kind = "support" if alpha in (1.5, 2.0) else "general"
+    extra = (alpha == 1.5,) if kind == "support" else (torch.tensor(alpha), torch.tensor(math.log(77.0)))
+    with entmax_backend("compiled"):
+        _, settled = normalizers._fused_kernel(kind)(z, torch.empty_like(z), *extra)
+        fused = _entmax_tensor(z, alpha)
+    assert int((~settled).sum()) > 100  # the repair path is really taken
+    assert (fused.double() - _exact_reference(z, alpha)).abs().max().item() <= 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])
+def test_compiled_backend_gradient_is_the_closed_form_jacobian_product(
+    alpha: float, fresh_compiled_state: None
+) -> None:
+    """The backward of the compiled forward equals the eager backward (J v, J = diag(s) − s sᵀ/Σs)."""
+    gen = torch.Generator().manual_seed(13)
+    z = 2 * torch.randn(256, 77, generator=gen)
+    v = torch.randn(256, 77, generator=gen)
+    grads = []
+    for backend in ("eager", "compiled"):
+        x = z.clone().requires_grad_(True)
+        with entmax_backend(backend):
+            _entmax_tensor(x, alpha).backward(v)
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=0)
+
+
+def test_backend_switch_context_manager_restores_and_rejects_unknown_names(
+    fresh_compiled_state: None,
+) -> None:
+    assert get_backend() == "eager"
+    with entmax_backend("compiled"):
+        assert get_backend() == "compiled"
+        with entmax_backend("eager"):
+            assert get_backend() == "eager"
+        assert get_backend() == "compiled"
+    assert get_backend() == "eager"
+    with pytest.raises(ValueError, match="name"):
+        set_backend("fused")
+    with pytest.raises(ValueError, match="name"), entmax_backend("compiled"):
+        set_backend("jit")
+    assert get_backend() == "eager"
+
+
+def test_backend_environment_variable_sets_the_initial_backend() -> None:
+    code = "from hopfield_aa.normalizers import get_backend; print(get_backend())"
+    for value, expected in (("compiled", "compiled"), ("eager", "eager"), ("bogus", "eager")):
+        env = {**os.environ, "HOPFIELD_AA_ENTMAX_BACKEND": value}
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        assert done.stdout.strip() == expected
+        assert ("not one of" in done.stderr) == (value == "bogus")
+
+
+def test_compile_failure_warns_once_and_falls_back_to_the_eager_result(
+    fresh_compiled_state: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+
+    def broken_compile(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(normalizers, "_compiled_kernels", {})
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    z = _adversarial_float32(77, seed=14)
+    eager = _entmax_tensor(z, 1.5)
+    with entmax_backend("compiled"):
+        with pytest.warns(RuntimeWarning, match="compiled entmax backend is unavailable"):
+            first = _entmax_tensor(z, 1.5)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="the compiled entmax backend")  # warned once only
+            second = _entmax_tensor(z, 2.0)
+    assert len(calls) == 1
+    assert torch.equal(first, eager)
+    assert torch.equal(second, _entmax_tensor(z, 2.0))
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])
+def test_rows_failing_the_fused_exactness_test_are_solved_by_the_eager_kernel(
+    alpha: float, fresh_compiled_state: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stand-in kernel that writes garbage and marks every third row unsettled: those rows get the
+    eager result, the others keep the kernel's output (no compilation involved)."""
+
+    def fake_kernel(
+        rows: torch.Tensor, out: torch.Tensor, *extra: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out.fill_(-7.0)
+        settled = torch.ones(rows.shape[0], dtype=torch.bool)
+        settled[::3] = False
+        return torch.full_like(rows[:, :1], 5.0), settled
+
+    monkeypatch.setattr(normalizers, "_fused_kernel", lambda kind: fake_kernel)
+    monkeypatch.setattr(normalizers, "_FUSED_BLOCK_ELEMENTS", 77 * 50)  # several blocks
+    z = _adversarial_float32(77, seed=15)
+    eager = _entmax_tensor(z, alpha)
+    with entmax_backend("compiled"):
+        mixed = _entmax_tensor(z, alpha)
+    redo = torch.arange(z.shape[0]) % 50 % 3 == 0  # each block of 50 rows restarts the pattern
+    assert torch.equal(mixed[redo], eager[redo])
+    assert bool((mixed[~redo] == -7.0).all())

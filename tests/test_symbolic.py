@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 import sympy as sp
 import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from hopfield_aa import symbolic
 from hopfield_aa.geometry import anderson_optimal_scale, decompose, extrapolate, gag
+from hopfield_aa.normalizers import entmax_jacobian
 
 Q = sp.Symbol("q", positive=True)  # α = 1 + 1/q covers every α > 1 at once
 
@@ -287,3 +290,54 @@ def test_extrapolation_formula_matches_the_library_numerically() -> None:
     f = sp.lambdify([lam, *dense, *sparse], list(step))
     d, s = np.array([0.3, -1.0]), np.array([1.2, 0.4])
     np.testing.assert_allclose(extrapolate(d, s, 2.5), f(2.5, *d, *s), rtol=1e-12)
+
+
+# ------------------------------------------------- the constant L_α of the global Lipschitz bound (a probe)
+#
+# THEORY.md §2: L_α = sup_z ‖J_entmax_α(z)‖₂ is ½ for softmax and 1 for sparsemax, and numerically 2^(α−2)
+# for α ∈ [1, 2]: an open conjecture. A two-way tie attains the value (s = (½)^(2−α) on both entries, and
+# J = diag(s) − ssᵀ/Σs has the eigenvalue s along (1, −1)). These tests probe the conjecture numerically
+# with the library's Jacobian; they are evidence, not a proof. Above α = 2 there is no finite bound.
+
+
+@st.composite
+def _scores_and_alpha(draw: st.DrawFn) -> tuple[np.ndarray, float]:
+    n = draw(st.integers(2, 8))
+    values = draw(st.lists(st.floats(-8.0, 8.0, allow_nan=False), min_size=n, max_size=n))
+    ties = draw(st.integers(0, n - 1))  # copy the first score onto some others: ties are the hard case
+    z = np.array(values, dtype=np.float64)
+    z[1 : 1 + ties] = z[0] + draw(st.sampled_from([0.0, 1e-9, 1e-3]))
+    return z, draw(st.floats(1.0, 2.0))
+
+
+@given(_scores_and_alpha())
+@example((np.array([0.0, 0.0]), 1.5))
+@example((np.array([0.3, 0.3, -7.0, -7.0]), 1.25))
+@example((np.array([1.0, 1.0 + 1e-9, 1.0, -3.0]), 2.0))
+def test_entmax_jacobian_norm_is_at_most_two_to_the_alpha_minus_two(case: tuple[np.ndarray, float]) -> None:
+    """‖J_entmax_α(z)‖₂ ≤ 2^(α−2) for α ∈ [1, 2] (the conjectured L_α; ½ softmax, 1 sparsemax)."""
+    z, alpha = case
+    norm = float(torch.linalg.matrix_norm(entmax_jacobian(torch.from_numpy(z), alpha), ord=2))
+    assert norm <= 2.0 ** (alpha - 2.0) * (1 + 1e-9) + 1e-12, (norm, 2.0 ** (alpha - 2.0))
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.1, 1.25, 1.5, 1.75, 2.0])
+def test_a_two_way_tie_attains_two_to_the_alpha_minus_two(alpha: float) -> None:
+    """The conjectured bound is sharp: two tied top scores (others out of the support) reach it."""
+    z = torch.tensor([0.7, 0.7, -torch.inf, -torch.inf], dtype=torch.float64)
+    norm = float(torch.linalg.matrix_norm(entmax_jacobian(z, alpha), ord=2))
+    assert norm == pytest.approx(2.0 ** (alpha - 2.0), rel=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [2.5, 3.0])
+def test_above_alpha_two_the_jacobian_norm_is_unbounded(alpha: float) -> None:
+    """For α > 2, s_i = p_i^(2−α) grows without bound as p_i → 0 on the support: no finite L_α.
+
+    With z = (0, −g, −g), the two low scores stay in the support while (α − 1) g < 1 and their weight
+    p → 0 as (α − 1) g → 1; J has the eigenvalue p^(2−α) along (0, 1, −1)."""
+    norms = []
+    for closeness in (0.9, 0.99, 0.999):
+        z = torch.tensor([0.0, -closeness / (alpha - 1.0), -closeness / (alpha - 1.0)], dtype=torch.float64)
+        norms.append(float(torch.linalg.matrix_norm(entmax_jacobian(z, alpha), ord=2)))
+    assert norms[0] < norms[1] < norms[2]
+    assert norms[2] > 10 * 2.0 ** (alpha - 2.0)

@@ -303,7 +303,7 @@ def frontier_claim(ev: Evaluation) -> tuple[str, str]:
 
 
 def plot_alignment_vs_fd(ev: Evaluation, path: str | os.PathLike[str]) -> None:
-    """Whole-caption accuracy against FD (log scale), one curve per family, 95% intervals on both axes."""
+    """Attribute score and whole-caption accuracy against FD, one curve per family, 95% score intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -352,8 +352,7 @@ def _alignment_panel(ev: Evaluation, ax: Any, score: str) -> None:
             if family != "none":
                 tag = f"s={r.method.value:g}" if family in ("cfg", "gag_cfg") else f"λ={r.method.value:g}"
                 ax.annotate(tag, (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=6)
-    ax.set_xscale("log")
-    ax.set_xlabel("Fréchet distance to real renders (reader features, log scale; lower is better)")
+    ax.set_xlabel("Fréchet distance to real renders (reader features; lower is better)")
     label = (
         "attribute score: share of stated attributes read correctly"
         if score == "attributes"
