@@ -2,9 +2,10 @@
 derivations, and inserted between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->`` markers.
 
 The note's measured evidence comes from the committed snapshot ``papers/data/verify/results.json``, written
-by ``hopfield-aa verify --quick --out papers/data/verify`` (``python analysis/make_all.py --only verify``
-regenerates it). A snapshot, not a fresh run, so the test that compares the note's tables with this script's
-output (tests/test_docs.py) is deterministic and fast; regenerate both with ``python analysis/make_all.py``.
+by ``hopfield-aa verify --out papers/data/verify`` (the bundled traces of the reference model included when
+present; ``python analysis/make_all.py --only verify`` regenerates it and drops the counter-examples).
+A snapshot, not a fresh run, so the test that compares the note's tables with this script's output
+(tests/test_docs.py) is deterministic and fast; regenerate both with ``python analysis/make_all.py``.
 
 Usage:
     python analysis/theory_tables.py                 # rewrite the tables in papers/theory.md
@@ -90,7 +91,14 @@ def _float(value: Any) -> float:
 
 
 def _pct(passed: int, total: int) -> str:
-    return "–" if not total else f"{100.0 * passed / total:.1f} %"
+    """Pass rate to 0.1 %, rounded so that a rate with a failure never reads 100.0 % (nor one with a pass
+    0.0 %)."""
+    if not total:
+        return "–"
+    if 0 < passed < total:
+        tenths = min(max(math.floor(1000.0 * passed / total), 1), 999)
+        return f"{tenths / 10:.1f} %"
+    return f"{100.0 * passed / total:.1f} %"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -30,6 +30,34 @@ def report_sources() -> dict[str, Path]:
     return {uri: path for uri, path in sources.items() if path.is_file()}
 
 
+OVERVIEW = "results/index.md"
+PLACEHOLDER = "<!-- reports -->"
+COMMAND = re.compile(r"`((?:python|hopfield-aa) [^`\n]+)`")  # the first command the report names
+
+
+def overview_table() -> str:
+    """A table of every generated report: its title, the command that regenerates it, its page."""
+    rows = ["| report | regenerate with | source |", "|---|---|---|"]
+    for uri, path in report_sources().items():
+        text = path.read_text(encoding="utf-8")
+        title = next((line[2:].strip() for line in text.splitlines() if line.startswith("# ")), path.stem)
+        found = COMMAND.search(text)
+        script = ROOT / "analysis" / f"{path.stem}.py"
+        command = found.group(1) if found else f"python analysis/{script.name}" if script.is_file() else None
+        name = uri.removeprefix("results/")
+        rows.append(
+            f"| [{title}]({name}) | {f'`{command}`' if command else '–'} | "
+            f"`{path.relative_to(ROOT).as_posix()}` |"
+        )
+    return "\n".join(rows)
+
+
+def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
+    if page.file.src_uri == OVERVIEW:
+        return markdown.replace(PLACEHOLDER, overview_table())
+    return markdown
+
+
 def on_files(files: Files, config: Any) -> Files:
     figures: set[str] = set()
     for uri, path in report_sources().items():
