@@ -829,7 +829,8 @@ def _plain_language(digest: _Digest) -> list[str]:
             below = sum(c < 1 for c in certs)
             lip_d = max(_pooled(digest, kind, "lip_max_D"), default=math.nan)
             lip_s = max(_pooled(digest, kind, "lip_max_S"), default=math.nan)
-            ratio = max(_pooled(digest, kind, "max_ratio_S"), default=math.nan)
+            ratio_d = max(_pooled(digest, kind, "max_ratio_D"), default=math.nan)
+            ratio_s = max(_pooled(digest, kind, "max_ratio_S"), default=math.nan)
             text += (
                 f"The global contraction certificate β L_α ‖K‖₂² lies between {min(certs):.3g} and "
                 f"{max(certs):.3g} (below 1 in {below} of {len(certs)} case-map pairs)"
@@ -837,8 +838,9 @@ def _plain_language(digest: _Digest) -> list[str]:
                 + f"; the local Lipschitz constant along trajectories is at most {lip_d:.3g} for the dense "
                 f"map and {lip_s:.3g} for the sparse one (median share below 1: "
                 f"{_median(_pooled(digest, kind, 'lip_share_D')):.0%} and "
-                f"{_median(_pooled(digest, kind, 'lip_share_S')):.0%}), and the largest contraction ratio "
-                f"at perturbed sparse fixed points is {ratio:.3g}. "
+                f"{_median(_pooled(digest, kind, 'lip_share_S')):.0%}); the largest ratio "
+                f"‖T(ξ) − ξ*‖ / ‖ξ − ξ*‖ at perturbed fixed points is {ratio_d:.3g} for the dense map and "
+                f"{ratio_s:.3g} for the sparse one (above 1: the weak-contraction counter-examples). "
             )
         limits = _pooled(digest, kind, "orth_limit_ζ=0")
         if limits:

@@ -8,8 +8,9 @@ The public API (see docs/ and papers/theory.md):
   Lipschitz estimates;
 - anderson: :func:`anderson` (AA(m), batched and safeguarded), :func:`anderson_step`, :func:`spectral_radius`;
 - geometry: :func:`decompose`, :func:`norm_cap`, :func:`gag`, :func:`extrapolate`, :func:`ladder_extrapolate`;
-- traces: :class:`TraceSet`, :class:`TraceRecord`, :func:`capture` (imported on first use, since they pull
-  in diffusers).
+- traces: :class:`TraceSet`, :class:`TraceRecord`, :func:`capture`;
+- guidance: :func:`enable_gag`, :func:`disable_gag`, :func:`gag_guidance`, :func:`register_rule`
+  (traces and guidance are imported on first use, since they pull in diffusers).
 
 The function :func:`anderson` shares its name with the module :mod:`hopfield_aa.anderson`; the package
 attribute is the function.
@@ -59,7 +60,15 @@ from hopfield_aa.anderson import anderson  # isort: skip
 
 __version__ = "0.1.0"
 
-_LAZY = {"TraceSet": "traces", "TraceRecord": "traces", "capture": "traces"}
+_LAZY = {
+    "TraceSet": "traces",
+    "TraceRecord": "traces",
+    "capture": "traces",
+    "enable_gag": "guidance",
+    "disable_gag": "guidance",
+    "gag_guidance": "guidance",
+    "register_rule": "guidance",
+}
 
 __all__ = [
     "AndersonConfig",
@@ -75,6 +84,8 @@ __all__ = [
     "attention",
     "capture",
     "decompose",
+    "disable_gag",
+    "enable_gag",
     "energy",
     "entmax",
     "entmax15",
@@ -84,12 +95,14 @@ __all__ = [
     "entmax_jvp",
     "extrapolate",
     "gag",
+    "gag_guidance",
     "get_backend",
     "iterate",
     "ladder_extrapolate",
     "lipschitz_bound",
     "local_lipschitz",
     "norm_cap",
+    "register_rule",
     "retrieval_jacobian",
     "retrieve",
     "set_backend",
@@ -99,6 +112,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from hopfield_aa.guidance import disable_gag, enable_gag, gag_guidance, register_rule
     from hopfield_aa.traces import TraceRecord, TraceSet, capture
 
 

@@ -299,26 +299,42 @@ def anderson_step(
     dtype = torch.promote_types(x_hist.dtype, g_hist.dtype)
     x_hist, g_hist = x_hist.to(dtype), g_hist.to(dtype)
     m = x_hist.shape[0] - 1
-    f_hist = g_hist - x_hist
-    d_f = (f_hist[1:] - f_hist[:-1]).movedim(0, -2)  # (..., m, n)
-    d_x = (x_hist[1:] - x_hist[:-1]).movedim(0, -2)
-    batch = d_f.shape[:-2]
+    batch = x_hist.shape[1:-1]
+    coef: torch.Tensor | None
     if gamma is None:
-        valid = torch.ones((*batch, m), dtype=torch.bool, device=d_f.device)
-        coef, _, _ = _solve_gamma(d_f, f_hist[-1], valid, lam, _default_restart_cond(dtype))
+        coef = None
     elif isinstance(gamma, (int, float, np.floating, np.integer)) and not isinstance(gamma, bool):
-        coef = torch.full((*batch, m), float(gamma), dtype=dtype, device=d_f.device)
+        coef = torch.full((*batch, m), float(gamma), dtype=dtype, device=x_hist.device)
     else:
         coef_t, _ = as_tensor(gamma, "gamma", min_ndim=1)
         if coef_t.shape[-1] != m:
             raise ValueError(f"gamma must have last dimension m = {m}, got shape {tuple(coef_t.shape)}")
-        coef = torch.broadcast_to(coef_t.to(dtype=dtype, device=d_f.device), (*batch, m))
-    mixed_x = x_hist[-1] - (coef[..., None, :] @ d_x)[..., 0, :]
-    mixed_f = f_hist[-1] - (coef[..., None, :] @ d_f)[..., 0, :]
-    x_next = mixed_x + b * mixed_f
+        coef = torch.broadcast_to(coef_t.to(dtype=dtype, device=x_hist.device), (*batch, m))
+    x_next, coef = _anderson_step(x_hist, g_hist, b, lam, coef)
     if return_gamma:
         return restore(x_next, kind), restore(coef, kind)
     return restore(x_next, kind)
+
+
+def _anderson_step(
+    x_hist: torch.Tensor,
+    g_hist: torch.Tensor,
+    mixing: float = 1.0,
+    regularization: float = 0.0,
+    gamma: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel of :func:`anderson_step`: histories (m + 1, ..., n) of one dtype, no validation and no
+    host synchronisation (for the attention processors' sampling loop). Returns (x_next, γ)."""
+    m = x_hist.shape[0] - 1
+    f_hist = g_hist - x_hist
+    d_f = (f_hist[1:] - f_hist[:-1]).movedim(0, -2)  # (..., m, n)
+    d_x = (x_hist[1:] - x_hist[:-1]).movedim(0, -2)
+    if gamma is None:
+        valid = torch.ones((*d_f.shape[:-2], m), dtype=torch.bool, device=d_f.device)
+        gamma, _, _ = _solve_gamma(d_f, f_hist[-1], valid, regularization, _default_restart_cond(d_f.dtype))
+    mixed_x = x_hist[-1] - (gamma[..., None, :] @ d_x)[..., 0, :]
+    mixed_f = f_hist[-1] - (gamma[..., None, :] @ d_f)[..., 0, :]
+    return mixed_x + mixing * mixed_f, gamma
 
 
 _FAST_PATH = True  # use the whole-batch fast path while every row is in the common case

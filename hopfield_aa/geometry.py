@@ -16,7 +16,7 @@ from typing import Union, cast
 import torch
 
 from hopfield_aa._arrays import ArrayLike, as_tensor, check_scalar, promote, restore
-from hopfield_aa.anderson import anderson_step
+from hopfield_aa.anderson import _anderson_step, anderson_step
 
 Reference = Union[str, torch.Tensor]
 REFERENCES = ("sparse", "dense", "update")
@@ -100,13 +100,10 @@ def _ladder_extrapolate(
     if len(retrievals) == 2:
         target = retrievals[1]
     else:
-        target = cast(
-            torch.Tensor,
-            anderson_step(
-                torch.stack(list(retrievals[:-1])),
-                torch.stack(list(retrievals[1:])),
-                regularization=regularization,
-            ),
+        target, _ = _anderson_step(
+            torch.stack(list(retrievals[:-1])),
+            torch.stack(list(retrievals[1:])),
+            regularization=regularization,
         )
     return dense + scale * (target - dense)
 

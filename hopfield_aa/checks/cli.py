@@ -52,6 +52,12 @@ def add_parsers(subparsers: Any) -> None:
         "--states", type=int, default=None, help="starting states per case (default 32, quick 12)"
     )
     verify.add_argument(
+        "--max-records",
+        type=int,
+        default=8,
+        help="trace records read per capture, spread over its layers and steps; 0 reads all (default 8)",
+    )
+    verify.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -126,6 +132,7 @@ def run_verify(args: argparse.Namespace) -> int:
         claims=claims,
         traces=traces,
         n_states=args.states,
+        max_records=None if args.max_records == 0 else args.max_records,
         progress=not args.no_progress,
     )
     start = time.perf_counter()

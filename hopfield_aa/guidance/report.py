@@ -550,7 +550,10 @@ def describe_weights(path: str | os.PathLike[str]) -> str:
     import json
 
     folder = Path(path)
-    text = str(folder)
+    try:  # a path inside the working tree is shown relative to it
+        text = str(folder.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        text = str(folder)
     config = folder / "config.json"
     if config.is_file():
         meta = json.loads(config.read_text(encoding="utf-8"))

@@ -164,15 +164,16 @@ def build_scheduler(config: ModelConfig, kind: str = "ddim") -> Any:
     )
     if kind == "ddpm":
         return ddpm
-    # Pixel-space sampling clips the predicted x_0 to the data range [-1, 1]: at the first "trailing"
-    # timestep ᾱ_T ≈ 0, and x̂_0 = (x_t − √(1 − ᾱ_t) ε̂) / √ᾱ_t would amplify any error in ε̂ without bound.
+    # Sampling starts below t = T - 1 ("leading" spacing, offset 1): the cosine schedule has
+    # ᾱ_{T-1} ≈ 2e-9, where x̂_0 = (x_t − √(1 − ᾱ_t) ε̂) / √ᾱ_t multiplies any error in ε̂ by ~2e4 and the
+    # first step's garbage would set the layout of the image. x̂_0 is clipped to the data range [-1, 1].
     if kind == "ddim":
         return DDIMScheduler.from_config(
-            ddpm.config, set_alpha_to_one=True, timestep_spacing="trailing", clip_sample=True
+            ddpm.config, set_alpha_to_one=True, timestep_spacing="leading", steps_offset=1, clip_sample=True
         )
     if kind == "dpm":
         return DPMSolverMultistepScheduler.from_config(
-            ddpm.config, timestep_spacing="trailing", thresholding=True, sample_max_value=1.0
+            ddpm.config, timestep_spacing="leading", steps_offset=1, thresholding=True, sample_max_value=1.0
         )
     raise ValueError(f"scheduler must be 'ddpm', 'ddim' or 'dpm', got {kind!r}")
 

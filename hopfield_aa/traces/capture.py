@@ -384,6 +384,7 @@ def capture_pipeline(
     pipeline_kwargs: Mapping[str, Any] | None = None,
     progress: bool = True,
     on_shard: Callable[[int, str], None] | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> TraceCapture:
     """Run ``pipe`` on each prompt (prompt ``i`` with seed ``seed + i``) under one capture.
 
@@ -405,6 +406,9 @@ def capture_pipeline(
         Extra pipeline arguments (``guidance_scale``, ``height``, ``width``, ``output_type``).
     progress : bool, default True
         Show a progress bar over prompts (the pipeline shows its own over steps).
+    metadata : Mapping, optional
+        Extra JSON-serialisable run metadata for the manifest (e.g. the weights' identity); the prompts,
+        seed, step count and scalar pipeline arguments are always recorded.
 
     Returns
     -------
@@ -427,6 +431,7 @@ def capture_pipeline(
             "seed": seed,
             "num_inference_steps": num_inference_steps,
             "pipeline_kwargs": {k: v for k, v in extra.items() if isinstance(v, (int, float, str, bool))},
+            **dict(metadata or {}),
         },
     )
     with cap:

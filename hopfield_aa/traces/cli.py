@@ -144,7 +144,9 @@ def run_capture(args: argparse.Namespace) -> int:
     pipe = pipe.to(args.device)
     if args.quiet and hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    pipeline_kwargs: dict[str, Any] = {"output_type": "latent"}
+    # Skip the VAE decode of latent-diffusion pipelines; the reference model works in pixel space and
+    # has no latent output type.
+    pipeline_kwargs: dict[str, Any] = {} if args.model == "reference" else {"output_type": "latent"}
     for name in ("guidance_scale", "height", "width"):
         if getattr(args, name) is not None:
             pipeline_kwargs[name] = getattr(args, name)
