@@ -10,7 +10,8 @@ The public API (see docs/ and papers/theory.md):
 - geometry: :func:`decompose`, :func:`norm_cap`, :func:`gag`, :func:`extrapolate`, :func:`ladder_extrapolate`;
 - traces: :class:`TraceSet`, :class:`TraceRecord`, :func:`capture`;
 - guidance: :func:`enable_gag`, :func:`disable_gag`, :func:`gag_guidance`, :func:`register_rule`
-  (traces and guidance are imported on first use, since they pull in diffusers).
+  (traces, guidance and :func:`load_pipeline` of the reference model are imported on first use, since
+  they pull in diffusers).
 
 The function :func:`anderson` shares its name with the module :mod:`hopfield_aa.anderson`; the package
 attribute is the function.
@@ -68,6 +69,7 @@ _LAZY = {
     "disable_gag": "guidance",
     "gag_guidance": "guidance",
     "register_rule": "guidance",
+    "load_pipeline": "reference",
 }
 
 __all__ = [
@@ -100,6 +102,7 @@ __all__ = [
     "iterate",
     "ladder_extrapolate",
     "lipschitz_bound",
+    "load_pipeline",
     "local_lipschitz",
     "norm_cap",
     "register_rule",
@@ -113,6 +116,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from hopfield_aa.guidance import disable_gag, enable_gag, gag_guidance, register_rule
+    from hopfield_aa.reference import load_pipeline
     from hopfield_aa.traces import TraceRecord, TraceSet, capture
 
 
