@@ -16,6 +16,8 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 from diffusers.utils import deprecate
 
+from hopfield_aa._unet_attention import finish as finish_unet_attention
+from hopfield_aa._unet_attention import project as project_unet_attention
 from hopfield_aa.guidance.attention import guided_attention, guided_joint_attention
 
 
@@ -71,78 +73,20 @@ class GAGAttnProcessor(_GuidanceProcessor):
         if len(args) > 0 or kwargs.get("scale", None) is not None:
             deprecate("scale", "1.0.0", "The `scale` argument is deprecated and will be ignored.")
 
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-
-        input_ndim = hidden_states.ndim
-
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        inputs = project_unet_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
         # the guidance step: the rule of the dense and sparse retrievals, (batch, heads, queries, head_dim)
-        hidden_states = guided_attention(
-            query,
-            key,
-            value,
+        attended = guided_attention(
+            inputs.query,
+            inputs.key,
+            inputs.value,
             self.session.combine,
             self.session.alphas,
-            scale=head_dim**-0.5,  # as F.scaled_dot_product_attention in AttnProcessor2_0
-            attention_mask=attention_mask,
-            rows=self.session.rows(batch_size),
+            scale=inputs.head_dim**-0.5,  # as F.scaled_dot_product_attention in AttnProcessor2_0
+            attention_mask=inputs.attention_mask,
+            rows=self.session.rows(inputs.batch_size),
         )
-
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
-
-        # linear proj
-        hidden_states = attn.to_out[0](hidden_states)
-        # dropout
-        hidden_states = attn.to_out[1](hidden_states)
-
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-
-        hidden_states = hidden_states / attn.rescale_output_factor
-
-        return hidden_states
+        return finish_unet_attention(attn, inputs, attended)
 
 
 class GAGJointAttnProcessor(_GuidanceProcessor):

@@ -17,6 +17,8 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 from diffusers.utils import deprecate
 
+from hopfield_aa._unet_attention import finish as finish_unet_attention
+from hopfield_aa._unet_attention import project as project_unet_attention
 from hopfield_aa.traces.record import Segments, default_scale
 
 
@@ -90,85 +92,27 @@ class RecordingAttnProcessor2_0(_Recording, AttnProcessor2_0):
             deprecate("scale", "1.0.0", deprecation_message)
 
         kind = "self" if encoder_hidden_states is None else "cross"
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-
-        input_ndim = hidden_states.ndim
-
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            # scaled_dot_product_attention expects attention_mask shape to be
-            # (batch, heads, source_length, target_length)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        n_query, n_key = query.shape[2], key.shape[2]
+        inputs = project_unet_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        n_query, n_key = inputs.query.shape[2], inputs.key.shape[2]
         self._record(
-            query,
-            key,
-            value,
+            inputs.query,
+            inputs.key,
+            inputs.value,
             kind=kind,
-            attention_mask=attention_mask,
+            attention_mask=inputs.attention_mask,
             query_segments={"image": (0, n_query)},
             key_segments={"image": (0, n_key)} if kind == "self" else {"text": (0, n_key)},
         )
-
         # the output of sdp = (batch, num_heads, seq_len, head_dim)
-        hidden_states = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+        attended = F.scaled_dot_product_attention(
+            inputs.query,
+            inputs.key,
+            inputs.value,
+            attn_mask=inputs.attention_mask,
+            dropout_p=0.0,
+            is_causal=False,
         )
-
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
-
-        # linear proj
-        hidden_states = attn.to_out[0](hidden_states)
-        # dropout
-        hidden_states = attn.to_out[1](hidden_states)
-
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-
-        hidden_states = hidden_states / attn.rescale_output_factor
-
-        return hidden_states
+        return finish_unet_attention(attn, inputs, attended)
 
 
 class RecordingJointAttnProcessor2_0(_Recording, JointAttnProcessor2_0):
