@@ -1,5 +1,8 @@
 """Input handling shared by every public function: validation with errors that name the argument,
 and the "NumPy in, NumPy out; torch in, torch out" contract with half precision computed in float32.
+
+Where a function takes several arrays, its result has the first one's container and the dtype all of
+them promote to (torch's rule, :func:`result_kind`): a float16 state with float64 patterns gives float64.
 """
 
 from __future__ import annotations
@@ -59,6 +62,20 @@ def as_tensor(
     return tensor, kind
 
 
+def result_kind(first: Kind, *others: Kind) -> Kind:
+    """The kind of a result computed from several array arguments.
+
+    The container (NumPy or torch) and device are the first argument's; the dtype is what the
+    arguments' dtypes promote to under torch's type promotion, so no argument loses precision:
+    float16 with float64 gives float64, float16 with bfloat16 gives float32, float32 with float32
+    stays float32.
+    """
+    dtype = first.dtype
+    for other in others:
+        dtype = torch.promote_types(dtype, other.dtype)
+    return Kind(numpy=first.numpy, dtype=dtype, device=first.device)
+
+
 def check_finite(tensor: torch.Tensor, name: str, *, allow_neg_inf: bool = False) -> None:
     """Raise ``ValueError`` naming ``name`` if ``tensor`` holds NaN or (unless allowed) infinities."""
     if tensor.numel() == 0:
@@ -114,6 +131,15 @@ def check_scalar(value: object, name: str, *, positive: bool = False, minimum: f
     if minimum is not None and not out >= minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {out}")
     return out
+
+
+def check_dim(tensor: torch.Tensor, dim: object, name: str) -> int:
+    """Validate an axis argument ``dim`` of the array called ``name``; returns it as an int."""
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if tensor.ndim == 0 or not -tensor.ndim <= dim < tensor.ndim:
+        raise ValueError(f"dim={dim} is out of range for {name} of shape {tuple(tensor.shape)}")
+    return int(dim)
 
 
 def check_alpha(alpha: object) -> float:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hopfield_aa._arrays import ArrayLike, Kind, as_tensor, check_scalar, restore
+from hopfield_aa._arrays import ArrayLike, Kind, as_tensor, check_scalar, restore, result_kind
 
 __all__ = [
     "AndersonConfig",
@@ -202,7 +202,7 @@ def _stack_history(values: object, name: str) -> tuple[torch.Tensor, Kind]:
         dtype = items[0][0].dtype
         for t, _ in items[1:]:
             dtype = torch.promote_types(dtype, t.dtype)
-        return torch.stack([t.to(dtype) for t, _ in items]), items[-1][1]
+        return torch.stack([t.to(dtype) for t, _ in items]), result_kind(*(k for _, k in items))
     tensor, kind = as_tensor(values, name, min_ndim=2)
     return tensor, kind
 
@@ -287,7 +287,8 @@ def anderson_step(
     tensor([-1.,  2.,  0.])
     """
     x_hist, kind = _stack_history(xs, "xs")
-    g_hist, _ = _stack_history(gs, "gs")
+    g_hist, g_kind = _stack_history(gs, "gs")
+    kind = result_kind(kind, g_kind)
     if x_hist.shape != g_hist.shape:
         raise ValueError(
             f"xs and gs must have the same shape, got {tuple(x_hist.shape)} and {tuple(g_hist.shape)}"

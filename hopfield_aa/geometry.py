@@ -2,7 +2,8 @@
 and the correspondence between extrapolation and a depth-1 Anderson step (THEORY.md §3–4).
 
 Every rule acts on the last axis (one vector per attention head and query token) and broadcasts over
-the leading ones. The public functions validate their inputs; the ``_``-prefixed kernels below them do
+the leading ones. Results have the first argument's kind (NumPy or torch) and the dtype all array
+arguments promote to. The public functions validate their inputs; the ``_``-prefixed kernels below them do
 the same mathematics without validation (no host synchronisation) and are what the diffusers processors
 call in the sampling loop.
 """
@@ -15,7 +16,15 @@ from typing import Union, cast
 
 import torch
 
-from hopfield_aa._arrays import ArrayLike, as_tensor, check_scalar, promote, restore
+from hopfield_aa._arrays import (
+    ArrayLike,
+    as_tensor,
+    check_dim,
+    check_scalar,
+    promote,
+    restore,
+    result_kind,
+)
 from hopfield_aa.anderson import _anderson_step, anderson_step
 
 Reference = Union[str, torch.Tensor]
@@ -143,12 +152,15 @@ def decompose(residual: ArrayLike, reference: ArrayLike, dim: int = -1) -> tuple
     ([1.0, 0.0], [0.0, 2.0])
     """
     r, kind = as_tensor(residual, "residual", min_ndim=1)
-    u, _ = as_tensor(reference, "reference", min_ndim=1)
+    u, u_kind = as_tensor(reference, "reference", min_ndim=1)
+    kind = result_kind(kind, u_kind)
     _check_broadcast(r, u, "reference", "residual")
+    axis = check_dim(r, dim, "residual")
     r, u = promote(r, u)
-    r, u = r.movedim(dim, -1), u.movedim(dim, -1)
+    u = u.expand_as(r)
+    r, u = r.movedim(axis, -1), u.movedim(axis, -1)
     parallel, orthogonal = _decompose(r, u)
-    return restore(parallel.movedim(-1, dim), kind), restore(orthogonal.movedim(-1, dim), kind)
+    return restore(parallel.movedim(-1, axis), kind), restore(orthogonal.movedim(-1, axis), kind)
 
 
 def norm_cap(vector: ArrayLike, eta: float, dim: int = -1) -> ArrayLike:
@@ -164,7 +176,8 @@ def norm_cap(vector: ArrayLike, eta: float, dim: int = -1) -> ArrayLike:
     """
     v, kind = as_tensor(vector, "vector", min_ndim=1)
     eta_value = check_scalar(eta, "eta", minimum=0.0)
-    return restore(_norm_cap(v.movedim(dim, -1), eta_value).movedim(-1, dim), kind)
+    axis = check_dim(v, dim, "vector")
+    return restore(_norm_cap(v.movedim(axis, -1), eta_value).movedim(-1, axis), kind)
 
 
 def extrapolate(dense: ArrayLike, sparse: ArrayLike, scale: float) -> ArrayLike:
@@ -181,9 +194,10 @@ def extrapolate(dense: ArrayLike, sparse: ArrayLike, scale: float) -> ArrayLike:
     [2.0, 1.0]
     """
     d, kind = as_tensor(dense, "dense", min_ndim=1)
-    s, _ = as_tensor(sparse, "sparse", min_ndim=1)
+    s, s_kind = as_tensor(sparse, "sparse", min_ndim=1)
     _check_same_shape(s, d, "sparse", "dense")
     d, s = promote(d, s)
+    kind = result_kind(kind, s_kind)
     return restore(_extrapolate(d, s, check_scalar(scale, "scale")), kind)
 
 
@@ -235,16 +249,18 @@ def gag(
     [3.0, 1.0]
     """
     d, kind = as_tensor(dense, "dense", min_ndim=1)
-    s, _ = as_tensor(sparse, "sparse", min_ndim=1)
+    s, s_kind = as_tensor(sparse, "sparse", min_ndim=1)
     _check_same_shape(s, d, "sparse", "dense")
     d, s = promote(d, s)
+    kind = result_kind(kind, s_kind)
     scale_value = check_scalar(scale, "scale")
     zeta_value = check_scalar(zeta, "zeta")
     eta_value = check_scalar(eta, "eta", minimum=0.0)
     xi = None
     if state is not None:
-        xi, _ = as_tensor(state, "state", min_ndim=1)
+        xi, xi_kind = as_tensor(state, "state", min_ndim=1)
         _check_same_shape(xi, d, "state", "dense")
+        kind = result_kind(kind, xi_kind)
         xi = xi.to(d.dtype)
     ref: Reference
     if isinstance(reference, str):
@@ -254,8 +270,9 @@ def gag(
             raise ValueError('reference="update" needs state= (the update direction is S(ξ) - ξ)')
         ref = reference
     else:
-        ref, _ = as_tensor(reference, "reference", min_ndim=1)
+        ref, ref_kind = as_tensor(reference, "reference", min_ndim=1)
         _check_broadcast(d, ref, "reference", "dense")
+        kind = result_kind(kind, ref_kind)
         ref = ref.to(d.dtype)
     return restore(_gag(d, s, scale_value, zeta_value, eta_value, ref, xi), kind)
 
@@ -297,8 +314,9 @@ def anderson_optimal_scale(state: ArrayLike, dense: ArrayLike, sparse: ArrayLike
     -1.0
     """
     xi, kind = as_tensor(state, "state", min_ndim=1)
-    d, _ = as_tensor(dense, "dense", min_ndim=1)
-    s, _ = as_tensor(sparse, "sparse", min_ndim=1)
+    d, d_kind = as_tensor(dense, "dense", min_ndim=1)
+    s, s_kind = as_tensor(sparse, "sparse", min_ndim=1)
+    kind = result_kind(kind, d_kind, s_kind)
     _check_same_shape(d, xi, "dense", "state")
     _check_same_shape(s, xi, "sparse", "state")
     xi, d, s = promote(xi, d, s)
@@ -335,7 +353,8 @@ def ladder_extrapolate(
     first, kind = as_tensor(retrievals[0], "retrievals[0]", min_ndim=1)
     rungs = [first]
     for i, value in enumerate(retrievals[1:], start=1):
-        rung, _ = as_tensor(value, f"retrievals[{i}]", min_ndim=1)
+        rung, rung_kind = as_tensor(value, f"retrievals[{i}]", min_ndim=1)
+        kind = result_kind(kind, rung_kind)
         _check_same_shape(rung, first, f"retrievals[{i}]", "retrievals[0]")
         rungs.append(rung)
     rungs = list(promote(*rungs))

@@ -3,7 +3,8 @@ attention as one hetero-associative retrieval step, iteration to a fixed point, 
 estimates.
 
 Shapes: a state is ``(..., d)``; the memory holds patterns as rows, ``(N, d)`` shared by every state or
-``(..., N, d)`` broadcasting against the state's leading axes.
+``(..., N, d)`` broadcasting against the state's leading axes. Results come back in the state's kind
+(NumPy or torch) and in the dtype the state and the patterns promote to (``_arrays.result_kind``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from hopfield_aa._arrays import (
     check_scalar,
     promote,
     restore,
+    result_kind,
     tolerance,
 )
 from hopfield_aa.anderson import AndersonConfig, anderson
@@ -83,7 +85,7 @@ def _memory_inputs(
     state: object, patterns: object, beta: object, alpha: object
 ) -> tuple[torch.Tensor, torch.Tensor, float, float, Kind]:
     xi, kind = as_tensor(state, "state", min_ndim=1)
-    memory, _ = as_tensor(patterns, "patterns", min_ndim=2)
+    memory, memory_kind = as_tensor(patterns, "patterns", min_ndim=2)
     if memory.shape[-2] == 0:
         raise ValueError("patterns must hold at least one pattern (got an empty memory, N = 0)")
     if memory.shape[-1] != xi.shape[-1]:
@@ -102,7 +104,7 @@ def _memory_inputs(
     if math.isinf(beta_value):
         raise ValueError("beta must be finite, got inf")
     xi, memory = promote(xi, memory)
-    return xi, memory, beta_value, check_alpha(alpha), kind
+    return xi, memory, beta_value, check_alpha(alpha), result_kind(kind, memory_kind)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,7 +132,8 @@ def retrieve(state: ArrayLike, patterns: ArrayLike, beta: float, alpha: float = 
 
     Returns
     -------
-    Tensor or array of shape (..., d), the kind and dtype of ``state``.
+    Tensor or array of shape (..., d), the kind of ``state`` (NumPy or torch) in the dtype ``state`` and
+    ``patterns`` promote to (torch's rule: a float16 state with float64 patterns gives float64).
 
     Examples
     --------
@@ -186,11 +189,12 @@ def attention(
 
     Returns
     -------
-    (..., L_q, d_v), the kind and dtype of ``queries``.
+    (..., L_q, d_v), the kind of ``queries`` in the dtype the three inputs promote to.
     """
     q, kind = as_tensor(queries, "queries", min_ndim=2)
-    k, _ = as_tensor(keys, "keys", min_ndim=2)
-    v, _ = as_tensor(values, "values", min_ndim=2)
+    k, k_kind = as_tensor(keys, "keys", min_ndim=2)
+    v, v_kind = as_tensor(values, "values", min_ndim=2)
+    kind = result_kind(kind, k_kind, v_kind)
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"keys must have the queries' head dimension {q.shape[-1]}, got {tuple(k.shape)}")
     if v.shape[-2] != k.shape[-2]:

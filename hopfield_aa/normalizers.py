@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from hopfield_aa._arrays import ArrayLike, as_tensor, check_alpha, restore
+from hopfield_aa._arrays import ArrayLike, as_tensor, check_alpha, check_dim, restore, result_kind
 
 __all__ = [
     "entmax",
@@ -307,8 +307,9 @@ def _forward_block(zb: torch.Tensor, alpha: float, pb: torch.Tensor, buf: torch.
             p.masked_fill_(dead, 0.0)
             return (lam + top).masked_fill(dead, -math.inf)
         return lam + top
-    # candidate indicator as 0/1 floats (cheaper to produce and count than a bool mask)
-    cand = torch.gt(zb, top - _candidate_reach(alpha), out=buf)
+    # candidate indicator as 0/1 floats (cheaper to produce and count than a bool mask), tested on the
+    # shifted scores: at |z| ≥ 1e8 (float32) `top − reach` rounds to `top` and would drop the maximum
+    cand = torch.sub(zb, top, out=buf).gt_(-_candidate_reach(alpha))
     if any_dead:
         cand[dead.squeeze(-1), 0] = 1.0  # one dummy candidate per all −inf row, masked at the end
     count = cand.sum(-1).long()
@@ -766,20 +767,15 @@ def _entmax_bisect(scores: torch.Tensor, alpha: float, dim: int = -1, n_iter: in
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_dim(tensor: torch.Tensor, dim: object) -> int:
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
-    if tensor.ndim == 0 or not -tensor.ndim <= dim < tensor.ndim:
-        raise ValueError(f"dim={dim} is out of range for scores of shape {tuple(tensor.shape)}")
-    return dim
-
-
 def _validated(scores: object, alpha: object, dim: object) -> tuple[torch.Tensor, Any, float, int]:
     z, kind = as_tensor(scores, "scores", allow_neg_inf=True, min_ndim=1)
     a = check_alpha(alpha)
-    d = _check_dim(z, dim)
-    if z.numel() > 0 and z.shape[d] == 0:
-        raise ValueError("scores must have at least one entry along dim")
+    d = check_dim(z, dim, "scores")
+    if z.shape[d] == 0:
+        raise ValueError(
+            f"scores must have at least one entry along dim={dim}, got shape {tuple(z.shape)} "
+            "(entmax of an empty axis is undefined)"
+        )
     if z.numel() > 0 and bool((z.amax(d) == -math.inf).any()):
         raise ValueError("scores has a row (along dim) whose entries are all -inf; entmax is undefined there")
     return z, kind, a, d
@@ -987,9 +983,10 @@ def entmax_jvp(probs: ArrayLike, vector: ArrayLike, alpha: float = 1.5, dim: int
     tensor([ 0.5000, -0.5000,  0.0000])
     """
     p, kind = as_tensor(probs, "probs")
-    v, _ = as_tensor(vector, "vector")
+    v, v_kind = as_tensor(vector, "vector")
+    kind = result_kind(kind, v_kind)
     a = check_alpha(alpha)
-    d = _check_dim(p, dim)
+    d = check_dim(p, dim, "probs")
     if p.shape != v.shape:
         raise ValueError(f"vector must have the shape of probs {tuple(p.shape)}, got {tuple(v.shape)}")
     if bool((p < 0).any()):

@@ -269,6 +269,26 @@ def test_ladder_recovers_the_limit_of_a_geometric_sequence() -> None:
 # --- input handling ------------------------------------------------------------------------------
 
 
+def test_mixed_dtypes_promote_as_torch_does() -> None:
+    """The result has the first argument's kind and the dtype all the array arguments promote to."""
+    half, double = torch.ones(2, 3, dtype=torch.float16), 2 * torch.ones(2, 3, dtype=torch.float64)
+    assert gag(half, double, 1.0).dtype == torch.float64
+    assert extrapolate(half, double, 2.0).dtype == torch.float64
+    assert gag(half, half, 1.0, reference=double).dtype == torch.float64
+    assert decompose(half, double)[0].dtype == torch.float64
+    assert extrapolate(half, half.bfloat16(), 2.0).dtype == torch.float32
+    out = extrapolate(np.ones(3, dtype=np.float16), torch.ones(3, dtype=torch.float64), 2.0)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float64
+
+
+def test_decompose_on_a_leading_axis_with_a_broadcast_reference() -> None:
+    residual = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    reference = torch.tensor([1.0, 0.0], dtype=torch.float64)  # broadcast over rows: u = (1, 1) per column
+    parallel, orthogonal = decompose(residual, reference, dim=0)
+    torch.testing.assert_close(parallel, torch.tensor([[2.0, 0.0], [2.0, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(parallel + orthogonal, residual)
+
+
 def test_numpy_in_numpy_out_and_dtype_kept() -> None:
     d = np.ones((2, 3), dtype=np.float32)
     assert isinstance(gag(d, 2 * d, 1.0), np.ndarray) and gag(d, 2 * d, 1.0).dtype == np.float32
@@ -288,6 +308,11 @@ def test_numpy_in_numpy_out_and_dtype_kept() -> None:
         (lambda: extrapolate([1.0], torch.ones(1), 1.0), "dense"),
         (lambda: decompose(torch.ones(3), torch.ones(2)), "reference"),
         (lambda: norm_cap(torch.ones(3), -0.5), "eta"),
+        # issue 12: these raised torch's IndexError
+        (lambda: decompose(torch.ones(3), torch.ones(3), dim=5), "dim"),
+        (lambda: decompose(torch.ones(2, 3), torch.ones(3), dim=-3), "dim"),
+        (lambda: decompose(torch.ones(3), torch.ones(3), dim=0.5), "dim"),
+        (lambda: norm_cap(torch.ones(3), 1.0, dim=1), "dim"),
     ],
 )
 def test_bad_input_names_the_argument(call, name: str) -> None:

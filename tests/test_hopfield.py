@@ -223,6 +223,24 @@ def test_bad_input_names_the_argument(call, name: str) -> None:
         call()
 
 
+def test_float16_state_with_float64_patterns_gives_float64() -> None:
+    """Issue 12: the result's dtype is the promotion of the state's and the patterns' (torch's rule),
+    computed at that precision; before, a float16 state silently gave float16."""
+    gen = torch.Generator().manual_seed(0)
+    memory = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    state = torch.randn(4, generator=gen).half()
+    want = retrieve(state.double(), memory, 2.0, 1.5)
+    got = retrieve(state, memory, 2.0, 1.5)
+    assert got.dtype == torch.float64 and torch.equal(got, want)
+    assert energy(state, memory, 2.0).dtype == torch.float64
+    assert iterate(state, memory, 2.0).state.dtype == torch.float64
+    assert retrieve(state, memory.float(), 2.0).dtype == torch.float32
+    assert retrieve(state, memory.bfloat16(), 2.0).dtype == torch.float32
+    assert retrieve(state, memory.half(), 2.0).dtype == torch.float16
+    out = attention(state[None].numpy(), memory, memory.float())
+    assert isinstance(out, np.ndarray) and out.dtype == np.float64
+
+
 @given(memory_and_state(), betas, alphas)
 def test_finite_input_never_gives_nan(case: tuple, beta: float, alpha: float) -> None:
     memory, state = case

@@ -335,6 +335,48 @@ def test_bad_inputs_raise_naming_the_argument(scores: object, alpha: float, name
         entmax(scores, alpha)
 
 
+@pytest.mark.parametrize("alpha", [1.25, 1.5, 2.0, 3.0, 1.0])
+@pytest.mark.parametrize(
+    ("dtype", "big"),
+    [(torch.float32, 1e8), (torch.float32, 1e30), (torch.bfloat16, 1e8), (torch.float64, 1e17)],
+)
+def test_logits_too_large_for_the_candidate_reach_give_the_one_hot_distribution(
+    dtype: torch.dtype, big: float, alpha: float
+) -> None:
+    """|z| ≥ 1e8 (float32, bfloat16) or 1e17 (float64): z_max − 1/(α−1) rounds to z_max. Issue 12: this
+    raised "The expanded size of the tensor (1) must match the existing size (0)" for α ∉ {1, 1.5, 2}."""
+    for z in (
+        torch.tensor([big, 0.0], dtype=dtype),
+        torch.tensor([[0.0, -big, big, 1.0], [-big, big, 0.0, -math.inf]], dtype=dtype),
+        torch.tensor([big, big, -big], dtype=dtype),  # a tie at the top
+    ):
+        p = entmax(z, alpha)
+        assert p.dtype == dtype and bool(torch.isfinite(p).all()) and bool((p >= 0).all())
+        assert torch.allclose(p.double().sum(-1), torch.ones(p.shape[:-1], dtype=torch.float64), atol=1e-2)
+        top = z.double().amax(-1, keepdim=True)
+        # all the mass on the maximal entries (equally on ties), none on the others
+        want = (z.double() == top).double()
+        want = want / want.sum(-1, keepdim=True)
+        torch.testing.assert_close(p.double(), want, atol=1e-2 if dtype == torch.bfloat16 else 1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (0, 0), (0,)])
+def test_an_empty_axis_gets_a_value_error_naming_scores_and_dim(shape: tuple) -> None:
+    for fn in (entmax, entmax_conjugate, entmax_jacobian):
+        with pytest.raises(ValueError, match=r"scores.*dim=-1"):
+            fn(torch.zeros(shape))
+    # an empty batch with a non-empty axis is a valid (empty) input
+    assert entmax(torch.zeros(0, 3)).shape == (0, 3)
+
+
+def test_jvp_of_float16_probs_and_a_float64_vector_is_float64() -> None:
+    p = torch.tensor([0.75, 0.25, 0.0], dtype=torch.float16)
+    v = torch.tensor([1.0, 0.0, 5.0], dtype=torch.float64)
+    out = entmax_jvp(p, v, alpha=2.0)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, torch.tensor([0.5, -0.5, 0.0], dtype=torch.float64))
+
+
 def test_all_masked_row_in_fast_kernel_gives_zeros_not_nan() -> None:
     z = torch.tensor([[0.0, 1.0], [-math.inf, -math.inf]])
     for alpha in (1.5, 2.0, 1.3):
