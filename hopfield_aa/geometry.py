@@ -11,7 +11,7 @@ call in the sampling loop.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Union, cast
 
 import torch
@@ -26,6 +26,7 @@ from hopfield_aa._arrays import (
     result_kind,
 )
 from hopfield_aa.anderson import _anderson_step, anderson_step
+from hopfield_aa.hopfield import _retrieve
 
 Reference = Union[str, torch.Tensor]
 REFERENCES = ("sparse", "dense", "update")
@@ -96,6 +97,41 @@ def _gag(
     if zeta != 0.0:
         update = update + zeta * orthogonal
     return sparse + scale * update
+
+
+def _reference_direction(
+    patterns: torch.Tensor, state: torch.Tensor, beta: float, alpha_sparse: float, reference: Reference
+) -> torch.Tensor:
+    """The reference direction u at ξ of the retrieval maps on ``patterns``: S(ξ), D(ξ) or S(ξ) − ξ."""
+    if isinstance(reference, torch.Tensor):
+        return reference
+    dense = _retrieve(state, patterns, beta, 1.0) if reference == "dense" else state
+    return _reference_vector(reference, dense, _retrieve(state, patterns, beta, alpha_sparse), state)
+
+
+def _guided_map(
+    patterns: torch.Tensor,
+    beta: float,
+    alpha_sparse: float = 1.5,
+    scale: float = 1.0,
+    zeta: float = 0.0,
+    eta: float = math.inf,
+    reference: Reference = "sparse",
+    rule: Callable[..., torch.Tensor] | None = None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """G(ξ) = rule(D(ξ), S(ξ), λ, ζ, η, reference, ξ) on the memory ``patterns`` (default rule: GAG).
+
+    The map whose fixed points, contraction and orthogonal error the checks study: D and S are the dense
+    and α-entmax retrievals of the same patterns, so ξ ↦ G(ξ) is an auto-associative guided iteration.
+    """
+    fn = _gag if rule is None else rule
+
+    def guided(state: torch.Tensor) -> torch.Tensor:
+        dense = _retrieve(state, patterns, beta, 1.0)
+        sparse = _retrieve(state, patterns, beta, alpha_sparse)
+        return fn(dense, sparse, scale, zeta, eta, reference, state)
+
+    return guided
 
 
 def _extrapolate(dense: torch.Tensor, sparse: torch.Tensor, scale: float) -> torch.Tensor:
@@ -360,6 +396,49 @@ def ladder_extrapolate(
     rungs = list(promote(*rungs))
     reg = check_scalar(regularization, "regularization", minimum=0.0)
     return restore(_ladder_extrapolate(rungs, check_scalar(scale, "scale"), reg), kind)
+
+
+def guided_map(
+    patterns: ArrayLike,
+    beta: float,
+    scale: float,
+    *,
+    alpha_sparse: float = 1.5,
+    zeta: float = 0.0,
+    eta: float = math.inf,
+    reference: str = "sparse",
+) -> Callable[[ArrayLike], ArrayLike]:
+    r"""The GAG map of a memory as a fixed-point map, :math:`G(\xi) = S(\xi) + \lambda(\mathrm{clip}_\eta(r_\parallel)
+    + \zeta r_\perp)` with :math:`D = T_1`, :math:`S = T_\alpha` on ``patterns`` (papers/theory.md §8, §10).
+
+    Returns a function of states (..., d), tensors or arrays, returning the kind it is given.
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = guided_map(torch.eye(2, dtype=torch.float64), beta=50.0, scale=1.0)
+    >>> [round(v, 6) for v in g(torch.tensor([1.0, 0.0], dtype=torch.float64)).tolist()]  # a common fixed point
+    [1.0, 0.0]
+    """
+    memory, _ = as_tensor(patterns, "patterns", min_ndim=2)
+    beta_value = check_scalar(beta, "beta", positive=True)
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
+    kernel = _guided_map(
+        memory,
+        beta_value,
+        check_scalar(alpha_sparse, "alpha_sparse", minimum=1.0),
+        check_scalar(scale, "scale"),
+        check_scalar(zeta, "zeta"),
+        check_scalar(eta, "eta", minimum=0.0),
+        reference,
+    )
+
+    def guided(state: ArrayLike) -> ArrayLike:
+        xi, kind = as_tensor(state, "state", min_ndim=1)
+        return restore(kernel(xi.to(memory.dtype)), kind)
+
+    return guided
 
 
 # --------------------------------------------------------------------------------------------------
