@@ -73,7 +73,8 @@ class AndersonConfig:
 
 @dataclass(frozen=True)
 class AndersonResult:
-    """What :func:`anderson` returns (all per-row fields have the leading shape of ``x0``).
+    """What :func:`anderson` returns (all per-row fields have the leading shape of ``x0``, and every array
+    field is in the caller's kind: NumPy arrays for a NumPy ``x0``, tensors for a tensor).
 
     Attributes
     ----------
@@ -81,25 +82,26 @@ class AndersonResult:
         The last accepted iterate x_k (not g(x_k)), in the kind and dtype of ``x0``.
     g_x : tensor or ndarray, shape (..., n)
         g(x_k) at the returned iterate (already computed, so free).
-    converged : bool tensor, shape (...)
+    converged : bool array, shape (...)
         ``‖g(x_k) − x_k‖ ≤ tol · ‖g(x_0) − x_0‖`` (or at the rounding floor, see :func:`anderson`).
-    n_iter : int tensor, shape (...)
+    n_iter : int array, shape (...)
         Accepted steps taken by each row.
-    n_evals : int tensor, shape (...)
-        Evaluations of g on each row (including g(x_0), safeguard fallbacks and stability tests).
+    n_evals : int array, shape (...)
+        Evaluations of g whose value at this row the solver used (including g(x_0), safeguard fallbacks
+        and stability tests; the frozen rows that a call also passes are not counted).
     n_calls : int
-        Batched calls of g.
-    residual_norms : tensor, shape (n_iter.max() + 1, ...)
+        Calls of g.
+    residual_norms : array, shape (n_iter.max() + 1, ...)
         ``‖g(x_k) − x_k‖`` after k iterations; a row that has stopped repeats its last value.
-    n_rejected : int tensor, shape (...)
+    n_rejected : int array, shape (...)
         Mixed steps replaced by the plain step by the safeguard.
-    n_restarts : int tensor, shape (...)
+    n_restarts : int array, shape (...)
         History restarts (ill-conditioning, safeguard rejections, stability restarts).
-    failed : bool tensor, shape (...)
+    failed : bool array, shape (...)
         g returned non-finite values on the plain step of this row; ``x`` is its last finite iterate.
-    spectral_radius : tensor, shape (...), or None
+    spectral_radius : array, shape (...), or None
         Estimated spectral radius of the Jacobian of g at ``x`` (only with ``stability_check``).
-    stable : bool tensor, shape (...), or None
+    stable : bool array, shape (...), or None
         ``spectral_radius < 1`` (only with ``stability_check``).
     message : str
         A one-line summary.
@@ -107,22 +109,27 @@ class AndersonResult:
 
     x: ArrayLike
     g_x: ArrayLike
-    converged: torch.Tensor
-    n_iter: torch.Tensor
-    n_evals: torch.Tensor
+    converged: ArrayLike
+    n_iter: ArrayLike
+    n_evals: ArrayLike
     n_calls: int
-    residual_norms: torch.Tensor
-    n_rejected: torch.Tensor
-    n_restarts: torch.Tensor
-    failed: torch.Tensor
-    spectral_radius: torch.Tensor | None
-    stable: torch.Tensor | None
+    residual_norms: ArrayLike
+    n_rejected: ArrayLike
+    n_restarts: ArrayLike
+    failed: ArrayLike
+    spectral_radius: ArrayLike | None
+    stable: ArrayLike | None
     message: str
 
     @property
     def success(self) -> bool:
         """Whether every row converged (scipy's ``OptimizeResult.success``)."""
         return bool(self.converged.all())
+
+    @property
+    def nit(self) -> ArrayLike:
+        """``n_iter`` under scipy's name."""
+        return self.n_iter
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,16 +359,48 @@ def _default_restart_cond(dtype: torch.dtype) -> float:
 
 
 class _Map:
-    """Calls g on rows (b, n) in the form the caller uses, checks the output and counts evaluations."""
+    """Calls g in the form the caller uses, checks the output and counts evaluations.
 
-    def __init__(self, g: MapFn, kind: Kind, n: int, batch: int, device: torch.device) -> None:
+    The solver works on rows (B, n). By default g receives arrays of the caller's shape (that of
+    ``x0``, as in scipy): to evaluate a subset of rows, the other rows are filled from ``base`` (their
+    current iterates, frozen) and their values discarded. With ``row_subsets`` g receives only the
+    rows asked for, stacked as (b, n).
+    """
+
+    def __init__(
+        self, g: MapFn, kind: Kind, shape: tuple[int, ...], device: torch.device, row_subsets: bool = False
+    ) -> None:
         if not callable(g):
             raise TypeError(f"g must be callable, got {type(g).__name__}")
-        self.g, self.kind, self.n = g, kind, n
-        self.n_evals = torch.zeros(batch, dtype=torch.long, device=device)
+        self.g, self.kind, self.shape, self.row_subsets = g, kind, shape, row_subsets
+        self.n = shape[-1]
+        self.batch = math.prod(shape[:-1])
+        self.n_evals = torch.zeros(self.batch, dtype=torch.long, device=device)
         self.n_calls = 0
 
-    def __call__(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, rows: torch.Tensor | None = None, base: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """g at the rows ``x`` (b, n): all rows when ``rows`` is None, else the rows ``rows`` of the batch
+        (``base`` (B, n) holds the current iterates of all rows, used to fill the others)."""
+        if rows is not None and rows.numel() == self.batch and not self.row_subsets:
+            rows = None  # every row (in order: the solver's active rows are sorted)
+        if rows is None:
+            out = self._call(x.reshape(self.shape)).reshape(x.shape)
+        elif self.row_subsets:
+            out = self._call(x)
+        else:
+            assert base is not None
+            full = base.clone()
+            full[rows] = x
+            out = self._call(full.reshape(self.shape)).reshape(full.shape)[rows]
+        if rows is None:
+            self.n_evals += 1
+        else:
+            self.n_evals.index_add_(0, rows, torch.ones_like(rows))
+        return out
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
         out = self.g(restore(x, self.kind) if self.kind.numpy else x)
         if isinstance(out, np.ndarray):
             out_t = torch.from_numpy(np.asarray(out)).to(device=x.device)
@@ -376,10 +415,6 @@ class _Map:
         if not out_t.is_floating_point():
             raise TypeError(f"g must return floating-point values, got dtype {out_t.dtype}")
         self.n_calls += 1
-        if rows is None:
-            self.n_evals += 1
-        else:
-            self.n_evals.index_add_(0, rows, torch.ones_like(rows))
         return out_t.to(dtype=x.dtype, device=x.device)
 
 
@@ -458,7 +493,8 @@ def spectral_radius(
 
     Parameters
     ----------
-    g : callable, rows (b, n) -> (b, n)
+    g : callable
+        Maps arrays of the shape of ``x`` to the same shape (NumPy for NumPy ``x``), rows independent.
     x : array of shape (..., n)
     n_iter : int, default 50
         Maximum power-iteration steps (stops early when every row changes by less than ``rtol``).
@@ -487,7 +523,7 @@ def spectral_radius(
     if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
         raise ValueError(f"n_iter must be a positive integer, got {n_iter!r}")
     rows = x_t.reshape(-1, x_t.shape[-1])
-    fmap = _Map(g, kind, rows.shape[-1], rows.shape[0], rows.device)
+    fmap = _Map(g, kind, tuple(x_t.shape), rows.device)
     if method == "jvp" and kind.numpy:
         raise ValueError("method='jvp' needs a torch map and torch input x; use method='fd' for NumPy")
     if v0 is None:
@@ -497,8 +533,9 @@ def spectral_radius(
         if v0_t.shape != x_t.shape:
             raise ValueError(f"v0 must have the shape of x {tuple(x_t.shape)}, got {tuple(v0_t.shape)}")
         start = v0_t.reshape(rows.shape).to(rows.dtype)
-    call = (lambda z: fmap(z, None)) if method == "fd" else g
-    g_x = fmap(rows, None) if method == "fd" else rows
+    shape = tuple(x_t.shape)
+    call = fmap if method == "fd" else (lambda z: g(z.reshape(shape)).reshape(z.shape))
+    g_x = fmap(rows) if method == "fd" else rows
     rho, vec = _power_iteration(_jvp_operator(call, rows, g_x, method), start, n_iter, rtol)
     rho_out = restore(rho.reshape(x_t.shape[:-1]), kind)
     if return_vector:
@@ -529,6 +566,7 @@ def anderson(
     stability_check: bool = False,
     max_stability_restarts: int = 2,
     stability_iters: int = 30,
+    row_subsets: bool = False,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     progress: bool = False,
 ) -> AndersonResult:
@@ -570,8 +608,9 @@ def anderson(
 
     **Convergence.** Row b has converged once ‖f_k‖ ≤ tol · ‖f_0‖ (relative to its initial
     residual), or ‖f_k‖ ≤ 16 ε ‖g(x_k)‖ (ε the dtype's machine epsilon: the rounding floor, where
-    float32 stops). A converged row stops: it is no longer evaluated and its iterate never changes.
-    g is only evaluated on the rows still active.
+    float32 stops). A converged row stops: its iterate never changes (it is frozen by masking: g
+    still receives it, at its final value, and its new value is discarded; with ``row_subsets=True``
+    g is only evaluated on the rows still active).
 
     **Safeguard** (``safeguard=True``). A mixed step that uses history is kept only if
     ‖f(x_{k+1})‖ ≤ ‖f(x_k)‖ and g(x_{k+1}) is finite; otherwise that row takes the plain step
@@ -601,10 +640,11 @@ def anderson(
     Parameters
     ----------
     g : callable
-        Maps states of shape (b, n) to (b, n), rows independent; b varies (only active rows are
-        passed). It receives torch tensors, or NumPy arrays when ``x0`` is a NumPy array.
+        Maps an array of the shape of ``x0`` to an array of the same shape, as in scipy: with a 1-D
+        ``x0``, ``lambda x: A @ x + b`` works. Each vector along the last axis is one independent
+        problem (row). g receives torch tensors, or NumPy arrays when ``x0`` is a NumPy array.
     x0 : array of shape (n,) or (..., n)
-        Starting states; leading dimensions are flattened to rows and restored in the result.
+        Starting states; leading dimensions are independent problems.
     m : int, default 5
         Depth (number of difference columns), m ≥ 0.
     mixing : float, default 1.0
@@ -621,14 +661,19 @@ def anderson(
     stability_check : bool, default False
     max_stability_restarts : int, default 2
     stability_iters : int, default 30
+    row_subsets : bool, default False
+        Opt-in: g receives only the rows still being iterated, as a (b, n) array (b varies), so
+        converged rows cost nothing. g must then act on each row alone and accept any number of rows.
     callback : callable, optional
-        ``callback(k, x, residual_norms)`` after iteration k with the rows x (B, n) and ‖f‖ (B,).
+        ``callback(k, x, residual_norms)`` after iteration k with the iterates x (torch, the shape of
+        ``x0``) and ‖f‖ (the leading shape of ``x0``).
     progress : bool, default False
         Show a tqdm progress bar.
 
     Returns
     -------
     AndersonResult
+        Every array field in the caller's kind: NumPy arrays for a NumPy ``x0``.
 
     References
     ----------
@@ -645,6 +690,14 @@ def anderson(
     >>> x_star = torch.linalg.solve(torch.eye(2, dtype=torch.float64) - A, torch.ones(2, dtype=torch.float64))
     >>> torch.allclose(res.x[0], x_star)
     True
+
+    As in scipy, a map of one vector just works:
+
+    >>> import numpy as np
+    >>> A, b = np.array([[0.5, 0.2], [0.1, 0.3]]), np.ones(2)
+    >>> res = anderson(lambda x: A @ x + b, np.zeros(2))
+    >>> res.success, np.allclose(res.x, np.linalg.solve(np.eye(2) - A, b))
+    (True, True)
     """
     if isinstance(m, bool) or not isinstance(m, (int, np.integer)):
         raise TypeError(f"m must be an integer, got {type(m).__name__}")
@@ -665,7 +718,9 @@ def anderson(
         raise ValueError(f"max_stability_restarts must be >= 0, got {max_stability_restarts}")
     x0_t, kind = as_tensor(x0, "x0", min_ndim=1)
     if x0_t.shape[-1] == 0:
-        raise ValueError("x0 must have a non-empty last dimension")
+        raise ValueError(f"x0 must have a non-empty last dimension, got shape {tuple(x0_t.shape)}")
+    if not isinstance(row_subsets, bool):
+        raise TypeError(f"row_subsets must be a bool, got {type(row_subsets).__name__}")
     lead, n = x0_t.shape[:-1], x0_t.shape[-1]
     x = x0_t.reshape(-1, n).clone()
     batch, dtype, device = x.shape[0], x.dtype, x.device
@@ -675,10 +730,13 @@ def anderson(
         else check_scalar(restart_cond, "restart_cond", positive=True)
     )
     eps = torch.finfo(dtype).eps
-    fmap = _Map(g, kind, n, batch, device)
+    fmap = _Map(g, kind, tuple(x0_t.shape), device, row_subsets)
+    if batch == 0:
+        return _empty_result(x0_t, kind, stability_check)
 
     def evaluate(xr: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return fmap(xr, None if rows.numel() == batch else rows)
+        # rows not evaluated are filled with their current iterate (x, read at call time)
+        return fmap(xr, rows, base=x)
 
     all_rows = torch.arange(batch, device=device)
     g_x = evaluate(x, all_rows)
@@ -755,7 +813,7 @@ def anderson(
                 use_row = pivot_ok & (info == 0) & torch.isfinite(gamma).all(-1)
                 gamma = torch.where(use_row[:, None], gamma, 0.0)
                 x_new = plain - _combine(gamma, d_m)
-            g_new = fmap(x_new, None)
+            g_new = fmap(x_new)
             f_new = g_new - x_new
             fn_new = _norm(f_new)
             # the common case: not converged, finite, accepted by the safeguard, well conditioned
@@ -784,7 +842,7 @@ def anderson(
                 stall = torch.where(progressed, 0, stall)  # no rejection here, so it only resets
                 history.append(fn_new)
                 if callback is not None:
-                    callback(it, x, f_norm)
+                    callback(it, x.reshape(x0_t.shape), f_norm.reshape(lead))
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(active=batch)
@@ -889,7 +947,7 @@ def anderson(
             start = start + 1e-3 * noise / _norm(noise)[:, None]
             x_d = x[drows]
             r, v = _power_iteration(
-                _jvp_operator(functools.partial(fmap, rows=drows), x_d, g_x[drows], "fd"),
+                _jvp_operator(functools.partial(fmap, rows=drows, base=x), x_d, g_x[drows], "fd"),
                 start,
                 stability_iters,
                 rtol=1e-3,
@@ -905,7 +963,7 @@ def anderson(
                 plain_only[urows] |= stab_restarts[urows] > max_stability_restarts
                 x_u = x_d[unstable]
                 x_p = x_u + 1e-2 * _norm(x_u).clamp_min(1.0)[:, None] * v[unstable]
-                g_p = fmap(x_p, urows)
+                g_p = fmap(x_p, urows, base=x)
                 x[urows], g_x[urows], f[urows] = x_p, g_p, g_p - x_p
                 f_norm[urows] = _norm(g_p - x_p)
                 filled[urows] = 0
@@ -926,7 +984,7 @@ def anderson(
                 common &= (filled == m).all() & ((sq > 0) & (sq < math.inf)).all()
             fast = bool(common)
         if callback is not None:
-            callback(it, x, f_norm)
+            callback(it, x.reshape(x0_t.shape), f_norm.reshape(lead))
         if bar is not None:
             bar.update(1)
             bar.set_postfix(active=int(rows.numel()))
@@ -951,15 +1009,44 @@ def anderson(
     return AndersonResult(
         x=restore(x.reshape(x0_t.shape), kind),
         g_x=restore(g_x.reshape(x0_t.shape), kind),
-        converged=converged.reshape(shape),
-        n_iter=n_iter.reshape(shape),
-        n_evals=fmap.n_evals.reshape(shape),
+        converged=_in_kind(converged.reshape(shape), kind),
+        n_iter=_in_kind(n_iter.reshape(shape), kind),
+        n_evals=_in_kind(fmap.n_evals.reshape(shape), kind),
         n_calls=fmap.n_calls,
-        residual_norms=hist,
-        n_rejected=n_rejected.reshape(shape),
-        n_restarts=n_restarts.reshape(shape),
-        failed=failed.reshape(shape),
-        spectral_radius=None if rho is None else rho.reshape(shape),
-        stable=None if stable is None else stable.reshape(shape),
+        residual_norms=_in_kind(hist, kind),
+        n_rejected=_in_kind(n_rejected.reshape(shape), kind),
+        n_restarts=_in_kind(n_restarts.reshape(shape), kind),
+        failed=_in_kind(failed.reshape(shape), kind),
+        spectral_radius=None if rho is None else _in_kind(rho.reshape(shape), kind),
+        stable=None if stable is None else _in_kind(stable.reshape(shape), kind),
         message=message,
+    )
+
+
+def _in_kind(tensor: torch.Tensor, kind: Kind) -> ArrayLike:
+    """A per-row field of a result (bool, int, or float in the compute dtype): NumPy for NumPy callers."""
+    return tensor.detach().cpu().numpy() if kind.numpy else tensor
+
+
+def _empty_result(x0: torch.Tensor, kind: Kind, stability_check: bool) -> AndersonResult:
+    """The result for an empty batch (x0 of shape (..., 0, ..., n)): nothing to solve, g never called."""
+    shape = tuple(x0.shape[:-1])
+    flags = torch.zeros(shape, dtype=torch.bool, device=x0.device)
+    counts = torch.zeros(shape, dtype=torch.long, device=x0.device)
+    norms = torch.zeros((1, *shape), dtype=x0.dtype, device=x0.device)
+    radius = torch.zeros(shape, dtype=x0.dtype, device=x0.device) if stability_check else None
+    return AndersonResult(
+        x=restore(x0, kind),
+        g_x=restore(x0, kind),
+        converged=_in_kind(flags, kind),
+        n_iter=_in_kind(counts, kind),
+        n_evals=_in_kind(counts, kind),
+        n_calls=0,
+        residual_norms=_in_kind(norms, kind),
+        n_rejected=_in_kind(counts, kind),
+        n_restarts=_in_kind(counts, kind),
+        failed=_in_kind(flags, kind),
+        spectral_radius=None if radius is None else _in_kind(radius, kind),
+        stable=None if radius is None else _in_kind(flags, kind),
+        message="0/0 rows converged (empty batch)",
     )

@@ -379,7 +379,8 @@ def iterate(
         settings = {**dataclasses.asdict(config), "max_iter": max_iter}
         if tol is not None:
             settings["tol"] = tol_value
-        result = anderson(retrieval, xi, **settings)
+        # the retrieval acts on each state alone: converged states need not be evaluated again
+        result = anderson(retrieval, xi, **settings, row_subsets=True)
         final = torch.as_tensor(result.x).reshape(xi.shape)
         converged = torch.as_tensor(result.converged).reshape(batch_shape)
         n_iter = torch.as_tensor(result.n_iter).reshape(batch_shape)

@@ -240,7 +240,10 @@ def test_nan_row_and_singular_row_do_not_affect_the_others() -> None:
     assert "failed" in res.message
 
 
-def test_converged_rows_stop_changing_and_are_not_evaluated() -> None:
+@pytest.mark.parametrize("row_subsets", [False, True])
+def test_converged_rows_stop_changing_and_are_frozen_by_masking_or_skipped(row_subsets: bool) -> None:
+    """By default g always receives x0's shape and a converged row is passed at its final value (its new
+    value discarded); with row_subsets=True only the active rows are passed. Same iterates either way."""
     a, c = _affine(7, 10, 0.9, normal=False)
     x_star = torch.linalg.solve(torch.eye(10, dtype=F64) - a, c)
     sizes: list[int] = []
@@ -249,18 +252,65 @@ def test_converged_rows_stop_changing_and_are_not_evaluated() -> None:
         sizes.append(x.shape[0])
         return x @ a.T + c
 
-    x0 = torch.randn(4, 10, dtype=F64)
+    x0 = torch.randn(4, 10, generator=torch.Generator().manual_seed(1), dtype=F64)
     x0[0] = x_star  # converged before the first step
-    x0[1] = x_star + 1e-3 * torch.randn(10, dtype=F64)
+    x0[1] = x_star + 1e-3 * torch.randn(10, generator=torch.Generator().manual_seed(2), dtype=F64)
     seen: list[torch.Tensor] = []
-    res = anderson(g, x0, m=2, callback=lambda k, x, r: seen.append(x.clone()))
+    res = anderson(g, x0, m=2, row_subsets=row_subsets, callback=lambda k, x, r: seen.append(x.clone()))
     assert int(res.n_iter[0]) == 0 and int(res.n_evals[0]) == 1
     for i in range(4):
         k_i = int(res.n_iter[i])
         for later in seen[k_i:]:
             assert torch.equal(later[i], seen[-1][i])
-    assert sizes[0] == 4 and min(sizes) < 4  # only active rows are passed to g
-    assert int(res.n_evals.sum()) == sum(sizes)
+    assert sizes[0] == 4 and len(sizes) == res.n_calls
+    if row_subsets:
+        assert min(sizes) < 4  # only active rows are passed to g
+        assert int(res.n_evals.sum()) == sum(sizes)
+    else:
+        assert set(sizes) == {4}  # x0's shape every time
+        assert int(res.n_evals.sum()) < sum(sizes)  # the frozen rows' values are not used
+        other = anderson(g, x0, m=2, row_subsets=True)
+        # (not bit for bit: a matrix product over fewer rows may round differently)
+        torch.testing.assert_close(res.x, other.x, atol=1e-12, rtol=0)
+        assert torch.equal(res.n_iter, other.n_iter)
+
+
+def test_scipy_style_map_of_one_vector_solves_the_affine_problem() -> None:
+    """Issue 12 (contract of issue 11): g receives arrays of x0's shape, as in scipy, so a map written
+    for one vector works with a 1-D x0; before, g got (1, n) and `A @ x` failed inside the lambda."""
+    gen = np.random.default_rng(0)
+    n = 6
+    a = gen.standard_normal((n, n))
+    a *= 0.9 / np.abs(np.linalg.eigvals(a)).max()
+    b = gen.standard_normal(n)
+    shapes: list[tuple[int, ...]] = []
+
+    def g(x: np.ndarray) -> np.ndarray:
+        shapes.append(x.shape)
+        return a @ x + b
+
+    res = anderson(g, np.zeros(n), tol=1e-12)
+    assert set(shapes) == {(n,)}
+    assert res.success and isinstance(res.x, np.ndarray) and res.x.shape == (n,)
+    assert isinstance(res.converged, np.ndarray) and res.converged.shape == () and res.nit == res.n_iter
+    np.testing.assert_allclose(res.x, np.linalg.solve(np.eye(n) - a, b), atol=1e-10)
+    # the same with torch, and with the stability test (which also calls g on one vector)
+    at, bt = torch.from_numpy(a), torch.from_numpy(b)
+    res_t = anderson(lambda x: at @ x + bt, torch.zeros(n, dtype=F64), stability_check=True)
+    assert res_t.success and bool(res_t.stable) and float(res_t.spectral_radius) < 1
+    torch.testing.assert_close(res_t.x, torch.from_numpy(np.linalg.solve(np.eye(n) - a, b)))
+    # a map that holds per-row data: rows of x0 are matched with rows of the map's own arrays
+    offsets = torch.arange(3, dtype=F64)[:, None]
+    per_row = anderson(lambda x: 0.5 * x + offsets, torch.zeros(3, 2, dtype=F64), tol=1e-12)
+    torch.testing.assert_close(per_row.x, (2 * offsets).expand(3, 2))
+
+
+def test_empty_batch_returns_without_calling_g() -> None:
+    def g(x: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("g must not be called on an empty batch")
+
+    res = anderson(g, torch.zeros(0, 3), stability_check=True)
+    assert res.x.shape == (0, 3) and res.converged.shape == (0,) and res.n_calls == 0 and res.success
 
 
 def test_leading_shape_is_restored_and_numpy_map_receives_numpy() -> None:
