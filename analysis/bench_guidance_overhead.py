@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from hopfield_aa.guidance import gag_guidance
-from hopfield_aa.guidance.evaluate import write_text
+from hopfield_aa._io import write_text
 from hopfield_aa.reference.model import (
     BUNDLED_WEIGHTS,
     WEIGHTS_NAME,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from hopfield_aa.guidance.report import evaluate_and_report
+from hopfield_aa.evaluation.report import evaluate_and_report
 from hopfield_aa.reference.model import BUNDLED_WEIGHTS, WEIGHTS_NAME
 
 ROOT = Path(__file__).resolve().parent.parent

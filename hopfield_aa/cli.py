@@ -16,7 +16,7 @@ _COMMAND_MODULES = (
     "hopfield_aa.checks.cli",
     "hopfield_aa.traces.cli",
     "hopfield_aa.reference.cli",
-    "hopfield_aa.guidance.cli",
+    "hopfield_aa.evaluation.cli",
 )
 
 
@@ -45,7 +45,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    from hopfield_aa._errors import UsageError
+
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as err:
+        print(f"hopfield-aa {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

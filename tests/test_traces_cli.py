@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import hopfield_aa.reference as reference
 from hopfield_aa.cli import build_parser, main
 from hopfield_aa.traces import TraceSet
 from hopfield_aa.traces.testing import tiny_sd_pipeline
@@ -55,27 +54,52 @@ def test_capture_command_records_the_selected_calls(model_dir, prompts, tmp_path
     assert main(argv) == 2
 
 
-def test_capture_reference_model_uses_load_pipeline(prompts, tmp_path, monkeypatch):
-    calls = []
+def test_capture_reference_model_loads_the_bundled_pipeline_folder(
+    prompts, tmp_path, monkeypatch, tiny_reference_folder
+):
+    import hopfield_aa.reference.pipeline as reference_pipeline
 
-    def load_pipeline(path=None):
-        calls.append(path)
-        return tiny_sd_pipeline()
-
-    monkeypatch.setattr(reference, "load_pipeline", load_pipeline, raising=False)
+    monkeypatch.setattr(reference_pipeline, "BUNDLED_PIPELINE", tiny_reference_folder)
     out = tmp_path / "ref"
     argv = ["capture", "--model", "reference", "--prompts", str(prompts), "--out", str(out), "--quiet"]
-    assert main([*argv, "--steps", "1", "--height", "8", "--width", "8", "--layers", "mid_block.*"]) == 0
-    assert calls == [None]
+    assert main([*argv, "--steps", "1", "--layers", "mid_block.*"]) == 0
     assert set(TraceSet(out).layers) == {
         "mid_block.attentions.0.transformer_blocks.0.attn1",
         "mid_block.attentions.0.transformer_blocks.0.attn2",
     }
 
 
+def test_capture_into_an_existing_capture_names_the_flag(
+    prompts, tmp_path, monkeypatch, tiny_reference_folder, capsys
+):
+    import hopfield_aa.reference.pipeline as reference_pipeline
+
+    monkeypatch.setattr(reference_pipeline, "BUNDLED_PIPELINE", tiny_reference_folder)
+    argv = [
+        "capture",
+        "--model",
+        "reference",
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(tmp_path / "o"),
+        "--quiet",
+        "--steps",
+        "1",
+        "--layers",
+        "mid_block.*",
+    ]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+
+
 def test_capture_reference_model_missing_says_so(prompts, tmp_path, monkeypatch):
-    monkeypatch.delattr(reference, "load_pipeline", raising=False)
-    with pytest.raises(SystemExit, match="load_pipeline"):
+    import hopfield_aa.reference.pipeline as reference_pipeline
+
+    monkeypatch.setattr(reference_pipeline, "BUNDLED_PIPELINE", tmp_path / "nowhere")
+    with pytest.raises(SystemExit, match=r"model_index\.json"):
         main(["capture", "--model", "reference", "--prompts", str(prompts), "--out", str(tmp_path / "x")])
 
 

@@ -1,10 +1,11 @@
-"""The ``train-reference`` and ``sample`` subcommands of ``hopfield-aa``: train the reference model from a
-config file, and write an image grid for given prompts, seeds and guidance scale.
+"""The ``train-reference`` and ``sample`` subcommands of ``hopfield-aa``: train the reference pipeline from
+a config file, and write an image grid for given captions, seeds and guidance scale.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,47 +13,59 @@ from typing import Any
 
 import numpy as np
 
+from hopfield_aa._errors import UsageError
+
+DEFAULT_CONFIG = "analysis/training/reference_config.json"
+
 
 def add_parsers(subparsers: Any) -> None:
     """Add ``train-reference`` and ``sample`` to the ``hopfield-aa`` command."""
+    from hopfield_aa.reference.dataset import GRAMMAR
+    from hopfield_aa.reference.pipeline import SCHEDULERS
+
+    defaults = argparse.ArgumentDefaultsHelpFormatter
     train = subparsers.add_parser(
         "train-reference",
-        help="train the reference text-to-image diffusion model",
+        help="train the reference text-to-image pipeline (autoencoder, then UNet + text encoder)",
         description=(
-            "Train the reference diffusion model on the procedural shapes dataset. Resumes from "
-            "OUT_DIR/checkpoint when present; writes checkpoints, the EMA weights (OUT_DIR/ema, "
-            "OUT_DIR/final) and the loss curve (OUT_DIR/loss.png)."
+            "Train the reference Stable-Diffusion-shaped pipeline on the procedural shapes dataset: first "
+            "the AutoencoderKL, then the UNet and the CLIP text encoder on its latents. Resumes from "
+            "OUT_DIR/checkpoint when present; writes checkpoints, the EMA pipeline (OUT_DIR/ema, and "
+            "OUT_DIR/final in float16 at the end) and the loss curves (OUT_DIR/loss.png)."
         ),
-        epilog="Example: hopfield-aa train-reference --config hopfield_aa/data/reference/train_config.json",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"Example: hopfield-aa train-reference --config {DEFAULT_CONFIG} --max-minutes 60",
+        formatter_class=defaults,
     )
-    train.add_argument("--config", required=True, help="training config (.json or .toml)")
+    train.add_argument("--config", default=DEFAULT_CONFIG, help="training config (.json or .toml)")
     train.add_argument("--out-dir", default=None, help="override the config's out_dir")
-    train.add_argument("--steps", type=int, default=None, help="override the config's steps")
+    train.add_argument("--steps", type=int, default=None, help="override the config's denoiser steps")
+    train.add_argument("--max-minutes", type=float, default=None, help="override the config's time limit")
     train.add_argument("--no-resume", action="store_true", help="start fresh even if a checkpoint exists")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_run_train)
 
     sample = subparsers.add_parser(
         "sample",
-        help="sample an image grid from the reference model",
+        help="sample an image grid from the reference pipeline",
         description=(
-            "Sample one image per (prompt, seed) from the reference model and save them as a grid PNG "
-            "(rows: prompts, columns: seeds)."
+            "Sample one image per (caption, seed) from the reference pipeline and save them as a grid PNG "
+            f"(rows: captions, columns: seeds). The model knows one small language: {GRAMMAR}."
         ),
         epilog=(
             'Example: hopfield-aa sample --prompt "a small red circle at the top" '
-            '--prompt "a blue square left of a yellow triangle" --seeds 0 1 2 3 --guidance-scale 3 '
+            '--prompt "a blue square left of a yellow triangle" --seeds 0 1 2 3 --guidance-scale 5 '
             "--out grid.png"
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=defaults,
     )
     sample.add_argument("--prompt", action="append", required=True, help="a caption (repeatable)")
     sample.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="one column per seed")
-    sample.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance scale")
+    sample.add_argument(
+        "--guidance-scale", type=float, default=5.0, help="classifier-free guidance scale s (1: none)"
+    )
     sample.add_argument("--steps", type=int, default=25, help="denoising steps")
-    sample.add_argument("--scheduler", choices=("ddim", "dpm"), default="ddim")
-    sample.add_argument("--weights", default=None, help="model folder (default: the bundled weights)")
+    sample.add_argument("--scheduler", choices=SCHEDULERS, default="ddim", help="the sampler")
+    sample.add_argument("--weights", default=None, help="pipeline folder (default: the bundled one)")
     sample.add_argument("--out", default="reference_samples.png", help="output PNG")
     sample.set_defaults(func=_run_sample)
 
@@ -60,19 +73,39 @@ def add_parsers(subparsers: Any) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from hopfield_aa.reference.train import TrainConfig, load_config, train_reference
 
-    config = load_config(args.config)
-    data = config.to_dict()
-    if args.out_dir is not None:
-        data["out_dir"] = args.out_dir
-    if args.steps is not None:
-        data["steps"] = args.steps
-    config = TrainConfig.from_dict(data)
+    if not Path(args.config).is_file():
+        raise UsageError(f"--config: no such file: {args.config}")
+    try:
+        config = load_config(args.config)
+        data = config.to_dict()
+        for key in ("out_dir", "steps", "max_minutes"):
+            if getattr(args, key) is not None:
+                data[key] = getattr(args, key)
+        config = TrainConfig.from_dict(data)
+    except ValueError as err:
+        raise UsageError(f"--config {args.config}: {err}") from err
     summary = train_reference(config, resume=not args.no_resume, progress=not args.quiet)
     print(
         f"trained {summary['steps']} steps ({summary['seconds_per_step']:.3f} s/step this run), "
-        f"final loss {summary['final_loss']:.4f}; EMA weights in {summary['final']}"
+        f"final loss {summary['final_loss']:.4f}; EMA pipeline in {summary['final']}"
     )
     return 0
+
+
+def check_captions(prompts: Sequence[str]) -> None:
+    """Raise :class:`UsageError` naming the first caption outside the grammar and the nearest valid one."""
+    from hopfield_aa.reference.dataset import GRAMMAR, nearest_caption, parse_caption
+
+    for prompt in prompts:
+        if not prompt:
+            continue
+        try:
+            parse_caption(prompt)
+        except ValueError:
+            raise UsageError(
+                f"--prompt {prompt!r} is not a caption the model knows; nearest: "
+                f"{nearest_caption(prompt)!r}\n({GRAMMAR})"
+            ) from None
 
 
 def sample_grid(
@@ -82,26 +115,18 @@ def sample_grid(
     guidance_scale: float = 1.0,
     num_inference_steps: int = 25,
 ) -> np.ndarray:
-    """Images ``(len(prompts), len(seeds), H, W, 3)``; image ``(i, j)`` uses the noise of ``seeds[j]``.
+    """Images ``(len(prompts), len(seeds), H, W, 3)``; image ``(i, j)`` starts from the noise of
+    ``seeds[j]`` (:func:`~hopfield_aa.reference.pipeline.initial_latents`), whatever the prompt."""
+    from hopfield_aa.reference.pipeline import generate, image_size_of, initial_latents
 
-    The initial noise of each seed is drawn from ``torch.Generator().manual_seed(seed)``, so a seed gives
-    the same starting point whatever the prompt or guidance scale.
-    """
-    import torch
-
-    size = pipe.config.image_size
-    noise = torch.stack(
-        [torch.randn((3, size, size), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-    )
+    noise = initial_latents(pipe, seeds)
     latents = noise.repeat(len(prompts), 1, 1, 1)
     batch_prompts = [p for p in prompts for _ in seeds]
-    images = pipe(
-        batch_prompts,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        latents=latents,
+    images = generate(
+        pipe, batch_prompts, latents, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale
     )
-    return np.asarray(images).reshape(len(prompts), len(seeds), size, size, 3)
+    size = image_size_of(pipe)
+    return images.reshape(len(prompts), len(seeds), size, size, 3)
 
 
 def save_grid(
@@ -112,43 +137,26 @@ def save_grid(
     title: str = "",
 ) -> Path:
     """Save an image grid ``(rows, cols, H, W, 3)`` with labelled rows and columns as a PNG."""
-    import matplotlib
+    from hopfield_aa._io import save_figure
+    from hopfield_aa.reference.plots import grid_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows, cols = images.shape[:2]
-    fig, axes = plt.subplots(rows, cols, figsize=(1.2 * cols + 2.8, 1.2 * rows + 0.6), squeeze=False)
-    for i in range(rows):
-        for j in range(cols):
-            ax = axes[i, j]
-            ax.imshow(np.clip(images[i, j], 0.0, 1.0), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(col_labels[j], fontsize=7)
-            if j == 0:
-                ax.set_ylabel(row_labels[i], fontsize=6, rotation=0, ha="right", va="center")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, target)
-    return target
+    return save_figure(grid_figure(images, row_labels, col_labels, title), path, dpi=110)
 
 
 def _run_sample(args: argparse.Namespace) -> int:
-    from hopfield_aa.reference.dataset import parse_caption
-    from hopfield_aa.reference.model import load_pipeline
+    from hopfield_aa.reference.pipeline import load_pipeline
 
-    for prompt in args.prompt:
-        if prompt:
-            parse_caption(prompt)  # fail early on captions outside the grammar
-    pipe = load_pipeline(args.weights, scheduler=args.scheduler)
+    check_captions(args.prompt)
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if not math.isfinite(args.guidance_scale):
+        raise UsageError(f"--guidance-scale must be finite, got {args.guidance_scale}")
+    if not args.out.lower().endswith(".png"):
+        raise UsageError(f"--out must name a .png file, got {args.out!r}")
+    try:
+        pipe = load_pipeline(args.weights, scheduler=args.scheduler)
+    except FileNotFoundError as err:
+        raise UsageError(f"--weights: {err}") from None
     images = sample_grid(pipe, args.prompt, args.seeds, args.guidance_scale, args.steps)
     out = save_grid(
         images,
@@ -157,5 +165,5 @@ def _run_sample(args: argparse.Namespace) -> int:
         col_labels=[f"seed {s}" for s in args.seeds],
         title=f"guidance scale {args.guidance_scale:g}, {args.steps} {args.scheduler} steps",
     )
-    print(f"wrote {out}")
+    print(f"wrote {out.resolve()}")
     return 0

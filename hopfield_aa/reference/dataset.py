@@ -186,6 +186,24 @@ def parse_caption(caption: str) -> dict[str, object]:
     raise ValueError(f"caption is not in the dataset grammar: {caption!r}")
 
 
+GRAMMAR = (
+    "captions follow one of two forms: 'a {small|large} {colour} {shape} {on the left|on the right|at the "
+    "top|at the bottom}' or 'a {colour} {shape} {left of|above} a {other colour} {shape}', with colours "
+    "red, green, blue, yellow and shapes circle, square, triangle; the empty caption '' is unconditional"
+)
+"""The caption grammar in one sentence (what command-line errors and help print)."""
+
+
+def nearest_caption(text: str) -> str:
+    """The caption of the grammar closest to ``text`` (case, punctuation and spacing ignored; then the
+    most similar caption by :func:`difflib.SequenceMatcher` ratio over words)."""
+    import difflib
+
+    words = re.sub(r"[^a-z ]+", " ", str(text).lower()).split()
+    pool = [caption_of(r) for split in SPLITS for r in caption_combinations(split)]
+    return max(pool, key=lambda c: difflib.SequenceMatcher(None, words, c.split()).ratio())
+
+
 def vocabulary() -> list[str]:
     """Every word the grammar can produce, sorted (the tokenizer's word list)."""
     words: set[str] = set()

@@ -1,5 +1,6 @@
-"""Training the reference model: configuration, the denoising loss, EMA, resumable checkpoints
-(safetensors + JSON only) and the loss curve.
+"""Training the reference pipeline in two stages, as Stable Diffusion was: first the image autoencoder
+(``AutoencoderKL``) on the renders, then, on its frozen latents, the UNet and the text encoder with the
+denoising loss. Both stages resume from checkpoints (safetensors + JSON only).
 """
 
 from __future__ import annotations
@@ -14,18 +15,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers.training_utils import EMAModel, compute_snr
-from safetensors.torch import load_file
 
+from hopfield_aa._io import write_json, write_safetensors
 from hopfield_aa.reference.dataset import ShapesDataset
-from hopfield_aa.reference.model import (
+from hopfield_aa.reference.pipeline import (
+    Components,
     ModelConfig,
-    build_model,
+    build_components,
     build_scheduler,
-    count_parameters,
-    save_model,
-    write_json,
-    write_safetensors,
+    encode_captions,
+    save_pipeline,
 )
 
 
@@ -33,26 +32,30 @@ from hopfield_aa.reference.model import (
 class TrainConfig:
     """Everything a training run depends on (read from a JSON or TOML file by :func:`load_config`).
 
-    ``model`` holds :class:`ModelConfig` fields. A run stops after ``steps`` optimiser steps or
-    ``max_minutes`` of wall time, whichever comes first, and writes a checkpoint every
-    ``checkpoint_minutes`` (and every ``checkpoint_every`` steps when that is > 0).
+    Stage 1 trains the autoencoder for ``vae_steps`` steps (skipped when ``out_dir/vae`` holds a finished
+    one). Stage 2 trains UNet and text encoder for ``steps`` optimiser steps or ``max_minutes`` of wall
+    time, whichever comes first, writing a checkpoint every ``checkpoint_minutes``. ``model`` holds
+    :class:`~hopfield_aa.reference.pipeline.ModelConfig` fields.
     """
 
     out_dir: str = "runs/reference"
     seed: int = 0
-    steps: int = 6000
-    batch_size: int = 32
-    lr: float = 6e-4
+    vae_steps: int = 1500
+    vae_batch_size: int = 32
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    steps: int = 16000
+    batch_size: int = 64
+    lr: float = 4e-4
     weight_decay: float = 0.01
-    warmup_steps: int = 200
+    warmup_steps: int = 300
     grad_clip: float = 1.0
     caption_dropout: float = 0.1
     snr_gamma: float = 5.0
-    ema_decay: float = 0.999
-    checkpoint_minutes: float = 4.0
-    checkpoint_every: int = 0
+    ema_decay: float = 0.9995
+    checkpoint_minutes: float = 10.0
     max_minutes: float = 0.0
-    num_threads: int = 1
+    num_threads: int = 2
     pair_fraction: float = 0.5
     model: dict[str, Any] = field(default_factory=dict)
 
@@ -68,8 +71,11 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training config keys: {unknown}")
         config = cls(**data)
-        if config.steps < 1 or config.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
+        for name in ("steps", "batch_size", "vae_batch_size"):
+            if getattr(config, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+        if config.vae_steps < 0:
+            raise ValueError(f"vae_steps must be >= 0, got {config.vae_steps}")
         if not 0.0 <= config.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must lie in [0, 1), got {config.caption_dropout}")
         if not 0.0 < config.ema_decay < 1.0:
@@ -82,10 +88,8 @@ def load_config(path: str | os.PathLike[str]) -> TrainConfig:
     """Read a :class:`TrainConfig` from a ``.json`` or ``.toml`` file."""
     file = Path(path)
     if file.suffix == ".toml":
-        try:
-            import tomllib
-        except ModuleNotFoundError as err:  # Python 3.10
-            raise ValueError("TOML configs need Python >= 3.11; use JSON") from err
+        import tomllib
+
         data = tomllib.loads(file.read_text(encoding="utf-8"))
     elif file.suffix == ".json":
         data = json.loads(file.read_text(encoding="utf-8"))
@@ -94,61 +98,128 @@ def load_config(path: str | os.PathLike[str]) -> TrainConfig:
     return TrainConfig.from_dict(data)
 
 
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    """Renders ``(B, H, W, 3)`` in [0, 1] as the autoencoder's input ``(B, 3, H, W)`` in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2) * 2.0 - 1.0
+
+
 class Trainer:
-    """One training run: model, optimiser, EMA, and the deterministic data stream.
+    """One training run: the autoencoder stage, then the denoiser stage with EMA.
 
-    The loss at step ``k`` is the min-SNR-weighted noise-prediction error
+    Autoencoder loss (stage 1), on pixels ``x`` in [-1, 1] and a latent ``z ~ q(z | x)``:
 
-        L = E_{t, ε} [ w(t) ‖ε_θ(x_t, t, c) − ε‖² ],   x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε,
+        L_vae = E |x − dec(z)| + E (x − dec(z))² + w_KL KL(q(z | x) ‖ N(0, I)),
+
+    after which the latents are scaled by ``1 / std(z)`` (the ``scaling_factor`` SD stores, 0.18215 there).
+
+    Denoising loss (stage 2), the min-SNR-weighted noise-prediction error on scaled latents ``z₀``:
+
+        L = E_{t, ε} [ w(t) ‖ε_θ(z_t, t, c) − ε‖² ],   z_t = √ᾱ_t z₀ + √(1 − ᾱ_t) ε,
         w(t) = min(SNR(t), γ) / SNR(t),  SNR(t) = ᾱ_t / (1 − ᾱ_t),
 
     with the caption ``c`` replaced by ``""`` with probability ``caption_dropout`` (so the same network
     gives the unconditional prediction for classifier-free guidance). Data, noise, timesteps and caption
     dropout at step ``k`` depend only on ``(seed, k)``, so a resumed run continues exactly.
-
-    Examples
-    --------
-    >>> trainer = Trainer(TrainConfig(steps=2, batch_size=4, out_dir="/tmp/ref"))  # doctest: +SKIP
-    >>> trainer.train()  # doctest: +SKIP
     """
 
     def __init__(self, config: TrainConfig) -> None:
+        from diffusers.training_utils import EMAModel
+
         self.config = config
         self.model_config = config.model_config()
+        self.out_dir = Path(config.out_dir)
         torch.manual_seed(config.seed)
-        self.unet, self.text_encoder, self.tokenizer = build_model(self.model_config)
+        self.net: Components = build_components(self.model_config, self.out_dir / "tokenizer")
         self.noise_scheduler = build_scheduler(self.model_config, "ddpm")
-        self.params = [*self.unet.parameters(), *self.text_encoder.parameters()]
+        self.params = [*self.net.unet.parameters(), *self.net.text_encoder.parameters()]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.ema = EMAModel(self.params, decay=config.ema_decay, use_ema_warmup=True, power=2 / 3)
         self.dataset = ShapesDataset(config.seed, "train", pair_fraction=config.pair_fraction)
         self.step = 0
+        self.warmup_from = 0
         self.losses: list[float] = []
-        self.out_dir = Path(config.out_dir)
+        self.vae_losses: list[float] = []
 
     @property
     def n_parameters(self) -> dict[str, int]:
-        return {"unet": count_parameters(self.unet), "text_encoder": count_parameters(self.text_encoder)}
+        return {
+            name: sum(p.numel() for p in getattr(self.net, name).parameters())
+            for name in ("vae", "unet", "text_encoder")
+        }
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pixels ``(B, 3, 32, 32)`` in [-1, 1] and token ids of batch ``step`` with caption dropout."""
+    # --- stage 1: the autoencoder -------------------------------------------------------------------
+
+    def train_vae(self, progress: bool = True) -> None:
+        """Train the autoencoder (or load the finished one from ``out_dir/vae``) and set its scaling."""
+        from diffusers import AutoencoderKL
+        from tqdm.auto import tqdm
+
+        folder = self.out_dir / "vae"
+        if (folder / "config.json").is_file():
+            self.net.vae = AutoencoderKL.from_pretrained(folder, local_files_only=True)
+            self.vae_losses = _read_losses(folder / "losses.safetensors")
+            self.net.vae.requires_grad_(False).eval()
+            return
+        cfg = self.config
+        vae = self.net.vae.train()
+        optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+        data = ShapesDataset(cfg.seed + 1, "train", pair_fraction=cfg.pair_fraction)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        for step in tqdm(range(cfg.vae_steps), desc="autoencoder", disable=not progress):
+            pixels = to_pixels(data.batch(step, cfg.vae_batch_size)[0])
+            posterior = vae.encode(pixels).latent_dist
+            recon = vae.decode(posterior.sample(generator)).sample
+            err = recon - pixels
+            loss = err.abs().mean() + err.square().mean() + cfg.vae_kl_weight * posterior.kl().mean()
+            lr = (
+                cfg.vae_lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            optimizer.step()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"autoencoder loss became {value} at step {step}")
+            self.vae_losses.append(value)
+        vae.requires_grad_(False).eval()
+        with torch.no_grad():
+            probe = to_pixels(ShapesDataset(cfg.seed + 2, "train", cfg.pair_fraction).batch(0, 1024)[0])
+            latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in probe.split(256)])
+        vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+        vae.save_pretrained(folder, safe_serialization=True)
+        write_safetensors(folder / "losses.safetensors", {"loss": torch.tensor(self.vae_losses)})
+
+    @torch.no_grad()
+    def latents_of(self, images: np.ndarray) -> torch.Tensor:
+        """Scaled latents ``z₀`` of renders (the posterior mean, as at sampling time the decoder sees)."""
+        vae = self.net.vae
+        return vae.encode(to_pixels(images)).latent_dist.mean * vae.config.scaling_factor
+
+    # --- stage 2: the denoiser ----------------------------------------------------------------------
+
+    def batch(self, step: int) -> tuple[torch.Tensor, list[str]]:
+        """Scaled latents and captions (with caption dropout) of batch ``step``."""
         images, captions, _ = self.dataset.batch(step, self.config.batch_size)
         rng = np.random.default_rng([self.config.seed, 7, step])
         dropped = rng.random(len(captions)) < self.config.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, dropped, strict=True)]
-        pixels = torch.from_numpy(images).permute(0, 3, 1, 2) * 2.0 - 1.0
-        return pixels, self.tokenizer(captions)
+        return self.latents_of(images), captions
 
-    def loss(self, pixels: torch.Tensor, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def loss(self, latents: torch.Tensor, captions: list[str], generator: torch.Generator) -> torch.Tensor:
         """The weighted denoising loss of one batch (see the class docstring)."""
-        n = pixels.shape[0]
-        noise = torch.randn(pixels.shape, generator=generator)
+        from diffusers.training_utils import compute_snr
+
+        n = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(
             0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=generator
         )
-        noisy = self.noise_scheduler.add_noise(pixels, noise, timesteps)
-        states = self.text_encoder(input_ids=ids).last_hidden_state
-        pred = self.unet(noisy, timesteps, encoder_hidden_states=states).sample
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        states = encode_captions(self.net.tokenizer, self.net.text_encoder, captions)
+        pred = self.net.unet(noisy, timesteps, encoder_hidden_states=states).sample
         per_sample = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
         if self.config.snr_gamma > 0:
             snr = compute_snr(self.noise_scheduler, timesteps)
@@ -156,17 +227,18 @@ class Trainer:
         return per_sample.mean()
 
     def lr_at(self, step: int) -> float:
-        """Linear warm-up to ``lr`` over ``warmup_steps``, then constant (EMA does the averaging)."""
+        """Linear warm-up to ``lr`` over ``warmup_steps`` (again after a resume from EMA weights only),
+        then constant: the EMA does the averaging."""
         warm = max(self.config.warmup_steps, 1)
-        return self.config.lr * min(1.0, (step + 1) / warm)
+        return self.config.lr * min(1.0, (step - self.warmup_from + 1) / warm)
 
     def train_step(self) -> float:
         """One optimiser step on batch ``self.step``; returns its loss."""
-        self.unet.train()
-        self.text_encoder.train()
-        pixels, ids = self.batch(self.step)
+        self.net.unet.train()
+        self.net.text_encoder.train()
+        latents, captions = self.batch(self.step)
         generator = torch.Generator().manual_seed(int(self.config.seed) * 1_000_003 + self.step)
-        loss = self.loss(pixels, ids, generator)
+        loss = self.loss(latents, captions, generator)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -182,15 +254,18 @@ class Trainer:
         self.step += 1
         return value
 
-    # --- checkpoints -------------------------------------------------------------------------------
+    # --- checkpoints --------------------------------------------------------------------------------
+
+    def parameter_names(self) -> list[str]:
+        names = [f"unet.{n}" for n, _ in self.net.unet.named_parameters()]
+        return names + [f"text_encoder.{n}" for n, _ in self.net.text_encoder.named_parameters()]
 
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoint/`` (weights, EMA, optimiser state as safetensors; the rest JSON) and
-        ``ema/`` (the EMA weights as a loadable model) under ``out_dir``, plus the loss curve."""
+        """Write ``checkpoint/``: ``ema.safetensors``, ``state.json`` and ``losses.safetensors`` (enough
+        to resume; small enough to commit) and ``params.safetensors`` + ``optimizer.safetensors`` (an
+        exact resume), then the EMA pipeline (``out_dir/ema``) and the loss curve."""
         folder = self.out_dir / "checkpoint"
-        folder.mkdir(parents=True, exist_ok=True)
-        names = [f"unet.{n}" for n, _ in self.unet.named_parameters()]
-        names += [f"text_encoder.{n}" for n, _ in self.text_encoder.named_parameters()]
+        names = self.parameter_names()
         write_safetensors(folder / "params.safetensors", dict(zip(names, self.params, strict=True)))
         write_safetensors(folder / "ema.safetensors", dict(zip(names, self.ema.shadow_params, strict=True)))
         opt_state = self.optimizer.state_dict()
@@ -203,98 +278,108 @@ class Trainer:
                 else:
                     scalars.setdefault(str(index), {})[key] = float(value)
         write_safetensors(folder / "optimizer.safetensors", tensors)
-        ema_meta = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}
-        state = {
-            "step": self.step,
-            "config": self.config.to_dict(),
-            "ema": ema_meta,
-            "optimizer_scalars": scalars,
-            "param_groups": opt_state["param_groups"],
-            "parameter_names": names,
-        }
         write_safetensors(
             folder / "losses.safetensors", {"loss": torch.tensor(self.losses, dtype=torch.float32)}
         )
-        write_json(folder / "state.json", state)
+        ema_meta = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}
+        write_json(
+            folder / "state.json",
+            {
+                "step": self.step,
+                "warmup_from": self.warmup_from,
+                "config": self.config.to_dict(),
+                "ema": ema_meta,
+                "optimizer_scalars": scalars,
+                "param_groups": opt_state["param_groups"],
+                "parameter_names": names,
+            },
+        )
         self.export_ema(self.out_dir / "ema")
-        plot_loss(self.losses, self.out_dir / "loss.png")
+        plot_losses(self.losses, self.vae_losses, self.out_dir / "loss.png")
         return folder
 
-    def export_ema(self, path: str | os.PathLike[str]) -> Path:
-        """Save the EMA weights as a model folder loadable by :func:`~hopfield_aa.reference.load_pipeline`."""
+    def export_ema(self, path: str | os.PathLike[str], half: bool = False) -> Path:
+        """Save the EMA weights as a pipeline folder loadable by ``load_pipeline``."""
         self.ema.store(self.params)
         self.ema.copy_to(self.params)
         try:
             extra = {
                 "training": {
                     "step": self.step,
+                    "samples_seen": self.step * self.config.batch_size,
                     "n_parameters": self.n_parameters,
                     "final_loss_mean_last_200": _tail_mean(self.losses, 200),
                     "config": self.config.to_dict(),
                 }
             }
-            return save_model(path, self.unet, self.text_encoder, self.model_config, extra=extra)
+            return save_pipeline(path, self.net, half=half, extra=extra)
         finally:
             self.ema.restore(self.params)
 
     def load_checkpoint(self, folder: str | os.PathLike[str] | None = None) -> bool:
-        """Resume from ``folder`` (default ``out_dir/checkpoint``); returns False when there is none."""
+        """Resume from ``folder`` (default ``out_dir/checkpoint``); returns False when there is none.
+
+        With ``params.safetensors`` and ``optimizer.safetensors`` present the resume is exact; with the
+        EMA weights alone (a committed checkpoint) the parameters restart from the EMA weights and the
+        learning rate warms up again.
+        """
+        from safetensors.torch import load_file
+
         folder = Path(folder) if folder is not None else self.out_dir / "checkpoint"
         if not (folder / "state.json").is_file():
             return False
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-        params = load_file(folder / "params.safetensors")
-        ema = load_file(folder / "ema.safetensors")
         names = state["parameter_names"]
-        if len(names) != len(self.params):
-            raise ValueError(
-                f"{folder}: checkpoint has {len(names)} parameters, the model {len(self.params)}"
-            )
+        if names != self.parameter_names():
+            raise ValueError(f"{folder}: checkpoint parameters do not match the model configuration")
+        ema = load_file(folder / "ema.safetensors")
+        exact = (folder / "params.safetensors").is_file() and (folder / "optimizer.safetensors").is_file()
+        params = load_file(folder / "params.safetensors") if exact else ema
         with torch.no_grad():
             for name, param in zip(names, self.params, strict=True):
-                if params[name].shape != param.shape:
-                    raise ValueError(f"{folder}: parameter {name} has shape {tuple(params[name].shape)}")
                 param.copy_(params[name])
         self.ema.load_state_dict({**state["ema"], "shadow_params": [ema[n].clone() for n in names]})
-        tensors = load_file(folder / "optimizer.safetensors")
-        opt_state: dict[str, Any] = {"state": {}, "param_groups": state["param_groups"]}
-        for key, value in tensors.items():
-            index, name = key.split(".", 1)
-            opt_state["state"].setdefault(int(index), {})[name] = value
-        for index, entry in state["optimizer_scalars"].items():
-            for name, value in entry.items():
-                opt_state["state"].setdefault(int(index), {})[name] = torch.tensor(value)
-        self.optimizer.load_state_dict(opt_state)
         self.step = int(state["step"])
-        self.losses = load_file(folder / "losses.safetensors")["loss"].tolist()
+        self.warmup_from = int(state.get("warmup_from", 0))
+        if exact:
+            tensors = load_file(folder / "optimizer.safetensors")
+            opt_state: dict[str, Any] = {"state": {}, "param_groups": state["param_groups"]}
+            for key, value in tensors.items():
+                index, name = key.split(".", 1)
+                opt_state["state"].setdefault(int(index), {})[name] = value
+            for index, entry in state["optimizer_scalars"].items():
+                for name, value in entry.items():
+                    opt_state["state"].setdefault(int(index), {})[name] = torch.tensor(value)
+            self.optimizer.load_state_dict(opt_state)
+        else:
+            self.warmup_from = self.step
+        self.losses = _read_losses(folder / "losses.safetensors")
         return True
 
     def train(self, progress: bool = True) -> dict[str, Any]:
-        """Run (or resume) to ``steps`` or ``max_minutes``; returns a summary dict."""
+        """Run (or resume) both stages to ``steps`` or ``max_minutes``; returns a summary dict."""
         from tqdm.auto import tqdm
 
         cfg = self.config
         start = time.monotonic()
-        last_save = start
+        self.train_vae(progress=progress)
+        last_save = time.monotonic()
         first_step = self.step
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train-reference", disable=not progress)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="denoiser", disable=not progress)
         while self.step < cfg.steps:
-            loss = self.train_step()
+            self.train_step()
             bar.update(1)
             bar.set_postfix(loss=f"{_tail_mean(self.losses, 50):.4f}")
             now = time.monotonic()
-            due = (now - last_save) / 60.0 >= cfg.checkpoint_minutes
-            due |= cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0
-            if due:
+            if (now - last_save) / 60.0 >= cfg.checkpoint_minutes:
                 self.save_checkpoint()
                 last_save = now
             if cfg.max_minutes > 0 and (now - start) / 60.0 >= cfg.max_minutes:
                 break
-            del loss
         bar.close()
         elapsed = time.monotonic() - start
         self.save_checkpoint()
-        final = self.export_ema(self.out_dir / "final")
+        final = self.export_ema(self.out_dir / "final", half=True)
         return {
             "steps": self.step,
             "steps_this_run": self.step - first_step,
@@ -306,38 +391,24 @@ class Trainer:
         }
 
 
+def _read_losses(path: Path) -> list[float]:
+    from safetensors.torch import load_file
+
+    return load_file(path)["loss"].tolist() if path.is_file() else []
+
+
 def _tail_mean(values: list[float], n: int) -> float:
     return float(np.mean(values[-n:])) if values else float("nan")
 
 
-def plot_loss(losses: list[float], path: str | os.PathLike[str], window: int = 50) -> None:
-    """Save the training loss (raw and moving average over ``window`` steps, log scale) as a PNG."""
-    import matplotlib
+def plot_losses(losses: list[float], vae_losses: list[float], path: str | os.PathLike[str]) -> None:
+    """Save both stages' loss curves (moving averages, log scale) as one PNG."""
+    from hopfield_aa.reference.plots import loss_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    if losses or vae_losses:
+        from hopfield_aa._io import save_figure
 
-    if not losses:
-        return
-    values = np.asarray(losses)
-    steps = np.arange(1, len(values) + 1)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, values, lw=0.5, alpha=0.35, label="per step")
-    if len(values) >= window:
-        smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-        ax.plot(steps[window - 1 :], smooth, lw=1.5, label=f"mean of {window} steps")
-    ax.set_yscale("log")
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel("min-SNR weighted ε-MSE")
-    ax.set_title("reference model training loss")
-    ax.legend()
-    fig.tight_layout()
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, target)
+        save_figure(loss_figure(losses, vae_losses), path)
 
 
 def train_reference(config: TrainConfig, resume: bool = True, progress: bool = True) -> dict[str, Any]:
@@ -351,4 +422,4 @@ def train_reference(config: TrainConfig, resume: bool = True, progress: bool = T
     return summary
 
 
-__all__ = ["TrainConfig", "Trainer", "load_config", "plot_loss", "train_reference"]
+__all__ = ["TrainConfig", "Trainer", "load_config", "plot_losses", "to_pixels", "train_reference"]

@@ -5,7 +5,6 @@ attention Q/K/V it computes into a trace directory (safetensors shards + JSON ma
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -89,29 +88,22 @@ def add_parsers(subparsers: Any) -> None:
 
 
 def load_pipeline(model: str, *, dtype: str | None = None) -> Any:
-    """Build the pipeline named by ``--model``: ``"reference"`` or a local diffusers directory."""
+    """Load the pipeline named by ``--model``: ``"reference"`` (the bundled reference pipeline, a
+    diffusers ``StableDiffusionPipeline`` folder) or a local diffusers pipeline directory, offline."""
     import torch
-
-    torch_dtype = None if dtype is None else getattr(torch, dtype)
-    if model == "reference":
-        try:
-            reference = importlib.import_module("hopfield_aa.reference")
-        except ImportError as exc:  # pragma: no cover - the package ships with hopfield_aa
-            raise SystemExit(f"hopfield-aa capture: cannot import hopfield_aa.reference: {exc}") from exc
-        loader = getattr(reference, "load_pipeline", None)
-        if loader is None:
-            raise SystemExit(
-                "hopfield-aa capture: hopfield_aa.reference.load_pipeline is not available in this "
-                "installation; pass --model PATH to a local diffusers pipeline directory"
-            )
-        pipe = loader()
-        return pipe if torch_dtype is None else pipe.to(dtype=torch_dtype)
-    path = Path(model)
-    if not path.is_dir():
-        raise SystemExit(f"hopfield-aa capture: --model {model!r} is neither 'reference' nor a directory")
     from diffusers import DiffusionPipeline
 
-    kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+    from hopfield_aa.reference.pipeline import BUNDLED_PIPELINE
+
+    path = BUNDLED_PIPELINE if model == "reference" else Path(model)
+    if not (path / "model_index.json").is_file():
+        raise SystemExit(
+            f"hopfield-aa capture: --model {model!r} is neither 'reference' nor a diffusers pipeline "
+            "directory (no model_index.json)"
+        )
+    kwargs: dict[str, Any] = {"torch_dtype": torch.float32 if dtype is None else getattr(torch, dtype)}
+    if (path / "reference_model.json").is_file():
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     return DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
 
 
@@ -144,9 +136,8 @@ def run_capture(args: argparse.Namespace) -> int:
     pipe = pipe.to(args.device)
     if args.quiet and hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    # Skip the VAE decode of latent-diffusion pipelines; the reference model works in pixel space and
-    # has no latent output type.
-    pipeline_kwargs: dict[str, Any] = {} if args.model == "reference" else {"output_type": "latent"}
+    # Skip the VAE decode: only the denoiser's attention is captured.
+    pipeline_kwargs: dict[str, Any] = {"output_type": "latent"}
     for name in ("guidance_scale", "height", "width"):
         if getattr(args, name) is not None:
             pipeline_kwargs[name] = getattr(args, name)
@@ -164,8 +155,11 @@ def run_capture(args: argparse.Namespace) -> int:
             pipeline_kwargs=pipeline_kwargs,
             progress=not args.quiet,
         )
-    except FileExistsError as exc:
-        print(f"hopfield-aa capture: {exc}", file=sys.stderr)
+    except FileExistsError:
+        print(
+            f"hopfield-aa capture: {args.out} already holds a capture; pass --overwrite to replace it",
+            file=sys.stderr,
+        )
         return 2
     print(f"captured {cap.n_records} records in {cap.n_shards} shards to {args.out}")
     return 0

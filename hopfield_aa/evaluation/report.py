@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from hopfield_aa.guidance.evaluate import FAMILIES, Evaluation, MethodResult
+from hopfield_aa.evaluation.evaluate import FAMILIES, Evaluation, MethodResult
 from hopfield_aa.reference.metrics import Estimate
 
 CURVE_FAMILIES = ("cfg", "extrapolate", "gag", "gag_capped", "orthogonal", "ladder", "gag_cfg")
@@ -554,7 +554,7 @@ def describe_weights(path: str | os.PathLike[str]) -> str:
         text = str(folder.resolve().relative_to(Path.cwd()))
     except ValueError:
         text = str(folder)
-    config = folder / "config.json"
+    config = folder / "reference_model.json"
     if config.is_file():
         meta = json.loads(config.read_text(encoding="utf-8"))
         training = meta.get("training", {})
@@ -584,26 +584,24 @@ def evaluate_and_report(
     """
     import torch
 
-    from hopfield_aa.guidance.evaluate import (
+    from hopfield_aa._io import write_json, write_text
+    from hopfield_aa.evaluation.evaluate import (
         calibrate_eta,
         default_methods,
         evaluate,
         evaluation_prompts,
         initial_noise,
-        write_json,
-        write_text,
     )
-    from hopfield_aa.reference.model import BUNDLED_WEIGHTS, load_pipeline
+    from hopfield_aa.reference.pipeline import BUNDLED_PIPELINE, load_pipeline
 
-    folder = Path(weights) if weights is not None else BUNDLED_WEIGHTS
+    folder = Path(weights) if weights is not None else BUNDLED_PIPELINE
     pipe = load_pipeline(folder)
     prompts = evaluation_prompts(n_prompts)
     captions = [c for _ in seeds for c in prompts]
-    size = int(pipe.config.image_size)
     with torch.no_grad():
         n_calibration = min(8, n_prompts)
         eta = calibrate_eta(
-            pipe, prompts[:n_calibration], initial_noise(n_calibration, [seeds[0]], size), steps
+            pipe, prompts[:n_calibration], initial_noise(pipe, n_calibration, [seeds[0]]), steps
         )
     methods = default_methods(eta, quick=quick)
     ev = evaluate(

@@ -39,7 +39,7 @@ def add_parsers(subparsers: Any) -> None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from hopfield_aa.guidance.report import evaluate_and_report
+    from hopfield_aa.evaluation.report import evaluate_and_report
 
     if args.prompts < 2 or args.steps < 1 or not args.seeds:
         raise SystemExit("--prompts must be >= 2, --steps >= 1 and --seeds non-empty")

@@ -9,9 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from hopfield_aa.guidance import RULES, GuidanceConfig, guidance_handle
-from hopfield_aa.guidance.evaluate import (
+from hopfield_aa.evaluation.evaluate import (
     FAMILIES,
     Method,
     calibrate_eta,
@@ -21,10 +19,11 @@ from hopfield_aa.guidance.evaluate import (
     initial_noise,
     sample,
 )
-from hopfield_aa.guidance.report import Comparison, markdown_report, write_figures
+from hopfield_aa.evaluation.report import Comparison, markdown_report, write_figures
+from hopfield_aa.guidance import RULES, GuidanceConfig, guidance_handle
 from hopfield_aa.reference.dataset import parse_caption
 from hopfield_aa.reference.metrics import Estimate
-from hopfield_aa.reference.model import ModelConfig, ReferencePipeline, build_model, build_scheduler
+from hopfield_aa.reference.pipeline import load_pipeline
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,14 +35,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def pipe() -> ReferencePipeline:
-    torch.manual_seed(0)
-    config = ModelConfig(image_size=16, block_out_channels=(8, 16), cross_attention_levels=(False, True))
-    config.norm_num_groups = 4
-    config.text_hidden_size = 16
-    config.text_layers = 1
-    unet, text_encoder, tokenizer = build_model(config)
-    return ReferencePipeline(unet.eval(), text_encoder.eval(), tokenizer, build_scheduler(config), config)
+def pipe(tiny_reference_folder):
+    return load_pipeline(tiny_reference_folder)
 
 
 def test_evaluation_prompts_are_seeded_half_single_half_pair():
@@ -57,29 +50,29 @@ def test_evaluation_prompts_are_seeded_half_single_half_pair():
         evaluation_prompts(1)
 
 
-def test_initial_noise_is_seed_major_and_reproducible():
-    noise = initial_noise(3, [5, 7], 4)
-    assert noise.shape == (6, 3, 4, 4)
-    torch.testing.assert_close(noise[:3], torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(5)))
-    torch.testing.assert_close(noise[3:], torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(7)))
+def test_initial_noise_is_seed_major_and_reproducible(pipe):
+    noise = initial_noise(pipe, 3, [5, 7])
+    assert noise.shape == (6, 4, 8, 8)
+    torch.testing.assert_close(noise[:3], torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(5)))
+    torch.testing.assert_close(noise[3:], torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(7)))
 
 
 def test_sampling_uses_the_given_noise_and_restores_the_pipeline(pipe):
     captions = evaluation_prompts(4)
-    latents = initial_noise(4, [0], 16)
+    latents = initial_noise(pipe, 4, [0])
     none = Method("none", "none", 0.0)
     gag = Method("gag", "gag", 2.0, guidance=GuidanceConfig(scale=2.0))
     first = sample(pipe, none, captions, latents, steps=2, batch_size=3)
     guided = sample(pipe, gag, captions, latents, steps=2)
     again = sample(pipe, none, captions, latents, steps=2, batch_size=3)
-    assert first.shape == (4, 16, 16, 3)
+    assert first.shape == (4, 32, 32, 3)
     np.testing.assert_array_equal(first, again)  # guidance left nothing behind
     assert np.abs(guided - first).max() > 1e-4
     assert guidance_handle(pipe) is None
 
 
 def test_calibrated_eta_is_a_positive_norm_and_the_probe_rule_is_removed(pipe):
-    eta = calibrate_eta(pipe, evaluation_prompts(2), initial_noise(2, [0], 16), steps=2)
+    eta = calibrate_eta(pipe, evaluation_prompts(2), initial_noise(pipe, 2, [0]), steps=2)
     assert math.isfinite(eta) and eta > 0
     assert "_calibrate_eta" not in RULES
 

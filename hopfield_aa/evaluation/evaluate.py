@@ -4,14 +4,10 @@ exact text alignment and Fréchet distance to real renders with bootstrap interv
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +25,7 @@ from hopfield_aa.reference.metrics import (
     frechet_distance,
     image_features,
 )
+from hopfield_aa.reference.pipeline import generate, initial_latents
 
 FAMILIES: dict[str, str] = {
     "none": "no guidance",
@@ -120,14 +117,10 @@ def evaluation_prompts(n_prompts: int, seed: int = 0) -> list[str]:
     return out
 
 
-def initial_noise(n_prompts: int, seeds: Sequence[int], size: int) -> torch.Tensor:
-    """Initial noise ``(len(seeds) * n_prompts, 3, size, size)``: seed ``s`` draws the block for all
-    prompts from ``torch.Generator().manual_seed(s)``; rows are seed-major."""
-    blocks = [
-        torch.randn((n_prompts, 3, size, size), generator=torch.Generator().manual_seed(int(s)))
-        for s in seeds
-    ]
-    return torch.cat(blocks)
+def initial_noise(pipe: Any, n_prompts: int, seeds: Sequence[int]) -> torch.Tensor:
+    """Initial latents ``(len(seeds) * n_prompts, C, h, w)``: seed ``s`` draws the block for all prompts
+    from ``torch.Generator().manual_seed(s)``; rows are seed-major."""
+    return initial_latents(pipe, seeds, per_seed=n_prompts)
 
 
 def real_renders(captions: Sequence[str], per_caption: int, seed: int = 0) -> np.ndarray:
@@ -150,21 +143,17 @@ def sample(
     """Images ``(n, H, W, 3)`` in [0, 1] for ``captions`` from ``latents`` under ``method``."""
     handle = None if method.guidance is None else enable_config(pipe, method.guidance)
     try:
-        chunks = []
-        for start in range(0, len(captions), batch_size):
-            stop = start + batch_size
-            chunks.append(
-                pipe(
-                    list(captions[start:stop]),
-                    num_inference_steps=steps,
-                    guidance_scale=method.cfg_scale,
-                    latents=latents[start:stop],
-                )
-            )
+        return generate(
+            pipe,
+            captions,
+            latents,
+            num_inference_steps=steps,
+            guidance_scale=method.cfg_scale,
+            batch_size=batch_size,
+        )
     finally:
         if handle is not None:
             handle.disable()
-    return np.concatenate(chunks)
 
 
 def calibrate_eta(
@@ -352,8 +341,7 @@ def evaluate(
 
     Parameters
     ----------
-    pipe : ReferencePipeline (or a pipeline with the same call: ``pipe(prompts, num_inference_steps=,
-        guidance_scale=, latents=)`` returning ``(n, H, W, 3)`` arrays in [0, 1])
+    pipe : the reference ``StableDiffusionPipeline`` (or any pipeline with its call)
     methods : sequence of Method
     captions : list of ``len(seeds) * n_prompts`` captions (seed-major, see :func:`initial_noise`)
     n_prompts, seeds : the prompt count and the noise seeds
@@ -365,8 +353,7 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    size = int(pipe.config.image_size)
-    latents = initial_noise(n_prompts, seeds, size)
+    latents = initial_noise(pipe, n_prompts, seeds)
     if latents.shape[0] != len(captions):
         raise ValueError(f"captions must hold len(seeds) * n_prompts = {latents.shape[0]} entries")
     real = image_features(real_renders(captions[:n_prompts], real_per_caption))
@@ -389,32 +376,3 @@ def evaluate(
         eta=eta,
         model=model,
     )
-
-
-def write_json(path: str | os.PathLike[str], data: Any) -> None:
-    """Write ``data`` as JSON atomically (temporary file in the same folder, then rename)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` atomically."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
