@@ -239,7 +239,34 @@ def _entmax_general_block(z: torch.Tensor, alpha: float, out: torch.Tensor) -> t
             bad = torch.ones_like(bad)
         new = torch.where(bad, 0.5 * (lo + hi), new)
         lam = torch.where(done, lam, new)
+    if alpha > 2:
+        lam = _fill_support_edge(out, u, lam, am1)
     out.div_(out.sum(-1, keepdim=True))
+    return lam
+
+
+def _fill_support_edge(out: torch.Tensor, u: torch.Tensor, lam: torch.Tensor, am1: float) -> torch.Tensor:
+    """For α > 2, solve again the rows with entries at the edge of the support (in place); returns λ.
+
+    p_i = y_i^{1/(α−1)} with y_i = 1 + (α−1)(z_i − λ): an entry with y_i at rounding level can still
+    carry visible mass (α = 10: y = 1e-17 is p = 0.013), which y_i, computed with an absolute error of
+    a few eps, cannot resolve; F(λ) = Σ p jumps over 1 where such an entry enters the support, and
+    Newton's λ absorbs the error. At the root y_edge is 0 to rounding level, so λ is where it vanishes,
+    the other entries follow from it accurately and the edge entries carry 1 − Σ_{others} p (tied to
+    rounding level, they share it equally). Normalising instead would put that mass on the others.
+    """
+    eps = torch.finfo(u.dtype).eps
+    y = 1.0 + u - lam * am1
+    edge = (y.abs() <= 8 * eps * (1.0 + u.abs() + (lam * am1).abs())) & (u > -math.inf)
+    rows = edge.any(-1, keepdim=True)
+    if not bool(rows.any()):
+        return lam
+    lam_edge = (1.0 + torch.where(edge, u, -math.inf).amax(-1, keepdim=True)) / am1
+    lam = torch.where(rows, lam_edge, lam)
+    y = (1.0 + u - lam * am1).clamp(min=0.0)
+    p = torch.where(edge, 0.0, torch.exp(torch.log(y) / am1))
+    share = (1.0 - p.sum(-1, keepdim=True)).clamp(min=0.0) / edge.sum(-1, keepdim=True).clamp(min=1)
+    out.copy_(torch.where(rows, torch.where(edge, share, p), out))
     return lam
 
 
@@ -991,6 +1018,8 @@ def entmax_jvp(probs: ArrayLike, vector: ArrayLike, alpha: float = 1.5, dim: int
         raise ValueError(f"vector must have the shape of probs {tuple(p.shape)}, got {tuple(v.shape)}")
     if bool((p < 0).any()):
         raise ValueError("probs must be non-negative (an entmax output)")
+    if p.numel() > 0 and bool((p.amax(d) <= 0).any()):
+        raise ValueError("probs has a row (along dim) without a positive entry; an entmax output sums to 1")
     dtype = torch.promote_types(p.dtype, v.dtype)
     return restore(_jvp_tensor(p.to(dtype), v.to(dtype), a, d), kind)
 
@@ -1003,6 +1032,12 @@ class _ConjugateFunction(torch.autograd.Function):
         probs, lam = _lambda_tensor(scores, alpha, dim)
         if alpha == 1.0:
             value = lam
+        elif alpha > 2.0:
+            # ⟨p, z⟩ − Ω_α(p) directly: the threshold form below needs p_i = y_i^{1/(α−1)} for every i,
+            # which entries at the edge of the support do not resolve for α > 2 (_fill_support_edge)
+            z = scores.float() if scores.dtype in _HALF else scores
+            inner = torch.where(probs > 0, probs * z, 0.0).sum(dim, keepdim=True)
+            value = inner + (1.0 - probs.pow(alpha).sum(dim, keepdim=True)) / (alpha * (alpha - 1.0))
         else:
             # Σ p^α/α + τ/(α−1) + 1/(α(α−1)) with τ = (α−1)λ − 1, rearranged to avoid the
             # cancellation of two O(1/(α−1)) terms: λ + (Σ p^α − 1)/α

@@ -360,6 +360,44 @@ def test_logits_too_large_for_the_candidate_reach_give_the_one_hot_distribution(
         torch.testing.assert_close(p.double(), want, atol=1e-2 if dtype == torch.bfloat16 else 1e-6, rtol=0)
 
 
+def _edge_entmax(gap: float, alpha: float, ties: int = 1) -> float:
+    """The probability t of each of ``ties`` entries at −gap in α-entmax([0, −gap, …]), from
+    (1 − ties·t)^{α−1} − t^{α−1} = (α−1)·gap: decreasing in t and well conditioned even where
+    t^{α−1} is below rounding level."""
+    if (alpha - 1) * gap >= 1.0:
+        return 0.0
+    lo, hi = 0.0, 1.0 / (ties + 1)
+    for _ in range(200):
+        t = 0.5 * (lo + hi)
+        if (1 - ties * t) ** (alpha - 1) - t ** (alpha - 1) > (alpha - 1) * gap:
+            lo = t
+        else:
+            hi = t
+    return 0.5 * (lo + hi)
+
+
+@pytest.mark.parametrize("alpha", [2.5, 3.0, 5.0, 10.0, 20.0])
+def test_large_alpha_entries_at_the_edge_of_the_support_keep_their_mass(alpha: float) -> None:
+    """For α > 2 an entry carrying p = 0.01 has p^{α−1} below rounding level (α = 10: 1e-18), so the
+    threshold form p = [1 + (α−1)(z − λ)]^{1/(α−1)} cannot resolve it. Found by the fuzz:
+    entmax([0.2008, 0.1028], α=10) gave [1, 0] instead of [0.986, 0.014]."""
+    reach = 1.0 / (alpha - 1)
+    for frac in (0.5, 0.8, 0.9, 0.95, 0.99, 0.999, 1 - 1e-6):
+        gap = frac * reach
+        for ties in (1, 2):
+            want = _edge_entmax(gap, alpha, ties)
+            for top in (0.0, 0.2008):
+                z = torch.tensor([top] + [top - gap] * ties, dtype=torch.float64)
+                p = entmax(z, alpha)
+                # the tied entries' total is well conditioned (how they split it is not: J = diag(s) −
+                # s sᵀ/Σs has entries of size s = p^{2−α} between them), and equal inputs split it equally
+                # (1e-5, not 1e-12: an entry with p^{α−1} a little above rounding level, e.g. 1e-13, is
+                # still resolved only to about eps/p^{α−1} relatively; before, the whole mass was lost)
+                assert abs(float(p[1:].sum()) - ties * want) <= 1e-5, (frac, ties, p.tolist(), want)
+                assert bool((p[1:] == p[1]).all())
+                assert abs(float(p.sum()) - 1) <= 1e-12
+
+
 @pytest.mark.parametrize("shape", [(3, 0), (0, 0), (0,)])
 def test_an_empty_axis_gets_a_value_error_naming_scores_and_dim(shape: tuple) -> None:
     for fn in (entmax, entmax_conjugate, entmax_jacobian):
