@@ -12,7 +12,6 @@ of cross-attention GAG goes. Writes analysis/results/guidance_overhead.md.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import random
@@ -20,20 +19,24 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from hopfield_aa.guidance import gag_guidance
 from hopfield_aa._io import write_text
-from hopfield_aa.reference.model import (
-    BUNDLED_WEIGHTS,
-    WEIGHTS_NAME,
+from hopfield_aa.guidance import gag_guidance
+from hopfield_aa.reference.pipeline import (
+    BUNDLED_PIPELINE,
     ModelConfig,
-    ReferencePipeline,
-    build_model,
-    build_scheduler,
+    assemble,
+    build_components,
+    generate,
+    initial_latents,
+    read_model_config,
 )
+
+ReferencePipeline = Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS: dict[str, dict] = {
@@ -48,33 +51,30 @@ CONFIGS: dict[str, dict] = {
 
 
 def model_config() -> ModelConfig:
-    """The reference model's architecture: bundled weights' config, else the training config."""
-    for path in (BUNDLED_WEIGHTS / "config.json", ROOT / "runs/reference/ema/config.json"):
-        if path.is_file() and (path.parent / WEIGHTS_NAME).is_file():
-            return ModelConfig.from_dict(json.loads(path.read_text(encoding="utf-8"))["model"])
-    train = json.loads((BUNDLED_WEIGHTS / "train_config.json").read_text(encoding="utf-8"))
-    return ModelConfig.from_dict(train["model"])
+    """The reference pipeline's architecture: the bundled pipeline's, else the default configuration."""
+    if (BUNDLED_PIPELINE / "reference_model.json").is_file():
+        return read_model_config(BUNDLED_PIPELINE)
+    return ModelConfig()
 
 
 def pipeline(config: ModelConfig) -> ReferencePipeline:
     """The reference pipeline with random weights (timing does not depend on the weights)."""
+    import tempfile
+
     torch.manual_seed(0)
-    unet, text_encoder, tokenizer = build_model(config)
-    return ReferencePipeline(unet.eval(), text_encoder.eval(), tokenizer, build_scheduler(config), config)
+    with tempfile.TemporaryDirectory() as tmp:
+        components = build_components(config, Path(tmp) / "tokenizer")
+    for module in (components.vae, components.unet, components.text_encoder):
+        module.eval()
+    return assemble(components)
 
 
 def time_call(pipe: ReferencePipeline, options: dict, prompts: list[str], steps: int, cfg: float) -> float:
     """Wall time of one sampling call under ``options`` (stock when empty)."""
-    latents = torch.randn(
-        len(prompts),
-        3,
-        pipe.config.image_size,
-        pipe.config.image_size,
-        generator=torch.Generator().manual_seed(0),
-    )
+    latents = initial_latents(pipe, [0] * len(prompts))
 
     def call() -> None:
-        pipe(prompts, num_inference_steps=steps, guidance_scale=cfg, latents=latents)
+        generate(pipe, prompts, latents, num_inference_steps=steps, guidance_scale=cfg)
 
     start = time.perf_counter()
     if options:
@@ -140,7 +140,7 @@ def cross_attention_shapes(
         if name.endswith("attn2")
     ]
     try:
-        pipe(prompts, num_inference_steps=1)
+        generate(pipe, prompts, initial_latents(pipe, [0] * len(prompts)), num_inference_steps=1)
     finally:
         for h in handles:
             h.remove()
@@ -296,8 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         [
             "# Guidance overhead: sampling time with and without each rule",
             "",
-            f"Reference model architecture ({n_params:,} UNet parameters, {config.image_size}×"
-            f"{config.image_size}, cross-attention at levels {list(config.cross_attention_levels)}), "
+            f"Reference pipeline architecture ({n_params:,} UNet parameters, {config.latent_size}×"
+            f"{config.latent_size} latents, cross-attention at levels "
+            f"{list(config.cross_attention_levels)}), "
             f"CPU `{platform.processor() or platform.machine()}`, {args.threads} thread(s), "
             f"torch {torch.__version__}; {args.repeats} interleaved repetitions (shuffled order per "
             "repetition) after one warm-up each. The machine is shared (other jobs load its 2 cores), and "

@@ -8,14 +8,14 @@ The bundle holds two captures made from the same sampling runs (prompt ``i`` of
   tokens;
 - ``self/``: every self-attention layer at a few steps and the first heads (what fits the size budget).
 
-Each manifest records the weights' identity (SHA-256 of ``model.safetensors`` and ``config.json``), where
-they came from (the bundled weights, or ``runs/reference/ema`` while those do not exist) and the device.
+Each manifest records the pipeline's identity (:func:`hopfield_aa.reference.pipeline_sha256` of the
+pipeline folder), where it came from (the bundled pipeline or a given folder) and the device.
 The bundle is written to a temporary folder beside the bundled path, validated, then renamed into place.
 
 Run::
 
-    python analysis/capture_reference_traces.py                        # capture (bundled weights, else EMA)
-    python analysis/capture_reference_traces.py --weights runs/reference/ema
+    python analysis/capture_reference_traces.py                        # capture from the bundled pipeline
+    python analysis/capture_reference_traces.py --weights analysis/training/reference/ema
     hopfield-aa verify --traces hopfield_aa/data/traces --out /tmp/verify_traces
     python analysis/capture_reference_traces.py --verify-wide /tmp/verify_traces_wide
     python analysis/capture_reference_traces.py --summarise /tmp/verify_traces_wide/results.json \\
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -43,15 +42,13 @@ from typing import Any
 
 import torch
 
-from hopfield_aa.reference import BUNDLED_WEIGHTS, load_pipeline, parse_caption, split_of
+from hopfield_aa.reference import BUNDLED_PIPELINE, load_pipeline, parse_caption, pipeline_sha256, split_of
 from hopfield_aa.traces import MANIFEST_NAME, Selection, TraceCapture, TraceSet, run_metadata
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_TRACES = ROOT / "hopfield_aa" / "data" / "traces"
 PROMPTS = ROOT / "hopfield_aa" / "data" / "prompts.txt"
-EMA_WEIGHTS = ROOT / "runs" / "reference" / "ema"
 RESULTS_MD = ROOT / "analysis" / "results" / "reference_traces_verify.md"
-WEIGHT_FILES = ("model.safetensors", "config.json")
 GPU_NOTE = "captured on CPU: no GPU was available; a capture on a GPU is still to be made"
 
 
@@ -99,15 +96,6 @@ class CaptureSettings:
         }
 
 
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _relative(path: Path) -> str:
     try:
         return str(path.resolve().relative_to(ROOT))
@@ -116,44 +104,37 @@ def _relative(path: Path) -> str:
 
 
 def resolve_weights(weights: str | None) -> tuple[Path, str]:
-    """The weights folder and how it was chosen: ``given``, ``bundled``, or ``ema-fallback``."""
-    if weights is not None:
-        given = Path(weights)
-        return given, "bundled" if given.resolve() == BUNDLED_WEIGHTS.resolve() else "given"
-    if all((BUNDLED_WEIGHTS / name).is_file() for name in WEIGHT_FILES):
-        return BUNDLED_WEIGHTS, "bundled"
-    if all((EMA_WEIGHTS / name).is_file() for name in WEIGHT_FILES):
-        return EMA_WEIGHTS, "ema-fallback"
-    raise FileNotFoundError(
-        f"no reference weights: neither {BUNDLED_WEIGHTS} nor {EMA_WEIGHTS} holds {WEIGHT_FILES}"
-    )
+    """The pipeline folder and how it was chosen: ``bundled`` or ``given``."""
+    folder = BUNDLED_PIPELINE if weights is None else Path(weights)
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"no reference pipeline in {folder} (no model_index.json)")
+    return folder, "bundled" if folder.resolve() == BUNDLED_PIPELINE.resolve() else "given"
 
 
 def snapshot_weights(folder: Path, into: Path) -> dict[str, Any]:
-    """Copy ``model.safetensors`` and ``config.json`` of ``folder`` into ``into`` and describe them.
+    """Copy the pipeline folder into ``into`` and describe it.
 
-    A training run may replace the files (or the whole folder) at any moment; the copy makes the weights
-    loaded, the hashes recorded and the training step read all refer to one version: the copy is retried
-    until both source files still hash to what was copied.
+    A training run may replace the folder at any moment; the copy makes the weights loaded, the hash
+    recorded and the training step read all refer to one version: the copy is retried until the source
+    still hashes to what was copied.
     """
     for attempt in range(10):
         try:
-            for name in WEIGHT_FILES:
-                shutil.copy2(folder / name, into / name)
-            if all(sha256_file(folder / n) == sha256_file(into / n) for n in WEIGHT_FILES):
+            shutil.rmtree(into, ignore_errors=True)
+            shutil.copytree(folder, into)
+            if pipeline_sha256(folder) == pipeline_sha256(into):
                 break
-        except FileNotFoundError:
+        except (FileNotFoundError, shutil.Error):
             if attempt == 9:
                 raise
         time.sleep(3.0)
     else:
         raise RuntimeError(f"{folder} kept changing while it was copied")
-    config = json.loads((into / "config.json").read_text(encoding="utf-8"))
-    training = config.get("training", {}) if isinstance(config, dict) else {}
+    meta = json.loads((into / "reference_model.json").read_text(encoding="utf-8"))
+    training = meta.get("training", {})
     return {
         "weights_path": _relative(folder),
-        "weights_sha256": sha256_file(into / "model.safetensors"),
-        "weights_config_sha256": sha256_file(into / "config.json"),
+        "weights_sha256": pipeline_sha256(into),
         "weights_training_step": training.get("step"),
         "weights_final_loss": training.get("final_loss_mean_last_200"),
     }
@@ -200,7 +181,7 @@ def _capture_part(
                 num_inference_steps=settings.steps,
                 guidance_scale=settings.guidance_scale,
                 generator=torch.Generator(device="cpu").manual_seed(run_seed),
-                output_type="pt",
+                output_type="latent",
             )
     return cap.n_records
 
@@ -258,7 +239,7 @@ def _readme(meta: dict[str, Any], settings: CaptureSettings, info: dict[str, Any
         f"conditional batch row only, at most {settings.max_query_tokens} query tokens per record "
         f"(query seed {settings.query_seed}), stored as {settings.dtype}; {size / 2**20:.2f} MiB in all.",
         "",
-        f"Weights: `{meta['weights_path']}` ({meta['weights_source']}), model.safetensors SHA-256 "
+        f"Pipeline: `{meta['weights_path']}` ({meta['weights_source']}), pipeline SHA-256 "
         f"`{meta['weights_sha256']}`, training step {meta['weights_training_step']}.",
         f"Device: {meta['device_name']} ({meta['device_note']}).",
         "",
@@ -283,7 +264,6 @@ def capture_bundle(
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-tmp-"))
     try:
         snapshot = staging / ".weights"
-        snapshot.mkdir()
         identity = snapshot_weights(folder, snapshot)
         pipe = load_pipeline(snapshot, scheduler=settings.scheduler)
         expected_layers = cross_attention_layers(pipe.unet)

@@ -1,42 +1,51 @@
-"""Evaluate the reference model: alignment (per attribute and whole caption, seen and held-out combinations)
-and Fréchet distance across classifier-free guidance scales, with 95 % bootstrap intervals; validate the
-reader on clean, blurred and noisy renders; write analysis/results/reference_eval.md and figures.
+"""Evaluate the reference pipeline against the targets of a text-to-image model: whole-caption and
+per-attribute accuracy (seen single, seen pair, held-out combinations) and Fréchet distance across the
+classifier-free guidance scale, with 95 % bootstrap intervals; the real-vs-real Fréchet floor; the reader
+on clean, degraded and autoencoder-reconstructed renders; sample grids; and a verdict per target.
 
 Usage::
 
-    python analysis/eval_reference.py                       # bundled weights
-    python analysis/eval_reference.py --weights runs/reference/ema --per-cell 32 --scales 1 3
+    python analysis/eval_reference.py                                   # bundled pipeline, full protocol
+    python analysis/eval_reference.py --weights analysis/training/reference/ema --quick \\
+        --progress analysis/training/reference/progress.json            # a checkpoint, appended to a curve
+
+Writes ``analysis/results/reference_eval.md`` / ``.json`` and ``analysis/figures/reference_*.png``
+(``--quick``: only the JSON line in ``--progress`` and the printed table).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
-import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from hopfield_aa._io import save_figure, write_json, write_text
 from hopfield_aa.reference import (
     ShapesDataset,
     alignment,
     bootstrap_ci,
     caption_combinations,
     caption_of,
-    count_parameters,
     degrade,
     frechet_distance,
+    generate,
     image_features,
+    initial_latents,
     load_pipeline,
     parse_caption,
     render,
     scene_from_attributes,
 )
 from hopfield_aa.reference.cli import sample_grid, save_grid
+from hopfield_aa.reference.train import to_pixels
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "analysis" / "results"
@@ -47,6 +56,9 @@ ATTRIBUTES = {
     "single": ["count", "colour", "shape", "size", "position"],
     "pair": ["count", "colour_1", "shape_1", "relation", "colour_2", "shape_2"],
 }
+SCALES = (1.0, 1.5, 2.0, 3.0, 5.0, 7.5)
+CHANCE = {"single": 1 / (4 * 3 * 2 * 4), "pair": 1 / (2 * 4 * 3 * 3 * 3)}
+"""Whole-caption accuracy of a caption-blind model that draws valid scenes uniformly."""
 
 
 def eval_prompts(per_cell: int, seed: int) -> dict[tuple[str, str], list[str]]:
@@ -59,123 +71,278 @@ def eval_prompts(per_cell: int, seed: int) -> dict[tuple[str, str], list[str]]:
     return out
 
 
-def generate(pipe, prompts: list[str], scale: float, steps: int, batch: int, seed0: int) -> np.ndarray:
-    """Images for ``prompts``; prompt ``i`` starts from the noise of seed ``seed0 + i`` at every scale."""
-    size = pipe.config.image_size
-    images = []
-    for start in range(0, len(prompts), batch):
-        chunk = prompts[start : start + batch]
-        latents = torch.stack(
-            [
-                torch.randn((3, size, size), generator=torch.Generator().manual_seed(seed0 + start + k))
-                for k in range(len(chunk))
-            ]
-        )
-        images.append(pipe(chunk, num_inference_steps=steps, guidance_scale=scale, latents=latents))
-    return np.concatenate(images)
-
-
-def reader_validation(n: int, seed: int) -> list[tuple[str, dict[str, float]]]:
-    """Reader accuracy on ``n`` renders of each split, clean and degraded."""
-    rows = []
+def reader_validation(pipe: Any, n: int, seed: int) -> list[tuple[str, dict[str, float]]]:
+    """Reader accuracy on ``n`` renders of each split: clean, degraded, and through the autoencoder."""
     images, captions = [], []
     for k, split in enumerate(("train", "heldout")):
         im, cap, _ = ShapesDataset(seed + k, split).batch(0, n)
         images.append(im)
         captions += cap
     clean = np.concatenate(images)
+    rows = []
     for name, blur, noise in [
         ("clean", 0.0, 0.0),
         ("blur σ=0.5 px", 0.5, 0.0),
-        ("blur σ=0.75 px", 0.75, 0.0),
         ("blur σ=1 px", 1.0, 0.0),
         ("noise σ=0.1", 0.0, 0.1),
-        ("noise σ=0.2", 0.0, 0.2),
         ("blur 0.5 + noise 0.1", 0.5, 0.1),
     ]:
         rows.append((name, alignment(degrade(clean, blur, noise, seed=seed), captions).accuracy()))
+    with torch.no_grad():
+        recon = []
+        for chunk in to_pixels(clean).split(256):
+            z = pipe.vae.encode(chunk.to(pipe.vae.dtype)).latent_dist.mean
+            recon.append(pipe.vae.decode(z).sample.float())
+    reconstructed = ((torch.cat(recon).clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+    rows.append(("autoencoder reconstruction", alignment(reconstructed, captions).accuracy()))
     return rows
 
 
-def fmt(est) -> str:
+def fmt(est: Any) -> str:
     return f"{est.value:.3f} [{est.low:.3f}, {est.high:.3f}]"
+
+
+def evaluate_scales(
+    pipe: Any,
+    prompts: dict,
+    scales: list[float],
+    steps: int,
+    batch: int,
+    seed: int,
+    n_boot: int,
+    real_features: np.ndarray,
+) -> tuple[dict[float, dict], dict[float, np.ndarray]]:
+    """Sample every prompt at every scale from the same noise (prompt i: seed + i) and score."""
+    all_prompts = [p for cell in CELLS for p in prompts[cell]]
+    cell_of = np.array([i for i, cell in enumerate(CELLS) for _ in prompts[cell]])
+    latents = initial_latents(pipe, [seed + i for i in range(len(all_prompts))])
+    results: dict[float, dict] = {}
+    generated: dict[float, np.ndarray] = {}
+    for scale in tqdm(scales, desc="guidance scales"):
+        images = generate(
+            pipe, all_prompts, latents, num_inference_steps=steps, guidance_scale=scale, batch_size=batch
+        )
+        generated[scale] = images
+        score = alignment(images, all_prompts)
+        feats = image_features(images)
+        fd = bootstrap_ci(
+            feats, statistic=lambda f: frechet_distance(real_features, f), n_resamples=200, seed=seed
+        )
+        cells = {}
+        for c, (split, kind) in enumerate(CELLS):
+            mask = cell_of == c
+            row = {a: bootstrap_ci(score.attributes[a][mask], n_resamples=n_boot) for a in ATTRIBUTES[kind]}
+            row["whole"] = bootstrap_ci(score.whole[mask], n_resamples=n_boot)
+            cells[(split, kind)] = row
+        heldout = np.isin(cell_of, [i for i, c in enumerate(CELLS) if c[0] == "heldout"])
+        results[scale] = {
+            "cells": cells,
+            "fd": fd,
+            "heldout": bootstrap_ci(score.whole[heldout], n_resamples=n_boot),
+        }
+    return results, generated
+
+
+def targets(results: dict[float, dict], fd_floor: float) -> tuple[float, list[tuple[str, str, str]]]:
+    """The best scale (highest mean whole-caption accuracy over the seen cells) and a verdict per target."""
+
+    def seen(s: float) -> float:
+        return (
+            results[s]["cells"][("train", "single")]["whole"].value
+            + results[s]["cells"][("train", "pair")]["whole"].value
+        ) / 2
+
+    best = max(results, key=seen)
+    r = results[best]["cells"]
+    rows = []
+
+    def check(name: str, est: Any, goal: float) -> None:
+        verdict = "met" if est.value >= goal else ("within CI" if est.high >= goal else "missed")
+        rows.append((name, f"≥ {goal:g}", f"{fmt(est)} → {verdict}"))
+
+    check("seen single, whole caption", r[("train", "single")]["whole"], 0.8)
+    check("seen pair, whole caption", r[("train", "pair")]["whole"], 0.6)
+    check("held-out combinations, whole caption", results[best]["heldout"], 0.5)
+    check("position (seen single)", r[("train", "single")]["position"], 0.8)
+    check("relation (seen pair)", r[("train", "pair")]["relation"], 0.8)
+    scales = sorted(results)
+    rises = [s for s in scales if s <= 3.0]
+    acc = [seen(s) for s in rises]
+    rising = all(b >= a - 0.02 for a, b in itertools.pairwise(acc)) and acc[-1] > acc[0]
+    rows.append(
+        (
+            "alignment rises from s = 1 to s = 3",
+            "rising",
+            " → ".join(f"{a:.3f}" for a in acc) + (" → met" if rising else " → missed"),
+        )
+    )
+    fds = [results[s]["fd"].value for s in scales]
+    best_fd = scales[int(np.argmin(fds))]
+    shape = 1.0 < best_fd < scales[-1] and fds[-1] > min(fds)
+    rows.append(
+        (
+            "FD best at moderate s, worse at large s",
+            "interior minimum",
+            f"minimum at s = {best_fd:g}; s = {scales[-1]:g}: {fds[-1]:.3f} vs {min(fds):.3f}"
+            + (" → met" if shape else " → missed"),
+        )
+    )
+    fd_best = results[best]["fd"].value
+    rows.append(
+        (
+            "FD at the best s within 2× the real-vs-real floor",
+            f"≤ {2 * fd_floor:.3f}",
+            f"{fd_best:.3f} (floor {fd_floor:.3f}) → {'met' if fd_best <= 2 * fd_floor else 'missed'}",
+        )
+    )
+    return best, rows
+
+
+def plot_alignment_vs_fd(results: dict, path: Path, fd_floor: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    scales = sorted(results)
+    fd = np.array([[results[s]["fd"].value, results[s]["fd"].low, results[s]["fd"].high] for s in scales])
+    for cell, marker in ((("train", "single"), "o"), (("train", "pair"), "s"), (("heldout", "single"), "^")):
+        acc = np.array(
+            [
+                [
+                    results[s]["cells"][cell]["whole"].value,
+                    results[s]["cells"][cell]["whole"].low,
+                    results[s]["cells"][cell]["whole"].high,
+                ]
+                for s in scales
+            ]
+        )
+        ax.errorbar(
+            fd[:, 0],
+            acc[:, 0],
+            xerr=[fd[:, 0] - fd[:, 1], fd[:, 2] - fd[:, 0]],
+            yerr=[acc[:, 0] - acc[:, 1], acc[:, 2] - acc[:, 0]],
+            marker=marker,
+            capsize=3,
+            label=f"{SPLIT_NAME[cell[0]]} {cell[1]}",
+        )
+    for s, x in zip(scales, fd[:, 0], strict=True):
+        ax.annotate(
+            f"s={s:g}",
+            (x, 0.0),
+            textcoords="offset points",
+            xytext=(0, 3),
+            fontsize=7,
+            rotation=90,
+            ha="center",
+            color="grey",
+        )
+    ax.axvline(fd_floor, color="grey", ls=":", label="real vs real (floor)")
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("Fréchet distance to real renders (reader features, log scale)")
+    ax.set_ylabel("whole-caption accuracy (95 % CI)")
+    ax.set_title("reference pipeline: one point per CFG scale s", fontsize=10)
+    ax.legend(fontsize=8, loc="center right")
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--weights", default=None, help="model folder (default: bundled weights)")
-    parser.add_argument("--per-cell", type=int, default=64, help="prompts per (split, caption type)")
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 3.0, 5.0])
+    parser.add_argument("--weights", default=None, help="pipeline folder (default: the bundled pipeline)")
+    parser.add_argument("--per-cell", type=int, default=256, help="prompts per (split, caption type)")
+    parser.add_argument("--scales", type=float, nargs="+", default=list(SCALES))
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--n-real", type=int, default=1000, help="real renders for the Fréchet reference")
+    parser.add_argument("--n-real", type=int, default=2000, help="real renders per Fréchet reference set")
     parser.add_argument("--n-boot", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--training-note", default="", help="a sentence on how the weights were trained")
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--loss-curve", default=str(ROOT / "runs" / "reference" / "loss.png"), help="copied to the figures"
+        "--quick",
+        action="store_true",
+        help="64 prompts per cell at s = 1, 3, 5, no figures: a point of the training curve",
     )
+    parser.add_argument("--progress", default=None, help="append the quick result to this JSON list")
     parser.add_argument("--out", default=str(RESULTS / "reference_eval.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.quick:
+        args.per_cell, args.scales, args.n_boot = min(args.per_cell, 64), [1.0, 3.0, 5.0], 200
     t_start = time.time()
+    load_before = os.getloadavg()[0]
 
-    pipe = load_pipeline(args.weights)
-    meta_file = Path(args.weights or ROOT / "hopfield_aa" / "data" / "reference") / "config.json"
-    meta = json.loads(meta_file.read_text())
+    folder = Path(args.weights) if args.weights else ROOT / "hopfield_aa" / "data" / "reference"
+    pipe = load_pipeline(folder)
+    meta = json.loads((folder / "reference_model.json").read_text())
+    training = meta.get("training", {})
     prompts = eval_prompts(args.per_cell, args.seed)
     all_prompts = [p for cell in CELLS for p in prompts[cell]]
-    cell_of = np.array([i for i, cell in enumerate(CELLS) for _ in prompts[cell]])
 
-    # Real renders of the same prompt distribution: the Fréchet reference.
+    # Two independent sets of real renders of the same prompt distribution: reference and noise floor.
     rng = np.random.default_rng(args.seed + 1)
     real_prompts = [all_prompts[int(i)] for i in rng.integers(0, len(all_prompts), args.n_real)]
-    real_scenes = [scene_from_attributes(parse_caption(p), rng) for p in real_prompts]
-    real_features = image_features(render(real_scenes))
-    real_half = image_features(render([scene_from_attributes(parse_caption(p), rng) for p in real_prompts]))
+    real_features = image_features(
+        render([scene_from_attributes(parse_caption(p), rng) for p in real_prompts])
+    )
+    real_other = image_features(render([scene_from_attributes(parse_caption(p), rng) for p in real_prompts]))
+    fd_floor = frechet_distance(real_features, real_other)
 
-    results: dict[float, dict] = {}
-    generated: dict[float, np.ndarray] = {}
-    for scale in tqdm(args.scales, desc="guidance scales"):
-        images = generate(pipe, all_prompts, scale, args.steps, args.batch, args.seed)
-        generated[scale] = images
-        score = alignment(images, all_prompts)
-        feats = image_features(images)
-        fd = bootstrap_ci(
-            feats, statistic=lambda f: frechet_distance(real_features, f), n_resamples=200, seed=args.seed
-        )
-        cells = {}
-        for c, (split, kind) in enumerate(CELLS):
-            mask = cell_of == c
-            row = {
-                a: bootstrap_ci(score.attributes[a][mask], n_resamples=args.n_boot) for a in ATTRIBUTES[kind]
-            }
-            row["whole"] = bootstrap_ci(score.whole[mask], n_resamples=args.n_boot)
-            cells[(split, kind)] = row
-        overall = {
-            split: bootstrap_ci(
-                score.whole[np.isin(cell_of, [i for i, c in enumerate(CELLS) if c[0] == split])]
-            )
-            for split in ("train", "heldout")
+    results, _ = evaluate_scales(
+        pipe, prompts, args.scales, args.steps, args.batch, args.seed, args.n_boot, real_features
+    )
+    best, target_rows = targets(results, fd_floor)
+
+    def summary_json() -> dict:
+        return {
+            "step": training.get("step"),
+            "samples_seen": training.get("samples_seen"),
+            "per_cell": args.per_cell,
+            "fd_real_floor": fd_floor,
+            "best_scale": best,
+            "scales": {
+                f"{s:g}": {
+                    "fd": vars(r["fd"]),
+                    "heldout": vars(r["heldout"]),
+                    "cells": {
+                        f"{sp}/{k}": {a: vars(e) for a, e in row.items()}
+                        for (sp, k), row in r["cells"].items()
+                    },
+                }
+                for s, r in results.items()
+            },
         }
-        results[scale] = {"cells": cells, "fd": fd, "overall": overall}
 
-    # Chance level of whole-caption accuracy for a model that ignores the caption but draws valid scenes.
-    chance = {"single": 1 / (4 * 3 * 2 * 4), "pair": 1 / (2 * 4 * 3 * 3 * 3)}
+    table = [
+        "| CFG scale | seen single | seen pair | held-out (both kinds) | position | relation | FD |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s, r in results.items():
+        c = r["cells"]
+        table.append(
+            f"| {s:g} | {fmt(c[('train', 'single')]['whole'])} | {fmt(c[('train', 'pair')]['whole'])} | "
+            f"{fmt(r['heldout'])} | {fmt(c[('train', 'single')]['position'])} | "
+            f"{fmt(c[('train', 'pair')]['relation'])} | {fmt(r['fd'])} |"
+        )
+    if args.quick:
+        print("\n".join(table))
+        if args.progress:
+            path = Path(args.progress)
+            history = json.loads(path.read_text()) if path.is_file() else []
+            history = [h for h in history if h.get("step") != training.get("step")] + [summary_json()]
+            write_json(path, sorted(history, key=lambda h: h.get("step") or 0))
+        return 0
 
-    validation = reader_validation(500, args.seed)
-    fd_real = frechet_distance(real_features, real_half)
-
-    # --- figures ----------------------------------------------------------------------------------
+    validation = reader_validation(pipe, 500, args.seed)
     FIGURES.mkdir(parents=True, exist_ok=True)
     grid_seeds = [0, 1, 2, 3, 4, 5]
-    grid_scales = [s for s in (1.0, 3.0) if s in args.scales] or args.scales[:1]
-    for split, kind in CELLS:
-        grid_prompts = prompts[(split, kind)][:5]
-        for scale in grid_scales:
+    for split, kind in CELLS[:3]:
+        grid_prompts = prompts[(split, kind)][:6]
+        for scale in sorted({1.0, best}):
             imgs = sample_grid(pipe, grid_prompts, grid_seeds, scale, args.steps)
             save_grid(
                 imgs,
@@ -184,46 +351,45 @@ def main() -> int:
                 [f"seed {s}" for s in grid_seeds],
                 title=f"{SPLIT_NAME[split]} {kind} captions, CFG scale {scale:g}, {args.steps} DDIM steps",
             )
-    _plot_alignment_vs_fd(results, FIGURES / "reference_alignment_vs_fd.png", fd_real)
-    if args.loss_curve and Path(args.loss_curve).is_file():
-        shutil.copyfile(args.loss_curve, FIGURES / "reference_loss.png")
+    plot_alignment_vs_fd(results, FIGURES / "reference_alignment_vs_fd.png", fd_floor)
 
-    # --- report -----------------------------------------------------------------------------------
-    training = meta.get("training", {})
-    n_params = count_parameters(pipe.unet) + count_parameters(pipe.text_encoder)
+    n_params = {
+        name: sum(p.numel() for p in getattr(pipe, name).parameters())
+        for name in ("vae", "unet", "text_encoder")
+    }
+    load_after = os.getloadavg()[0]
     lines = [
-        "# Reference model evaluation",
+        "# Reference pipeline evaluation",
         "",
-        f"Weights: `{args.weights or 'hopfield_aa/data/reference (bundled)'}`; "
-        f"{n_params:,} parameters (UNet {count_parameters(pipe.unet):,}, "
-        f"text encoder {count_parameters(pipe.text_encoder):,}); "
-        f"trained {training.get('step', '?')} steps, final loss (mean of last 200 steps) "
+        f"Pipeline: `{folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder}`; "
+        + ", ".join(f"{k} {v:,}" for k, v in n_params.items())
+        + f" parameters; trained {training.get('step', '?')} denoiser steps "
+        f"({training.get('samples_seen', '?'):,} samples), final loss (mean of last 200 steps) "
         f"{training.get('final_loss_mean_last_200', float('nan')):.4f}.",
-        f"Sampling: DDIM, {args.steps} steps; {args.per_cell} prompts per (split, caption type), prompt i "
-        f"starts from the noise of seed {args.seed}+i at every guidance scale; 95 % percentile bootstrap "
-        f"intervals ({args.n_boot} resamples; 200 for the Fréchet distance).",
-        f"Chance whole-caption accuracy for a caption-blind model drawing valid scenes: single "
-        f"{chance['single']:.4f}, pair {chance['pair']:.4f}.",
-        *([args.training_note, ""] if args.training_note else []),
+        f"Sampling: DDIM, {args.steps} steps; {args.per_cell} prompts per (split, caption type); "
+        f"prompt i starts from the noise of seed {args.seed}+i at every scale; 95 % percentile bootstrap "
+        f"intervals ({args.n_boot} resamples; 200 for the Fréchet distance). Chance whole-caption "
+        f"accuracy of a caption-blind model drawing valid scenes: single {CHANCE['single']:.4f}, "
+        f"pair {CHANCE['pair']:.4f}.",
         "",
-        "Command: `python analysis/eval_reference.py "
-        + (f"--weights {args.weights} " if args.weights else "")
-        + f"--per-cell {args.per_cell} --scales {' '.join(f'{s:g}' for s in args.scales)}`",
+        "Command: `python analysis/eval_reference.py"
+        + (f" --weights {args.weights}" if args.weights else "")
+        + f" --per-cell {args.per_cell} --scales {' '.join(f'{s:g}' for s in args.scales)}`",
         "",
-        "## Whole-caption accuracy and Fréchet distance by guidance scale",
+        f"## Targets (best scale s = {best:g}: highest mean whole-caption accuracy over the seen cells)",
         "",
-        "| CFG scale | seen: whole | held-out: whole | Fréchet distance (reader features) |",
-        "|---|---|---|---|",
-    ]
-    for scale, res in results.items():
-        lines.append(
-            f"| {scale:g} | {fmt(res['overall']['train'])} | {fmt(res['overall']['heldout'])} "
-            f"| {fmt(res['fd'])} |"
-        )
-    lines += [
+        "| target | goal | measured |",
+        "|---|---|---|",
+        *[f"| {a} | {b} | {c} |" for a, b, c in target_rows],
         "",
-        f"Fréchet distance between two independent sets of {args.n_real} real renders (the floor): "
-        f"{fd_real:.4f}.",
+        "## Whole-caption accuracy and Fréchet distance by CFG scale",
+        "",
+        *table,
+        "",
+        f"Fréchet distance between two independent sets of {args.n_real} real renders (the noise floor): "
+        f"{fd_floor:.4f}.",
+        "",
+        "![alignment vs FD](../figures/reference_alignment_vs_fd.png)",
         "",
     ]
     for split, kind in CELLS:
@@ -238,78 +404,29 @@ def main() -> int:
             row = res["cells"][(split, kind)]
             lines.append(f"| {scale:g} | " + " | ".join(fmt(row[a]) for a in attrs) + " |")
         lines.append("")
+    cols = [*ATTRIBUTES["single"][1:], *ATTRIBUTES["pair"][1:], "whole"]
     lines += [
         "## Reader validation (500 renders per split, both caption types)",
         "",
-        "| images | " + " | ".join([*ATTRIBUTES["single"][1:], *ATTRIBUTES["pair"][1:], "whole"]) + " |",
-        "|---|" + "---|" * (len(ATTRIBUTES["single"]) + len(ATTRIBUTES["pair"]) - 1),
+        "| images | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
     ]
     for name, acc in validation:
-        cols = [*ATTRIBUTES["single"][1:], *ATTRIBUTES["pair"][1:], "whole"]
         lines.append(f"| {name} | " + " | ".join(f"{acc[c]:.3f}" for c in cols) + " |")
     lines += [
         "",
-        "Figures: `analysis/figures/reference_grid_*.png` (rows: prompts, columns: seeds), "
-        "`analysis/figures/reference_alignment_vs_fd.png`, `analysis/figures/reference_loss.png`.",
-        f"Wall time of this evaluation: {time.time() - t_start:.0f} s on {args.threads} CPU thread(s).",
+        "Figures: `analysis/figures/reference_grid_*.png` (rows: prompts, columns: seeds; at s = 1 and "
+        "the best s), `analysis/figures/reference_alignment_vs_fd.png`, "
+        "`analysis/training/reference/loss.png`.",
+        f"Wall time: {time.time() - t_start:.0f} s on {args.threads} CPU thread(s); load average "
+        f"{load_before:.2f} before, {load_after:.2f} after.",
         "",
     ]
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, out)
-    summary = {
-        f"{scale:g}": {
-            "fd": vars(res["fd"]),
-            "overall": {k: vars(v) for k, v in res["overall"].items()},
-            "cells": {
-                f"{s}/{k}": {a: vars(e) for a, e in row.items()} for (s, k), row in res["cells"].items()
-            },
-        }
-        for scale, res in results.items()
-    }
-    json_out = out.with_suffix(".json")
-    tmp = json_out.with_name(f".{json_out.name}.tmp")
-    tmp.write_text(json.dumps({"fd_real_floor": fd_real, "scales": summary}, indent=2), encoding="utf-8")
-    os.replace(tmp, json_out)
+    write_text(out, "\n".join(lines))
+    write_json(out.with_suffix(".json"), summary_json())
     print("\n".join(lines))
     return 0
-
-
-def _plot_alignment_vs_fd(results: dict, path: Path, fd_floor: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    scales = list(results)
-    fd = np.array([[results[s]["fd"].value, results[s]["fd"].low, results[s]["fd"].high] for s in scales])
-    for split, marker in (("train", "o"), ("heldout", "s")):
-        acc = np.array(
-            [[vars(results[s]["overall"][split])[k] for k in ("value", "low", "high")] for s in scales]
-        )
-        ax.errorbar(
-            fd[:, 0],
-            acc[:, 0],
-            xerr=[fd[:, 0] - fd[:, 1], fd[:, 2] - fd[:, 0]],
-            yerr=[acc[:, 0] - acc[:, 1], acc[:, 2] - acc[:, 0]],
-            marker=marker,
-            capsize=3,
-            label=f"{SPLIT_NAME[split]} combinations",
-        )
-        for s, x, y in zip(scales, fd[:, 0], acc[:, 0], strict=True):
-            ax.annotate(f"s={s:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.axvline(fd_floor, color="grey", ls=":", label="real vs real")
-    ax.set_xscale("log")
-    ax.set_xlabel("Fréchet distance to real renders (reader features, log scale)")
-    ax.set_ylabel("whole-caption accuracy")
-    ax.set_title("reference model: CFG scale sweep")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

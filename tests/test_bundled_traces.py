@@ -8,7 +8,6 @@ Regenerate with ``python analysis/capture_reference_traces.py`` after the bundle
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 from hopfield_aa.checks.traces import BUNDLED_TRACES, bundled_traces, capture_dirs
-from hopfield_aa.reference import BUNDLED_WEIGHTS, load_pipeline, parse_caption, split_of
+from hopfield_aa.reference import BUNDLED_PIPELINE, load_pipeline, parse_caption, pipeline_sha256, split_of
 from hopfield_aa.traces import TraceRecord, TraceSet, config_hash
 from hopfield_aa.traces.format import TEMP_PREFIX
 
@@ -36,9 +35,9 @@ def traces() -> dict[str, TraceSet]:
 
 @pytest.fixture(scope="module")
 def pipe() -> Any:
-    if not (BUNDLED_WEIGHTS / "model.safetensors").is_file():
-        pytest.fail(f"bundled traces ship without the bundled weights they belong to ({BUNDLED_WEIGHTS})")
-    return load_pipeline(BUNDLED_WEIGHTS)
+    if not (BUNDLED_PIPELINE / "model_index.json").is_file():
+        pytest.fail(f"bundled traces ship without the bundled pipeline they belong to ({BUNDLED_PIPELINE})")
+    return load_pipeline(BUNDLED_PIPELINE)
 
 
 def _attention_layers(unet: torch.nn.Module, *, cross: bool) -> set[str]:
@@ -108,8 +107,7 @@ def test_prompts_are_the_bundled_prompt_file_mixing_kinds_and_held_out_combinati
 
 
 def test_manifests_name_the_device_and_the_bundled_weights(traces: dict[str, TraceSet], pipe: Any) -> None:
-    weights_sha = hashlib.sha256((BUNDLED_WEIGHTS / "model.safetensors").read_bytes()).hexdigest()
-    config_sha = hashlib.sha256((BUNDLED_WEIGHTS / "config.json").read_bytes()).hexdigest()
+    weights_sha = pipeline_sha256(BUNDLED_PIPELINE)
     for part, ts in traces.items():
         meta = ts.metadata
         assert meta["device"] and meta["device_name"], f"{part}: no device recorded"
@@ -120,7 +118,6 @@ def test_manifests_name_the_device_and_the_bundled_weights(traces: dict[str, Tra
             f"{meta['weights_sha256'][:12]}…) than the bundled ones ({weights_sha[:12]}…): recapture with "
             "python analysis/capture_reference_traces.py"
         )
-        assert meta["weights_config_sha256"] == config_sha
         assert meta["config_hash"] == config_hash(pipe.unet)
 
 

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from hopfield_aa.evaluation.evaluate import (
     FAMILIES,
     Method,
@@ -16,7 +17,9 @@ from hopfield_aa.evaluation.evaluate import (
     default_methods,
     evaluate,
     evaluation_prompts,
+    guidance_magnitude,
     initial_noise,
+    matched_cfg_scale,
     sample,
 )
 from hopfield_aa.evaluation.report import Comparison, markdown_report, write_figures
@@ -78,14 +81,81 @@ def test_calibrated_eta_is_a_positive_norm_and_the_probe_rule_is_removed(pipe):
 
 
 def test_default_methods_cover_every_family_with_unique_names():
-    methods = default_methods(0.1)
-    assert {m.family for m in methods} == set(FAMILIES)
+    methods = default_methods(0.1, cfg_scale=2.5)
+    assert {m.family for m in methods} == set(FAMILIES) - {"cfg_matched"}
     assert len({m.name for m in methods}) == len(methods)
-    capped = [m for m in methods if m.family == "gag_capped"]
+    assert {m.cfg_scale for m in methods if m.family == "cfg"} == {1.5, 2.0, 2.5, 3.0, 5.0, 7.5}
+    capped = [m for m in methods if m.family.startswith("gag_capped")]
     assert all(m.guidance is not None and m.guidance.options["eta"] == 0.1 for m in capped)
     orthogonal = [m for m in methods if m.family == "orthogonal"]
     assert all(m.guidance.options == {"zeta": 1.0, "eta": 0.0, "reference": "sparse"} for m in orthogonal)
-    assert {m.family for m in default_methods(0.1, quick=True)} == set(FAMILIES) - {"full"}
+    on_cfg = [m for m in methods if m.family.endswith("_cfg") or m.guider]
+    assert on_cfg and all(m.cfg_scale == 2.5 for m in on_cfg)
+    assert {m.guider for m in methods if m.guider} == {"PAG", "SEG", "APG"}
+    # every rule is swept both without CFG and on top of it, over the same λ values
+    for family in ("extrapolate", "gag", "gag_capped", "orthogonal", "ladder"):
+        plain = sorted(m.value for m in methods if m.family == family)
+        assert plain and plain == sorted(m.value for m in methods if m.family == f"{family}_cfg")
+    quick = default_methods(0.1, quick=True)
+    assert len(quick) < len(methods) and {"none", "cfg", "gag", "pag"} <= {m.family for m in quick}
+
+
+def test_a_peer_guider_method_samples_through_the_guider_loop(pipe):
+    captions = evaluation_prompts(2)
+    latents = initial_noise(pipe, 2, [0])
+    cfg = sample(pipe, Method("CFG s=3", "cfg", 3.0, cfg_scale=3.0), captions, latents, steps=2)
+    pag = sample(
+        pipe, Method("PAG + CFG s=3", "pag", 3.0, cfg_scale=3.0, guider="PAG"), captions, latents, steps=2
+    )
+    assert pag.shape == cfg.shape and np.abs(pag - cfg).max() > 1e-5
+
+
+def test_guidance_magnitude_of_cfg_grows_linearly_with_the_scale(pipe):
+    captions = evaluation_prompts(2)
+    latents = initial_noise(pipe, 2, [0])
+    none = guidance_magnitude(pipe, Method("none", "none", 0.0), captions, latents, steps=1)
+    m2 = guidance_magnitude(pipe, Method("CFG s=2", "cfg", 2.0, cfg_scale=2.0), captions, latents, steps=1)
+    m3 = guidance_magnitude(pipe, Method("CFG s=3", "cfg", 3.0, cfg_scale=3.0), captions, latents, steps=1)
+    assert none < 1e-5  # no guidance hands the scheduler the stock conditional prediction
+    assert m3 == pytest.approx(2 * m2, rel=1e-3)  # one step: same state, (s - 1) times the CFG direction
+    assert pipe.scheduler.step.__func__ is type(pipe.scheduler).step  # the wrapper is gone
+
+
+def test_matched_cfg_scale_interpolates_and_extrapolates():
+    cfg = {2.0: 0.1, 3.0: 0.2, 5.0: 0.4}
+    assert matched_cfg_scale(0.0, cfg) == 1.0
+    assert matched_cfg_scale(0.15, cfg) == 2.5
+    assert matched_cfg_scale(0.6, cfg) == 7.0
+    assert matched_cfg_scale(0.05, cfg) == 1.5
+
+
+def test_a_calibrated_evaluation_pairs_every_rule_with_cfg_of_equal_magnitude(pipe):
+    n_prompts, seeds = 2, [0]
+    captions = evaluation_prompts(n_prompts)
+    methods = [
+        Method("none", "none", 0.0),
+        Method("CFG s=2", "cfg", 2.0, cfg_scale=2.0),
+        Method("CFG s=3", "cfg", 3.0, cfg_scale=3.0),
+        Method("GAG ζ=0 λ=1", "gag", 1.0, guidance=GuidanceConfig(scale=1.0)),
+    ]
+    ev = evaluate(
+        pipe,
+        methods,
+        captions,
+        n_prompts=n_prompts,
+        seeds=seeds,
+        steps=2,
+        progress=False,
+        real_per_caption=2,
+        calibration_samples=2,
+    )
+    matched = ev.matched["GAG ζ=0 λ=1"]
+    assert set(ev.magnitudes) == {"CFG s=2", "CFG s=3", "GAG ζ=0 λ=1", matched}
+    assert matched in {r.method.name for r in ev.results}
+    # the matched CFG scale reproduces the rule's magnitude up to the 0.05 rounding of the scale
+    assert ev.magnitudes[matched] == pytest.approx(ev.magnitudes["GAG ζ=0 λ=1"], rel=0.25)
+    ev.n_resamples = 20
+    assert "calibrated" in markdown_report(ev)
 
 
 @pytest.mark.parametrize(
@@ -129,6 +199,12 @@ def test_a_quick_evaluation_writes_tables_claims_and_figures(pipe, tmp_path):
     figures = write_figures(ev, tmp_path)
     assert all(p.is_file() and p.stat().st_size > 0 for p in figures)
     text = markdown_report(ev, figures={p.stem: p.name for p in figures})
-    for heading in ("Alignment and quality per method", "Ordering of ζ = 0", "The λ curve", "On top of CFG"):
+    for heading in (
+        "Alignment and quality per method",
+        "Ordering of ζ = 0",
+        "The λ curve",
+        "On top of CFG",
+        "Against CFG of the same strength",
+    ):
         assert heading in text
     assert all(m.name in text for m in methods)

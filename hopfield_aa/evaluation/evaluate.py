@@ -36,7 +36,15 @@ FAMILIES: dict[str, str] = {
     "full": "full residual ζ = 1 (check: equals extrapolation at λ + 1)",
     "orthogonal": "orthogonal only (ζ = 1, η = 0)",
     "ladder": "α-ladder AA (1, 1.25, 1.5, 2)",
-    "gag_cfg": "GAG ζ = 0, λ = 1 on top of CFG (scale s)",
+    "extrapolate_cfg": "extrapolation on top of CFG (best s)",
+    "gag_cfg": "GAG ζ = 0 on top of CFG (best s)",
+    "gag_capped_cfg": "GAG ζ = 0, η capped, on top of CFG (best s)",
+    "orthogonal_cfg": "orthogonal only on top of CFG (best s)",
+    "ladder_cfg": "α-ladder on top of CFG (best s)",
+    "pag": "PAG on top of CFG (best s), diffusers guider",
+    "seg": "SEG on top of CFG (best s), diffusers guider",
+    "apg": "APG (η = 0) at the best s, diffusers guider",
+    "cfg_matched": "CFG at the scale matching a rule's guidance magnitude",
 }
 """Method families: each is one curve (a sweep over λ or the CFG scale s)."""
 
@@ -64,41 +72,73 @@ class Method:
     value: float
     cfg_scale: float = 1.0
     guidance: GuidanceConfig | None = None
+    guider: str | None = None
 
 
-def default_methods(eta: float, *, quick: bool = False) -> list[Method]:
-    """The evaluation grid: no guidance, CFG swept, extrapolation, GAG with and without the η cap, full
-    residual, orthogonal only, the α-ladder, and GAG on top of CFG; a λ sweep for the main rules.
+RULE_GRID: dict[str, tuple[tuple[float, ...], str, dict[str, Any]]] = {
+    "extrapolate": ((1.5, 2.0, 3.0), "extrapolate", {}),
+    "gag": ((0.5, 1.0, 2.0, 3.0), "gag", {}),
+    "gag_capped": ((1.0, 3.0), "gag", {"eta": None}),
+    "orthogonal": ((0.5, 1.0, 2.0), "gag", {"zeta": 1.0, "eta": 0.0}),
+    "ladder": ((1.5, 2.0, 3.0), "ladder", {}),
+}
+"""Attention rules swept over λ: family -> (λ values, registered rule, options; ``eta: None`` = the
+calibrated η)."""
+
+RULE_NAMES = {
+    "extrapolate": "extrapolate",
+    "gag": "GAG ζ=0",
+    "gag_capped": "GAG ζ=0 η-cap",
+    "orthogonal": "orthogonal",
+    "ladder": "ladder",
+}
+
+
+def default_methods(eta: float, *, cfg_scale: float = 3.0, quick: bool = False) -> list[Method]:
+    """The evaluation grid: no guidance; CFG swept over s ∈ {1.5, 2, 3, 5, 7.5} (and ``cfg_scale``);
+    every attention rule of :data:`RULE_GRID` over its λ values without CFG and on top of CFG at
+    ``cfg_scale`` (the model's best scale); the full residual ζ = 1 (the identity check against
+    extrapolation); and the peers diffusers ships as guiders (PAG, SEG, APG) at ``cfg_scale``.
 
     Parameters
     ----------
     eta : float
         The cap η of the capped GAG variant (e.g. from :func:`calibrate_eta`).
+    cfg_scale : float, default 3
+        The CFG scale the rules are added to and the peers run at.
     quick : bool
         One point per family (for smoke runs).
     """
 
-    def rule(family: str, lam: float, name: str, **kwargs: Any) -> Method:
-        return Method(f"{name} λ={lam:g}", family, lam, guidance=GuidanceConfig(scale=lam, **kwargs))
+    def rule(family: str, lam: float, scale: float) -> Method:
+        _, registered, options = RULE_GRID[family]
+        options = {k: (eta if v is None else v) for k, v in options.items()}
+        suffix = "" if scale == 1.0 else f" + CFG s={scale:g}"
+        return Method(
+            f"{RULE_NAMES[family]} λ={lam:g}{suffix}",
+            family if scale == 1.0 else f"{family}_cfg",
+            lam,
+            cfg_scale=scale,
+            guidance=GuidanceConfig(rule=registered, scale=lam, options=options),
+        )
 
-    cfg_values = (3.0,) if quick else (1.5, 2.0, 3.0, 5.0)
+    cfg_values = (cfg_scale,) if quick else tuple(sorted({1.5, 2.0, 3.0, 5.0, 7.5, cfg_scale}))
     methods = [Method("none", "none", 0.0)]
     methods += [Method(f"CFG s={s:g}", "cfg", s, cfg_scale=s) for s in cfg_values]
-    for lam in (2.0,) if quick else (1.5, 2.0, 3.0):
-        methods.append(rule("extrapolate", lam, "extrapolate", rule="extrapolate"))
+    for family, (values, _, _) in RULE_GRID.items():
+        lams = values[len(values) // 2 : len(values) // 2 + 1] if quick else values
+        methods += [rule(family, lam, 1.0) for lam in lams]
+        if not quick:
+            methods += [rule(family, lam, cfg_scale) for lam in lams]
     if not quick:
-        methods.append(rule("full", 1.0, "full ζ=1", rule="gag", options={"zeta": 1.0}))
-    for lam in (1.0,) if quick else (0.5, 1.0, 2.0, 3.0):
-        methods.append(rule("gag", lam, "GAG ζ=0", rule="gag"))
-    for lam in (1.0,) if quick else (1.0, 3.0):
-        methods.append(rule("gag_capped", lam, "GAG ζ=0 η-cap", rule="gag", options={"eta": eta}))
-    for lam in (1.0,) if quick else (0.5, 1.0, 2.0):
-        methods.append(rule("orthogonal", lam, "orthogonal", rule="gag", options={"zeta": 1.0, "eta": 0.0}))
-    for lam in (2.0,) if quick else (1.5, 2.0, 3.0):
-        methods.append(rule("ladder", lam, "ladder", rule="ladder"))
-    for s in (3.0,) if quick else (2.0, 3.0):
         methods.append(
-            Method(f"GAG λ=1 + CFG s={s:g}", "gag_cfg", s, cfg_scale=s, guidance=GuidanceConfig(scale=1.0))
+            Method("full ζ=1 λ=1", "full", 1.0, guidance=GuidanceConfig(scale=1.0, options={"zeta": 1.0}))
+        )
+    else:
+        methods.append(rule("gag", 1.0, cfg_scale))
+    for guider in ("PAG", "SEG", "APG"):
+        methods.append(
+            Method(f"{guider} + CFG s={cfg_scale:g}", guider.lower(), cfg_scale, cfg_scale, guider=guider)
         )
     return methods
 
@@ -141,6 +181,20 @@ def sample(
     batch_size: int = 64,
 ) -> np.ndarray:
     """Images ``(n, H, W, 3)`` in [0, 1] for ``captions`` from ``latents`` under ``method``."""
+    if method.guider is not None:
+        from hopfield_aa.guidance.guiders import denoise_with_guider, peer_guiders
+
+        chunks = [
+            denoise_with_guider(
+                pipe,
+                peer_guiders(method.cfg_scale)[method.guider],
+                captions[start : start + batch_size],
+                latents[start : start + batch_size],
+                num_inference_steps=steps,
+            )
+            for start in range(0, len(captions), batch_size)
+        ]
+        return np.concatenate(chunks)
     handle = None if method.guidance is None else enable_config(pipe, method.guidance)
     try:
         return generate(
@@ -188,6 +242,61 @@ def calibrate_eta(
     return float(torch.quantile(torch.cat(norms).float(), quantile))
 
 
+@torch.no_grad()
+def guidance_magnitude(
+    pipe: Any, method: Method, captions: Sequence[str], latents: torch.Tensor, steps: int
+) -> float:
+    r"""How far ``method`` moves the noise prediction: the mean over steps and samples of
+
+    .. math:: \lVert \hat\varepsilon_t - \varepsilon_c \rVert / \lVert \varepsilon_c \rVert,
+              \quad \varepsilon_c = \varepsilon_\theta(x_t, t, c),
+
+    where :math:`\hat\varepsilon_t` is the prediction the method hands the scheduler and
+    :math:`\varepsilon_\theta(x_t, t, c)` the stock conditional prediction at the same state (stock attention
+    processors, no guider hook). For CFG at scale s this is (s − 1)‖ε_c − ε_∅‖/‖ε_c‖; matching it is the
+    calibrated comparison of "Guidance Matters" (arXiv 2602.22570). ``captions`` must fit in one batch.
+    """
+    from hopfield_aa.reference.pipeline import encode_captions
+
+    unet, scheduler = pipe.unet, pipe.scheduler
+    stock = dict(unet.attn_processors)
+    cond = encode_captions(pipe.tokenizer, pipe.text_encoder, captions).to(unet.dtype)
+    ratios: list[torch.Tensor] = []
+    original_step = scheduler.step
+
+    def step(model_output: torch.Tensor, t: Any, sample_: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        current = dict(unet.attn_processors)
+        unet.set_attn_processor(dict(stock))  # (set_attn_processor consumes the dict it is given)
+        try:
+            eps = unet(scheduler.scale_model_input(sample_, t), t, encoder_hidden_states=cond).sample
+        finally:
+            unet.set_attn_processor(current)
+        diff = (model_output - eps).flatten(1).norm(dim=1) / eps.flatten(1).norm(dim=1).clamp_min(1e-12)
+        ratios.append(diff.float().cpu())
+        return original_step(model_output, t, sample_, *args, **kwargs)
+
+    scheduler.step = step
+    try:
+        sample(pipe, method, captions, latents, steps, batch_size=len(captions))
+    finally:
+        del scheduler.step  # the instance attribute; the class method is back
+    return float(torch.cat(ratios).mean())
+
+
+def matched_cfg_scale(magnitude: float, cfg_magnitudes: dict[float, float]) -> float:
+    """The CFG scale whose guidance magnitude equals ``magnitude``, by linear interpolation over the
+    measured scales (magnitude 0 at s = 1; extrapolated linearly beyond the largest), rounded to 0.05."""
+    points = sorted({1.0: 0.0, **cfg_magnitudes}.items())
+    scales = np.array([p[0] for p in points])
+    values = np.array([p[1] for p in points])
+    if magnitude > values[-1]:
+        slope = (values[-1] - values[-2]) / (scales[-1] - scales[-2])
+        scale = scales[-1] + (magnitude - values[-1]) / max(slope, 1e-12)
+    else:
+        scale = float(np.interp(magnitude, values, scales))
+    return round(float(scale) * 20) / 20
+
+
 @dataclass
 class MethodResult:
     """What one method produced: images, per-image alignment, reader features, and wall time."""
@@ -211,6 +320,8 @@ class Evaluation:
     real_features: np.ndarray
     eta: float
     model: str
+    magnitudes: dict[str, float] = field(default_factory=dict)
+    matched: dict[str, str] = field(default_factory=dict)
     n_resamples: int = 500
     _cache: dict[tuple[str, ...], Any] = field(default_factory=dict)
 
@@ -308,6 +419,8 @@ class Evaluation:
                     "attribute_score": est(self.accuracy(m.name, "attributes")),
                     "attributes": {a: est(self.accuracy(m.name, a)) for a in self.attributes()},
                     "fd": est(self.fd(m.name)),
+                    "guidance_magnitude": self.magnitudes.get(m.name),
+                    "matched_cfg": self.matched.get(m.name),
                 }
             )
         return {
@@ -336,8 +449,14 @@ def evaluate(
     model: str = "",
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    calibration_samples: int = 0,
 ) -> Evaluation:
     """Sample every method on the same captions and initial noise and score the images.
+
+    With ``calibration_samples > 0``, the guidance magnitude of every method (:func:`guidance_magnitude`
+    on the first ``calibration_samples`` captions) is measured, each non-CFG method gets the CFG scale of
+    equal magnitude (:func:`matched_cfg_scale`), and CFG is also sampled at every such scale (methods
+    ``"CFG s=… (matched)"``), so each rule can be compared with the CFG of the same strength.
 
     Parameters
     ----------
@@ -350,6 +469,8 @@ def evaluate(
         The η used by capped methods (recorded in the report).
     real_per_caption : int, default 8
         Real renders per distinct caption for the Fréchet distance.
+    calibration_samples : int, default 0
+        Samples used to measure guidance magnitudes (0: no calibrated comparison).
     """
     from tqdm.auto import tqdm
 
@@ -357,6 +478,27 @@ def evaluate(
     if latents.shape[0] != len(captions):
         raise ValueError(f"captions must hold len(seeds) * n_prompts = {latents.shape[0]} entries")
     real = image_features(real_renders(captions[:n_prompts], real_per_caption))
+    methods = list(methods)
+    magnitudes: dict[str, float] = {}
+    matched: dict[str, str] = {}
+    if calibration_samples > 0:
+        n = min(calibration_samples, len(captions))
+        for method in tqdm(methods, desc="guidance magnitude", disable=not progress):
+            if method.family != "none":
+                magnitudes[method.name] = guidance_magnitude(pipe, method, captions[:n], latents[:n], steps)
+        cfg = {m.cfg_scale: magnitudes[m.name] for m in methods if m.family == "cfg"}
+        known = {m.name for m in methods}
+        for method in list(methods):
+            if method.family in ("none", "cfg") or len(cfg) < 2:
+                continue
+            scale = matched_cfg_scale(magnitudes[method.name], cfg)
+            name = f"CFG s={scale:g}" if f"CFG s={scale:g}" in known else f"CFG s={scale:g} (matched)"
+            matched[method.name] = name
+            if name not in known:
+                extra = Method(name, "cfg_matched", scale, cfg_scale=scale)
+                magnitudes[name] = guidance_magnitude(pipe, extra, captions[:n], latents[:n], steps)
+                methods.append(extra)
+                known.add(name)
     results = []
     for method in tqdm(methods, desc="evaluate", disable=not progress):
         start = time.perf_counter()
@@ -375,4 +517,6 @@ def evaluate(
         real_features=real,
         eta=eta,
         model=model,
+        magnitudes=magnitudes,
+        matched=matched,
     )

@@ -16,19 +16,44 @@ import numpy as np
 from hopfield_aa.evaluation.evaluate import FAMILIES, Evaluation, MethodResult
 from hopfield_aa.reference.metrics import Estimate
 
-CURVE_FAMILIES = ("cfg", "extrapolate", "gag", "gag_capped", "orthogonal", "ladder", "gag_cfg")
+CURVE_FAMILIES = (
+    "cfg",
+    "extrapolate",
+    "gag",
+    "gag_capped",
+    "orthogonal",
+    "ladder",
+    "extrapolate_cfg",
+    "gag_cfg",
+    "gag_capped_cfg",
+    "orthogonal_cfg",
+    "ladder_cfg",
+    "pag",
+    "seg",
+    "apg",
+)
 LAMBDA_FAMILIES = ("extrapolate", "gag", "gag_capped", "orthogonal", "ladder")
+CFG_RULE_FAMILIES = tuple(f"{f}_cfg" for f in LAMBDA_FAMILIES)
 _COLOURS = {
     "none": "black",
     "cfg": "tab:blue",
+    "cfg_matched": "tab:blue",
     "extrapolate": "tab:orange",
     "full": "tab:orange",
     "gag": "tab:green",
     "gag_capped": "tab:olive",
     "orthogonal": "tab:red",
     "ladder": "tab:purple",
-    "gag_cfg": "tab:cyan",
+    "extrapolate_cfg": "tab:orange",
+    "gag_cfg": "tab:green",
+    "gag_capped_cfg": "tab:olive",
+    "orthogonal_cfg": "tab:red",
+    "ladder_cfg": "tab:purple",
+    "pag": "tab:brown",
+    "seg": "tab:pink",
+    "apg": "tab:gray",
 }
+_DASHED = frozenset(CFG_RULE_FAMILIES)
 
 
 def _fmt(e: Estimate, digits: int = 3) -> str:
@@ -249,16 +274,50 @@ def _non_decreasing(values: Sequence[float]) -> str:
 
 
 def cfg_claim(ev: Evaluation) -> tuple[str, str]:
-    """GAG on top of CFG against CFG alone at the same scale."""
+    """Every rule on top of CFG, and the peer guiders, against CFG alone at the same scale."""
     names = _names(ev)
     rows = []
-    for r in ev.family("gag_cfg"):
-        baseline = f"CFG s={r.method.value:g}"
-        if baseline in names:
-            rows.append(compare(ev, r.method.name, baseline))
+    for family in (*CFG_RULE_FAMILIES, "pag", "seg", "apg"):
+        for r in ev.family(family):
+            baseline = f"CFG s={r.method.cfg_scale:g}"
+            if baseline in names:
+                rows.append(compare(ev, r.method.name, baseline))
     if not rows:
-        return "", "GAG on top of CFG was not evaluated."
-    return _comparison_table(rows), f"GAG (λ = 1) added to CFG, against CFG alone: {_tally_s(rows)}."
+        return "", "No rule was evaluated on top of CFG."
+    counts: dict[str, int] = {}
+    for c in rows:
+        counts[c.verdict] = counts.get(c.verdict, 0) + 1
+    tally = ", ".join(f"{v}: {n}" for v, n in counts.items())
+    return _comparison_table(
+        rows
+    ), f"Rules and peers on top of CFG, against CFG alone at the same scale ({tally})."
+
+
+def calibrated_claim(ev: Evaluation) -> tuple[str, str]:
+    """Each method against CFG at the scale of equal guidance magnitude (the calibrated comparison)."""
+    if not ev.matched:
+        return "", "Guidance magnitudes were not measured (no calibrated comparison)."
+    lines = [
+        "| method | guidance magnitude | matched CFG | Δ whole (paired) | Δ attribute score | Δ FD "
+        "| verdict |",
+        "|---|---:|---|---|---|---|---|",
+    ]
+    counts: dict[str, int] = {}
+    for name, cfg in ev.matched.items():
+        c = compare(ev, name, cfg)
+        counts[c.verdict] = counts.get(c.verdict, 0) + 1
+        attr = _signed(c.attributes) if c.attributes is not None else "—"
+        lines.append(
+            f"| {name} | {ev.magnitudes[name]:.3f} | {cfg} ({ev.magnitudes.get(cfg, float('nan')):.3f}) "
+            f"| {_signed(c.accuracy)} | {attr} | {_signed(c.fd, 2)} | {c.verdict} |"
+        )
+    tally = ", ".join(f"{v}: {n} of {len(ev.matched)}" for v, n in counts.items())
+    text = (
+        "Guidance magnitude = mean ‖ε̂ − ε_c‖ / ‖ε_c‖ over steps and calibration samples (ε_c: the stock "
+        "conditional prediction at the same state); each method is compared with CFG at the scale of equal "
+        f"magnitude, on the same prompts and noise. Against magnitude-matched CFG: {tally}."
+    )
+    return "\n".join(lines), text
 
 
 def _tally_s(rows: Sequence[Comparison]) -> str:
@@ -309,16 +368,18 @@ def plot_alignment_vs_fd(ev: Evaluation, path: str | os.PathLike[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5.8))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 7.2))
     for ax, score in zip(axes, ("attributes", "whole"), strict=True):
         _alignment_panel(ev, ax, score)
-    axes[0].legend(fontsize=6.5, loc="best")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4, frameon=False)
+    fig.subplots_adjust(bottom=0.25)
     fig.suptitle(
         f"Alignment vs quality: {len(ev.captions)} samples per method, {ev.steps} steps (bars: 95% bootstrap "
         "CIs of the score; FD intervals and paired differences are in the tables)",
         fontsize=10,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
     fig.savefig(path, dpi=150)
     plt.close(fig)
 
@@ -340,18 +401,20 @@ def _alignment_panel(ev: Evaluation, ax: Any, score: str) -> None:
             x,
             y,
             yerr=yerr,
-            marker="o",
+            marker="s" if family in ("pag", "seg", "apg") else "o",
             ms=4,
             lw=1.2,
+            ls="--" if family in _DASHED else "-",
             capsize=2,
             elinewidth=0.6,
             color=_COLOURS[family],
             label=FAMILIES[family],
         )
         for r, xi, yi in zip(members, x, y, strict=True):
-            if family != "none":
-                tag = f"s={r.method.value:g}" if family in ("cfg", "gag_cfg") else f"λ={r.method.value:g}"
-                ax.annotate(tag, (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=6)
+            if family in ("cfg",):
+                ax.annotate(
+                    f"s={r.method.value:g}", (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=6
+                )
     ax.set_xlabel("Fréchet distance to real renders (reader features; lower is better)")
     label = (
         "attribute score: share of stated attributes read correctly"
@@ -399,7 +462,7 @@ def plot_lambda_curves(ev: Evaluation, path: str | os.PathLike[str]) -> None:
         "(shaded: paired 95% bootstrap CI)",
         fontsize=10,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
     fig.savefig(path, dpi=150)
     plt.close(fig)
 
@@ -470,6 +533,7 @@ def markdown_report(ev: Evaluation, *, figures: dict[str, str] | None = None, co
     geometry_table, geometry_text = geometry_claim(ev)
     lambda_table, lambda_text = lambda_claim(ev)
     cfg_table, cfg_text = cfg_claim(ev)
+    calibrated_table, calibrated_text = calibrated_claim(ev)
     frontier_table, frontier_text = frontier_claim(ev)
     main_names = [
         n for n in ("none", "CFG s=3", "extrapolate λ=2", "GAG ζ=0 λ=1", "ladder λ=2") if n in _names(ev)
@@ -532,6 +596,12 @@ def markdown_report(ev: Evaluation, *, figures: dict[str, str] | None = None, co
         cfg_table,
         "",
         cfg_text,
+        "",
+        "### Against CFG of the same strength (calibrated)",
+        "",
+        calibrated_table,
+        "",
+        calibrated_text,
         "",
         "### Against CFG swept over its scale",
         "",

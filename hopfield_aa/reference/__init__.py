@@ -50,6 +50,7 @@ from hopfield_aa.reference.pipeline import (
     initial_latents,
     load_components,
     load_pipeline,
+    pipeline_sha256,
     save_pipeline,
     write_tokenizer,
 )
@@ -93,6 +94,7 @@ __all__ = [
     "load_config",
     "load_pipeline",
     "parse_caption",
+    "pipeline_sha256",
     "read_attributes",
     "read_objects",
     "render",

@@ -445,6 +445,7 @@ __all__ = [
     "initial_latents",
     "load_components",
     "load_pipeline",
+    "pipeline_sha256",
     "read_model_config",
     "save_pipeline",
     "tokenizer_files",
@@ -551,3 +552,16 @@ def generate(
         )
         chunks.append(np.asarray(out.images, dtype=np.float32))
     return np.concatenate(chunks)
+
+
+def pipeline_sha256(folder: str | os.PathLike[str]) -> str:
+    """One SHA-256 identifying a saved pipeline: the hash of every file's relative path and bytes, in sorted
+    order (weights, configs, tokenizer files, ``reference_model.json``)."""
+    import hashlib
+
+    root = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode("utf-8") + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
