@@ -26,6 +26,7 @@ class Kind:
     numpy: bool
     dtype: torch.dtype
     device: torch.device
+    name: str = "the input"  # the argument it describes, for error messages
 
 
 def as_tensor(
@@ -55,7 +56,7 @@ def as_tensor(
         raise ValueError(
             f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(tensor.shape)}"
         )
-    kind = Kind(numpy=is_numpy, dtype=tensor.dtype, device=tensor.device)
+    kind = Kind(numpy=is_numpy, dtype=tensor.dtype, device=tensor.device, name=name)
     if tensor.dtype in _HALF:
         tensor = tensor.float()
     check_finite(tensor, name, allow_neg_inf=allow_neg_inf)
@@ -73,7 +74,7 @@ def result_kind(first: Kind, *others: Kind) -> Kind:
     dtype = first.dtype
     for other in others:
         dtype = torch.promote_types(dtype, other.dtype)
-    return Kind(numpy=first.numpy, dtype=dtype, device=first.device)
+    return Kind(numpy=first.numpy, dtype=dtype, device=first.device, name=first.name)
 
 
 def check_finite(tensor: torch.Tensor, name: str, *, allow_neg_inf: bool = False) -> None:
@@ -91,8 +92,18 @@ def check_finite(tensor: torch.Tensor, name: str, *, allow_neg_inf: bool = False
 
 
 def restore(tensor: torch.Tensor, kind: Kind) -> ArrayLike:
-    """Return ``tensor`` in the form described by ``kind`` (dtype, and NumPy if the input was NumPy)."""
+    """Return ``tensor`` in the form described by ``kind`` (dtype, and NumPy if the input was NumPy).
+
+    Raises ``ValueError`` naming the argument when a finite result does not fit in a half-precision
+    dtype (float16 holds at most 65504): the answer exists, the caller's dtype cannot hold it.
+    """
     out = tensor.to(kind.dtype)
+    if kind.dtype in _HALF and out.numel() > 0 and tensor.is_floating_point():
+        if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"the result overflows {kind.dtype} (largest finite {torch.finfo(kind.dtype).max:g}); "
+                f"pass {kind.name} in float32 or float64"
+            )
     if kind.numpy:
         return out.detach().cpu().numpy()
     return out

@@ -312,7 +312,10 @@ def anderson_step(
     if gamma is None:
         coef = None
     elif isinstance(gamma, (int, float, np.floating, np.integer)) and not isinstance(gamma, bool):
-        coef = torch.full((*batch, m), float(gamma), dtype=dtype, device=x_hist.device)
+        value = check_scalar(gamma, "gamma")
+        if math.isinf(value):
+            raise ValueError("gamma must be finite, got inf")
+        coef = torch.full((*batch, m), value, dtype=dtype, device=x_hist.device)
     else:
         coef_t, _ = as_tensor(gamma, "gamma", min_ndim=1)
         if coef_t.shape[-1] != m:

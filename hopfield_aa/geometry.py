@@ -46,24 +46,35 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _decompose(residual: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     reference = reference.expand_as(residual) if reference.shape != residual.shape else reference
-    ref_sq = _dot(reference, reference)
     eps = torch.finfo(residual.dtype).eps
-    scale = torch.maximum(
-        reference.abs().amax(dim=-1, keepdim=True), residual.abs().amax(dim=-1, keepdim=True)
-    )
-    is_zero = ref_sq.sqrt() <= _ZERO_FACTOR * eps * scale
-    coefficient = _dot(residual, reference) / torch.where(is_zero, torch.ones_like(ref_sq), ref_sq)
-    parallel = torch.where(is_zero, torch.zeros_like(residual), coefficient * reference)
+    ref_max = reference.abs().amax(dim=-1, keepdim=True)
+    # r_∥ does not depend on the scale of u: with u / |u|_∞ no square over- or underflows (|u| = 1e30
+    # in float32 would)
+    unit = reference / torch.where(ref_max > 0, ref_max, torch.ones_like(ref_max))
+    unit_sq = _dot(unit, unit)
+    scale = torch.maximum(ref_max, residual.abs().amax(dim=-1, keepdim=True))
+    is_zero = (ref_max == 0) | (ref_max * unit_sq.sqrt() <= _ZERO_FACTOR * eps * scale)
+    coefficient = _dot(residual, unit) / torch.where(is_zero, torch.ones_like(unit_sq), unit_sq)
+    parallel = torch.where(is_zero, torch.zeros_like(residual), coefficient * unit)
     return parallel, residual - parallel
 
 
 def _norm_cap(vector: torch.Tensor, eta: float) -> torch.Tensor:
     if math.isinf(eta):
         return vector
-    norm = torch.linalg.vector_norm(vector, dim=-1, keepdim=True)
-    # min(1, eta / ||v||) written so that ||v|| = 0 gives factor 1, never 0/0
-    factor = torch.clamp(eta / torch.clamp(norm, min=torch.finfo(vector.dtype).tiny), max=1.0)
-    return vector * factor
+    # ‖v‖ as |v|_∞ ‖v / |v|_∞‖, which neither over- nor underflows
+    top = (
+        vector.abs().amax(dim=-1, keepdim=True)
+        if vector.shape[-1]
+        else vector.new_zeros((*vector.shape[:-1], 1))
+    )
+    unit_norm = torch.linalg.vector_norm(
+        vector / torch.where(top > 0, top, torch.ones_like(top)), dim=-1, keepdim=True
+    )
+    # min(1, eta / ||v||), exactly 1 (v unchanged) when ||v|| <= eta, never 0/0
+    within = top * unit_norm <= eta
+    shrink = eta / torch.clamp(top, min=torch.finfo(vector.dtype).tiny) / unit_norm.clamp(min=1.0)
+    return torch.where(within, vector, vector * torch.clamp(shrink, max=1.0))
 
 
 def _reference_vector(

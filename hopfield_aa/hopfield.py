@@ -86,6 +86,10 @@ def _memory_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor, float, float, Kind]:
     xi, kind = as_tensor(state, "state", min_ndim=1)
     memory, memory_kind = as_tensor(patterns, "patterns", min_ndim=2)
+    if xi.shape[-1] == 0:
+        raise ValueError(
+            f"state must have a non-empty last axis (dimension d >= 1), got shape {tuple(xi.shape)}"
+        )
     if memory.shape[-2] == 0:
         raise ValueError("patterns must hold at least one pattern (got an empty memory, N = 0)")
     if memory.shape[-1] != xi.shape[-1]:
@@ -104,7 +108,18 @@ def _memory_inputs(
     if math.isinf(beta_value):
         raise ValueError("beta must be finite, got inf")
     xi, memory = promote(xi, memory)
-    return xi, memory, beta_value, check_alpha(alpha), result_kind(kind, memory_kind)
+    alpha_value = check_alpha(alpha)
+    _check_finite_result(_scores(xi, memory, beta_value), "the scores beta * patterns @ state")
+    return xi, memory, beta_value, alpha_value, result_kind(kind, memory_kind)
+
+
+def _check_finite_result(value: torch.Tensor, what: str, names: str = "state and patterns") -> torch.Tensor:
+    """``value`` itself, or a ValueError naming the inputs when finite inputs overflowed in computing it."""
+    if value.numel() > 0 and not bool(torch.isfinite(value).all()):
+        raise ValueError(
+            f"{what} overflow {value.dtype}: {names} are too large for it (scale them down or use float64)"
+        )
+    return value
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,7 +182,7 @@ def energy(state: ArrayLike, patterns: ArrayLike, beta: float, alpha: float = 1.
     True
     """
     xi, memory, beta_value, alpha_value, kind = _memory_inputs(state, patterns, beta, alpha)
-    return restore(_energy(xi, memory, beta_value, alpha_value), kind)
+    return restore(_check_finite_result(_energy(xi, memory, beta_value, alpha_value), "the energies"), kind)
 
 
 def attention(
@@ -201,10 +216,16 @@ def attention(
         raise ValueError(f"values must have as many rows as keys ({k.shape[-2]}), got {tuple(v.shape)}")
     if k.shape[-2] == 0:
         raise ValueError("keys must hold at least one key (got L_k = 0)")
+    if q.shape[-1] == 0:
+        raise ValueError(f"queries must have a non-empty head dimension, got shape {tuple(q.shape)}")
     beta = 1.0 / math.sqrt(q.shape[-1]) if scale is None else check_scalar(scale, "scale", positive=True)
+    if math.isinf(beta):
+        raise ValueError("scale must be finite, got inf")
+    alpha_value = check_alpha(alpha)
     q, k, v = promote(q, k, v)
-    probs = _entmax_tensor(beta * (q @ k.mT), check_alpha(alpha), -1)
-    return restore(probs @ v, kind)
+    scores = _check_finite_result(beta * (q @ k.mT), "the scores scale * queries @ keys", "queries and keys")
+    probs = _entmax_tensor(scores, alpha_value, -1)
+    return restore(_check_finite_result(probs @ v, "the outputs", "values"), kind)
 
 
 def retrieval_jacobian(state: ArrayLike, patterns: ArrayLike, beta: float, alpha: float = 1.0) -> ArrayLike:
@@ -220,7 +241,9 @@ def retrieval_jacobian(state: ArrayLike, patterns: ArrayLike, beta: float, alpha
     Tensor or array of shape (..., d, d).
     """
     xi, memory, beta_value, alpha_value, kind = _memory_inputs(state, patterns, beta, alpha)
-    return restore(_jacobian(xi, memory, beta_value, alpha_value), kind)
+    return restore(
+        _check_finite_result(_jacobian(xi, memory, beta_value, alpha_value), "the Jacobians"), kind
+    )
 
 
 def local_lipschitz(state: ArrayLike, patterns: ArrayLike, beta: float, alpha: float = 1.0) -> ArrayLike:
@@ -235,7 +258,8 @@ def local_lipschitz(state: ArrayLike, patterns: ArrayLike, beta: float, alpha: f
     Tensor or array of shape (...).
     """
     xi, memory, beta_value, alpha_value, kind = _memory_inputs(state, patterns, beta, alpha)
-    return restore(_local_lipschitz(xi, memory, beta_value, alpha_value), kind)
+    jacobian = _check_finite_result(_jacobian(xi, memory, beta_value, alpha_value), "the Jacobians")
+    return restore(_spectral_norm_psd(jacobian), kind)
 
 
 def lipschitz_bound(
@@ -256,6 +280,8 @@ def lipschitz_bound(
     if memory.shape[-2] == 0:
         raise ValueError("patterns must hold at least one pattern (got an empty memory, N = 0)")
     beta_value = check_scalar(beta, "beta", positive=True)
+    if math.isinf(beta_value):
+        raise ValueError("beta must be finite, got inf")
     alpha_value = check_alpha(alpha)
     if state is None:
         if alpha_value > 2.0:
@@ -353,6 +379,8 @@ def iterate(
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
     tol_value = tolerance(xi.dtype, 100.0) if tol is None else check_scalar(tol, "tol", positive=True)
     scale = torch.linalg.vector_norm(memory, dim=-1).amax(-1).clamp(min=torch.finfo(xi.dtype).tiny)
+    # iterates reach the patterns' hull, where scores are up to β M²
+    _check_finite_result(beta_value * scale * scale, "beta * (largest pattern norm)^2", "patterns")
     threshold = tol_value * scale  # broadcasts against the states' leading shape
     xi = torch.broadcast_to(xi, torch.broadcast_shapes(xi.shape, memory.shape[:-2] + xi.shape[-1:]))
     batch_shape = xi.shape[:-1]
@@ -384,8 +412,12 @@ def iterate(
         final = torch.as_tensor(result.x).reshape(xi.shape)
         converged = torch.as_tensor(result.converged).reshape(batch_shape)
         n_iter = torch.as_tensor(result.n_iter).reshape(batch_shape)
-        history = torch.as_tensor(result.residual_norms).reshape(-1, *batch_shape)
+        residuals = torch.as_tensor(result.residual_norms)
+        history = residuals.reshape(residuals.shape[0], *batch_shape)
         energies = None
+    _check_finite_result(history, "the residual norms")
+    if energies is not None:
+        _check_finite_result(energies, "the energies")
     radius = _local_lipschitz(final, memory, beta_value, alpha_value)
     stable = radius < 1.0
     n_conv = int(converged.sum())

@@ -98,13 +98,30 @@ def test_decomposition_acts_per_row_on_the_chosen_axis() -> None:
 @example(np.array([3.87339225e-182]), 0.0)  # a norm that underflows: η = 0 must still give zero
 def test_norm_cap_bounds_the_norm_and_keeps_the_direction(v: np.ndarray, eta: float) -> None:
     capped = norm_cap(v, eta)
-    assert np.linalg.norm(capped) <= eta + 1e-12
+    assert _norm(capped) <= eta + 1e-12
     if eta == 0.0:
         assert np.array_equal(capped, np.zeros_like(v))
-    elif np.linalg.norm(v) <= eta:
+    elif _norm(v) <= eta:
         assert np.array_equal(capped, v)
     else:
-        assert np.allclose(capped * np.linalg.norm(v), v * np.linalg.norm(capped), atol=1e-9)
+        assert np.allclose(capped * _norm(v), v * _norm(capped), atol=1e-9)
+
+
+def _norm(v: np.ndarray) -> float:
+    """‖v‖ without the underflow of np.linalg.norm (whose squares vanish below 1e-154)."""
+    top = float(np.abs(v).max()) if v.size else 0.0
+    return top * float(np.linalg.norm(v / top)) if top > 0 else 0.0
+
+
+def test_norm_cap_measures_huge_and_tiny_vectors_without_over_or_underflow() -> None:
+    """‖(1e30, 1e30)‖ overflowed float32 (the cap returned 0); ‖(1e-283, 1e-283)‖ underflowed float64."""
+    big = norm_cap(torch.full((2,), 1e30), 1.0)
+    torch.testing.assert_close(big, torch.full((2,), 2**-0.5))
+    tiny = np.full(2, 1e-283)
+    np.testing.assert_allclose(norm_cap(tiny, 1e-283), tiny / 2**0.5, rtol=1e-12)
+    parallel, orthogonal = decompose(torch.full((2,), 1e30), torch.tensor([1e30, 0.0]))
+    torch.testing.assert_close(parallel, torch.tensor([1e30, 0.0]))
+    torch.testing.assert_close(orthogonal, torch.tensor([0.0, 1e30]))
 
 
 def test_norm_cap_with_infinite_eta_is_identity() -> None:
