@@ -124,8 +124,8 @@ def _guided_map(
     patterns: torch.Tensor,
     beta: float,
     alpha_sparse: float = 1.5,
-    scale: float = 1.0,
-    zeta: float = 0.0,
+    scale: float | torch.Tensor = 1.0,
+    zeta: float | torch.Tensor = 0.0,
     eta: float = math.inf,
     reference: Reference = "sparse",
     rule: Callable[..., torch.Tensor] | None = None,
@@ -134,13 +134,20 @@ def _guided_map(
 
     The map whose fixed points, contraction and orthogonal error the checks study: D and S are the dense
     and α-entmax retrievals of the same patterns, so ξ ↦ G(ξ) is an auto-associative guided iteration.
+    ``scale`` and ``zeta`` may be tensors of shape (..., 1), one value per state, so that one batched
+    iteration covers a grid of settings.
     """
     fn = _gag if rule is None else rule
 
     def guided(state: torch.Tensor) -> torch.Tensor:
         dense = _retrieve(state, patterns, beta, 1.0)
         sparse = _retrieve(state, patterns, beta, alpha_sparse)
-        return fn(dense, sparse, scale, zeta, eta, reference, state)
+        if rule is None and isinstance(zeta, torch.Tensor):
+            ref = _reference_vector(reference, dense, sparse, state)
+            _, orthogonal = _decompose(sparse - dense, ref)
+            parallel_only = _gag(dense, sparse, scale, 0.0, eta, reference, state)  # type: ignore[arg-type]
+            return parallel_only + scale * zeta * orthogonal
+        return fn(dense, sparse, scale, zeta, eta, reference, state)  # type: ignore[arg-type]
 
     return guided
 
@@ -419,8 +426,9 @@ def guided_map(
     eta: float = math.inf,
     reference: str = "sparse",
 ) -> Callable[[ArrayLike], ArrayLike]:
-    r"""The GAG map of a memory as a fixed-point map, :math:`G(\xi) = S(\xi) + \lambda(\mathrm{clip}_\eta(r_\parallel)
-    + \zeta r_\perp)` with :math:`D = T_1`, :math:`S = T_\alpha` on ``patterns`` (papers/theory.md §8, §10).
+    r"""The GAG map of a memory as a fixed-point map (papers/theory.md §8, §10):
+    :math:`G(\xi) = S(\xi) + \lambda(\mathrm{clip}_\eta(r_\parallel) + \zeta r_\perp)` with
+    :math:`D = T_1`, :math:`S = T_\alpha` on ``patterns``.
 
     Returns a function of states (..., d), tensors or arrays, returning the kind it is given.
 
@@ -428,7 +436,8 @@ def guided_map(
     --------
     >>> import torch
     >>> g = guided_map(torch.eye(2, dtype=torch.float64), beta=50.0, scale=1.0)
-    >>> [round(v, 6) for v in g(torch.tensor([1.0, 0.0], dtype=torch.float64)).tolist()]  # a common fixed point
+    >>> xi = torch.tensor([1.0, 0.0], dtype=torch.float64)  # a fixed point of both D and S
+    >>> [round(v, 6) for v in g(xi).tolist()]
     [1.0, 0.0]
     """
     memory, _ = as_tensor(patterns, "patterns", min_ndim=2)
