@@ -1,13 +1,15 @@
-"""Checks of every claim of THEORY.md §5 on synthetic memories and captured traces, and the verify report.
+"""Checks of every claim of papers/theory.md on synthetic memories and captured traces, and the verify report.
 
-One function per claim (each returns a :class:`CheckResult` and saves its worst counter-examples, which
-:func:`replay_counterexample` re-evaluates); :func:`find_fixed_points` finds and classifies the fixed points
-the claims need; :func:`make_family` builds the seeded synthetic memories; :func:`cases_from_traces` reads
-captured attention as check data; :func:`run_verification` / :func:`write_report` make the report.
+One registry (:data:`REGISTRY`) names each claim, its kind (claim, identity or measured), premise,
+margin, grid, figure, runner and replay; one function per claim returns a :class:`CheckResult` with a
+verdict from :data:`VERDICTS` and saves its worst counter-examples, which :func:`replay_counterexample`
+re-evaluates; :func:`find_fixed_points` finds and classifies the fixed points the claims need;
+:func:`make_family` builds the seeded synthetic memories; :func:`cases_from_traces` reads captured
+attention as check data; :func:`measure_value_space` measures what GAG acts on in value space;
+:func:`run_verification` / :func:`write_report` make the report.
 """
 
 from hopfield_aa.checks.claims import (
-    CLAIMS,
     LADDER,
     check_bounded_update,
     check_directional_consistency,
@@ -15,6 +17,7 @@ from hopfield_aa.checks.claims import (
     check_energy_descent,
     check_extrapolation_aa1,
     check_fixed_point_preservation,
+    check_guided_contraction,
     check_ladder,
     check_orthogonal_error,
     check_weak_contraction,
@@ -23,19 +26,24 @@ from hopfield_aa.checks.families import FAMILIES, make_family, starting_states
 from hopfield_aa.checks.fixed_points import (
     FixedPoints,
     find_fixed_points,
+    lipschitz_bounds,
+    premise_beta,
     residual_curves,
 )
-from hopfield_aa.checks.report import VerifyConfig, format_table, run_verification, write_report
+from hopfield_aa.checks.registry import CLAIMS, REGISTRY, Claim
 from hopfield_aa.checks.results import (
     FORM_SYNTHETIC,
     FORM_TRACE,
+    VERDICTS,
     Case,
     CheckResult,
+    CounterexampleStore,
     Replay,
     replay_counterexample,
     save_counterexample,
 )
 from hopfield_aa.checks.traces import bundled_traces, cases_from_traces
+from hopfield_aa.checks.value_space import measure_value_space
 
 __all__ = [
     "CLAIMS",
@@ -43,8 +51,12 @@ __all__ = [
     "FORM_SYNTHETIC",
     "FORM_TRACE",
     "LADDER",
+    "REGISTRY",
+    "VERDICTS",
     "Case",
     "CheckResult",
+    "Claim",
+    "CounterexampleStore",
     "FixedPoints",
     "Replay",
     "VerifyConfig",
@@ -56,12 +68,16 @@ __all__ = [
     "check_energy_descent",
     "check_extrapolation_aa1",
     "check_fixed_point_preservation",
+    "check_guided_contraction",
     "check_ladder",
     "check_orthogonal_error",
     "check_weak_contraction",
     "find_fixed_points",
     "format_table",
+    "lipschitz_bounds",
     "make_family",
+    "measure_value_space",
+    "premise_beta",
     "replay_counterexample",
     "residual_curves",
     "run_verification",

@@ -1,15 +1,18 @@
-"""One check per claim of THEORY.md §5 (and the deeper Anderson ladder of §4), each returning a
-:class:`~hopfield_aa.checks.results.CheckResult` and saving its worst counter-examples for replay.
+"""One check per claim of papers/theory.md (and the deeper Anderson ladder), each returning a
+:class:`~hopfield_aa.checks.results.CheckResult` with its verdict and saving its worst counter-examples.
 
 Conventions shared by every check: margins are (allowed − observed), so a negative margin is a violation;
-the tolerance is a stated factor of the compute dtype's epsilon times a stated scale (usually ``M``, the
-largest pattern norm); the worst ``max_counterexamples`` violations are saved when ``counterexample_dir``
-is given. Each check accepts the mathematical object it tests as an argument (the step, rule, map, points
-or targets), so the tests can hand it a case where the claim must fail.
+only states that meet the claim's premise are counted (the others are reported as such, never as
+failures); the tolerance is a stated factor of the compute dtype's epsilon times a stated scale (usually
+``M``, the largest pattern norm); the worst ``max_counterexamples`` violations are saved when
+``counterexample_dir`` (a folder or a :class:`~hopfield_aa.checks.results.CounterexampleStore`) is given.
+Each check accepts the mathematical object it tests as an argument (the step, rule, map, points or
+targets), so the tests can hand it a case where the claim must fail.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -21,32 +24,36 @@ from hopfield_aa.anderson import anderson, anderson_step
 from hopfield_aa.checks.fixed_points import (
     FIXED_POINT_FACTOR,
     FixedPoints,
+    distinct,
     find_fixed_points,
+    in_dtype,
+    lipschitz_bounds,
     local_lipschitz,
     solve_fixed_points,
+    solver_dtype,
+    spectral_radius_fd,
 )
 from hopfield_aa.checks.results import (
-    STATUS_MEASURED,
+    KIND_CLAIM,
+    KIND_IDENTITY,
+    KIND_MEASURED,
     Case,
     CheckResult,
-    register_replayer,
+    CounterexampleStore,
     save_counterexample,
     status_of,
     tolerance,
 )
-from hopfield_aa.geometry import _decompose, _extrapolate, _gag, _ladder_extrapolate
+from hopfield_aa.geometry import (
+    _decompose,
+    _extrapolate,
+    _gag,
+    _guided_map,
+    _ladder_extrapolate,
+    _reference_direction,
+)
 from hopfield_aa.hopfield import _energy, _retrieve
 
-CLAIMS = (
-    "energy descent",
-    "extrapolation is AA(1)",
-    "fixed-point preservation",
-    "divergence at non-common fixed points",
-    "weak contraction",
-    "orthogonal-error convergence",
-    "bounded update",
-    "directional consistency",
-)
 LADDER = "ladder AA (deeper)"
 
 # Tolerance factors (times eps of the compute dtype); each check's docstring says what they multiply.
@@ -54,9 +61,17 @@ ENERGY_FACTOR = 64.0
 LINEAR_FACTOR = 16.0
 CONTRACTION_FACTOR = 16.0
 ORTHOGONAL_FACTOR = 1024.0
+# Slack on the orthogonal error's rate: its per-step factor may exceed ρ(DG(ξ*)) by this much (or by half
+# the gap to 1 when that is smaller), for the nonlinearity over the few steps the rate is measured on.
+RATE_SLACK = 0.05
+# "Near ξ*" for the orthogonal-error rate: within this multiple of M (the theorem is asymptotic).
+NEAR = 1e-2
+
+ORTHOGONAL_PREMISE = "G's limit ξ∞ is an attracting fixed point of G and a fixed point of S, reached from ξ₀"
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, float, float], torch.Tensor]
 RuleFn = Callable[..., torch.Tensor]
+Sink = "str | Path | CounterexampleStore | None"
 
 
 def _norm(v: torch.Tensor) -> torch.Tensor:
@@ -87,30 +102,36 @@ def _save_worst(
     case: Case,
     margins: torch.Tensor,
     instance: Callable[[tuple[int, ...]], tuple[dict[str, torch.Tensor], dict[str, Any]]],
-    directory: str | Path | None,
+    directory: str | Path | CounterexampleStore | None,
     limit: int,
     tol: torch.Tensor | float,
     setting: str = "",
 ) -> list[str]:
-    """Save the ``limit`` most negative margins (at most one per first index, i.e. per state)."""
+    """Save the ``limit`` most negative margins (at most one per first index, i.e. per state).
+
+    Margins of states outside the premise must be passed as NaN or +inf: they are never saved.
+    """
     if directory is None or limit <= 0 or not bool((margins < 0).any()):
         return []
+    store = directory if isinstance(directory, CounterexampleStore) else CounterexampleStore(directory, None)
     flat = margins.reshape(-1)
     tols = torch.as_tensor(tol, dtype=margins.dtype).expand_as(margins).reshape(-1)
-    order = torch.argsort(flat)
+    order = torch.argsort(torch.nan_to_num(flat, nan=math.inf))
     paths: list[str] = []
     seen: set[int] = set()
+    rank = 0
     for idx in order.tolist():
-        if flat[idx] >= 0 or len(paths) >= limit:
+        if not bool(flat[idx] < 0) or rank >= limit:
             break
         where = tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), margins.shape))
         if where[0] in seen:
             continue
         seen.add(where[0])
-        tensors, params = instance(where)
-        paths.append(
-            save_counterexample(
-                directory,
+
+        def write(folder: Path, where: tuple[int, ...] = where, idx: int = idx, rank: int = rank) -> str:
+            tensors, params = instance(where)
+            return save_counterexample(
+                folder,
                 claim=claim,
                 data=case.data,
                 form=case.form,
@@ -118,10 +139,14 @@ def _save_worst(
                 params=params,
                 margin=float(flat[idx]),
                 tolerance=float(tols[idx]),
-                rank=len(paths),
+                rank=rank,
                 setting=setting,
             )
-        )
+
+        path = store.offer(claim, float(flat[idx]), write)
+        rank += 1
+        if path is not None:
+            paths.append(path)
     return paths
 
 
@@ -133,20 +158,40 @@ def _result(
     tol: torch.Tensor | float,
     factor: float,
     note: str,
+    *,
+    kind: str = KIND_CLAIM,
+    premise: str = "",
+    premise_met: torch.Tensor | None = None,
+    premise_note: str = "",
     **fields: Any,
 ) -> CheckResult:
+    """A result from per-unit ``passed`` flags and margins; ``premise_met`` (same shape) marks the units
+    the verdict counts (default: all)."""
+    met = (
+        torch.ones_like(passed, dtype=torch.bool)
+        if premise_met is None
+        else premise_met.reshape(passed.shape)
+    )
     n = int(passed.numel())
-    n_pass = int(passed.sum())
-    tol_value = float(torch.as_tensor(tol).max()) if torch.as_tensor(tol).numel() else math.nan
-    status = fields.pop("status", None) or status_of(n, n_pass)
+    n_premise = int(met.sum())
+    n_pass = int((passed & met).sum())
+    counted = margins.reshape(-1)[met.reshape(-1)] if margins.numel() == met.numel() else margins.reshape(-1)
+    counted = counted[~torch.isnan(counted)] if counted.numel() else counted
+    tol_t = torch.as_tensor(tol)
+    tol_value = float(tol_t.max()) if tol_t.numel() else math.nan
+    status = fields.pop("status", None) or status_of(n_premise, n_pass, kind)
     return CheckResult(
         claim=claim,
         data=dict(case.data),
         form=case.form,
         status=status,
+        kind=kind,
+        premise=premise,
         n_states=n,
+        n_premise=n_premise,
         n_passed=n_pass,
-        worst_margin=float(margins.min()) if margins.numel() else math.nan,
+        premise_note=premise_note,
+        worst_margin=float(counted.min()) if counted.numel() else math.nan,
         tolerance=tol_value,
         tolerance_factor=factor,
         tolerance_note=note,
@@ -167,6 +212,11 @@ def _sample(values: torch.Tensor, limit: int = 2000) -> list[float]:
     if v.numel() > limit:
         v = v[torch.linspace(0, v.numel() - 1, limit).long()]
     return v.tolist()
+
+
+def _reasons(counts: Mapping[str, int]) -> str:
+    """``"3 repelling (ρ ≥ 1); 2 no limit"``: why states did not meet the premise (zero counts left out)."""
+    return "; ".join(f"{n} {why}" for why, n in counts.items() if n)
 
 
 # ==================================================================================================
@@ -200,7 +250,7 @@ def check_energy_descent(
     alphas: Sequence[float] = (1.0, 1.25, 1.5, 2.0),
     steps: int = 12,
     step: StepFn | None = None,
-    counterexample_dir: str | Path | None = None,
+    counterexample_dir: str | Path | CounterexampleStore | None = None,
     max_counterexamples: int = 3,
 ) -> CheckResult:
     r"""Energy descent (Thm 3.1): ``E_α(T_α ξ) ≤ E_α(ξ) − ½‖T_α ξ − ξ‖²`` at every state tried.
@@ -285,6 +335,7 @@ def check_energy_descent(
         tol_all,
         ENERGY_FACTOR,
         "64·eps·max(M²,‖ξ‖²,‖Tξ‖²,|E|)",
+        premise="T_α is the retrieval map of the energy's own patterns (every state)",
         unit="start × α × iteration",
         setting="α∈{" + ",".join(f"{a:g}" for a in alphas) + "}",
         counterexamples=paths,
@@ -297,7 +348,6 @@ def check_energy_descent(
     )
 
 
-@register_replayer("energy descent")
 def _replay_energy(
     tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]
 ) -> tuple[float, dict[str, Any]]:
@@ -329,7 +379,7 @@ def check_extrapolation_aa1(
     scales: Sequence[float] = (-1.0, 0.5, 1.0, 2.0, 4.0, 8.0),
     alpha_sparse: float = 1.5,
     rule: RuleFn | None = None,
-    counterexample_dir: str | Path | None = None,
+    counterexample_dir: str | Path | CounterexampleStore | None = None,
     max_counterexamples: int = 3,
 ) -> CheckResult:
     r"""Extrapolation is AA(1) (Prop 3.2): ``‖P_λ(ξ) − AA₁(D, S; γ = 1 − λ)‖ ≤ tol``.
@@ -359,7 +409,10 @@ def check_extrapolation_aa1(
     pairs = [_aa1_margin(xi, dense, sparse, s, fn, m) for s in scales]
     margins = torch.stack([p[0] for p in pairs], dim=-1)  # (M, K)
     tols = torch.stack([p[1] for p in pairs], dim=-1)
-    _, gamma = anderson_step(torch.stack([xi, xi]), torch.stack([dense, sparse]), return_gamma=True)
+    wide = solver_dtype(xi.dtype)  # the least squares need float32 at least
+    _, gamma = anderson_step(
+        torch.stack([xi, xi]).to(wide), torch.stack([dense, sparse]).to(wide), return_gamma=True
+    )
     assert isinstance(gamma, torch.Tensor)
     lam_star = 1.0 - gamma[..., 0]
     nondegenerate = _norm(sparse - dense) > tolerance(xi.dtype, LINEAR_FACTOR) * m
@@ -383,6 +436,7 @@ def check_extrapolation_aa1(
         tols,
         LINEAR_FACTOR,
         "16·eps·(‖ξ‖+(1+|λ|+|1−λ|)M)",
+        kind=KIND_IDENTITY,
         setting="λ∈{" + ",".join(f"{s:g}" for s in scales) + "}",
         counterexamples=paths,
         settings={"scales": list(scales), "alpha_sparse": alpha_sparse, "rule": _name(rule)},
@@ -394,7 +448,6 @@ def check_extrapolation_aa1(
     )
 
 
-@register_replayer("extrapolation is AA(1)")
 def _replay_aa1(
     tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]
 ) -> tuple[float, dict[str, Any]]:
@@ -448,16 +501,22 @@ def check_fixed_point_preservation(
     references: Sequence[str] = ("sparse", "dense", "update"),
     alpha_sparse: float = 1.5,
     rule: RuleFn | None = None,
-    counterexample_dir: str | Path | None = None,
+    counterexample_dir: str | Path | CounterexampleStore | None = None,
     max_counterexamples: int = 3,
 ) -> CheckResult:
-    r"""Fixed-point preservation (Lemma 3.3): at ξ* fixed by both D and S, ``P_λ(ξ*) = G(ξ*) = ξ*``.
+    r"""Fixed-point preservation (Lemma 3.3), an identity: at ξ* fixed by D and S, ``P_λ(ξ*) = G(ξ*) = ξ*``.
 
-    The points are the common fixed points of :func:`~hopfield_aa.checks.fixed_points.find_fixed_points`
-    (dense or sparse limits whose residual under both maps is at most τ = 256 · eps · M), or ``points``.
-    Every (λ, ζ, η, reference) of the grid is tried (η in units of M); a point passes when all do.
-    ``n/a`` when the data has no common fixed point (typical at moderate β: softmax weights are never
-    exactly sparse).
+    The unit is a *distinct* fixed point: the limits of the dense and sparse maps from every starting
+    state (:func:`~hopfield_aa.checks.fixed_points.find_fixed_points`) merged when closer than √(τM). The
+    premise is that the point is common to both maps (residuals ≤ τ = 256 · eps · M); every (λ, ζ, η,
+    reference) of the grid is tried there (η in units of M) and a point passes when all do. ``points``
+    replaces the fixed points found (each is then taken to meet the premise). Softmax weights every
+    pattern, so at finite β a common fixed point exists only once the weights off one pattern fall below
+    rounding: ``measured["premise_beta"]`` is the β from which some pattern is one
+    (:func:`~hopfield_aa.checks.fixed_points.premise_beta`), beside the case's β.
+
+    With the library's rule the statement holds by construction (r(ξ*) = 0 and every rule is linear in
+    r): verdict ``identity``, a regression test of the rule, not evidence.
 
     Tolerance: ``τ (1 + 2|λ|(1 + |ζ|)) + 16 · eps · M (1 + |λ|)``: at a point whose residuals are ≤ τ,
     ``‖r‖ ≤ 2τ``, and a rule that is linear in the residual (as extrapolation and GAG are) moves the point
@@ -470,15 +529,21 @@ def check_fixed_point_preservation(
         ``rule(dense, sparse, scale, zeta, eta, reference, state)``, default the GAG kernel.
     """
     fn = _gag if rule is None else rule
+    m = case.pattern_scale
+    n_distinct = 0
+    beta_premise = math.nan
     if points is None:
         fp = fixed_points if fixed_points is not None else find_fixed_points(case, alpha_sparse=alpha_sparse)
         points = fp.common_points()
+        n_distinct = int(fp.distinct_points().shape[0])
         threshold = fp.threshold
+        beta_premise = fp.premise_beta
     else:
-        threshold = tolerance(case.patterns.dtype, 256.0) * case.pattern_scale
-    m = case.pattern_scale
+        threshold = tolerance(case.patterns.dtype, FIXED_POINT_FACTOR) * m
+        n_distinct = int(points.shape[0])
+    n_common = int(points.shape[0])
     grid = [(s, z, e, r) for s in scales for z in zetas for e in etas for r in references]
-    if points.shape[0] == 0:
+    if n_common == 0:
         margins = torch.zeros(0, len(grid), dtype=case.patterns.dtype)
         tols = torch.zeros_like(margins)
     else:
@@ -515,15 +580,28 @@ def check_fixed_point_preservation(
     paths = _save_worst(
         "fixed-point preservation", case, margins, instance, counterexample_dir, max_counterexamples, tols
     )
+    # units: the distinct fixed points; the non-common ones do not meet the premise
+    passed = torch.zeros(max(n_distinct, n_common), dtype=torch.bool)
+    met = torch.zeros_like(passed)
+    met[:n_common] = True
+    passed[:n_common] = (margins >= 0).all(dim=-1)
+    unit_margins = torch.full((passed.numel(),), math.nan, dtype=case.patterns.dtype)
+    unit_margins[:n_common] = margins.amin(dim=-1) if margins.numel() else unit_margins[:n_common]
     return _result(
         "fixed-point preservation",
         case,
-        (margins >= 0).all(dim=-1),
-        margins,
-        tols,
+        passed,
+        unit_margins,
+        tols if tols.numel() else torch.tensor([]),
         LINEAR_FACTOR,
         "τ(1+2|λ|(1+|ζ|))+16·eps·M(1+|λ|), τ=256·eps·M",
-        unit="common fixed point",
+        kind=KIND_IDENTITY,
+        premise="ξ* is a fixed point of both D and S (to τ)",
+        premise_met=met,
+        premise_note=f"{n_distinct - n_common} distinct fixed points not common"
+        if n_distinct > n_common
+        else "",
+        unit="distinct fixed point",
         setting=f"{len(grid)} (λ,ζ,η,ref)",
         counterexamples=paths,
         settings={
@@ -533,11 +611,16 @@ def check_fixed_point_preservation(
             "references": list(references),
             "rule": _name(rule),
         },
-        measured={"common_points": int(points.shape[0])},
+        measured={
+            "distinct_fixed_points": n_distinct,
+            "distinct_common": n_common,
+            "common_share": n_common / n_distinct if n_distinct else math.nan,
+            "premise_beta": beta_premise,
+            "beta": case.beta,
+        },
     )
 
 
-@register_replayer("fixed-point preservation")
 def _replay_preservation(
     tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]
 ) -> tuple[float, dict[str, Any]]:
@@ -584,25 +667,32 @@ def check_divergence(
     points: torch.Tensor | None = None,
     scales: Sequence[float] = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0),
     alpha_sparse: float = 1.5,
-    counterexample_dir: str | Path | None = None,
+    counterexample_dir: str | Path | CounterexampleStore | None = None,
     max_counterexamples: int = 3,
 ) -> CheckResult:
     r"""Divergence at non-common fixed points (Remark 3.4): ``‖P_λ(ξ*) − ξ*‖ = |λ| ‖r(ξ*)‖``, linear in λ.
 
-    The points are the dense fixed points with ``S(ξ*) ≠ ξ*`` (non-common, residual ``‖r‖ > τ``), or
-    ``points``. A point passes when the law holds at every λ of the grid (λ = 0 included, which demands
-    ``D(ξ*) = ξ*``: a point that is not a dense fixed point fails). ``rate`` is the median slope
-    ``‖r(ξ*)‖ / M``: how fast extrapolation leaves the fixed point, per unit of λ.
+    The unit is a distinct dense fixed point (limits from different states merged); the premise is that
+    it is not common, ``S(ξ*) ≠ ξ*`` (residual ``‖r‖ > τ``). ``points`` replaces them (each then taken to
+    meet the premise). A point passes when the law holds at every λ of the grid (λ = 0 included, which
+    demands ``D(ξ*) = ξ*``: a point that is not a dense fixed point fails). ``rate`` is the median slope
+    ``‖r(ξ*)‖ / M``: how fast extrapolation leaves the fixed point, per unit of λ. Given its premise the
+    law holds by construction of P_λ: verdict ``identity``, a regression test, not evidence.
 
     Tolerance: ``τ + 16 · eps · M (1 + 2|λ|)``, τ = 256 · eps · M: ``P_λ(ξ*) − ξ* = (D(ξ*) − ξ*) + λ r``
     differs from ``λ r`` by the dense residual (≤ τ at a fixed point) plus rounding.
     """
+    n_common = 0
     if points is None:
         fp = fixed_points if fixed_points is not None else find_fixed_points(case, alpha_sparse=alpha_sparse)
-        points = fp.dense[fp.dense_non_common]
+        dense = fp.dense[fp.dense_converged]
+        dense = dense[distinct(dense, fp.merge_radius)]
         threshold = fp.threshold
+        cross = _norm(_retrieve(dense, case.patterns, case.beta, alpha_sparse) - dense)
+        points = dense[cross > threshold]
+        n_common = int((cross <= threshold).sum())
     else:
-        threshold = tolerance(case.patterns.dtype, 256.0) * case.pattern_scale
+        threshold = tolerance(case.patterns.dtype, FIXED_POINT_FACTOR) * case.pattern_scale
     m = case.pattern_scale
     if points.shape[0]:
         out = [
@@ -648,26 +738,37 @@ def check_divergence(
         max_counterexamples,
         tols,
     )
+    k = int(points.shape[0])
+    passed = torch.zeros(k + n_common, dtype=torch.bool)
+    passed[:k] = (margins >= 0).all(dim=-1)
+    met = torch.zeros_like(passed)
+    met[:k] = True
+    unit_margins = torch.full((k + n_common,), math.nan, dtype=case.patterns.dtype)
+    if k:
+        unit_margins[:k] = margins.amin(dim=-1)
     return _result(
         "divergence at non-common fixed points",
         case,
-        (margins >= 0).all(dim=-1),
-        margins,
+        passed,
+        unit_margins,
         tols,
         LINEAR_FACTOR,
         "τ+16·eps·M(1+2|λ|), τ=256·eps·M",
-        unit="non-common dense fixed point",
+        kind=KIND_IDENTITY,
+        premise="ξ* is a dense fixed point with S(ξ*) ≠ ξ*",
+        premise_met=met,
+        premise_note=f"{n_common} distinct dense fixed points are common" if n_common else "",
+        unit="distinct dense fixed point",
         setting="λ∈{" + ",".join(f"{s:g}" for s in scales) + "}",
         rate=float(slope.median()) if slope.numel() else None,
         rate_note="median ‖r(ξ*)‖/M: distance moved per unit λ",
         counterexamples=paths,
         settings={"scales": list(scales), "alpha_sparse": alpha_sparse},
-        measured={"non_common_points": int(points.shape[0]), "slope_over_M": _quantiles(slope)},
+        measured={"non_common_points": k, "slope_over_M": _quantiles(slope)},
         series=series,
     )
 
 
-@register_replayer("divergence at non-common fixed points")
 def _replay_divergence(
     tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]
 ) -> tuple[float, dict[str, Any]]:
@@ -694,11 +795,25 @@ def _replay_divergence(
 def _contraction_margin(
     patterns: torch.Tensor, point: torch.Tensor, state: torch.Tensor, beta: float, alpha: float, fn: StepFn
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(margin, tol, ratio) of ‖T(ξ) − ξ*‖ ≤ ‖ξ − ξ*‖ per state."""
     m = float(_norm(patterns).max())
     before = _norm(state - point)
     after = _norm(fn(state, patterns, beta, alpha) - point)
-    tol = tolerance(point.dtype, 256.0) * m + tolerance(point.dtype, CONTRACTION_FACTOR) * m
+    tol = tolerance(point.dtype, FIXED_POINT_FACTOR + CONTRACTION_FACTOR) * m
     return before + tol - after, torch.full_like(before, tol), after / before.clamp(min=1e-300)
+
+
+def _map_radius(
+    patterns: torch.Tensor, points: torch.Tensor, beta: float, alpha: float, retrieval: StepFn | None
+) -> torch.Tensor:
+    """ρ(DT(ξ*)): exact (symmetric PSD Jacobian) for the library's map, by differences for a custom one."""
+    if retrieval is None:
+        return local_lipschitz(points, patterns, beta, alpha)
+    wide = solver_dtype(points.dtype)
+    scale = float(_norm(patterns).max())
+    return spectral_radius_fd(
+        lambda x: retrieval(x.to(points.dtype), patterns, beta, alpha).to(wide), points.to(wide), scale
+    ).to(points.dtype)
 
 
 def check_weak_contraction(
@@ -707,22 +822,24 @@ def check_weak_contraction(
     alpha: float = 1.0,
     fixed_points: FixedPoints | None = None,
     points: torch.Tensor | None = None,
-    radii: Sequence[float] = (1e-3, 1e-2),
-    directions: int = 4,
     trajectory_steps: int = 8,
     retrieval: StepFn | None = None,
-    seed: int = 0,
-    counterexample_dir: str | Path | None = None,
+    counterexample_dir: str | Path | CounterexampleStore | None = None,
     max_counterexamples: int = 3,
 ) -> CheckResult:
-    r"""Weak contraction near fixed points: ``‖T(ξ) − ξ*‖ ≤ ‖ξ − ξ*‖`` for ξ near ξ*; ``‖J_T(ξ)‖₂`` measured.
+    r"""Weak contraction along the trajectories: ``‖T(ξ_t) − ξ*‖ ≤ ‖ξ_t − ξ*‖`` with ``ξ_{t+1} = T(ξ_t)``.
 
-    Around every fixed point ξ* of ``T = T_α`` reached from the starting states (or each of ``points``),
-    ``directions`` random unit directions u at each radius ``ρ M`` give ``ξ = ξ* + ρ M u``; one tried
-    "state" is one such ξ. ``rate`` is the median contraction ratio ``‖T(ξ) − ξ*‖ / ‖ξ − ξ*‖`` (below 1:
-    contraction). Also measured: the local Lipschitz constant ``‖DT_α(ξ)‖₂`` (exact: the Jacobian is
-    symmetric PSD) along the trajectories of T from the starting states and at the fixed points, and the
-    share of those below 1, next to the global certificate ``β L_α ‖X‖₂²``.
+    From each starting state ξ₀ (the actual queries, on traces) the map ``T = T_α`` is iterated
+    ``trajectory_steps`` times; ξ* is the fixed point its trajectory converges to (the limit found from
+    ξ₀ by :func:`~hopfield_aa.checks.fixed_points.find_fixed_points`, re-solved from the trajectory's end
+    when the trajectory leaves it), or the row of ``points`` (one per state, or one for all). Premise:
+    ξ* is an attracting fixed point, ``ρ(DT(ξ*)) < 1``; repelling fixed points (saddles) and states
+    without a limit do not meet it and are counted apart. One tried "state" is one (start, step).
+    ``rate`` is the median per-step ratio ``‖T(ξ_t) − ξ*‖ / ‖ξ_t − ξ*‖``.
+
+    Measured beside it, along the same trajectories: the local Lipschitz constant ``‖DT(ξ_t)‖₂`` (exact,
+    the Jacobian is symmetric PSD) and the N-independent bound ``β σ D_S²/4`` on the support
+    (:func:`~hopfield_aa.checks.fixed_points.lipschitz_bounds`; for softmax the global ``β D²/4``).
 
     Tolerance: ``(256 + 16) · eps · M``: ξ* is fixed only to τ = 256 · eps · M, which shifts ``T(ξ) − ξ*``
     by at most τ, plus the rounding of one retrieval.
@@ -732,12 +849,21 @@ def check_weak_contraction(
     alpha : float
         The map: 1 for the dense map D, > 1 for a sparse map.
     retrieval : callable, optional
-        ``retrieval(states, patterns, beta, alpha)``, default ``T_α``; an expanding map fails.
-    points : Tensor (K, d), optional
-        Fixed points to test instead of those found (a saddle, e.g. 0 between patterns ±e at β > 1, fails).
+        ``retrieval(states, patterns, beta, alpha)``, default ``T_α``; its fixed point's spectral radius is
+        then measured by differences.
+    points : Tensor (M, d) or (1, d), optional
+        The fixed point of each trajectory, instead of those found.
     """
     fn = _retrieval(retrieval)
     m = case.pattern_scale
+    dtype = case.patterns.dtype
+    threshold = tolerance(dtype, FIXED_POINT_FACTOR) * m
+    # the trajectories from the starting states
+    xs = [case.states]
+    for _ in range(trajectory_steps):
+        xs.append(fn(xs[-1], case.patterns, case.beta, alpha))
+    traj = torch.stack(xs, dim=1)  # (M, T + 1, d)
+    n_states, d = case.states.shape
     if points is None:
         fp = (
             fixed_points
@@ -745,148 +871,249 @@ def check_weak_contraction(
             else find_fixed_points(case, alpha_sparse=max(alpha, 1.5))
         )
         if alpha == fp.alpha_dense:
-            points = fp.dense[fp.dense_converged]
+            targets, residual = fp.dense.clone(), fp.dense_residual.clone()
         elif alpha == fp.alpha_sparse:
-            points = fp.sparse[fp.sparse_converged]
+            targets, residual = fp.sparse.clone(), fp.sparse_residual.clone()
         else:
             raise ValueError(f"alpha={alpha} is neither the dense nor the sparse map of fixed_points")
-    gen = torch.Generator().manual_seed(seed)
-    k, d = points.shape
-    u = torch.randn(k, len(radii), directions, d, generator=gen, dtype=points.dtype)
-    u = u / _norm(u)[..., None]
-    rad = torch.tensor(radii, dtype=points.dtype)[None, :, None, None] * m
-    centre = points[:, None, None, :].expand_as(u)
-    perturbed = centre + rad * u
+        # where the plain trajectory heads elsewhere than the accelerated solve went, re-solve from its end
+        away = _norm(traj[:, -1] - targets) > 0.5 * _norm(traj[:, 0] - targets)
+        if bool(away.any()):
+            again, res_again, _ = solve_fixed_points(case.patterns, traj[away, -1], case.beta, alpha)
+            targets[away], residual[away] = again, res_again
+    else:
+        targets = points.expand(n_states, d) if points.shape[0] == 1 else points
+        residual = _norm(fn(targets, case.patterns, case.beta, alpha) - targets)
+    converged = residual <= threshold
+    radius = torch.full((n_states,), math.nan, dtype=dtype)
+    if bool(converged.any()):
+        radius[converged] = _map_radius(case.patterns, targets[converged], case.beta, alpha, retrieval)
+    attracting = converged & (radius < 1)
+    repelling = converged & (radius >= 1)
+    before = traj[:, :-1]
     margins, tols, ratios = _contraction_margin(
-        case.patterns, centre.reshape(-1, d), perturbed.reshape(-1, d), case.beta, alpha, fn
+        case.patterns,
+        targets[:, None, :].expand_as(before).reshape(-1, d),
+        before.reshape(-1, d),
+        case.beta,
+        alpha,
+        fn,
     )
-    shape = (k, len(radii) * directions)
+    shape = (n_states, trajectory_steps)
     margins, tols, ratios = margins.reshape(shape), tols.reshape(shape), ratios.reshape(shape)
+    # a step that starts on ξ* (to τ) has no direction: its ratio is not a contraction factor
+    moving = _norm(before - targets[:, None, :]) > threshold
+    met = attracting[:, None].expand(shape)
+    counted = torch.where(met, margins, torch.full_like(margins, math.nan))
 
-    # local Lipschitz constants along trajectories of T from the starting states, and at the fixed points
-    x, lips = case.states, []
-    for _ in range(trajectory_steps):
-        lips.append(local_lipschitz(x, case.patterns, case.beta, alpha))
-        x = _retrieve(x, case.patterns, case.beta, alpha)
-    lip = torch.stack(lips)
-    lip_fp = local_lipschitz(points, case.patterns, case.beta, alpha) if k else torch.zeros(0)
-    l_alpha = 0.5 if alpha == 1.0 else 1.0
-    certificate = case.beta * l_alpha * float(torch.linalg.matrix_norm(case.patterns, ord=2)) ** 2
+    # measured beside the claim: local Lipschitz constants and N-independent bounds along the trajectories
+    lip = local_lipschitz(before.reshape(-1, d), case.patterns, case.beta, alpha)
+    global_bound, local_bound = lipschitz_bounds(before.reshape(-1, d), case.patterns, case.beta, alpha)
 
     def instance(where: tuple[int, ...]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        i, j = where
+        i, t = where
         return (
-            {"patterns": case.patterns, "point": points[i], "state": perturbed.reshape(k, -1, d)[i, j]},
-            {"beta": case.beta, "alpha": alpha, "retrieval": _name(retrieval)},
+            {"patterns": case.patterns, "point": targets[i], "state": before[i, t]},
+            {"beta": case.beta, "alpha": alpha, "retrieval": _name(retrieval), "step": t},
         )
 
     paths = _save_worst(
         "weak contraction",
         case,
-        margins,
+        counted,
         instance,
         counterexample_dir,
         max_counterexamples,
         tols,
         f"alpha={alpha:g}",
     )
+    kept = met & moving
     return _result(
         "weak contraction",
         case,
         (margins >= 0).reshape(-1),
-        margins,
+        counted,
         tols,
-        256.0 + CONTRACTION_FACTOR,
+        FIXED_POINT_FACTOR + CONTRACTION_FACTOR,
         "(256+16)·eps·M",
-        unit="perturbed fixed point",
+        premise="ξ* (the trajectory's limit) is an attracting fixed point, ρ(DT(ξ*)) < 1",
+        premise_met=met.reshape(-1),
+        premise_note=_reasons(
+            {
+                "starts with a repelling limit (ρ ≥ 1)": int(repelling.sum()),
+                "starts without a limit": int((~converged).sum()),
+            }
+        ),
+        unit="start × step",
         setting=f"α={alpha:g}",
-        rate=float(ratios.median()) if ratios.numel() else None,
-        rate_note="median ‖T(ξ)−ξ*‖/‖ξ−ξ*‖ at radii " + ",".join(f"{r:g}" for r in radii) + " ·M",
+        rate=float(ratios[kept].median()) if bool(kept.any()) else None,
+        rate_note="median ‖T(ξ_t)−ξ*‖/‖ξ_t−ξ*‖ along the trajectories",
         counterexamples=paths,
-        settings={
-            "alpha": alpha,
-            "radii_over_M": list(radii),
-            "directions": directions,
-            "retrieval": _name(retrieval),
-        },
+        settings={"alpha": alpha, "trajectory_steps": trajectory_steps, "retrieval": _name(retrieval)},
         measured={
-            "fixed_points": k,
-            "max_ratio": float(ratios.max()) if ratios.numel() else math.nan,
+            "attracting_starts": int(attracting.sum()),
+            "repelling_starts": int(repelling.sum()),
+            "no_limit_starts": int((~converged).sum()),
+            "max_ratio": float(ratios[kept].max()) if bool(kept.any()) else math.nan,
+            "radius_at_limit": _quantiles(radius[converged]),
             "lipschitz_trajectory": _quantiles(lip),
             "lipschitz_share_below_1": float((lip < 1).double().mean()),
-            "lipschitz_fixed_points_share_below_1": float((lip_fp < 1).double().mean()) if k else math.nan,
-            "global_certificate": certificate,
-            "global_certificate_below_1": certificate < 1,
+            "bound_trajectory": _quantiles(local_bound),
+            "bound_share_below_1": float((local_bound < 1).double().mean()),
+            "global_bound": global_bound,
+            "global_bound_below_1": global_bound < 1,
         },
-        series={"ratios": _sample(ratios), "lipschitz": _sample(lip)},
+        series={"ratios": _sample(ratios[kept]), "lipschitz": _sample(lip), "bound": _sample(local_bound)},
     )
 
 
-@register_replayer("weak contraction")
 def _replay_contraction(
     tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]
 ) -> tuple[float, dict[str, Any]]:
+    patterns, point = tensors["patterns"], tensors["point"][None]
+    retrieval = params.get("retrieval")
+    fn = _resolve(retrieval, _retrieve)
     margin, tol, ratio = _contraction_margin(
-        tensors["patterns"],
-        tensors["point"][None],
-        tensors["state"][None],
-        params["beta"],
-        params["alpha"],
-        _resolve(params.get("retrieval"), _retrieve),
+        patterns, point, tensors["state"][None], params["beta"], params["alpha"], fn
     )
-    return float(margin[0]), {"ratio": float(ratio[0]), "tolerance_now": float(tol[0]), **params}
+    custom = None if retrieval in (None, "library") else fn
+    radius = float(_map_radius(patterns, point, params["beta"], params["alpha"], custom)[0])
+    residual = float(_norm(fn(point, patterns, params["beta"], params["alpha"]) - point)[0])
+    threshold = tolerance(point.dtype, FIXED_POINT_FACTOR) * float(_norm(patterns).max())
+    return float(margin[0]), {
+        "ratio": float(ratio[0]),
+        "radius": radius,
+        "premise_met": residual <= threshold and radius < 1,
+        "tolerance_now": float(tol[0]),
+        **params,
+    }
+
+
+def check_guided_contraction(
+    case: Case,
+    *,
+    scales: Sequence[float] = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0),
+    zeta: float = 0.0,
+    alpha_sparse: float = 1.5,
+    steps: int = 16,
+    window: int = 4,
+    rule: RuleFn | None = None,
+) -> CheckResult:
+    r"""Where the guided iteration stops contracting: per head, the λ above which ξ ↦ G(ξ) does not contract.
+
+    For each λ of ``scales`` the map ``G`` (GAG with ζ, reference S, no cap; or ``rule``) and, beside it,
+    plain extrapolation ``P_λ`` are iterated ``steps`` times from the starting states. A trajectory
+    contracts when its step lengths ``‖ξ_{t+1} − ξ_t‖`` shrink: the per-step factor over the last
+    ``window`` steps is below 1 (or the steps are already at rounding). ``measured["lambda_c"]`` is the
+    smallest λ of the grid at which some start's iteration of G does not contract (``inf``: contracts at
+    every λ tried), ``measured["lambda_c_extrapolation"]`` the same for P_λ. A measurement (no verdict):
+    the paper's claim that GAG stabilises the accelerated iteration is what
+    ``lambda_c > lambda_c_extrapolation`` would show. One tried "state" is one (start, λ); it counts as
+    passed when G contracts there.
+    """
+    dtype = case.patterns.dtype
+    m = case.pattern_scale
+    floor = tolerance(dtype, FIXED_POINT_FACTOR) * m
+
+    # one batched iteration over the grid: rows λ-major, λ as a per-row tensor
+    k, n_states = len(scales), case.states.shape[0]
+    lam = torch.tensor(list(scales), dtype=dtype).repeat_interleave(n_states)[:, None]
+    states = case.states.repeat(k, 1)
+
+    def factors(g: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        xs = [states]
+        for _ in range(steps):
+            xs.append(g(xs[-1]))
+        lengths = torch.stack([_norm(b - a) for a, b in itertools.pairwise(xs)])  # (steps, K·M)
+        first, last = lengths[-window - 1], lengths[-1]
+        factor = (last / first.clamp(min=1e-300)) ** (1.0 / window)
+        return torch.where(last <= floor, torch.zeros_like(factor), factor).reshape(k, n_states).T  # (M, K)
+
+    guided = factors(_guided_map(case.patterns, case.beta, alpha_sparse, lam, zeta, math.inf, "sparse", rule))
+
+    def extrapolation(x: torch.Tensor) -> torch.Tensor:
+        dense = _retrieve(x, case.patterns, case.beta, 1.0)
+        return dense + lam * (_retrieve(x, case.patterns, case.beta, alpha_sparse) - dense)
+
+    plain = factors(extrapolation)
+    contracts = guided < 1
+    contracts_plain = plain < 1
+
+    def critical(ok: torch.Tensor) -> float:
+        bad = (~ok).any(dim=0).nonzero().flatten()
+        return float(scales[int(bad[0])]) if bad.numel() else math.inf
+
+    lambda_c, lambda_c_plain = critical(contracts), critical(contracts_plain)
+    return _result(
+        "weak contraction",
+        case,
+        contracts.reshape(-1),
+        (1.0 - guided).reshape(-1),
+        0.0,
+        0.0,
+        "per-step factor of the step length < 1",
+        kind=KIND_MEASURED,
+        unit="start × λ",
+        setting=f"G (ζ={zeta:g}) vs P_λ",
+        rate=lambda_c,
+        rate_note="λ_c: smallest λ tried at which G stops contracting from some start (inf: none)",
+        settings={
+            "scales": list(scales),
+            "zeta": zeta,
+            "steps": steps,
+            "window": window,
+            "rule": _name(rule),
+        },
+        measured={
+            "lambda_c": lambda_c,
+            "lambda_c_extrapolation": lambda_c_plain,
+            **{
+                f"share_contracting_at_{s:g}": float(contracts[:, k].double().mean())
+                for k, s in enumerate(scales)
+            },
+            **{
+                f"share_contracting_extrapolation_at_{s:g}": float(contracts_plain[:, k].double().mean())
+                for k, s in enumerate(scales)
+            },
+        },
+        series={
+            "scales": list(scales),
+            "guided": guided.median(dim=0).values.tolist(),
+            "extrapolation": plain.median(dim=0).values.tolist(),
+        },
+    )
 
 
 # ==================================================================================================
 # orthogonal-error convergence
 
 
-def _guided_map(
+def _orthogonal_error(
     patterns: torch.Tensor,
+    x: torch.Tensor,
+    point: torch.Tensor,
     beta: float,
     alpha_sparse: float,
-    scale: float,
-    zeta: float,
-    eta: float,
     reference: str,
-    rule: RuleFn,
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    def g(x: torch.Tensor) -> torch.Tensor:
-        dense = _retrieve(x, patterns, beta, 1.0)
-        sparse = _retrieve(x, patterns, beta, alpha_sparse)
-        return rule(dense, sparse, scale, zeta, eta, reference, x)
-
-    return g
-
-
-def _reference_at(
-    patterns: torch.Tensor, x: torch.Tensor, beta: float, alpha_sparse: float, reference: str
 ) -> torch.Tensor:
-    sparse = _retrieve(x, patterns, beta, alpha_sparse)
-    if reference == "sparse":
-        return sparse
-    if reference == "dense":
-        return _retrieve(x, patterns, beta, 1.0)
-    if reference == "update":
-        return sparse - x
-    raise ValueError(f"reference must be 'sparse', 'dense' or 'update', got {reference!r}")
+    """‖P⊥_{u(ξ)}(ξ − ξ*)‖: the error's part orthogonal to the reference direction at ξ."""
+    _, orthogonal = _decompose(x - point, _reference_direction(patterns, x, beta, alpha_sparse, reference))
+    return _norm(orthogonal)
 
 
-def _orthogonal_margin(
-    patterns: torch.Tensor,
-    limit: torch.Tensor,
-    target: torch.Tensor,
-    beta: float,
-    alpha_sparse: float,
-    reference: str,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    u = _reference_at(patterns, limit, beta, alpha_sparse, reference)
-    _, orthogonal = _decompose(limit - target, u)
-    m = float(_norm(patterns).max())
-    tol = tolerance(limit.dtype, ORTHOGONAL_FACTOR) * m * (1.0 + abs(scale))
-    err = _norm(orthogonal)
-    return tol - err, torch.full_like(err, tol), err
+def _asymptotic_rate(errors: torch.Tensor, near: torch.Tensor, floor: float, window: int = 5) -> torch.Tensor:
+    """Per-step factor of ``errors`` (T + 1, M) over its last ``window`` steps taken near ξ* while above
+    ``floor``: ``(e_{b}/e_{a})^{1/(b−a)}``; 0 where the error is at the floor as soon as the state is near."""
+    count = errors.shape[1]
+    rates = torch.zeros(count, dtype=errors.dtype)
+    for j in range(count):
+        usable = (near[:-1, j] & (errors[:-1, j] > floor)).nonzero().flatten()
+        if usable.numel() == 0:
+            continue
+        end = int(usable[-1]) + 1
+        start = max(int(usable[0]), end - window)
+        rates[j] = (errors[end, j].clamp(min=0.0) / errors[start, j]) ** (1.0 / (end - start))
+    return rates
 
 
 def check_orthogonal_error(
@@ -897,166 +1124,300 @@ def check_orthogonal_error(
     eta: float = math.inf,
     reference: str = "sparse",
     alpha_sparse: float = 1.5,
-    fixed_points: FixedPoints | None = None,
     targets: torch.Tensor | None = None,
-    trajectory_steps: int = 20,
-    max_iter: int = 300,
+    trajectory_steps: int = 30,
+    max_iter: int = 100,
     rule: RuleFn | None = None,
-    counterexample_dir: str | Path | None = None,
+    counterexample_dir: str | Path | CounterexampleStore | None = None,
     max_counterexamples: int = 3,
 ) -> CheckResult:
-    r"""Orthogonal-error convergence (Thm 3.7): iterating G, the error orthogonal to the reference → 0.
+    r"""Orthogonal-error convergence (Thm 3.7) at fixed points of G that meet its premise.
 
-    The guided iteration ``ξ_{t+1} = G(ξ_t)``, ``G = S + λ(clip_η(r_∥) + ζ r_⊥)``, is solved from each
-    starting state to its limit ξ_∞ by AA(5) with a stability test (a limit that plain iteration of G
-    would leave is restarted from). The target ξ* is the sparse fixed point in whose basin ξ_∞ lies
-    (S iterated from ξ_∞; ``measured["basin_changes"]`` counts states where this differs from the sparse
-    fixed point reached from ξ₀), or ``targets``. The claim holds for a state when the limit's error
-    ``ξ_∞ − ξ*`` has an orthogonal part (relative to the reference direction at ξ_∞, e.g. ``S(ξ_∞)``) of
-    norm ≤ tol: whatever G adds along the reference, no orthogonal error remains. A state whose guided
-    iteration has no limit fails. With ζ = 0 the added update is parallel to the reference; with ζ > 0 it
-    keeps ``ζ λ r_⊥``, and the error settles where ``ζ λ r_⊥`` balances the sparse map's contraction.
-    The plain iteration of G is also run ``trajectory_steps`` steps for the rate and the figure.
+    ``G = S + λ(clip_η(r_∥) + ζ r_⊥)`` (or ``rule``) is solved from each starting state to its limit ξ∞ by
+    AA(5), or ξ* is given per state by ``targets``. **Premise** (per state): ξ∞ is a
+    fixed point of G (to τ_G = 256 · eps · M(1 + 2|λ|)) *and of S* (to τ), it is attracting,
+    ``ρ(DG(ξ∞)) < 1`` (central differences), and the plain iteration of G from ξ₀ comes within
+    ``10⁻² M`` of it in ``trajectory_steps`` steps. Then ξ* = ξ∞ = ξ*_S; for ζ ≠ 0 this forces ``r(ξ*) = 0``
+    (a common fixed point, Lemma 3.3), for ζ = 0 only ``r_∥(ξ*) = 0``. **Statement**: along the plain
+    iteration ``ξ_{t+1} = G(ξ_t)``, the orthogonal error ``e⊥_t = ‖P⊥_{u(ξ_t)}(ξ_t − ξ*)‖`` contracts per
+    step at least at the linear rate, ``q ≤ ρ(DG(ξ*)) + min(0.05, (1 − ρ)/2)``, where q is its per-step
+    factor over the last 5 steps taken near ξ* while above 10 · tol (0 when it is already there). The
+    ζ-dependent bound ``λ|ζ| ‖r⊥(ξ*)‖ / (1 − ρ)`` on the limit of ``e⊥`` is reported beside it
+    (``measured["zeta_bound_over_M"]``); at points meeting the premise it is 0.
 
-    ``rate``: the median over states of the per-step factor ``(‖e⊥_t‖ / ‖e⊥_0‖)^{1/t}`` over the steps
-    before ``‖e⊥‖`` reaches 10 × tol (the asymptotic linear rate; 0 when the first step lands on it).
+    Where ξ∞ is not a fixed point of S the premise is not met: the limit keeps an orthogonal offset
+    relative to the sparse fixed point ξ*_S reached from ξ∞, measured as ``‖P⊥(ξ∞ − ξ*_S)‖`` and given in
+    closed form by ``P⊥ S(ξ∞) + λζ r⊥(ξ∞) − P⊥ ξ*_S`` (``P⊥ S(ξ∞) = 0`` for the reference S), because
+    ``G(ξ∞) = ξ∞`` and ``clip_η(r_∥)`` is parallel to the reference (``measured["offset_over_M"]`` and
+    ``measured["closed_form_error_over_M"]``, the largest gap between the two; library rule only).
 
-    Tolerance: ``1024 · eps · M (1 + |λ|)``: the limit is found to the solver's rounding floor,
-    16 · eps · ‖G(ξ)‖ ≤ 16 · eps · M(1 + 2|λ|), and the error of a fixed point is the residual divided by
-    ``1 − ρ`` (ρ < 1 the contraction factor at the limit); 1024 allows ρ up to ≈ 0.97.
+    Tolerance: ``1024 · eps · M (1 + |λ|)`` (the floor of the orthogonal error): the limit is found to the
+    solver's rounding floor, and the error of a fixed point is the residual divided by ``1 − ρ``.
 
     Parameters
     ----------
     zeta, scale, eta, reference : the GAG settings ζ, λ, η, and the reference direction.
+    targets : Tensor (M, d) or (1, d), optional
+        ξ* per state instead of the limit of G (the premise is checked at them).
     rule : callable, optional
         ``rule(dense, sparse, scale, zeta, eta, reference, state)``, default the GAG kernel.
+
+    See :func:`check_orthogonal_errors` for several ζ in one batched solve.
     """
-    fn = _gag if rule is None else rule
+    return check_orthogonal_errors(
+        case,
+        zetas=(zeta,),
+        scale=scale,
+        eta=eta,
+        reference=reference,
+        alpha_sparse=alpha_sparse,
+        targets=targets,
+        trajectory_steps=trajectory_steps,
+        max_iter=max_iter,
+        rule=rule,
+        counterexample_dir=counterexample_dir,
+        max_counterexamples=max_counterexamples,
+    )[0]
+
+
+def check_orthogonal_errors(
+    case: Case,
+    *,
+    zetas: Sequence[float] = (0.0, 0.5, 1.0),
+    scale: float = 1.0,
+    eta: float = math.inf,
+    reference: str = "sparse",
+    alpha_sparse: float = 1.5,
+    targets: torch.Tensor | None = None,
+    trajectory_steps: int = 30,
+    max_iter: int = 100,
+    rule: RuleFn | None = None,
+    counterexample_dir: str | Path | CounterexampleStore | None = None,
+    max_counterexamples: int = 3,
+) -> list[CheckResult]:
+    """:func:`check_orthogonal_error` for each ζ of ``zetas``, the guided maps solved in one batch."""
     m = case.pattern_scale
     dtype = case.patterns.dtype
-    starts = case.states
-    g = _guided_map(case.patterns, case.beta, alpha_sparse, scale, zeta, eta, reference, fn)
-    # the limit of G, by AA(5) with a stability test
-    solved = anderson(g, starts, m=5, tol=1e-30, max_iter=max_iter, stability_check=True)
-    limit = torch.as_tensor(solved.x)
-    limit_residual = _norm(g(limit) - limit)
-    limit_converged = limit_residual <= tolerance(dtype, 256.0) * m * (1 + 2 * abs(scale))
-    basin_changes = 0
+    n_states, d = case.states.shape
+    z = len(zetas)
+    starts = case.states.repeat(z, 1)  # rows: ζ-major
+    zcol = torch.tensor(list(zetas), dtype=dtype).repeat_interleave(n_states)[:, None]
+
+    def guided(dt: torch.dtype, rows: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """G on the rows ``rows`` of the stacked states (their ζ), patterns in ``dt``."""
+        patterns = case.patterns.to(dt)
+        if rule is None:
+            return _guided_map(patterns, case.beta, alpha_sparse, scale, zcol[rows].to(dt), eta, reference)
+        maps = [
+            _guided_map(patterns, case.beta, alpha_sparse, scale, zc, eta, reference, rule) for zc in zetas
+        ]
+        owner = rows // n_states
+
+        def each(x: torch.Tensor) -> torch.Tensor:
+            out = torch.empty_like(x)
+            for k, fn in enumerate(maps):
+                sel = owner == k
+                if bool(sel.any()):
+                    out[sel] = fn(x[sel])
+            return out
+
+        return each
+
+    everything = torch.arange(z * n_states)
+    g = guided(dtype, everything)
+    tau = tolerance(dtype, FIXED_POINT_FACTOR) * m
+    tau_g = tau * (1 + 2 * abs(scale))
     if targets is None:
-        # ξ*: the sparse fixed point in whose basin the guided iteration ends
-        targets, target_residual, _ = solve_fixed_points(case.patterns, limit, case.beta, alpha_sparse)
-        limit_converged = limit_converged & (target_residual <= tolerance(dtype, FIXED_POINT_FACTOR) * m)
-        if fixed_points is not None:
-            moved = _norm(fixed_points.sparse - targets) > fixed_points.threshold
-            basin_changes = int((moved & fixed_points.sparse_converged).sum())
-    # plain trajectory: orthogonal and parallel error per step
-    x, orth, par = starts, [], []
-    for _ in range(trajectory_steps + 1):
-        u = _reference_at(case.patterns, x, case.beta, alpha_sparse, reference)
-        p, o = _decompose(x - targets, u)
-        orth.append(_norm(o))
-        par.append(_norm(p))
-        x = g(x)
-    orth_t, par_t = torch.stack(orth), torch.stack(par)  # (T + 1, M)
-    margins, tols, err = _orthogonal_margin(
-        case.patterns, limit, targets, case.beta, alpha_sparse, reference, scale
-    )
-    # a limit that was not reached cannot show the claim: it fails, by at least its residual
-    margins = torch.where(limit_converged, margins, torch.minimum(margins, -limit_residual.clamp(min=1e-300)))
-    # rate from the trajectory
-    floor = 10 * float(tols[0])
-    rates = []
-    for j in range(orth_t.shape[1]):
-        e = orth_t[:, j]
-        if float(e[0]) <= floor:
-            continue
-        above = (e > floor).nonzero().flatten()
-        last = int(above.max())  # last step still above the floor
-        t = max(last, 1)
-        rates.append((max(float(e[t]), 0.0) / float(e[0])) ** (1.0 / t))
-    rate_t = torch.tensor(rates, dtype=torch.float64)
-
-    def instance(where: tuple[int, ...]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        (i,) = where
-        return (
-            {"patterns": case.patterns, "state": starts[i], "target": targets[i], "limit": limit[i]},
-            {
-                "beta": case.beta,
-                "alpha_sparse": alpha_sparse,
-                "scale": scale,
-                "zeta": zeta,
-                "eta": eta,
-                "reference": reference,
-                "rule": _name(rule),
-            },
+        # AA(5) without the stability test (3× faster here): whether a limit attracts is ρ(DG) below
+        solved = anderson(
+            in_dtype(g, dtype), starts.to(solver_dtype(dtype)), m=5, tol=1e-30, max_iter=max_iter
         )
+        points = torch.as_tensor(solved.x).to(dtype)
+    else:
+        points = (targets.expand(n_states, d) if targets.shape[0] == 1 else targets).repeat(z, 1)
+    g_residual = _norm(g(points) - points)
+    s_residual = _norm(_retrieve(points, case.patterns, case.beta, alpha_sparse) - points)
+    fixed_g = g_residual <= tau_g
+    fixed_s = fixed_g & (s_residual <= tau)
+    radius = torch.full((z * n_states,), math.nan, dtype=dtype)
+    candidates = fixed_s.nonzero().flatten()
+    if candidates.numel():
+        # ρ(DG) by central differences, in float64 whatever the compute dtype (a diagnostic of the map)
+        rows = candidates.repeat_interleave(d)
+        radius[candidates] = spectral_radius_fd(
+            guided(torch.float64, rows), points[candidates].double(), m
+        ).to(dtype)
+    attracting = fixed_s & (radius < 1)
 
-    paths = _save_worst(
-        "orthogonal-error convergence",
-        case,
-        margins,
-        instance,
-        counterexample_dir,
-        max_counterexamples,
-        tols,
-        f"zeta={zeta:g}",
-    )
+    # the plain iteration of G from the starts that may meet the premise: orthogonal error relative to ξ*
+    tol = tolerance(dtype, ORTHOGONAL_FACTOR) * m * (1.0 + abs(scale))
+    rates = torch.zeros(z * n_states, dtype=dtype)
+    reached = torch.zeros(z * n_states, dtype=torch.bool)
+    run = attracting.nonzero().flatten()
+    orth_t = torch.zeros(trajectory_steps + 1, 0, dtype=dtype)
+    if run.numel():
+        g_run = guided(dtype, run)
+        x, target, orth, dist = starts[run], points[run], [], []
+        for _ in range(trajectory_steps + 1):
+            u = _reference_direction(case.patterns, x, case.beta, alpha_sparse, reference)
+            _, o = _decompose(x - target, u)
+            orth.append(_norm(o))
+            dist.append(_norm(x - target))
+            x = g_run(x)
+        orth_t, dist_t = torch.stack(orth), torch.stack(dist)  # (T + 1, R)
+        near = dist_t <= NEAR * m
+        reached[run] = near.any(dim=0)
+        rates[run] = _asymptotic_rate(orth_t, near, 10 * tol)
+    met = attracting & reached
+    rho = torch.nan_to_num(radius, nan=math.inf)
+    allowed = rho + torch.clamp((1.0 - rho) / 2, max=RATE_SLACK)
+    margins = torch.where(met, allowed - rates, torch.full_like(rates, math.nan))
+
+    # where the premise is not met because the limit is not a fixed point of S: the offset and its closed form
+    offset_rows = fixed_g & ~fixed_s
+    offset = torch.full((z * n_states,), math.nan, dtype=dtype)
+    closed_gap = torch.full((z * n_states,), math.nan, dtype=dtype)
+    if bool(offset_rows.any()) and targets is None:
+        limit = points[offset_rows]
+        sparse_fp, _, _ = solve_fixed_points(case.patterns, limit, case.beta, alpha_sparse)
+        u = _reference_direction(case.patterns, limit, case.beta, alpha_sparse, reference)
+        _, measured_offset = _decompose(limit - sparse_fp, u)
+        offset[offset_rows] = _norm(measured_offset) / m
+        if rule is None:
+            dense_l = _retrieve(limit, case.patterns, case.beta, 1.0)
+            sparse_l = _retrieve(limit, case.patterns, case.beta, alpha_sparse)
+            _, r_orth = _decompose(sparse_l - dense_l, u)
+            _, s_orth = _decompose(sparse_l, u)
+            _, target_orth = _decompose(sparse_fp, u)
+            closed = s_orth + scale * zcol[offset_rows] * r_orth - target_orth
+            closed_gap[offset_rows] = _norm(measured_offset - closed) / m
+    zeta_bound = torch.full((z * n_states,), math.nan, dtype=dtype)
+    if bool(met.any()):
+        dense_p = _retrieve(points[met], case.patterns, case.beta, 1.0)
+        sparse_p = _retrieve(points[met], case.patterns, case.beta, alpha_sparse)
+        u = _reference_direction(case.patterns, points[met], case.beta, alpha_sparse, reference)
+        _, r_orth = _decompose(sparse_p - dense_p, u)
+        zeta_bound[met] = (scale * zcol[met, 0]).abs() * _norm(r_orth) / (1.0 - rho[met]) / m
+
     rel = max(m, 1e-300)
-    return _result(
-        "orthogonal-error convergence",
-        case,
-        (margins >= 0) & limit_converged,
-        margins,
-        tols,
-        ORTHOGONAL_FACTOR,
-        "1024·eps·M(1+|λ|)",
-        unit="start",
-        setting=f"ζ={zeta:g}",
-        rate=float(rate_t.median()) if rate_t.numel() else None,
-        rate_note="median per-step factor of ‖e⊥‖ before it reaches 10·tol",
-        counterexamples=paths,
-        settings={"zeta": zeta, "scale": scale, "eta": eta, "reference": reference, "rule": _name(rule)},
-        measured={
-            "limit_orthogonal_error_over_M": _quantiles(err / rel),
-            "limit_converged_share": float(limit_converged.double().mean()),
-            "basin_changes": basin_changes,
-            "limit_parallel_error_over_M": _quantiles(_norm(limit - targets) / rel),
-        },
-        series={
-            "orthogonal": (orth_t / rel).median(dim=-1).values.tolist(),
-            "parallel": (par_t / rel).median(dim=-1).values.tolist(),
-        },
-    )
+    results = []
+    for k, zeta in enumerate(zetas):
+        sl = slice(k * n_states, (k + 1) * n_states)
+        met_k, rows_k = met[sl], torch.arange(k * n_states, (k + 1) * n_states)
+
+        def instance(
+            where: tuple[int, ...], base: int = k * n_states, zeta: float = zeta
+        ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+            (i,) = where
+            return (
+                {"patterns": case.patterns, "state": case.states[i], "point": points[base + i]},
+                {
+                    "beta": case.beta,
+                    "alpha_sparse": alpha_sparse,
+                    "scale": scale,
+                    "zeta": zeta,
+                    "eta": eta,
+                    "reference": reference,
+                    "rule": _name(rule),
+                    "trajectory_steps": trajectory_steps,
+                },
+            )
+
+        paths = _save_worst(
+            "orthogonal-error convergence",
+            case,
+            margins[sl],
+            instance,
+            counterexample_dir,
+            max_counterexamples,
+            tol,
+            f"zeta={zeta:g}",
+        )
+        in_run = torch.isin(run, rows_k[met_k]) if run.numel() else torch.zeros(0, dtype=torch.bool)
+        curves = orth_t[:, in_run] / rel if in_run.numel() else orth_t
+        offset_k, gap_k, bound_k = offset[sl], closed_gap[sl], zeta_bound[sl]
+        results.append(
+            _result(
+                "orthogonal-error convergence",
+                case,
+                margins[sl] >= 0,
+                margins[sl],
+                tol,
+                ORTHOGONAL_FACTOR,
+                "1024·eps·M(1+|λ|)",
+                premise=ORTHOGONAL_PREMISE,
+                premise_met=met_k,
+                premise_note=_reasons(
+                    {
+                        "limits not fixed by S (orthogonal offset, closed form)": int(offset_rows[sl].sum()),
+                        "without a limit": int((~fixed_g[sl]).sum()),
+                        "repelling (ρ(DG) ≥ 1)": int((fixed_s[sl] & ~attracting[sl]).sum()),
+                        "not reached by the plain iteration": int((attracting[sl] & ~reached[sl]).sum()),
+                    }
+                ),
+                unit="start",
+                setting=f"ζ={zeta:g}",
+                rate=float(rates[sl][met_k].median()) if bool(met_k.any()) else None,
+                rate_note="median per-step factor of ‖e⊥‖ near ξ* (compare ρ(DG(ξ*)))",
+                counterexamples=paths,
+                settings={
+                    "zeta": zeta,
+                    "scale": scale,
+                    "eta": eta,
+                    "reference": reference,
+                    "rule": _name(rule),
+                    "trajectory_steps": trajectory_steps,
+                },
+                measured={
+                    "radius": _quantiles(radius[sl][met_k]),
+                    "rate": _quantiles(rates[sl][met_k]),
+                    "zeta_bound_over_M": _quantiles(bound_k[~torch.isnan(bound_k)]),
+                    "limit_fixed_by_G_share": float(fixed_g[sl].double().mean()),
+                    "limit_fixed_by_S_share": float(fixed_s[sl].double().mean()),
+                    "offset_over_M": _quantiles(offset_k[~torch.isnan(offset_k)]),
+                    "closed_form_error_over_M": float(gap_k[~torch.isnan(gap_k)].max())
+                    if bool((~torch.isnan(gap_k)).any())
+                    else math.nan,
+                },
+                series={
+                    "premise_met": curves.median(dim=-1).values.tolist() if curves.shape[1] else [],
+                    "offset": _sample(offset_k[~torch.isnan(offset_k)], 400),
+                },
+            )
+        )
+    return results
 
 
-@register_replayer("orthogonal-error convergence")
 def _replay_orthogonal(
     tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]
 ) -> tuple[float, dict[str, Any]]:
+    """Re-run the check on the one saved start; counter-examples saved before the premise was checked
+    stored the sparse fixed point as ``target`` and G's limit as ``limit``: ξ* is then the limit."""
     patterns = tensors["patterns"]
+    point = tensors["point"] if "point" in tensors else tensors["limit"]
+    case = Case(patterns, tensors["state"][None], float(params["beta"]), {"family": "replay"})
     rule = _resolve(params.get("rule"), _gag)
-    g = _guided_map(
-        patterns,
-        params["beta"],
-        params["alpha_sparse"],
-        params["scale"],
-        params["zeta"],
-        params["eta"],
-        params["reference"],
-        rule,
+    result = check_orthogonal_error(
+        case,
+        zeta=float(params["zeta"]),
+        scale=float(params["scale"]),
+        eta=float(params["eta"]),
+        reference=str(params["reference"]),
+        alpha_sparse=float(params["alpha_sparse"]),
+        targets=point[None],
+        trajectory_steps=int(params.get("trajectory_steps", 30)),
+        rule=None if rule is _gag else rule,
     )
-    solved = anderson(g, tensors["state"][None], m=5, tol=1e-30, max_iter=300, stability_check=True)
-    limit = torch.as_tensor(solved.x)
-    margin, tol, err = _orthogonal_margin(
-        patterns,
-        limit,
-        tensors["target"][None],
-        params["beta"],
-        params["alpha_sparse"],
-        params["reference"],
-        params["scale"],
-    )
-    return float(margin[0]), {"orthogonal_error": float(err[0]), "tolerance_now": float(tol[0]), **params}
+    premise_met = result.n_premise > 0
+    margin = result.worst_margin if premise_met else 0.0
+    sparse = _retrieve(point[None], patterns, float(params["beta"]), float(params["alpha_sparse"]))
+    return float(margin), {
+        "premise_met": premise_met,
+        "premise_note": result.premise_note,
+        "sparse_residual": float(_norm(sparse - point[None])[0]),
+        "rate": result.rate,
+        **params,
+    }
 
 
 # ==================================================================================================
@@ -1099,7 +1460,7 @@ def check_bounded_update(
     references: Sequence[str] = ("sparse", "dense", "update"),
     alpha_sparse: float = 1.5,
     rule: RuleFn | None = None,
-    counterexample_dir: str | Path | None = None,
+    counterexample_dir: str | Path | CounterexampleStore | None = None,
     max_counterexamples: int = 3,
 ) -> CheckResult:
     r"""Bounded update (Remark 3.8): ``‖G(ξ) − S(ξ)‖ ≤ |λ| (η + |ζ| ‖r_⊥‖)``.
@@ -1159,6 +1520,7 @@ def check_bounded_update(
         tols,
         LINEAR_FACTOR,
         "16·eps·(‖S‖+|λ|(η+(1+|ζ|)‖r‖))",
+        kind=KIND_IDENTITY,
         setting=f"{len(grid)} (λ,ζ,η,ref)",
         counterexamples=paths,
         settings={
@@ -1171,7 +1533,6 @@ def check_bounded_update(
     )
 
 
-@register_replayer("bounded update")
 def _replay_bounded(
     tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]
 ) -> tuple[float, dict[str, Any]]:
@@ -1217,18 +1578,16 @@ def check_directional_consistency(
     alpha_sparse: float = 1.5,
     fixed_points: FixedPoints | None = None,
     targets: torch.Tensor | None = None,
-    counterexample_dir: str | Path | None = None,
-    max_counterexamples: int = 3,
 ) -> CheckResult:
-    r"""Directional consistency: ``r = S(ξ) − D(ξ)`` points toward the sparse fixed point.
-
-    The claim checked is ``⟨r, ξ*_S − D(ξ)⟩ > 0``.
+    r"""Directional consistency, measured (no verdict): does ``r = S(ξ) − D(ξ)`` point toward the sparse
+    fixed point, ``⟨r, ξ*_S − D(ξ)⟩ > 0``, and along the retrieval direction, ``⟨r, S(ξ)⟩ > 0``?
 
     For each starting state ξ whose sparse iteration converged, ξ*_S is its sparse fixed point (or
-    ``targets``). The share of states with ``⟨r, ξ*_S − D(ξ)⟩ > 0`` is the pass rate; the share with
-    ``⟨r, S(ξ)⟩ > 0`` (alignment with the retrieval direction) is measured beside it. States where
-    ``‖r‖`` or ``‖ξ*_S − D(ξ)‖`` is at most τ = 256 · eps · M have no direction and are not counted
-    (``measured["degenerate"]``). Margins are cosines.
+    ``targets``). ``n_passed`` counts the states with ``⟨r, ξ*_S − D(ξ)⟩ > 0``; the share with
+    ``⟨r, S(ξ)⟩ > 0`` is measured beside it. States where ``‖r‖`` or ``‖ξ*_S − D(ξ)‖`` is at most
+    τ = 256 · eps · M have no direction and are not counted (``measured["degenerate"]``). Margins are
+    cosines. The theory does not claim either share: they are the condition under which extrapolation
+    along r helps, reported as measured.
 
     Tolerance: a cosine must exceed ``16 · eps · d`` to count as positive (the rounding of a length-d
     inner product relative to the product of the norms).
@@ -1242,18 +1601,6 @@ def check_directional_consistency(
     cos_t, cos_r, tols, degenerate = _directional(case.patterns, states, targets, case.beta, alpha_sparse)
     use = ~degenerate
     margins = (cos_t - tols)[use]
-    idx = use.nonzero().flatten()
-
-    def instance(where: tuple[int, ...]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        i = int(idx[where[0]])
-        return (
-            {"patterns": case.patterns, "state": states[i], "target": targets[i]},
-            {"beta": case.beta, "alpha_sparse": alpha_sparse},
-        )
-
-    paths = _save_worst(
-        "directional consistency", case, margins, instance, counterexample_dir, max_counterexamples, tols[use]
-    )
     return _result(
         "directional consistency",
         case,
@@ -1262,9 +1609,9 @@ def check_directional_consistency(
         tols[use] if bool(use.any()) else torch.tensor([]),
         LINEAR_FACTOR,
         "cosine > 16·eps·d",
+        kind=KIND_MEASURED,
         unit="start (cosine)",
         setting=f"α={alpha_sparse:g}",
-        counterexamples=paths,
         settings={"alpha_sparse": alpha_sparse},
         measured={
             "share_toward_sparse_fixed_point": float((cos_t[use] > tols[use]).double().mean())
@@ -1279,7 +1626,6 @@ def check_directional_consistency(
     )
 
 
-@register_replayer("directional consistency")
 def _replay_directional(
     tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]
 ) -> tuple[float, dict[str, Any]]:
@@ -1291,6 +1637,7 @@ def _replay_directional(
         params["alpha_sparse"],
     )
     return float(cos_t[0] - tol[0]), {
+        "verdict": "measured",
         "cos_toward_target": float(cos_t[0]),
         "cos_with_retrieval": float(cos_r[0]),
         "degenerate": bool(degenerate[0]),
@@ -1311,7 +1658,7 @@ def check_ladder(
     fixed_points: FixedPoints | None = None,
     targets: torch.Tensor | None = None,
 ) -> CheckResult:
-    r"""The Anderson-mixed α-ladder (THEORY.md §4): is ``L_λ`` closer to the sparse fixed point than ``P_λ``?
+    r"""The Anderson-mixed α-ladder (papers/theory.md §12): is ``L_λ`` closer to ξ*_S than ``P_λ``?
 
     For each starting state with a converged sparse fixed point ξ*_S, the retrievals at the α of
     ``ladder`` are mixed by :func:`~hopfield_aa.geometry.ladder_extrapolate` (``L_λ = D + λ(A − D)``,
@@ -1327,8 +1674,10 @@ def check_ladder(
     else:
         states = case.states
     m = case.pattern_scale
-    rungs = [_retrieve(states, case.patterns, case.beta, a) for a in ladder]
-    dense, sparse = rungs[0], _retrieve(states, case.patterns, case.beta, alpha_sparse)
+    wide = solver_dtype(states.dtype)  # the Anderson step's least squares need float32 at least
+    rungs = [_retrieve(states, case.patterns, case.beta, a).to(wide) for a in ladder]
+    dense, sparse = rungs[0], _retrieve(states, case.patterns, case.beta, alpha_sparse).to(wide)
+    targets = targets.to(wide)
     d_ladder = torch.stack([_norm(_ladder_extrapolate(rungs, s) - targets) for s in scales], dim=-1) / m
     d_plain = torch.stack([_norm(_extrapolate(dense, sparse, s) - targets) for s in scales], dim=-1) / m
     margins = d_plain - d_ladder
@@ -1340,7 +1689,7 @@ def check_ladder(
         0.0,
         0.0,
         "strict comparison",
-        status=STATUS_MEASURED,
+        kind=KIND_MEASURED,
         unit="start × λ",
         setting="α∈{" + ",".join(f"{a:g}" for a in ladder) + "}",
         rate=float((d_ladder / d_plain.clamp(min=1e-300)).median()) if d_plain.numel() else None,

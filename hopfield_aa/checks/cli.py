@@ -24,9 +24,10 @@ def add_parsers(subparsers: Any) -> None:
         "verify",
         help="check every claim of the theory on synthetic memories and traces; write a report",
         description=(
-            "Run every check of THEORY.md §5 on the synthetic families and on captured traces, print "
-            "the claims table and write a report folder (report.md, results.json, PNG figures, "
-            "counter-examples). Exits 0 whatever the claims' outcome; non-zero only on errors."
+            "Run every claim of papers/theory.md on the synthetic families and on captured traces, print "
+            "what held, what failed and what could not be tested (and why), and write a report folder "
+            "(report.md, results.json, PNG figures, at most 5 counter-examples per claim). Exits 0 "
+            "whatever the claims' outcome; non-zero only on errors."
         ),
         epilog=EXAMPLE_VERIFY,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -63,6 +64,18 @@ def add_parsers(subparsers: Any) -> None:
         default=1,
         help="torch threads (default 1: the work is many small ops, which extra threads only slow down)",
     )
+    verify.add_argument(
+        "--dtype",
+        default="float64",
+        choices=("float64", "float32", "float16", "bfloat16"),
+        help="compute dtype of every check, tolerances from its epsilon (float16/bfloat16: maps in that "
+        "type, solvers and eigenvalues in float32; default float64)",
+    )
+    verify.add_argument(
+        "--all-counterexamples",
+        action="store_true",
+        help="keep every counter-example the checks save (default: the 5 worst per claim)",
+    )
     verify.add_argument("--no-progress", action="store_true", help="no progress bar")
     verify.set_defaults(func=run_verify)
 
@@ -88,7 +101,9 @@ def run_verify(args: argparse.Namespace) -> int:
     import torch
 
     from hopfield_aa.checks.report import (
+        COUNTEREXAMPLES_PER_CLAIM,
         VerifyConfig,
+        first_screen,
         format_table,
         parse_claims,
         parse_families,
@@ -134,16 +149,21 @@ def run_verify(args: argparse.Namespace) -> int:
         n_states=args.states,
         max_records=None if args.max_records == 0 else args.max_records,
         progress=not args.no_progress,
+        dtype=args.dtype,
+        max_counterexamples=None if args.all_counterexamples else COUNTEREXAMPLES_PER_CLAIM,
     )
     start = time.perf_counter()
     doc = run_verification(config, args.out)
     figures = write_report(doc, args.out)
+    print(first_screen(doc["summary"]))
+    print()
     print(format_table(doc["summary"]))
     failing = [r for r in doc["summary"] if r["status"] == "fail"]
     print()
     print(
-        f"{len(doc['cases'])} cases, {sum(r['n_states'] for r in doc['summary'])} states tried; "
-        f"{len(failing)} claim rows failing somewhere "
+        f"{len(doc['cases'])} cases in {args.dtype}, "
+        f"{sum(r['n_states'] for r in doc['summary'])} states tried; "
+        f"{len(failing)} rows fail where their premise held "
         f"(counter-examples in {Path(args.out) / 'counterexamples'})"
     )
     print(
@@ -155,8 +175,8 @@ def run_verify(args: argparse.Namespace) -> int:
 
 def run_plot(args: argparse.Namespace) -> int:
     """Run ``plot``: re-draw the figures of a results.json."""
+    from hopfield_aa.checks.plots import draw_report_figures
     from hopfield_aa.checks.results import from_jsonable
-    from hopfield_aa.plotting import draw_all
 
     path = Path(args.results)
     if path.is_dir():
@@ -170,6 +190,6 @@ def run_plot(args: argparse.Namespace) -> int:
     if not isinstance(doc, dict) or doc.get("format") != "hopfield_aa.verify":
         return _fail(f"{path}: not a results.json written by 'hopfield-aa verify'")
     out = Path(args.out) if args.out else path.parent
-    for figure in draw_all(doc.get("figures", {}), out):
+    for figure in draw_report_figures(doc.get("figures", {}), out):
         print(figure)
     return 0

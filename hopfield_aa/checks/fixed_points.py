@@ -4,15 +4,125 @@ stability test), classify each fixed point as common to both maps or not, and re
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from hopfield_aa.anderson import anderson
 from hopfield_aa.checks.results import Case, tolerance
-from hopfield_aa.hopfield import _local_lipschitz as local_lipschitz
-from hopfield_aa.hopfield import _retrieve
+from hopfield_aa.hopfield import _local_lipschitz, _retrieve
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def solver_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype solvers and eigenvalue routines run in: ``dtype`` itself, float32 for half types (which
+    the Anderson solver and LAPACK do not take); the maps they iterate are still evaluated in ``dtype``."""
+    return torch.float32 if dtype in HALF else dtype
+
+
+def in_dtype(
+    fn: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` evaluated in ``dtype`` on states of any dtype, returning the solver dtype."""
+    if dtype not in HALF:
+        return fn
+    return lambda x: fn(x.to(dtype)).to(solver_dtype(dtype))
+
+
+def local_lipschitz(state: torch.Tensor, patterns: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
+    """‖DT_α(ξ)‖₂ per state (the Jacobian's largest eigenvalue; half types computed in float32)."""
+    dtype = solver_dtype(state.dtype)
+    return _local_lipschitz(state.to(dtype), patterns.to(dtype), beta, alpha).to(state.dtype)
+
+
+def spectral_radius_fd(
+    fn: Callable[[torch.Tensor], torch.Tensor], points: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """ρ(Dfn(ξ*)) per row of ``points`` by central differences (step ``eps^{1/3} · scale``), for maps whose
+    Jacobian has no closed form (G, custom maps); eigenvalues of the non-symmetric Jacobian."""
+    k, d = points.shape
+    if k == 0:
+        return torch.zeros(0, dtype=points.dtype)
+    h = torch.finfo(points.dtype).eps ** (1.0 / 3.0) * max(scale, 1e-300)
+    basis = torch.eye(d, dtype=points.dtype) * h
+    plus = fn((points[:, None, :] + basis).reshape(-1, d)).reshape(k, d, d)
+    minus = fn((points[:, None, :] - basis).reshape(-1, d)).reshape(k, d, d)
+    jac = ((plus - minus) / (2 * h)).mT  # (k, out, in)
+    return torch.linalg.eigvals(jac).abs().amax(dim=-1).to(points.dtype)
+
+
+def distinct(points: torch.Tensor, radius: float) -> torch.Tensor:
+    """Indices of the first of each group of rows within ``radius`` of each other (greedy, in order)."""
+    keep: list[int] = []
+    for i in range(points.shape[0]):
+        if not keep or bool((torch.linalg.vector_norm(points[keep] - points[i], dim=-1) > radius).all()):
+            keep.append(i)
+    return torch.tensor(keep, dtype=torch.long)
+
+
+def premise_beta(patterns: torch.Tensor, threshold: float, alpha_sparse: float = 1.5) -> float:
+    r"""The smallest β at which some stored pattern x_i is a fixed point of both D and S (to τ).
+
+    With gaps ``Δ_ij = ‖x_i‖² − ⟨x_i, x_j⟩`` and ``Δ_i = min_{j≠i} Δ_ij`` (x_i must be a vertex: Δ_i > 0),
+    α-entmax weights x_i alone once ``(α − 1) β Δ_i ≥ 1``, and the softmax retrieval is within τ of x_i
+    once ``(N − 1) D e^{−βΔ_i} ≤ τ`` (D the diameter of the patterns): ``β_i = max(1/((α−1)Δ_i),
+    ln((N−1)D/τ)/Δ_i)``, and the premise of fixed-point preservation is attainable from ``min_i β_i``
+    (a sufficient condition at the patterns; other common fixed points need symmetry). ``inf`` when no
+    pattern is a vertex or N = 1 gives 0.
+    """
+    x = patterns.double()
+    n = x.shape[0]
+    if n == 1:
+        return 0.0
+    gram = x @ x.T
+    gaps = gram.diagonal()[:, None] - gram
+    gaps.fill_diagonal_(math.inf)
+    delta = gaps.amin(dim=1)
+    diameter = float(torch.cdist(x, x).max())
+    if diameter <= 0:
+        return 0.0
+    dense = math.log(max((n - 1) * diameter / max(threshold, 1e-300), 1.0)) / delta
+    sparse = 1.0 / ((alpha_sparse - 1.0) * delta) if alpha_sparse > 1 else torch.zeros_like(delta)
+    beta = torch.where(delta > 0, torch.maximum(dense, sparse), torch.full_like(delta, math.inf))
+    return float(beta.min())
+
+
+def lipschitz_bounds(
+    states: torch.Tensor, patterns: torch.Tensor, beta: float, alpha: float
+) -> tuple[float, torch.Tensor]:
+    r"""N-independent bounds on ‖DT_α‖: (global, local per state).
+
+    ``DT = β σ Cov_q(X_S)`` (σ = 1 for softmax), and a variance along a unit direction is at most a quarter
+    of the squared range (Popoviciu), so ``‖DT_α(ξ)‖ ≤ β σ(ξ) D_S(ξ)²/4`` with D_S the diameter of the
+    patterns in the support of entmax_α(βXξ) and σ = Σ_S p_i^{2−α}. For softmax the support is every
+    pattern and the bound ``β D²/4`` holds everywhere (the global value returned); for α > 1 σ ≤ |S|^{α−1}
+    grows with the support, so only the local values are N-independent (the global value returned is
+    ``inf``).
+    """
+    from hopfield_aa.normalizers import _entmax_tensor
+
+    x = patterns.to(solver_dtype(patterns.dtype))
+    xi = states.to(x.dtype)
+    if alpha == 1.0:
+        bound = beta * float(torch.cdist(x, x).max()) ** 2 / 4.0
+        return bound, torch.full(xi.shape[:-1], bound, dtype=x.dtype)
+    probs = _entmax_tensor(beta * xi @ x.T, alpha, -1)
+    support = probs > 0
+    sigma = torch.where(support, probs.clamp(min=torch.finfo(x.dtype).tiny) ** (2.0 - alpha), 0.0).sum(-1)
+    flat = support.reshape(-1, support.shape[-1])
+    diameters = torch.zeros(flat.shape[0], dtype=x.dtype)
+    seen: dict[bytes, float] = {}
+    for i in range(flat.shape[0]):
+        key = flat[i].numpy().tobytes()
+        if key not in seen:
+            rows = x[flat[i]]
+            seen[key] = float(torch.cdist(rows, rows).max()) if rows.shape[0] > 1 else 0.0
+        diameters[i] = seen[key]
+    return math.inf, beta * sigma * diameters.reshape(sigma.shape) ** 2 / 4.0
+
 
 # Fixed points count as reached when ‖T(ξ*) − ξ*‖ ≤ FIXED_POINT_FACTOR · eps · M. The solver stops at
 # its rounding floor 16 · eps · ‖T(ξ)‖ ≤ 16 · eps · M; 256 leaves room for the rounding of one more map
@@ -43,6 +153,10 @@ class FixedPoints:
         τ = :data:`FIXED_POINT_FACTOR` · eps · M: a residual ≤ τ counts as zero.
     n_iter_dense, n_iter_sparse : Tensor, shape (M,)
         Accepted Anderson steps.
+    scale : float
+        ``M``, the largest pattern norm.
+    premise_beta : float
+        The β from which some pattern is a common fixed point (:func:`premise_beta`).
     """
 
     alpha_dense: float
@@ -58,6 +172,8 @@ class FixedPoints:
     threshold: float
     n_iter_dense: torch.Tensor
     n_iter_sparse: torch.Tensor
+    scale: float = 1.0
+    premise_beta: float = math.nan
 
     @property
     def dense_converged(self) -> torch.Tensor:
@@ -83,14 +199,31 @@ class FixedPoints:
         return self.dense_converged & (self.dense_cross > self.threshold)
 
     def common_points(self) -> torch.Tensor:
-        """All fixed points common to both maps (dense and sparse limits), shape (K, d)."""
-        return torch.cat([self.dense[self.dense_common], self.sparse[self.sparse_common]])
+        """The distinct fixed points common to both maps (dense and sparse limits), shape (K, d)."""
+        points = torch.cat([self.dense[self.dense_common], self.sparse[self.sparse_common]])
+        return points[distinct(points, self.merge_radius)]
+
+    def distinct_points(self) -> torch.Tensor:
+        """The distinct fixed points of either map (dense and sparse limits), shape (K, d)."""
+        points = torch.cat([self.dense[self.dense_converged], self.sparse[self.sparse_converged]])
+        return points[distinct(points, self.merge_radius)]
+
+    @property
+    def merge_radius(self) -> float:
+        """Two limits closer than ``√(τ M)`` are one fixed point (reached from different states)."""
+        return math.sqrt(self.threshold * self.scale)
 
     def summary(self) -> dict[str, float | int]:
-        """Counts and shares for the report (JSON-ready)."""
+        """Counts and shares for the report (JSON-ready): per starting state, and of distinct fixed points."""
         m = int(self.dense.shape[0])
+        n_distinct = int(self.distinct_points().shape[0])
+        n_common = int(self.common_points().shape[0])
         return {
             "states": m,
+            "distinct_fixed_points": n_distinct,
+            "distinct_common": n_common,
+            "distinct_common_share": n_common / n_distinct if n_distinct else math.nan,
+            "premise_beta": self.premise_beta,
             "dense_converged": int(self.dense_converged.sum()),
             "sparse_converged": int(self.sparse_converged.sum()),
             "dense_common": int(self.dense_common.sum()),
@@ -121,9 +254,18 @@ def solve_fixed_points(
     def g(x: torch.Tensor) -> torch.Tensor:
         return _retrieve(x, patterns, beta, alpha)
 
-    # tol far below the rounding floor: rows stop at ‖f‖ ≤ 16 eps ‖g(x)‖ (see anderson's docstring)
-    result = anderson(g, states, m=m, tol=1e-30, max_iter=max_iter, stability_check=True)
-    x = torch.as_tensor(result.x)
+    dtype = states.dtype
+    # tol far below the rounding floor: rows stop at ‖f‖ ≤ 16 eps ‖g(x)‖ (see anderson's docstring); half
+    # types: the map is evaluated in the half type, the solver's state is float32
+    result = anderson(
+        in_dtype(g, dtype),
+        states.to(solver_dtype(dtype)),
+        m=m,
+        tol=1e-30,
+        max_iter=max_iter,
+        stability_check=True,
+    )
+    x = torch.as_tensor(result.x).to(dtype)
     return x, torch.linalg.vector_norm(g(x) - x, dim=-1), torch.as_tensor(result.n_iter)
 
 
@@ -187,6 +329,8 @@ def find_fixed_points(
         threshold=threshold,
         n_iter_dense=it_d,
         n_iter_sparse=it_s,
+        scale=case.pattern_scale,
+        premise_beta=premise_beta(patterns, threshold, alpha_sparse),
     )
 
 
@@ -206,7 +350,11 @@ def residual_curves(
     out: dict[str, list[float]] = {}
     for m in depths:
         result = anderson(
-            lambda x: _retrieve(x, patterns, beta, alpha), case.states, m=m, tol=1e-30, max_iter=max_iter
+            in_dtype(lambda x: _retrieve(x, patterns, beta, alpha), patterns.dtype),
+            case.states.to(solver_dtype(patterns.dtype)),
+            m=m,
+            tol=1e-30,
+            max_iter=max_iter,
         )
         hist = torch.as_tensor(result.residual_norms) / scale
         out["plain" if m == 0 else f"AA({m})"] = hist.median(dim=-1).values.tolist()

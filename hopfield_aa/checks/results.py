@@ -1,5 +1,5 @@
-"""What a check of a THEORY.md §5 claim returns (:class:`CheckResult`), the data it ran on (:class:`Case`),
-tolerances scaled to the dtype, and the counter-example files (safetensors + JSON) with their replay.
+"""What a check of a claim (papers/theory.md) returns (:class:`CheckResult`) with its verdict, the data it
+ran on (:class:`Case`), tolerances scaled to the dtype, and the counter-example files with their replay.
 """
 
 from __future__ import annotations
@@ -8,14 +8,15 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from hopfield_aa._io import write_safetensors, write_text
 
 # The form of the dynamics a check tests. Synthetic memories: the auto-associative map itself. Traces:
 # the keys of a head as memory, its queries as starting states, its recorded scale as β (THEORY.md §2,
@@ -26,7 +27,22 @@ FORM_TRACE = (
     "β = the recorded scale (the hetero-associative output through V is one step and is not iterated)"
 )
 
-STATUS_PASS, STATUS_FAIL, STATUS_NA, STATUS_MEASURED = "pass", "fail", "n/a", "measured"
+# The verdict vocabulary of every row, in results.json and in report.md:
+#   pass             the premise held for the states counted and the statement held at every one of them
+#   fail             the premise held for the states counted and the statement failed at some of them
+#   premise not met  no state tried met the claim's premise (the row says which premise, and how many met it)
+#   identity         an algebraic identity of the library's own rule (holds by construction): a regression
+#                    test of the code, reported in its own section and never counted as evidence
+#   measured         a quantity without a verdict
+STATUS_PASS = "pass"
+STATUS_FAIL = "fail"
+STATUS_PREMISE = "premise not met"
+STATUS_IDENTITY = "identity"
+STATUS_MEASURED = "measured"
+VERDICTS = (STATUS_PASS, STATUS_FAIL, STATUS_PREMISE, STATUS_IDENTITY, STATUS_MEASURED)
+
+# What kind of statement a claim is (the registry gives each claim one).
+KIND_CLAIM, KIND_IDENTITY, KIND_MEASURED = "claim", "identity", "measured"
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,9 +102,7 @@ def data_label(data: Mapping[str, Any]) -> str:
 
 
 def tolerance(dtype: torch.dtype, factor: float) -> float:
-    """``factor`` times the machine epsilon of the compute dtype (float32 for half types)."""
-    if dtype in (torch.float16, torch.bfloat16):
-        dtype = torch.float32
+    """``factor`` times the machine epsilon of the compute dtype (float16: 9.8e-4, bfloat16: 7.8e-3)."""
     return float(factor) * torch.finfo(dtype).eps
 
 
@@ -99,22 +113,32 @@ class CheckResult:
     Attributes
     ----------
     claim : str
-        The claim's name (THEORY.md §5), e.g. ``"energy descent"``.
+        The claim's name (the registry's, e.g. ``"energy descent"``).
     data : dict
         The data identity (:attr:`Case.data`).
     form : str
         Which dynamics were tested.
-    status : {"pass", "fail", "n/a", "measured"}
-        ``pass``: every state tried satisfies the claim within ``tolerance``; ``fail``: at least one does
-        not (counter-examples saved); ``n/a``: no state the claim applies to (e.g. no common fixed point);
-        ``measured``: a quantity the theory leaves open, reported without a verdict.
+    status : str
+        One of :data:`VERDICTS`: ``pass`` (every state that met the premise satisfies the statement within
+        ``tolerance``), ``fail`` (the premise held for the ``n_premise`` states counted and the statement
+        failed at ``n_premise − n_passed`` of them; counter-examples saved), ``premise not met`` (no state
+        tried met the premise: ``premise`` says which, ``premise_note`` why), ``identity`` (an identity of
+        the library's own rule held: a regression test, not evidence), ``measured`` (no verdict).
+    kind : {"claim", "identity", "measured"}
+        What kind of statement the claim is (from the registry).
+    premise : str
+        The premise a state must meet to be counted (empty: every state).
     n_states : int
         Number of states (or state × setting pairs, see ``unit``) tried.
+    n_premise : int
+        How many of them met the premise (the states the verdict counts).
     n_passed : int
-        How many of them satisfy the claim.
+        How many of those satisfy the statement.
+    premise_note : str
+        Why states did not meet the premise (counts per reason), shown beside the verdict.
     worst_margin : float
-        ``min`` over everything tried of (allowed − observed), in the units of ``unit``; negative means a
-        violation. NaN when nothing was tried.
+        ``min`` over the states counted of (allowed − observed), in the units of ``unit``; negative means a
+        violation. NaN when nothing was counted.
     tolerance : float
         The absolute slack used, ``tolerance_factor · eps(dtype) · scale``.
     tolerance_factor : float
@@ -148,6 +172,10 @@ class CheckResult:
     tolerance: float
     tolerance_factor: float
     tolerance_note: str
+    kind: str = KIND_CLAIM
+    premise: str = ""
+    n_premise: int = -1
+    premise_note: str = ""
     unit: str = "state"
     setting: str = ""
     rate: float | None = None
@@ -157,10 +185,16 @@ class CheckResult:
     settings: dict[str, Any] = field(default_factory=dict)
     series: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.n_premise < 0:
+            self.n_premise = self.n_states
+        if self.status not in VERDICTS:
+            raise ValueError(f"status must be one of {VERDICTS}, got {self.status!r}")
+
     @property
     def pass_rate(self) -> float:
-        """``n_passed / n_states`` (NaN when nothing was tried)."""
-        return self.n_passed / self.n_states if self.n_states else math.nan
+        """``n_passed / n_premise`` (NaN when no state met the premise)."""
+        return self.n_passed / self.n_premise if self.n_premise else math.nan
 
     def to_dict(self, *, with_series: bool = True) -> dict[str, Any]:
         """JSON-ready dictionary (NaN and infinities become strings so the JSON stays standard)."""
@@ -171,11 +205,19 @@ class CheckResult:
         return _jsonable(out)
 
 
-def status_of(n_states: int, n_passed: int) -> str:
-    """``n/a`` when nothing was tried, else ``pass`` only when every state passed."""
-    if n_states == 0:
-        return STATUS_NA
-    return STATUS_PASS if n_passed == n_states else STATUS_FAIL
+def status_of(n_premise: int, n_passed: int, kind: str = KIND_CLAIM) -> str:
+    """The verdict of ``n_passed`` successes among ``n_premise`` states that met the premise.
+
+    ``premise not met`` when none met it; a violation is ``fail`` whatever the kind (an identity that fails
+    is a bug of the rule under test); otherwise ``pass``, ``identity`` or ``measured`` by ``kind``.
+    """
+    if kind == KIND_MEASURED:
+        return STATUS_MEASURED
+    if n_premise == 0:
+        return STATUS_PREMISE
+    if n_passed < n_premise:
+        return STATUS_FAIL
+    return STATUS_IDENTITY if kind == KIND_IDENTITY else STATUS_PASS
 
 
 def _jsonable(value: Any) -> Any:
@@ -207,46 +249,9 @@ def from_jsonable(value: Any) -> Any:
     return value
 
 
-# --------------------------------------------------------------------------------------------------
-# atomic files
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix="-" + path.name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Standard JSON (NaN/inf written as strings), written atomically."""
-    atomic_write_text(path, json.dumps(_jsonable(obj), indent=1) + "\n")
-
-
-def _atomic_save_tensors(
-    path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
-) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix="-" + path.name)
-    os.close(fd)
-    try:
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata)
-        )
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Standard JSON (NaN/inf written as strings), written atomically by :mod:`hopfield_aa._io`."""
+    write_text(path, json.dumps(_jsonable(obj), indent=1) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,13 +266,18 @@ class Replay:
     ----------
     claim : str
     margin : float
-        (allowed − observed) recomputed now; negative: the claim still fails on this instance.
+        (allowed − observed) recomputed now; negative: the statement still fails on this instance.
     recorded_margin : float
         The margin stored when the counter-example was saved.
     tolerance : float
         The slack used (the stored one).
     holds : bool
         ``margin >= 0``.
+    premise_met : bool
+        Whether the instance meets the claim's premise, re-evaluated now (counter-examples saved before
+        the premises were checked may not).
+    verdict : str
+        ``fail`` (premise met, statement fails), ``premise not met``, or ``pass``.
     details : dict
         The instance's settings and the recomputed quantities.
     """
@@ -278,29 +288,55 @@ class Replay:
     tolerance: float
     holds: bool
     details: dict[str, Any]
+    premise_met: bool = True
+    verdict: str = STATUS_FAIL
 
 
-# claim name -> function(tensors, params) -> (margin, details); filled by hopfield_aa.checks.claims
-_REPLAYERS: dict[
-    str, Callable[[Mapping[str, torch.Tensor], Mapping[str, Any]], tuple[float, dict[str, Any]]]
-] = {}
-
-
-def register_replayer(
-    claim: str,
-) -> Callable[[Callable[..., tuple[float, dict[str, Any]]]], Callable[..., tuple[float, dict[str, Any]]]]:
-    """Decorator: the function that re-evaluates one saved instance of ``claim``."""
-
-    def wrap(fn: Callable[..., tuple[float, dict[str, Any]]]) -> Callable[..., tuple[float, dict[str, Any]]]:
-        _REPLAYERS[claim] = fn
-        return fn
-
-    return wrap
+ReplayFn = Callable[[Mapping[str, torch.Tensor], Mapping[str, Any]], tuple[float, dict[str, Any]]]
 
 
 def slug(text: str) -> str:
     """File-name-safe form of a claim name."""
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+class CounterexampleStore:
+    """A folder of counter-examples that keeps at most ``limit`` per claim: the most negative margins.
+
+    Checks offer every instance they would save; the store writes it when it is among the ``limit``
+    worst of its claim so far and deletes the one it displaces, so a run writes a bounded number of files
+    (``limit=None`` keeps every instance offered).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], limit: int | None = 5) -> None:
+        self.directory = Path(directory)
+        self.limit = limit
+        self.kept: dict[str, list[tuple[float, str]]] = {}
+
+    def offer(self, claim: str, margin: float, write: Callable[[Path], str]) -> str | None:
+        """Save the instance by ``write(directory)`` when it is among the worst kept; return its path."""
+        kept = self.kept.setdefault(claim, [])
+        if self.limit is not None and len(kept) >= self.limit:
+            if self.limit <= 0:
+                return None
+            least = max(range(len(kept)), key=lambda i: kept[i][0])
+            if margin >= kept[least][0]:
+                return None
+            _remove_counterexample(kept.pop(least)[1])
+        path = write(self.directory)
+        kept.append((margin, path))
+        return path
+
+    def paths(self) -> set[str]:
+        """The JSON paths currently kept."""
+        return {p for entries in self.kept.values() for _, p in entries}
+
+
+def _remove_counterexample(json_path: str) -> None:
+    path = Path(json_path)
+    for victim in (path, path.with_suffix(".safetensors")):
+        if victim.exists():
+            victim.unlink()
 
 
 def save_counterexample(
@@ -325,13 +361,12 @@ def save_counterexample(
     :func:`replay_counterexample`.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tag = f"__{slug(setting)}" if setting else ""
     stem = f"{slug(claim)}__{data_label(data)}{tag}__{rank}"
     tensor_path = directory / f"{stem}.safetensors"
     json_path = directory / f"{stem}.json"
-    _atomic_save_tensors(tensor_path, tensors, {"claim": claim})
-    atomic_write_json(
+    write_safetensors(tensor_path, dict(tensors), {"claim": claim})
+    write_json(
         json_path,
         {
             "claim": claim,
@@ -349,7 +384,7 @@ def save_counterexample(
 
 
 def replay_counterexample(path: str | os.PathLike[str], **overrides: Any) -> Replay:
-    """Re-evaluate a saved counter-example and say whether the claim still fails on it.
+    """Re-evaluate a saved counter-example: does the statement still fail, and does it meet the premise?
 
     Parameters
     ----------
@@ -361,31 +396,40 @@ def replay_counterexample(path: str | os.PathLike[str], **overrides: Any) -> Rep
     Returns
     -------
     Replay
+        ``verdict`` is ``premise not met`` for an instance outside the claim's premise (such instances
+        were saved as counter-examples before the premises were checked), ``fail`` when the premise holds
+        and the statement fails, ``pass`` otherwise.
 
     Examples
     --------
     >>> replay = replay_counterexample("report/counterexamples/weak-contraction__x__0.json")  # doctest: +SKIP
-    >>> replay.holds, replay.margin  # doctest: +SKIP
-    (False, -0.73)
+    >>> replay.verdict, replay.margin  # doctest: +SKIP
+    ('fail', -0.73)
     """
+    from hopfield_aa.checks.registry import REGISTRY
+
     path = Path(path)
     if path.suffix == ".safetensors":
         path = path.with_suffix(".json")
     record = from_jsonable(json.loads(path.read_text(encoding="utf-8")))
     claim = record["claim"]
-    # importing the claims registers the replayers
-    import hopfield_aa.checks.claims  # noqa: F401
-
-    if claim not in _REPLAYERS:
+    entry = REGISTRY.get(claim)
+    if entry is None or entry.replay is None:
         raise ValueError(f"{path}: no replay is defined for claim {claim!r}")
     tensors = load_file(str(path.parent / record["tensors"]))
     params = {**record["params"], **overrides}
-    margin, details = _REPLAYERS[claim](tensors, params)
+    margin, details = entry.replay(tensors, params)
+    premise_met = bool(details.pop("premise_met", True))
+    holds = bool(margin >= 0)
+    verdict = STATUS_PREMISE if not premise_met else (STATUS_PASS if holds else STATUS_FAIL)
+    verdict = str(details.pop("verdict", verdict))  # a measured quantity has no verdict
     return Replay(
         claim=claim,
         margin=float(margin),
         recorded_margin=float(record["margin"]),
         tolerance=float(record["tolerance"]),
-        holds=bool(margin >= 0),
+        holds=holds,
         details=details,
+        premise_met=premise_met,
+        verdict=verdict,
     )
