@@ -21,7 +21,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,17 +30,18 @@ NOTE = ROOT / "papers" / "theory.md"
 DEFAULT_RESULTS = ROOT / "papers" / "data" / "verify" / "results.json"
 RESULTS_MD = ROOT / "analysis" / "results" / "theory_tables.md"
 
-CLAIM_ORDER = (
-    "energy descent",
-    "extrapolation is AA(1)",
-    "fixed-point preservation",
-    "divergence at non-common fixed points",
-    "weak contraction",
-    "orthogonal-error convergence",
-    "bounded update",
-    "directional consistency",
-    "ladder AA (deeper)",
-)
+
+def _registry() -> dict[str, Any]:
+    """The claim registry of ``hopfield_aa.checks`` (name -> entry with kind, premise, section, ...)."""
+    from hopfield_aa.checks.registry import REGISTRY
+
+    return dict(REGISTRY)
+
+
+CLAIM_ORDER = tuple(_registry())
+# every claim has its own table except the value-space measurement, whose table is "value-space"
+PER_CLAIM = tuple(name for name in CLAIM_ORDER if _registry()[name].run is not None)
+VERDICT_ORDER = ("pass", "fail", "premise not met", "identity", "measured")
 
 
 def slug(name: str) -> str:
@@ -108,22 +108,23 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _verdict(rows: Sequence[Mapping[str, Any]]) -> str:
-    statuses = [r["status"] for r in rows]
-    failing = [r for r in rows if r["status"] == "fail"]
-    if failing:
-        return f"**fails** on {len(failing)} of {len(rows)} (setting, data) groups"
-    if "measured" in statuses and all(s in ("measured", "n/a") for s in statuses):
-        return "measured (no verdict)"
-    if all(s == "n/a" for s in statuses):
-        return "n/a (no state it applies to)"
-    return "holds on every group" + (" (some n/a)" if "n/a" in statuses else "")
+    """One claim's groups summed up by verdict: ``pass on 5, fail on 2, premise not met on 1`` (of 8)."""
+    counts = {v: sum(1 for r in rows if r["status"] == v) for v in VERDICT_ORDER}
+    parts = [f"**{v}** on {n}" if v == "fail" else f"{v} on {n}" for v, n in counts.items() if n]
+    return ", ".join(parts) + f" (of {len(rows)} groups)"
+
+
+def _kind(claim: str) -> str:
+    entry = _registry().get(claim)
+    return entry.kind if entry is not None else "–"
 
 
 # ---------------------------------------------------------------------------------------------- tables
 
 
 def claims_table(doc: Mapping[str, Any]) -> str:
-    """One row per claim: groups, states tried, pass rate, worst margin, largest tolerance, verdict."""
+    """One row per claim: kind, groups, states tried, how many met the premise, passed among those, worst
+    margin, and the verdicts of its (setting, data) groups."""
     by_claim: dict[str, list[Mapping[str, Any]]] = {}
     for row in doc["summary"]:
         by_claim.setdefault(row["claim"], []).append(row)
@@ -132,75 +133,258 @@ def claims_table(doc: Mapping[str, Any]) -> str:
     for claim in sorted(by_claim, key=lambda c: order.get(c, len(order))):
         rows = by_claim[claim]
         tried = sum(int(r["n_states"]) for r in rows)
+        met = sum(int(r.get("n_premise", r["n_states"])) for r in rows)
         passed = sum(int(r["n_passed"]) for r in rows)
         margins = [m for m in (_float(r["worst_margin"]) for r in rows) if not math.isnan(m)]
-        tolerances = [t for t in (_float(r["tolerance"]) for r in rows) if not math.isnan(t)]
         out.append(
             [
                 claim,
+                _kind(claim),
                 str(len(rows)),
                 str(tried),
-                _pct(passed, tried),
+                str(met),
+                _pct(passed, met),
                 _num(min(margins)) if margins else "–",
-                _num(max(tolerances)) if tolerances else "–",
                 _verdict(rows),
             ]
         )
     return markdown_table(
-        ["claim", "groups", "tried", "pass rate", "worst margin", "max tolerance", "verdict"], out
+        ["claim", "kind", "groups", "tried", "premise met", "passed (of met)", "worst margin", "verdicts"],
+        out,
     )
 
 
 def claim_detail_table(doc: Mapping[str, Any], claim: str) -> str:
-    """The summary rows of one claim: setting × data group."""
+    """The summary rows of one claim: setting × data group, with the premise count and why it was not met."""
     rows = [r for r in doc["summary"] if r["claim"] == claim]
     if not rows:
         return f"*No results for “{claim}” in this run.*"
     has_rate = any(r.get("rate") is not None for r in rows)
-    header = ["setting", "data", "cases", "tried", "pass rate", "worst margin", "tolerance"]
+    header = ["setting", "data", "cases", "tried", "premise met", "passed (of met)", "worst margin"]
     if has_rate:
         header.append("rate (median)")
-    header.append("status")
+    header += ["verdict", "premise not met: why"]
     body = []
     for r in rows:
+        met = int(r.get("n_premise", r["n_states"]))
         cells = [
             r.get("setting") or "–",
             str(r["data"]),
             str(r["cases"]),
             str(r["n_states"]),
-            _pct(int(r["n_passed"]), int(r["n_states"])),
+            str(met),
+            _pct(int(r["n_passed"]), met),
             _num(r["worst_margin"]),
-            _num(r["tolerance"]),
         ]
         if has_rate:
             cells.append(_num(r.get("rate"), ".3g"))
-        cells.append(str(r["status"]))
+        cells += [str(r["status"]), r.get("premise_note") or "–"]
         body.append(cells)
     return markdown_table(header, body)
 
 
 def failures_table(doc: Mapping[str, Any]) -> str:
-    """Every failing (claim, setting, data) group with its failing cases and saved counter-examples."""
+    """Every failing (claim, setting, data) group, the premise that held for the states it counts, its
+    failing cases and saved counter-examples."""
     rows = [r for r in doc["summary"] if r["status"] == "fail"]
     if not rows:
-        return "*No claim failed on any data in this run.*"
+        return "*No claim failed where its premise held in this run.*"
     body = []
     for r in rows:
         cases = list(r.get("failing_cases", []))
         shown = ", ".join(f"`{c}`" for c in cases[:3]) + (f" (+{len(cases) - 3})" if len(cases) > 3 else "")
+        met = int(r.get("n_premise", r["n_states"]))
         body.append(
             [
                 r["claim"],
                 r.get("setting") or "–",
                 str(r["data"]),
-                f"{int(r['n_states']) - int(r['n_passed'])} of {r['n_states']}",
+                f"{met - int(r['n_passed'])} of {met}",
+                r.get("premise") or "–",
                 _num(r["worst_margin"]),
                 shown or "–",
                 str(len(r.get("counterexamples", []))),
             ]
         )
     return markdown_table(
-        ["claim", "setting", "data", "violations", "worst margin", "failing cases", "counter-examples"], body
+        [
+            "claim",
+            "setting",
+            "data",
+            "violations (of premise met)",
+            "premise (held)",
+            "worst margin",
+            "failing cases",
+            "counter-examples kept",
+        ],
+        body,
+    )
+
+
+def fixed_points_table(doc: Mapping[str, Any]) -> str:
+    """Distinct fixed points per data group, how many are common to D and S, and the β from which some
+    pattern is a common fixed point (the premise of preservation), beside the group's largest β."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for case in doc.get("cases", []):
+        groups.setdefault(str(case.get("group")), []).append(case)
+    body = []
+    for group in sorted(groups):
+        fixed = [c.get("fixed_points") or {} for c in groups[group]]
+        distinct = sum(int(f.get("distinct_fixed_points", 0)) for f in fixed)
+        common = sum(int(f.get("distinct_common", 0)) for f in fixed)
+        premise = [_float(f.get("premise_beta")) for f in fixed]
+        premise = [b for b in premise if not math.isnan(b)]
+        betas = [_float(c.get("data", {}).get("beta")) for c in groups[group]]
+        body.append(
+            [
+                group,
+                str(len(fixed)),
+                str(distinct),
+                f"{common} ({_pct(common, distinct)})" if distinct else "0",
+                _num(min(premise), ".3g") if premise else "–",
+                _num(max(betas), ".3g") if betas else "–",
+            ]
+        )
+    return markdown_table(
+        [
+            "data",
+            "cases",
+            "distinct fixed points",
+            "common to D and S",
+            "premise attainable from β ≈",
+            "largest β",
+        ],
+        body,
+    )
+
+
+def orthogonal_offsets_table(doc: Mapping[str, Any]) -> str:
+    """Where G's limit is not a fixed point of S: the measured orthogonal offset and its closed form."""
+    rows = [r for r in doc["summary"] if r["claim"] == "orthogonal-error convergence"]
+    if not rows:
+        return "*No orthogonal-error rows in this run.*"
+    body = []
+    for r in rows:
+        m = r.get("measured") or {}
+        body.append(
+            [
+                r.get("setting") or "–",
+                str(r["data"]),
+                f"{r.get('n_premise', 0)}/{r['n_states']}",
+                _num(m.get("offset_over_M_median"), ".3g"),
+                _num(m.get("offset_over_M_max"), ".3g"),
+                _num(m.get("closed_form_error_over_M"), ".1e"),
+                _num(m.get("radius_median"), ".3g"),
+                _num(r.get("rate"), ".3g"),
+            ]
+        )
+    return markdown_table(
+        [
+            "setting",
+            "data",
+            "premise met",
+            "offset/M (median)",
+            "offset/M (max)",
+            "closed-form gap/M",
+            "ρ(DG(ξ*)) median",
+            "rate of ‖e⊥‖ (median)",
+        ],
+        body,
+    )
+
+
+def contraction_table(doc: Mapping[str, Any]) -> str:
+    """Weak contraction beside the N-independent bounds, and where G stops contracting."""
+    rows = [r for r in doc["summary"] if r["claim"] == "weak contraction"]
+    if not rows:
+        return "*No weak-contraction rows in this run.*"
+    body = []
+    for r in rows:
+        m = r.get("measured") or {}
+        if "lambda_c_median" in m:
+            body.append(
+                [
+                    r.get("setting") or "–",
+                    str(r["data"]),
+                    "–",
+                    "–",
+                    "–",
+                    _num(m.get("lambda_c_median"), ".3g"),
+                    _num(m.get("lambda_c_extrapolation_median"), ".3g"),
+                ]
+            )
+        else:
+            body.append(
+                [
+                    r.get("setting") or "–",
+                    str(r["data"]),
+                    _num(m.get("lipschitz_max"), ".3g"),
+                    _num(m.get("lipschitz_share_below_1_median"), ".2f"),
+                    f"{int(m.get('global_bound_below_1_cases', 0))} of {r['cases']}"
+                    if r.get("setting") == "α=1"
+                    else _num(m.get("bound_share_below_1_median"), ".2f"),
+                    "–",
+                    "–",
+                ]
+            )
+    return markdown_table(
+        [
+            "setting",
+            "data",
+            "max ‖DT(ξ_t)‖₂",
+            "share ‖DT‖ < 1 (median)",
+            "β D²/4 < 1 (cases) / β σ D_S²/4 < 1 (share)",
+            "λ_c of G (median)",
+            "λ_c of P_λ (median)",
+        ],
+        body,
+    )
+
+
+def value_space_table(doc: Mapping[str, Any]) -> str:
+    """Value space per attention kind and denoising step (medians over layers of the per-layer values)."""
+    vs = doc.get("value_space") or {}
+    rows = vs.get("rows") or []
+    if not rows:
+        return NO_TRACES
+    grouped: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        grouped.setdefault((str(row["kind"]), int(row["step"])), []).append(row)
+
+    def med(items: Sequence[Mapping[str, Any]], key: str) -> float:
+        values = sorted(v for v in (_float(i.get(key)) for i in items) if not math.isnan(v))
+        if not values:
+            return math.nan
+        mid = len(values) // 2
+        return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
+
+    body = [
+        [
+            kind,
+            str(step),
+            str(len(items)),
+            _num(med(items, "orthogonal_ratio_median"), ".3f"),
+            _num(med(items, "discarded_share"), ".3f"),
+            _num(med(items, "update_over_output_median"), ".3f"),
+            _num(med(items, "cos_parallel_change_median"), "+.3f"),
+            _num(med(items, "parallel_aligned_share"), ".2f"),
+            _num(med(items, "cos_residual_change_median"), "+.3f"),
+        ]
+        for (kind, step), items in sorted(grouped.items())
+    ]
+    return markdown_table(
+        [
+            "kind",
+            "step",
+            "layers",
+            "‖r⊥‖/‖r‖",
+            "discarded share",
+            "‖r‖/‖D·V‖",
+            "cos(r∥, Δ)",
+            "r∥ along Δ",
+            "cos(r, Δ)",
+        ],
+        body,
     )
 
 
@@ -238,8 +422,8 @@ def trace_data_table(doc: Mapping[str, Any]) -> str:
         betas = sorted({round(float(x["beta"]), 3) for x in data if "beta" in x})
         steps = sorted({int(x["step"]) for x in data if x.get("step") is not None})
         fixed = [c.get("fixed_points") or {} for c in cases]
-        non_common = sum(int(f.get("dense_non_common", 0)) for f in fixed)
-        common = sum(int(f.get("dense_common", 0)) for f in fixed)
+        distinct = sum(int(f.get("distinct_fixed_points", 0)) for f in fixed)
+        common = sum(int(f.get("distinct_common", 0)) for f in fixed)
         body.append(
             [
                 group,
@@ -248,11 +432,12 @@ def trace_data_table(doc: Mapping[str, Any]) -> str:
                 ", ".join(map(str, steps)) or "–",
                 ", ".join(f"{n}×{d}" for n, d in sizes) or "–",
                 ", ".join(f"{b:g}" for b in betas) or "–",
-                f"{common} of {common + non_common}",
+                f"{common} of {distinct}",
             ]
         )
     return markdown_table(
-        ["data", "head cases", "layers", "steps", "N × d", "β", "dense fixed points also fixed by S"], body
+        ["data", "head cases", "layers", "steps", "N × d", "β", "distinct fixed points common to D and S"],
+        body,
     )
 
 
@@ -269,8 +454,8 @@ def trace_claims_table(doc: Mapping[str, Any]) -> str:
             r.get("setting") or "–",
             str(r["data"]),
             str(r["cases"]),
-            f"{r['n_passed']}/{r['n_states']}" if int(r["n_states"]) else "–",
-            _pct(int(r["n_passed"]), int(r["n_states"])),
+            f"{r.get('n_premise', r['n_states'])}/{r['n_states']}",
+            f"{r['n_passed']}/{r.get('n_premise', r['n_states'])}" if int(r.get("n_premise", 0)) else "–",
             _num(r["worst_margin"]),
             _num(r.get("rate"), ".3g"),
             str(r["status"]),
@@ -283,11 +468,11 @@ def trace_claims_table(doc: Mapping[str, Any]) -> str:
             "setting",
             "data",
             "cases",
+            "premise met",
             "passed",
-            "pass rate",
             "worst margin",
             "rate (median)",
-            "status",
+            "verdict",
         ],
         body,
     )
@@ -306,6 +491,7 @@ def provenance_table(doc: Mapping[str, Any]) -> str:
         ["traces", _relative(str(settings.get("traces")))],
         ["cases", str(len(doc.get("cases", [])))],
         ["compute dtype", str(settings.get("dtype"))],
+        ["counter-examples kept per claim", str(settings.get("max_counterexamples_per_claim"))],
         ["torch", str(env.get("torch"))],
     ]
     return markdown_table(["", "value"], rows)
@@ -339,16 +525,23 @@ def render_tables(doc: Mapping[str, Any] | None, *, derivations: bool = True) ->
         missing = f"*No verify results yet: run `hopfield-aa verify --out {where}`.*"
         tables["provenance"] = tables["claims"] = tables["failures"] = missing
         tables["trace-data"] = tables["trace-claims"] = missing
-        for claim in CLAIM_ORDER:
+        for name in ("fixed-points", "orthogonal-offsets", "contraction", "value-space"):
+            tables[name] = missing
+        for claim in PER_CLAIM:
             tables[f"claim-{slug(claim)}"] = missing
         return tables
     tables["provenance"] = provenance_table(doc)
     tables["claims"] = claims_table(doc)
     tables["failures"] = failures_table(doc)
+    tables["fixed-points"] = fixed_points_table(doc)
+    tables["orthogonal-offsets"] = orthogonal_offsets_table(doc)
+    tables["contraction"] = contraction_table(doc)
+    tables["value-space"] = value_space_table(doc)
     tables["trace-data"] = trace_data_table(doc)
     tables["trace-claims"] = trace_claims_table(doc)
     for claim in CLAIM_ORDER:
-        tables[f"claim-{slug(claim)}"] = claim_detail_table(doc, claim)
+        if claim in PER_CLAIM:
+            tables[f"claim-{slug(claim)}"] = claim_detail_table(doc, claim)
     return tables
 
 
@@ -384,11 +577,9 @@ def insert_tables(text: str, tables: Mapping[str, str], *, require_all: bool = T
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    from hopfield_aa._io import write_text
+
+    write_text(path, text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
