@@ -54,7 +54,7 @@ def cases_from_traces(
     max_states: int = 32,
     dtype: torch.dtype = torch.float64,
 ) -> list[Case]:
-    r"""Read captured attention records as Hopfield check cases (THEORY.md §2, last bullet).
+    r"""Read captured attention records as Hopfield check cases (papers/theory.md §3 and §13).
 
     For each selected record and head: memory ``X = K`` (the keys as they entered the softmax),
     starting states ``ξ₀ =`` the head's queries, ``β =`` the recorded scale. The checks then test the
