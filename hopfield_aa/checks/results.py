@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from hopfield_aa._io import write_safetensors, write_text
 
 # The form of the dynamics a check tests. Synthetic memories: the auto-associative map itself. Traces:
-# the keys of a head as memory, its queries as starting states, its recorded scale as β (papers/theory.md §13,
-# last bullet); the hetero-associative attention output (through the values) is one step, not iterated.
+# the keys of a head as memory, its queries as starting states, its recorded scale as β (papers/theory.md
+# §13); the hetero-associative attention output (through the values) is one step, not iterated.
 FORM_SYNTHETIC = "auto-associative retrieval T(ξ) = Xᵀ entmax_α(β X ξ) on the stored patterns"
 FORM_TRACE = (
     "auto-associative dynamics on the keys: memory X = K of the head, states ξ₀ = its queries, "
