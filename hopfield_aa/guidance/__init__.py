@@ -1,5 +1,6 @@
 """Attention-space guidance for diffusers pipelines: GAG, PLADIS-style extrapolation and the Anderson-mixed
-α-ladder as attention processors (UNet cross-attention, SD3/FLUX joint attention), on with one call.
+α-ladder as attention processors (UNet cross-attention, SD3/FLUX joint attention), on with one call, or
+as a diffusers guider (:class:`GAGGuidance`) that composes with CFG in a guider-driven denoising loop.
 
 >>> from hopfield_aa.guidance import enable_gag, disable_gag, gag_guidance
 >>> handle = enable_gag(pipe, "gag", scale=1.0)  # doctest: +SKIP
@@ -18,6 +19,7 @@ from hopfield_aa.guidance.api import (
     guidance_handle,
 )
 from hopfield_aa.guidance.attention import guided_attention, guided_joint_attention
+from hopfield_aa.guidance.guiders import GAGGuidance, denoise_with_guider, peer_guiders
 from hopfield_aa.guidance.processors import GAGAttnProcessor, GAGFluxAttnProcessor, GAGJointAttnProcessor
 from hopfield_aa.guidance.rules import (
     RULES,
@@ -34,11 +36,13 @@ __all__ = [
     "RULES",
     "GAGAttnProcessor",
     "GAGFluxAttnProcessor",
+    "GAGGuidance",
     "GAGJointAttnProcessor",
     "GuidanceConfig",
     "GuidanceHandle",
     "Rule",
     "attention_layers",
+    "denoise_with_guider",
     "disable_gag",
     "enable_config",
     "enable_gag",
@@ -50,5 +54,6 @@ __all__ = [
     "guided_attention",
     "guided_joint_attention",
     "ladder_rule",
+    "peer_guiders",
     "register_rule",
 ]

@@ -106,7 +106,7 @@ class GuidanceConfig:
     rule : str, default "gag"
         A name in :data:`~hopfield_aa.guidance.rules.RULES` (``"gag"``, ``"extrapolate"``, ``"ladder"``).
     scale : float, optional
-        λ; the rule's default when omitted (gag: 1.0; extrapolate and ladder: 2.0, PLADIS' default).
+        λ ≥ 0; the rule's default when omitted (gag: 1.0; extrapolate and ladder: 2.0, PLADIS' default).
     alphas : tuple of float, optional
         The α ladder, dense first: ``(1, α)`` for two-retrieval rules (default α = 1.5), and
         ``(1, 1.25, 1.5, 2)`` for ``"ladder"``.
@@ -152,7 +152,11 @@ class GuidanceConfig:
             rule.check(options)
         set_ = object.__setattr__  # the dataclass is frozen: resolve the defaults once, here
         set_(self, "options", options)
-        set_(self, "scale", rule.scale if self.scale is None else check_scalar(self.scale, "scale"))
+        set_(
+            self,
+            "scale",
+            rule.scale if self.scale is None else check_scalar(self.scale, "scale", minimum=0.0),
+        )
         if math.isinf(self.scale):  # type: ignore[arg-type]
             raise ValueError("scale must be finite")
         set_(self, "alphas", rule.alphas if self.alphas is None else check_ladder(self.alphas, rule.rungs))
@@ -386,7 +390,8 @@ def enable_gag(
         ``"gag"``, ``"extrapolate"`` (PLADIS-style ``D + λ(S − D)``), ``"ladder"`` (Anderson-mixed α-ladder),
         or any registered rule.
     scale : float, optional
-        λ (default: the rule's, 1.0 for gag, 2.0 for extrapolate and ladder).
+        λ ≥ 0, finite (default: the rule's, 1.0 for gag, 2.0 for extrapolate and ladder). λ = 0 leaves
+        the stock attention; a negative λ would push away from the sparse retrieval and is rejected.
     alpha : float, optional
         The sparse retrieval's α (two-retrieval rules), default 1.5. Shorthand for ``alphas=(1, alpha)``.
     alphas : sequence of float, optional
@@ -396,7 +401,8 @@ def enable_gag(
     scheduler : diffusers scheduler, optional
         For ``steps`` with a bare model (a pipeline's own scheduler is used otherwise).
     **options
-        The rule's options, e.g. ``zeta=1.0, eta=0.5, reference="dense"`` for gag.
+        The rule's options, e.g. ``zeta=1.0, eta=0.5, reference="dense"`` for gag (ζ in [0, 1], η ≥ 0,
+        ``inf`` for no cap).
 
     Returns
     -------
@@ -406,8 +412,10 @@ def enable_gag(
     Raises
     ------
     ValueError
-        On an unknown rule or option, an invalid value, a layer pattern that matches nothing, or guidance
-        already enabled on the model.
+        On an unknown rule or option, an invalid value (λ < 0, ζ outside [0, 1], η < 0, ...), or a layer
+        pattern that matches nothing.
+    RuntimeError
+        If guidance is already enabled on the model (call :func:`disable_gag` first).
 
     Examples
     --------

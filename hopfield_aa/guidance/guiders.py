@@ -5,16 +5,23 @@ SD 1.x-shaped UNets, so :func:`denoise_with_guider` is that loop for a ``StableD
 the guider splits the text conditions into batches (conditional, unconditional, perturbed, ...), installs
 its hooks around the UNet call of each batch (``prepare_models`` / ``cleanup_models``), and combines the
 predictions. Any guider works: ``ClassifierFreeGuidance``, ``PerturbedAttentionGuidance``,
-``SmoothedEnergyGuidance``, ``AdaptiveProjectedGuidance``, ...
+``SmoothedEnergyGuidance``, ``AdaptiveProjectedGuidance``, ..., and :class:`GAGGuidance`, which brings the
+attention rules of this package into the same protocol (config saved as ``guider_config.json``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from diffusers.configuration_utils import register_to_config
+from diffusers.guiders.guider_utils import BaseGuidance
+
+from hopfield_aa._arrays import check_scalar
+from hopfield_aa.guidance.api import GuidanceConfig, GuidanceHandle
 
 
 def unet_layer_config(layers: str = "mid", **overrides: Any) -> dict[str, Any]:
@@ -26,6 +33,130 @@ def unet_layer_config(layers: str = "mid", **overrides: Any) -> dict[str, Any]:
     if layers != "mid":
         raise ValueError(f"layers must be 'mid', got {layers!r}")
     return {"indices": [0], "fqn": "mid_block.attentions.0.transformer_blocks", **overrides}
+
+
+class GAGGuidance(BaseGuidance):  # type: ignore[misc]
+    r"""Geometry-Aware Attention Guidance (and its sibling rules) as a diffusers guider, composable with CFG.
+
+    Per denoising step the guider asks for the conditional prediction and, when CFG is on
+    (``guidance_scale > 1``), the unconditional one. Around the UNet call of each batch it applies to
+    (``apply_to="both"``: both; ``"cond"``: the conditional only) it installs the attention-guidance
+    processors of :func:`~hopfield_aa.guidance.enable_gag` and removes them right after, so the stock
+    processors are in place between calls (and after a call that raises, when the loop calls
+    ``cleanup_models`` in a ``finally``, as :func:`denoise_with_guider` does). The predictions are combined
+    by CFG, ``ε̂ = ε_∅ + s (ε_c − ε_∅)``; with ``guidance_scale = 1`` only the guided conditional branch runs.
+
+    Parameters
+    ----------
+    guidance_scale : float, default 7.5
+        CFG scale s (1: no CFG).
+    gag_scale : float, default 1.0
+        λ of the attention rule (≥ 0).
+    rule : {"gag", "extrapolate", "ladder"} or a registered rule, default "gag"
+    zeta, eta : float
+        GAG's damping of r⊥ (in [0, 1]) and cap of ‖r∥‖ (≥ 0, ``inf``: none); ignored by other rules.
+    alpha : float, default 1.5
+        α of the sparse retrieval (two-retrieval rules).
+    layers : list of str, optional
+        Layer names or patterns (default: every cross-attention layer).
+    apply_to : {"both", "cond"}, default "both"
+    guidance_rescale, use_original_formulation, start, stop, enabled
+        As in ``diffusers.guiders.ClassifierFreeGuidance``.
+
+    Examples
+    --------
+    >>> guider = GAGGuidance(guidance_scale=5.0, gag_scale=1.0)
+    >>> guider.num_conditions  # conditional and unconditional batches
+    2
+    """
+
+    _input_predictions: ClassVar[list[str]] = ["pred_cond", "pred_uncond"]
+
+    @register_to_config
+    def __init__(
+        self,
+        guidance_scale: float = 7.5,
+        gag_scale: float = 1.0,
+        rule: str = "gag",
+        zeta: float = 0.0,
+        eta: float = math.inf,
+        alpha: float = 1.5,
+        layers: list[str] | None = None,
+        apply_to: str = "both",
+        guidance_rescale: float = 0.0,
+        use_original_formulation: bool = False,
+        start: float = 0.0,
+        stop: float = 1.0,
+        enabled: bool = True,
+    ) -> None:
+        super().__init__(start, stop, enabled)
+        if apply_to not in ("both", "cond"):
+            raise ValueError(f"apply_to must be 'both' or 'cond', got {apply_to!r}")
+        self.guidance_scale = check_scalar(guidance_scale, "guidance_scale")
+        self.guidance_rescale = guidance_rescale
+        self.use_original_formulation = use_original_formulation
+        self.apply_to = apply_to
+        options = {"zeta": zeta, "eta": eta} if rule == "gag" else {}
+        self.attention = GuidanceConfig(
+            rule=rule,
+            scale=gag_scale,
+            alphas=None if rule == "ladder" else (1.0, alpha),
+            options=options,
+            layers=None if layers is None else tuple(layers),
+            cfg_batch=False,
+        )
+        self._handle: GuidanceHandle | None = None
+
+    # --- the guider protocol -------------------------------------------------------------------------
+    def prepare_inputs(self, data: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[Any]:
+        indices = [0] if self.num_conditions == 1 else [0, 1]
+        return [
+            self._prepare_batch(data, i, name)
+            for i, name in zip(indices, self._input_predictions, strict=False)
+        ]
+
+    def prepare_models(self, denoiser: torch.nn.Module) -> None:
+        self._count_prepared += 1
+        if self._handle is not None:  # a previous call did not clean up: never stack two installs
+            self._handle.disable()
+        if self.is_conditional or self.apply_to == "both":
+            self._handle = GuidanceHandle(denoiser, self.attention).install()
+
+    def cleanup_models(self, denoiser: torch.nn.Module) -> None:
+        if self._handle is not None:
+            self._handle.disable()
+            self._handle = None
+
+    def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None) -> Any:
+        from diffusers.guiders.guider_utils import GuiderOutput, rescale_noise_cfg
+
+        if not self._is_cfg_enabled():
+            pred = pred_cond
+        else:
+            base = pred_cond if self.use_original_formulation else pred_uncond
+            pred = base + self.guidance_scale * (pred_cond - pred_uncond)
+        if self.guidance_rescale > 0.0:
+            pred = rescale_noise_cfg(pred, pred_cond, self.guidance_rescale)
+        return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
+
+    @property
+    def is_conditional(self) -> bool:
+        return self._count_prepared == 1
+
+    @property
+    def num_conditions(self) -> int:
+        return 2 if self._is_cfg_enabled() else 1
+
+    def _is_cfg_enabled(self) -> bool:
+        if not self._enabled:
+            return False
+        if self._num_inference_steps is not None:
+            first = int(self._start * self._num_inference_steps)
+            last = int(self._stop * self._num_inference_steps)
+            if not first <= self._step < last:
+                return False
+        neutral = 0.0 if self.use_original_formulation else 1.0
+        return not math.isclose(self.guidance_scale, neutral)
 
 
 def smoothed_energy_guidance(**kwargs: Any) -> Any:
@@ -103,8 +234,6 @@ def denoise_with_guider(
     removes its hooks; ``guider(batches).pred`` is the combined noise prediction the scheduler steps with.
     Hooks are removed even when the UNet raises.
     """
-    from diffusers.guiders.guider_utils import BaseGuidance
-
     if not isinstance(guider, BaseGuidance):
         raise TypeError(f"guider must be a diffusers.guiders.BaseGuidance, got {type(guider).__name__}")
     if len(prompts) != latents.shape[0]:
@@ -136,4 +265,10 @@ def denoise_with_guider(
     return ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
 
 
-__all__ = ["denoise_with_guider", "peer_guiders", "smoothed_energy_guidance", "unet_layer_config"]
+__all__ = [
+    "GAGGuidance",
+    "denoise_with_guider",
+    "peer_guiders",
+    "smoothed_energy_guidance",
+    "unet_layer_config",
+]

@@ -189,7 +189,9 @@ def gag_rule(
 
 
 def _check_gag(options: Mapping[str, Any]) -> None:
-    check_scalar(options["zeta"], "zeta")
+    zeta = check_scalar(options["zeta"], "zeta", minimum=0.0)
+    if zeta > 1.0:
+        raise ValueError(f"zeta must lie in [0, 1] (it damps the orthogonal part of r), got {zeta}")
     check_scalar(options["eta"], "eta", minimum=0.0)
     if options["reference"] not in ("sparse", "dense"):
         # "update" (S(ξ) - ξ) needs the state in the value space, which cross-attention does not have.
