@@ -469,8 +469,11 @@ def _jvp_operator(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     if method == "jvp":
         return lambda v: torch.func.jvp(call, (x,), (v,))[1]
-    # forward differences with a step at the square root of the rounding level of x
-    h = math.sqrt(torch.finfo(x.dtype).eps) * _norm(x).clamp_min(1.0)[..., None]
+    # forward differences with a step at the square root of the rounding level of x (‖x‖ bounded by
+    # √n |x|_∞ where its squares overflow)
+    size = _norm(x)
+    size = torch.where(torch.isfinite(size), size, x.abs().amax(-1) * math.sqrt(x.shape[-1]))
+    h = math.sqrt(torch.finfo(x.dtype).eps) * size.clamp_min(1.0)[..., None]
     return lambda v: (call(x + h * v) - g_x) / h
 
 
@@ -525,6 +528,8 @@ def spectral_radius(
         raise ValueError(f"method must be 'fd' or 'jvp', got {method!r}")
     if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
         raise ValueError(f"n_iter must be a positive integer, got {n_iter!r}")
+    if x_t.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x_t.shape)}")
     rows = x_t.reshape(-1, x_t.shape[-1])
     fmap = _Map(g, kind, tuple(x_t.shape), rows.device)
     if method == "jvp" and kind.numpy:
@@ -536,6 +541,9 @@ def spectral_radius(
         if v0_t.shape != x_t.shape:
             raise ValueError(f"v0 must have the shape of x {tuple(x_t.shape)}, got {tuple(v0_t.shape)}")
         start = v0_t.reshape(rows.shape).to(rows.dtype)
+    if rows.shape[0] == 0:  # no vectors: nothing to estimate, g is not called
+        empty = restore(rows.new_zeros(x_t.shape[:-1]), kind)
+        return (empty, restore(rows.reshape(x_t.shape), kind)) if return_vector else empty
     shape = tuple(x_t.shape)
     call = fmap if method == "fd" else (lambda z: g(z.reshape(shape)).reshape(z.shape))
     g_x = fmap(rows) if method == "fd" else rows

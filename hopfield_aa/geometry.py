@@ -46,6 +46,8 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _decompose(residual: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     reference = reference.expand_as(residual) if reference.shape != residual.shape else reference
+    if residual.shape[-1] == 0:  # vectors of length 0: both parts empty
+        return torch.zeros_like(residual), residual.clone()
     eps = torch.finfo(residual.dtype).eps
     ref_max = reference.abs().amax(dim=-1, keepdim=True)
     # r_∥ does not depend on the scale of u: with u / |u|_∞ no square over- or underflows (|u| = 1e30

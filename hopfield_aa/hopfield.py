@@ -218,6 +218,13 @@ def attention(
         raise ValueError("keys must hold at least one key (got L_k = 0)")
     if q.shape[-1] == 0:
         raise ValueError(f"queries must have a non-empty head dimension, got shape {tuple(q.shape)}")
+    try:
+        torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"the leading (batch, head) shapes of queries {tuple(q.shape[:-2])}, keys {tuple(k.shape[:-2])} "
+            f"and values {tuple(v.shape[:-2])} do not broadcast"
+        ) from None
     beta = 1.0 / math.sqrt(q.shape[-1]) if scale is None else check_scalar(scale, "scale", positive=True)
     if math.isinf(beta):
         raise ValueError("scale must be finite, got inf")
