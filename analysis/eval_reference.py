@@ -249,6 +249,45 @@ def plot_alignment_vs_fd(results: dict, path: Path, fd_floor: float) -> None:
     save_figure(fig, path)
 
 
+def plot_progress(history: list[dict], path: Path) -> None:
+    """Whole-caption accuracy (seen single, seen pair) and position accuracy against training samples seen,
+    one line per CFG scale, from the quick evaluations of successive checkpoints."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples = [h["samples_seen"] for h in history]
+    scales = sorted({s for h in history for s in h["scales"]}, key=float)
+    panels = [
+        ("train/single", "whole", "seen single: whole caption"),
+        ("train/pair", "whole", "seen pair: whole caption"),
+        ("train/single", "position", "seen single: position"),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    for ax, (cell, attr, title) in zip(axes, panels, strict=True):
+        for scale in scales:
+            rows = [
+                (n, h["scales"][scale]["cells"][cell][attr])
+                for n, h in zip(samples, history, strict=True)
+                if scale in h["scales"]
+            ]
+            x = [n for n, _ in rows]
+            y = [e["value"] for _, e in rows]
+            lo = [e["low"] for _, e in rows]
+            hi = [e["high"] for _, e in rows]
+            ax.plot(x, y, marker="o", label=f"CFG s={scale}")
+            ax.fill_between(x, lo, hi, alpha=0.15)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training samples seen (denoiser)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (95 % CI)")
+    axes[0].set_ylim(-0.02, 1.02)
+    axes[-1].legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -334,7 +373,9 @@ def main() -> int:
             path = Path(args.progress)
             history = json.loads(path.read_text()) if path.is_file() else []
             history = [h for h in history if h.get("step") != training.get("step")] + [summary_json()]
-            write_json(path, sorted(history, key=lambda h: h.get("step") or 0))
+            history = sorted(history, key=lambda h: h.get("step") or 0)
+            write_json(path, history)
+            plot_progress(history, path.with_suffix(".png"))
         return 0
 
     validation = reader_validation(pipe, 500, args.seed)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ def unet_layer_config(layers: str = "mid", **overrides: Any) -> dict[str, Any]:
     return {"indices": [0], "fqn": "mid_block.attentions.0.transformer_blocks", **overrides}
 
 
-class GAGGuidance(BaseGuidance):  # type: ignore[misc]
+class GAGGuidance(BaseGuidance):
     r"""Geometry-Aware Attention Guidance (and its sibling rules) as a diffusers guider, composable with CFG.
 
     Per denoising step the guider asks for the conditional prediction and, when CFG is on
@@ -70,7 +70,7 @@ class GAGGuidance(BaseGuidance):  # type: ignore[misc]
     2
     """
 
-    _input_predictions: ClassVar[list[str]] = ["pred_cond", "pred_uncond"]
+    _input_predictions = ["pred_cond", "pred_uncond"]  # type: ignore[assignment]  # noqa: RUF012
 
     @register_to_config
     def __init__(
@@ -108,7 +108,7 @@ class GAGGuidance(BaseGuidance):  # type: ignore[misc]
         self._handle: GuidanceHandle | None = None
 
     # --- the guider protocol -------------------------------------------------------------------------
-    def prepare_inputs(self, data: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[Any]:
+    def prepare_inputs(self, data: Any) -> list[Any]:
         indices = [0] if self.num_conditions == 1 else [0, 1]
         return [
             self._prepare_batch(data, i, name)
@@ -130,7 +130,7 @@ class GAGGuidance(BaseGuidance):  # type: ignore[misc]
     def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None) -> Any:
         from diffusers.guiders.guider_utils import GuiderOutput, rescale_noise_cfg
 
-        if not self._is_cfg_enabled():
+        if not self._is_cfg_enabled() or pred_uncond is None:
             pred = pred_cond
         else:
             base = pred_cond if self.use_original_formulation else pred_uncond
@@ -169,7 +169,7 @@ def smoothed_energy_guidance(**kwargs: Any) -> Any:
     """
     from diffusers.guiders import SmoothedEnergyGuidance
 
-    class _SmoothedEnergyGuidance(SmoothedEnergyGuidance):  # type: ignore[misc]
+    class _SmoothedEnergyGuidance(SmoothedEnergyGuidance):
         def prepare_models(self, denoiser: torch.nn.Module) -> None:
             self._count_prepared += 1
             super().prepare_models(denoiser)
@@ -249,7 +249,7 @@ def denoise_with_guider(
     sample = latents.to(device, dtype) * scheduler.init_noise_sigma
     for step, t in enumerate(scheduler.timesteps):
         guider.set_state(step=step, num_inference_steps=int(num_inference_steps), timestep=t)
-        batches = guider.prepare_inputs({"encoder_hidden_states": (cond, uncond)})
+        batches: list[Any] = guider.prepare_inputs({"encoder_hidden_states": (cond, uncond)})  # type: ignore[arg-type]
         model_input = scheduler.scale_model_input(sample, t)
         for batch in batches:
             guider.prepare_models(pipe.unet)

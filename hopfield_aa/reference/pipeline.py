@@ -270,15 +270,17 @@ def build_scheduler(config: ModelConfig | dict[str, Any], kind: str = "ddim") ->
         PNDMScheduler,
     )
 
+    base: Any
     if isinstance(config, ModelConfig):
-        base = DDPMScheduler(
+        ddpm: Any = DDPMScheduler(
             num_train_timesteps=config.num_train_timesteps,
             beta_schedule=config.beta_schedule,
             beta_start=config.beta_start,
             beta_end=config.beta_end,
             prediction_type=config.prediction_type,
             clip_sample=False,
-        ).config
+        )
+        base = ddpm.config
     else:
         base = config
     common = {"timestep_spacing": "leading", "steps_offset": 1}
@@ -335,7 +337,7 @@ def assemble(components: Components, scheduler: str = "ddim") -> Any:
     """A ``diffusers.StableDiffusionPipeline`` of ``components`` (no safety checker, no progress bar)."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(
+    pipe: Any = StableDiffusionPipeline(
         vae=components.vae,
         text_encoder=components.text_encoder,
         tokenizer=components.tokenizer,
