@@ -640,6 +640,8 @@ def evaluate_and_report(
     seeds: Sequence[int] = (0, 1),
     steps: int = 20,
     quick: bool = False,
+    cfg_scale: float = 3.0,
+    calibration_samples: int = 32,
     results_dir: str | os.PathLike[str],
     figures_dir: str | os.PathLike[str],
     name: str = "guidance_eval",
@@ -647,7 +649,9 @@ def evaluate_and_report(
     command: str = "",
     progress: bool = True,
 ) -> Evaluation:
-    """Load the reference model, calibrate η, evaluate :func:`default_methods`, and write the report.
+    """Load the reference model, calibrate η, evaluate :func:`default_methods` (rules on top of CFG at
+    ``cfg_scale``; guidance magnitudes on ``calibration_samples`` samples for the calibrated comparison),
+    and write the report.
 
     Writes ``results_dir/<name>.md`` and ``<name>.json`` and the figures under ``figures_dir``; each path
     in ``extra_markdown`` gets the same Markdown (e.g. ``papers/reproduction.md``) under its own title.
@@ -673,7 +677,7 @@ def evaluate_and_report(
         eta = calibrate_eta(
             pipe, prompts[:n_calibration], initial_noise(pipe, n_calibration, [seeds[0]]), steps
         )
-    methods = default_methods(eta, quick=quick)
+    methods = default_methods(eta, cfg_scale=cfg_scale, quick=quick)
     ev = evaluate(
         pipe,
         methods,
@@ -684,6 +688,7 @@ def evaluate_and_report(
         eta=eta,
         model=describe_weights(folder),
         progress=progress,
+        calibration_samples=calibration_samples,
     )
     figures = write_figures(ev, figures_dir)
     results = Path(results_dir)
