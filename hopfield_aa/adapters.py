@@ -1,5 +1,6 @@
-"""The two halves of diffusers' stock ``AttnProcessor2_0`` around its attention kernel, shared by the
-processors that replace the kernel (trace recording, guidance) so they stay line-for-line the stock maths.
+"""The diffusers adapter layer: the denoiser of a pipeline, and the two halves of diffusers' stock
+``AttnProcessor2_0`` around its attention kernel, shared by the processors that replace the kernel (trace
+recording, guidance) so they stay line-for-line the stock maths.
 """
 
 from __future__ import annotations
@@ -8,6 +9,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+
+def resolve_model(model_or_pipeline: Any) -> torch.nn.Module:
+    """The denoiser of a pipeline (``unet`` or ``transformer``), or the model itself."""
+    for attr in ("unet", "transformer"):
+        inner = getattr(model_or_pipeline, attr, None)
+        if isinstance(inner, torch.nn.Module):
+            return inner
+    if isinstance(model_or_pipeline, torch.nn.Module):
+        return model_or_pipeline
+    raise TypeError(
+        f"model must be a torch.nn.Module or a pipeline with a unet/transformer, got "
+        f"{type(model_or_pipeline).__name__}"
+    )
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ from diffusers.models.attention_processor import AttnProcessor2_0, JointAttnProc
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
 from hopfield_aa._arrays import check_scalar
+from hopfield_aa.adapters import resolve_model
 from hopfield_aa.guidance.attention import ALL_ROWS
 from hopfield_aa.guidance.processors import GAGAttnProcessor, GAGFluxAttnProcessor, GAGJointAttnProcessor
 from hopfield_aa.guidance.rules import Rule, check_ladder, get_rule
-from hopfield_aa.traces.capture import resolve_model
 
 # Stock processor class -> guidance class. Matching is by exact type: a subclass may compute differently.
 GUIDANCE_PROCESSORS: dict[type, type] = {

@@ -16,24 +16,11 @@ from typing import Any
 
 import torch
 
+from hopfield_aa.adapters import resolve_model
 from hopfield_aa.traces.format import ShardWriter, dtype_name, parse_dtype
 from hopfield_aa.traces.processors import RECORDING_PROCESSORS
 from hopfield_aa.traces.record import Segments
 from hopfield_aa.traces.selection import Selection
-
-
-def resolve_model(model_or_pipeline: Any) -> torch.nn.Module:
-    """The denoiser of a pipeline (``unet`` or ``transformer``), or the model itself."""
-    for attr in ("unet", "transformer"):
-        inner = getattr(model_or_pipeline, attr, None)
-        if isinstance(inner, torch.nn.Module):
-            return inner
-    if isinstance(model_or_pipeline, torch.nn.Module):
-        return model_or_pipeline
-    raise TypeError(
-        f"model must be a torch.nn.Module or a pipeline with a unet/transformer, got "
-        f"{type(model_or_pipeline).__name__}"
-    )
 
 
 def config_hash(model: torch.nn.Module) -> str:

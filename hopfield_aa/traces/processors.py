@@ -17,8 +17,8 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 from diffusers.utils import deprecate
 
-from hopfield_aa._unet_attention import finish as finish_unet_attention
-from hopfield_aa._unet_attention import project as project_unet_attention
+from hopfield_aa.adapters import finish as finish_unet_attention
+from hopfield_aa.adapters import project as project_unet_attention
 from hopfield_aa.traces.record import Segments, default_scale
 
 
