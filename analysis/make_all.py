@@ -94,7 +94,13 @@ STEPS: tuple[Step, ...] = (
     _script("bench_entmax", "analysis/results/bench_entmax.md"),
     _script("bench_anderson", "analysis/results/bench_anderson.md"),
     _script("bench_capture", "analysis/results/bench_capture.md"),
-    _script("eval_reference", "analysis/results/eval_reference.md"),
+    _script("eval_reference", "analysis/results/reference_eval.md"),
+    Step(
+        "diagnose_reference",
+        ("analysis/diagnose_reference.py", "--out", "analysis/results/reference_diagnosis.json"),
+        "analysis/results/reference_diagnosis.json",
+        script="analysis/diagnose_reference.py",
+    ),
     _script("eval_guidance", "papers/reproduction.md tables and figures"),
     _script("bench_guidance_overhead", "analysis/results/bench_guidance_overhead.md"),
 )
