@@ -52,9 +52,21 @@ def run(examples: int) -> tuple[dict, float, int, str]:
 
 
 def explicit_examples() -> list[str]:
-    """The ``@example(...)`` lines of the harness, with the comment saying what failed."""
+    """The ``@example(...)`` decorators of the harness (whole, also when they span lines), with the comment
+    saying what failed."""
     lines = HARNESS.read_text(encoding="utf-8").splitlines()
-    return [line.strip() for line in lines if line.strip().startswith("@example(")]
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("@example("):
+            block = [lines[i]]
+            if lines[i].rstrip() == "@example(":
+                while not lines[i].startswith(")"):
+                    i += 1
+                    block.append(lines[i])
+            out.extend(block)
+        i += 1
+    return out
 
 
 def kill_points() -> str:

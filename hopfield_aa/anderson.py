@@ -754,6 +754,11 @@ def anderson(
     f = g_x - x
     f_norm = _norm(f)
     failed = ~torch.isfinite(g_x).all(-1)
+    if bool((~failed & ~(torch.isfinite(f_norm) & torch.isfinite(_norm(g_x)))).any()):
+        raise ValueError(
+            f"x0 is too large for {dtype}: the norms of g(x0) - x0 overflow it "
+            "(scale the problem or use float64)"
+        )
     f_norm = torch.where(failed, torch.full_like(f_norm, math.inf), f_norm)
     target = rtol * f_norm
 

@@ -254,7 +254,9 @@ def extrapolate(dense: ArrayLike, sparse: ArrayLike, scale: float) -> ArrayLike:
     _check_same_shape(s, d, "sparse", "dense")
     d, s = promote(d, s)
     kind = result_kind(kind, s_kind)
-    return restore(_extrapolate(d, s, check_scalar(scale, "scale")), kind)
+    return restore(
+        _finite(_extrapolate(d, s, check_scalar(scale, "scale")), "dense, sparse and scale are"), kind
+    )
 
 
 def gag(
@@ -330,7 +332,8 @@ def gag(
         _check_broadcast(d, ref, "reference", "dense")
         kind = result_kind(kind, ref_kind)
         ref = ref.to(d.dtype)
-    return restore(_gag(d, s, scale_value, zeta_value, eta_value, ref, xi), kind)
+    guided = _gag(d, s, scale_value, zeta_value, eta_value, ref, xi)
+    return restore(_finite(guided, "dense, sparse, scale and zeta are"), kind)
 
 
 def aa1_gamma(scale: float) -> float:
@@ -415,7 +418,8 @@ def ladder_extrapolate(
         rungs.append(rung)
     rungs = list(promote(*rungs))
     reg = check_scalar(regularization, "regularization", minimum=0.0)
-    return restore(_ladder_extrapolate(rungs, check_scalar(scale, "scale"), reg), kind)
+    guided = _ladder_extrapolate(rungs, check_scalar(scale, "scale"), reg)
+    return restore(_finite(guided, "retrievals and scale are"), kind)
 
 
 def guided_map(
@@ -465,6 +469,15 @@ def guided_map(
 
 # --------------------------------------------------------------------------------------------------
 # helpers
+
+
+def _finite(value: torch.Tensor, names: str) -> torch.Tensor:
+    """``value``, or a ValueError naming the inputs when finite inputs overflowed the compute dtype."""
+    if value.numel() > 0 and not bool(torch.isfinite(value).all()):
+        raise ValueError(
+            f"the result overflows {value.dtype}: {names} too large for it (scale down or use float64)"
+        )
+    return value
 
 
 def _check_same_shape(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:

@@ -300,7 +300,13 @@ def _scores_must_reject(z: Any, alpha: Any, dim: Any) -> tuple[str, ...]:
     bad = []
     if _invalid(z, allow_neg_inf=True):
         bad.append("scores")
-    elif isinstance(dim, int) and z.ndim > 0 and -z.ndim <= dim < z.ndim and z.shape[dim] > 0 and z.size != 0:
+    elif (
+        isinstance(dim, int)
+        and z.ndim > 0
+        and -z.ndim <= dim < z.ndim
+        and z.shape[dim] > 0
+        and _f64(z).size != 0
+    ):
         v = _f64(z)
         if (np.moveaxis(v, dim, -1) == -np.inf).all(-1).any():
             bad.append("scores")  # an all-masked row
@@ -346,12 +352,15 @@ def test_entmax_family(case: tuple, fn: str) -> None:
     check_kind(out, z)
     assert out.shape == z.shape
     check_finite(out)
-    if z.size:
+    if _f64(z).size:
         _probability_checks(np.moveaxis(_f64(out), dim, -1), np.moveaxis(_f64(z), dim, -1), _dtype(z))
 
 
 @FUZZ
 @given(case=scores_cases())
+@example(
+    case=(torch.tensor([[-1.0, 1.0, -1.0], [0.0, 0.0, 0.0]], dtype=torch.float64), 1.000001, -1),
+)  # found by the deep fuzz run
 def test_entmax_conjugate(case: tuple) -> None:
     """max z ≤ Ψ*_α(z) ≤ max z + max_{p∈Δ}(−Ω_α(p)) (log N for softmax, (1 − N^{1−α})/(α(α−1)) otherwise)."""
     z, alpha, dim = case
@@ -368,7 +377,13 @@ def test_entmax_conjugate(case: tuple) -> None:
     v = np.moveaxis(_f64(z), dim, -1)
     top, n = v.max(-1), v.shape[-1]
     spread = math.log(n) if alpha == 1.0 else (1 - n ** (1 - alpha)) / (alpha * (alpha - 1))
-    tol = 8 * _eps(_dtype(z)) * (np.abs(top) + spread + 1) + 1e-12
+    # near α = 1 the threshold form resolves Ψ* to about eps/(α−1)
+    tol = (
+        8
+        * _eps(_dtype(z))
+        * (np.abs(top) + spread + 1)
+        * (1 + 1 / max(alpha - 1, 1e-300) if alpha > 1 else 1)
+    )
     value = _f64(out)
     assert (value >= top - tol).all() and (value <= top + spread + tol).all()
 
@@ -469,6 +484,28 @@ def test_entmax_jvp(case: tuple) -> None:
     assert (np.abs(jv.sum(-1)) <= 64 * eps * scale * max(1, jv.shape[-1]) + 1e-300).all()
 
 
+# Open: for α > 2 the Jacobian weights s_i = p_i^{2−α} span many decades (p = 0.03, α = 10: 1e12), so
+# diag(s) − s sᵀ/Σs cancels (a diagonal entry of size s_j comes out 0) and s overflows float32 for
+# p < 2e-5. Found by the deep fuzz run; kept here, strict, so that a fix turns them into passes.
+
+
+@pytest.mark.xfail(
+    strict=True, reason="open: entmax Jacobian for alpha > 2 cancels (diag(s) - s s^T / sum s)"
+)
+def test_open_entmax_jacobian_rows_sum_to_zero_for_large_alpha() -> None:
+    z = torch.tensor([0.3457, 0.8218, 0.3303, -1.3027, 0.9053], dtype=torch.float16)
+    jac = entmax_jacobian(z, 10.0).double()
+    assert float(jac.sum(-1).abs().max()) <= 1e-2 * float(jac.abs().max())
+
+
+@pytest.mark.xfail(strict=True, reason="open: entmax JVP for alpha > 2 overflows s = p^(2 - alpha) * v")
+def test_open_entmax_jvp_of_one_entry_is_zero_for_large_alpha() -> None:
+    out = entmax_jvp(
+        torch.tensor([0.0001], dtype=torch.float16), torch.tensor([1e30], dtype=torch.bfloat16), 10.0
+    )
+    assert bool(torch.isfinite(out).all()) and float(out.abs().max()) == 0.0
+
+
 # ------------------------------------------------------------------------------------------ hopfield
 
 
@@ -523,6 +560,15 @@ HOPFIELD: dict[str, Callable[..., Any]] = {
 @FUZZ
 @given(case=memory_cases(), fn=st.sampled_from(sorted(HOPFIELD)))
 @example(case=(torch.randn(4).half(), torch.randn(5, 4, dtype=torch.float64), 2.0, 1.5), fn="retrieve")
+@example(
+    case=(
+        torch.tensor([0.1257, -0.1321], dtype=torch.float16),
+        torch.tensor([[0.1891, -0.5227], [0.1891, -0.5227]]),
+        0.001,
+        1.000001,
+    ),
+    fn="retrieval_jacobian",
+)  # found by the deep fuzz run
 def test_hopfield_maps(case: tuple, fn: str) -> None:
     """Finite; T_α(ξ) in the patterns' box; DT_α symmetric; ‖DT_α‖ ≥ 0; dtype promoted."""
     state, patterns, beta, alpha = case
@@ -543,8 +589,10 @@ def test_hopfield_maps(case: tuple, fn: str) -> None:
             dtype,
         )
     elif fn == "retrieval_jacobian":
-        scale = np.abs(value).max() if value.size else 0.0
-        np.testing.assert_allclose(value, np.swapaxes(value, -1, -2), atol=16 * _eps(dtype) * scale + 1e-300)
+        # β Xᵀ J X is a difference of terms of size β max|X|² (identical patterns: it is 0 up to them)
+        mem = _f64(patterns)
+        scale = beta * float((mem**2).sum(-1).max()) * mem.shape[-2] if mem.size else 0.0
+        np.testing.assert_allclose(value, np.swapaxes(value, -1, -2), atol=64 * _eps(dtype) * scale + 1e-300)
     elif fn == "local_lipschitz":
         assert (value >= 0).all()
 
@@ -626,13 +674,23 @@ def test_attention(case: tuple) -> None:
 @given(
     case=memory_cases(), accelerate=st.sampled_from([None, None, 0, 2, "config"]), max_iter=st.integers(1, 15)
 )
+@example(
+    case=(
+        torch.tensor([[0.1257]], dtype=torch.float16),
+        torch.tensor([[[1.0003e30]]], dtype=torch.bfloat16),
+        0.001,
+        1.0,
+    ),
+    accelerate=0,
+    max_iter=1,
+)  # found by the deep fuzz run
 def test_iterate(case: tuple, accelerate: Any, max_iter: int) -> None:
     """Finite states, histories and radii; a converged state meets the tolerance."""
     state, patterns, beta, alpha = case
     bad = list(_memory_must_reject(*case))
     acc = AndersonConfig(m=3, max_iter=max_iter) if accelerate == "config" else accelerate
     if acc is not None and patterns.ndim > 2:
-        bad.append("accelerate")
+        bad += ["accelerate", "patterns"]  # (or the patterns, when they are too large for the dtype)
     out = run(
         "iterate",
         lambda: iterate(state, patterns, beta, alpha, max_iter=max_iter, accelerate=acc),
@@ -752,6 +810,18 @@ def test_norm_cap(case: tuple, eta: float, dim: int) -> None:
     eta=mostly(st.sampled_from([math.inf, 1.0, 0.0, 1e30]), st.just(-1.0)),
     reference=mostly(st.sampled_from(["sparse", "dense", "update", "array"]), st.just("bogus")),
 )
+@example(
+    case=(
+        torch.tensor([], dtype=torch.float16),
+        torch.tensor([], dtype=torch.float16),
+        torch.tensor([0.1257], dtype=torch.float16),
+        torch.tensor([], dtype=torch.float16),
+    ),
+    scale=0.0,
+    zeta=0.0,
+    eta=1.0,
+    reference="sparse",
+)  # found by the deep fuzz run
 def test_gag(case: tuple, scale: float, zeta: float, eta: float, reference: str) -> None:
     """Finite; bounded update ‖G − S‖ ≤ |λ| (η + |ζ| ‖r_⊥‖) checked for ζ = 0: ‖G − S‖ ≤ |λ| η."""
     dense, sparse, state, ref_array = case
@@ -786,7 +856,7 @@ def test_gag(case: tuple, scale: float, zeta: float, eta: float, reference: str)
     )
     check_kind(out, dense, *others)
     check_finite(out)
-    if zeta == 0.0 and math.isfinite(eta) and out.size:
+    if zeta == 0.0 and math.isfinite(eta) and _f64(out).size:
         g, s = _f64(out), _f64(sparse)
         step = np.linalg.norm(g - s, axis=-1)
         tol = 16 * _eps(_dtype(out)) * (np.abs(g).max(-1) + np.abs(s).max(-1)) * max(1, g.shape[-1])
@@ -795,6 +865,10 @@ def test_gag(case: tuple, scale: float, zeta: float, eta: float, reference: str)
 
 @FUZZ
 @given(case=vector_cases(2), scale=SCALES)
+@example(
+    case=(torch.tensor([0.1257], dtype=torch.float16), torch.tensor([1.0003e30], dtype=torch.bfloat16)),
+    scale=1e30,
+)  # found by the deep fuzz run
 def test_extrapolate(case: tuple, scale: float) -> None:
     """P_λ = D + λ (S − D), to rounding."""
     dense, sparse = case
@@ -819,6 +893,17 @@ def test_extrapolate(case: tuple, scale: float) -> None:
     scale=SCALES,
     regularization=mostly(st.sampled_from([0.0, 1e-6]), st.just(-1.0)),
 )
+@example(
+    case=(
+        torch.tensor([0.1257], dtype=torch.float16),
+        torch.tensor([1.0003e30], dtype=torch.bfloat16),
+        torch.tensor([0.1257], dtype=torch.float16),
+        torch.tensor([0.1257], dtype=torch.float16),
+    ),
+    rungs=2,
+    scale=1e30,
+    regularization=0.0,
+)  # found by the deep fuzz run
 def test_ladder_extrapolate(case: tuple, rungs: int, scale: float, regularization: float) -> None:
     retrievals = list(case[:rungs])
     bad = ["retrievals"] if rungs < 2 else []
@@ -905,6 +990,16 @@ def _maps(n: int) -> dict[str, Callable[[Any], Any]]:
     stability_check=False,
     row_subsets=False,
 )  # issue 12: g got (1, n)
+@example(
+    case=(torch.tensor([1.0003e30, -1.0003e30], dtype=torch.bfloat16),),
+    map_name="affine",
+    m=0,
+    mixing=1.0,
+    tol=0.0,
+    max_iter=1,
+    stability_check=False,
+    row_subsets=False,
+)  # found by the deep fuzz run
 def test_anderson(
     case: tuple,
     map_name: str,
