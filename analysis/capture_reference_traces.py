@@ -34,14 +34,29 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from hopfield_aa.checks import report as verify_report
+from hopfield_aa.checks.claims import LADDER
+from hopfield_aa.checks.registry import REGISTRY, VALUE_SPACE, claim_order
+from hopfield_aa.checks.report import TABLE_COLUMNS, table_rows
+from hopfield_aa.checks.results import (
+    KIND_CLAIM,
+    KIND_IDENTITY,
+    KIND_MEASURED,
+    STATUS_FAIL,
+    STATUS_MEASURED,
+    STATUS_PREMISE,
+    CheckResult,
+    case_results,
+    from_jsonable,
+)
 from hopfield_aa.reference import BUNDLED_PIPELINE, load_pipeline, parse_caption, pipeline_sha256, split_of
 from hopfield_aa.traces import MANIFEST_NAME, Selection, TraceCapture, TraceSet, run_metadata
 
@@ -349,31 +364,19 @@ def verify_wide(traces: Path, out: Path, max_records: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------- summarise
-CLAIM_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("energy descent", "", "energy"),
-    ("extrapolation is AA(1)", "", "AA(1)"),
-    ("fixed-point preservation", "", "preserv."),
-    ("divergence at non-common fixed points", "", "diverg."),
-    ("weak contraction", "α=1", "contr. α=1"),
-    ("weak contraction", "α=1.5", "contr. α=1.5"),
-    ("orthogonal-error convergence", "ζ=0", "orth. ζ=0"),
-    ("orthogonal-error convergence", "ζ=0.5", "orth. ζ=½"),
-    ("orthogonal-error convergence", "ζ=1", "orth. ζ=1"),
-    ("bounded update", "", "bounded"),
-    ("directional consistency", "", "direction"),
-    ("ladder AA (deeper)", "", "ladder†"),
-)
-"""(claim, setting or "" for any, column label) of the pass-rate tables, in THEORY.md §5 order."""
 BUCKETS = ("early", "middle", "late")
 COUNTEREXAMPLES = ROOT / "analysis" / "results" / "reference_traces_counterexamples"
+COUNTEREXAMPLES_KEPT = 3
+"""Counter-examples kept beside the Markdown per claim: those with the most negative margins."""
 
+Cell = tuple[str, str, str]
+"""(attention kind, layer, step bucket)."""
 
-def _column(claim: str, setting: str) -> tuple[str, str] | None:
-    """(label, title) of a result's column, or None for a claim the tables leave out."""
-    for name, want, label in CLAIM_COLUMNS:
-        if name == claim and (not want or want == setting):
-            return label, name + (f" ({want})" if want else "")
-    return None
+SECTIONS = (
+    (KIND_CLAIM, "Claims (evidence)"),
+    (KIND_MEASURED, "Measured (no verdict)"),
+    (KIND_IDENTITY, "Identities (regression tests of the library's rule, never evidence)"),
+)
 
 
 def short_layer(name: str) -> str:
@@ -393,6 +396,10 @@ def _layer_order(name: str) -> tuple[int, int, str]:
     return 9, 0, name
 
 
+def _cell_order(cell: Cell) -> tuple[str, tuple[int, int, str], int]:
+    return cell[0], _layer_order(cell[1]), BUCKETS.index(cell[2])
+
+
 def _number(value: Any) -> float:
     """A JSON number (results.json writes NaN and infinities as strings) as a float; NaN if none."""
     if isinstance(value, bool) or value is None:
@@ -405,17 +412,17 @@ def _number(value: Any) -> float:
 
 def _fmt(value: Any, spec: str = ".3g") -> str:
     number = _number(value)
-    return "—" if not math.isfinite(number) else format(number, spec)
+    if math.isinf(number):
+        return "∞" if number > 0 else "−∞"
+    return "—" if math.isnan(number) else format(number, spec)
 
 
-def _pct(passed: int, n: int) -> str:
-    """``passed / n`` as a percentage that never rounds a failure up to 100 % (or a success down to 0 %)."""
-    if n == 0:
-        return "n/a"
-    text = f"{100 * passed / n:.0f}%"
-    if (text == "100%" and passed < n) or (text == "0%" and passed > 0):
-        return f"{passed}/{n}"
-    return text
+def _share(part: int, whole: int) -> str:
+    """``part / whole`` as a percentage that never rounds a partial share to 0 % or 100 %."""
+    if whole == 0:
+        return "—"
+    text = f"{100 * part / whole:.0f}%"
+    return f"{part}/{whole}" if text in ("0%", "100%") and 0 < part < whole else text
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
@@ -424,24 +431,12 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     return out
 
 
-def _finite(values: Iterable[Any]) -> list[float]:
-    return [v for v in (_number(x) for x in values) if math.isfinite(v)]
-
-
 def _median(values: Iterable[Any]) -> float:
-    finite = sorted(_finite(values))
+    finite = sorted(v for v in (_number(x) for x in values) if math.isfinite(v))
     if not finite:
         return math.nan
     mid = len(finite) // 2
     return finite[mid] if len(finite) % 2 else 0.5 * (finite[mid - 1] + finite[mid])
-
-
-def _spread3(values: Iterable[Any]) -> str:
-    """``min / median / max`` of the finite values."""
-    finite = _finite(values)
-    if not finite:
-        return "—"
-    return f"{min(finite):.3g} / {_median(finite):.3g} / {max(finite):.3g}"
 
 
 def _manifest_metadata(trace_dirs: Iterable[str]) -> dict[str, dict[str, Any]]:
@@ -455,117 +450,245 @@ def _manifest_metadata(trace_dirs: Iterable[str]) -> dict[str, dict[str, Any]]:
 
 
 @dataclass
-class _Tally:
-    """Pooled results of one claim column over some head cases."""
-
-    passed: int = 0
-    tried: int = 0
-    cases: int = 0
-    failing: int = 0
-
-    def add(self, result: dict[str, Any]) -> None:
-        self.passed += int(result["n_passed"])
-        self.tried += int(result["n_states"])
-        self.cases += 1
-        self.failing += result["status"] == "fail"
-
-
-@dataclass
 class _Digest:
-    """Everything the Markdown reports, gathered from the trace cases of one results.json."""
+    """The trace results of one results.json pooled by the verify summary
+    (:func:`hopfield_aa.checks.report.summarise`): per attention kind, and per kind, layer and
+    step bucket (a *cell*)."""
 
     n_steps: int
     kinds: list[str]
-    cells: dict[tuple[str, str, str, str], _Tally]  # (kind, layer, bucket, label)
-    claims: dict[tuple[str, str], _Tally]  # (kind, label)
-    titles: dict[str, str]  # label -> claim (setting)
-    cases_in: dict[tuple[str, str, str], int]  # (kind, layer, bucket) -> head cases
-    measured: dict[tuple[str, str], dict[str, list[Any]]]  # (kind, layer) -> quantity -> values per case
+    cells: list[Cell]  # every cell with head cases or value-space rows, in report order
+    cases_in: dict[Cell, int]  # head cases per cell
+    states: list[int]  # starting states per head case
+    by_kind: list[dict[str, Any]]  # summary rows, one per (claim, setting, kind)
+    by_cell: dict[tuple[str, str, Cell], dict[str, Any]]  # (claim, setting, cell) -> summary row
+    value: dict[Cell, list[dict[str, Any]]]  # value-space rows (one per captured step) of each cell
+    value_kinds: dict[str, dict[str, Any]]  # value-space quantities pooled per kind
+
+    def columns(self, kind: str) -> list[tuple[str, str]]:
+        """(claim, setting) of the summary rows of one kind of statement, in registry order."""
+        return list(dict.fromkeys((r["claim"], r["setting"]) for r in self.by_kind if r["kind"] == kind))
+
+    def kind_rows(self, kind: str, attention: str) -> list[dict[str, Any]]:
+        """The per-kind summary rows of one kind of statement on one attention kind."""
+        return [r for r in self.by_kind if r["kind"] == kind and r["data"] == attention]
+
+    def cells_of(self, row: dict[str, Any]) -> list[tuple[Cell, dict[str, Any]]]:
+        """The cells, with their rows, that make up a per-kind row."""
+        keys = [(row["claim"], row["setting"], c) for c in self.cells if c[0] == row["data"]]
+        return [(key[2], self.by_cell[key]) for key in keys if key in self.by_cell]
 
 
-def _digest(cases: Sequence[dict[str, Any]], n_steps: int) -> _Digest:
-    digest = _Digest(
-        n_steps=n_steps,
-        kinds=sorted({c["data"]["kind"] for c in cases}),
-        cells=defaultdict(_Tally),
-        claims=defaultdict(_Tally),
-        titles={},
-        cases_in=defaultdict(int),
-        measured=defaultdict(lambda: defaultdict(list)),
+def _pool(
+    pairs: Sequence[tuple[dict[str, Any], CheckResult]], group: Callable[[dict[str, Any]], str]
+) -> list[dict[str, Any]]:
+    """The verify summary rows of ``(case, result)`` pairs pooled by ``group(case data)``, with the verdict
+    rules of the verify report (its summary takes results that carry their group in ``data["group"]``)."""
+    return verify_report.summarise(
+        [], [replace(r, data={**r.data, "group": group(case["data"])}) for case, r in pairs]
     )
-    for c in cases:
-        d = c["data"]
-        kind, layer, bucket = d["kind"], d["layer"], _bucket(int(d["step"]), n_steps)
-        digest.cases_in[(kind, layer, bucket)] += 1
-        acc = digest.measured[(kind, layer)]
-        for key in ("beta", "d", "N"):
-            acc[key].append(d[key])
-        acc["dense_converged"].append(c["fixed_points"].get("dense_converged", 0))
-        acc["dense_common"].append(c["fixed_points"].get("dense_common", 0))
-        for r in c["results"]:
-            column = _column(r["claim"], r["setting"])
-            if column is None:
-                continue
-            label, title = column
-            digest.titles[label] = title
-            digest.cells[(kind, layer, bucket, label)].add(r)
-            digest.claims[(kind, label)].add(r)
-            m = r.get("measured") or {}
-            if r["claim"] == "weak contraction":
-                tag = "D" if r["setting"] == "α=1" else "S"
-                lip = m.get("lipschitz_trajectory") or {}
-                acc[f"lip_median_{tag}"].append(lip.get("median"))
-                acc[f"lip_max_{tag}"].append(lip.get("max"))
-                acc[f"lip_share_{tag}"].append(m.get("lipschitz_share_below_1"))
-                acc[f"cert_{tag}"].append(m.get("global_certificate"))
-                acc[f"max_ratio_{tag}"].append(m.get("max_ratio"))
-            elif r["claim"] == "extrapolation is AA(1)":
-                acc["lambda_star"].append((m.get("lambda_star") or {}).get("median"))
-            elif r["claim"] == "directional consistency":
-                acc["toward"].append(m.get("share_toward_sparse_fixed_point"))
-                acc["aligned"].append(m.get("share_aligned_with_retrieval"))
-            elif r["claim"] == "orthogonal-error convergence":
-                tag = label.split()[-1]
-                acc[f"orth_limit_{tag}"].append((m.get("limit_orthogonal_error_over_M") or {}).get("median"))
-                acc[f"orth_rate_{tag}"].append(r.get("rate"))
-                acc[f"orth_converged_{tag}"].append(m.get("limit_converged_share"))
-            elif r["claim"] == "divergence at non-common fixed points":
-                acc["slope"].append(r.get("rate"))
-    return digest
 
 
-def keep_counterexamples(doc: dict[str, Any], report: Path, dest: Path) -> list[list[str]]:
-    """Copy one counter-example (the worst case's) per failing (claim, setting, kind) into ``dest``.
+def _digest(doc: dict[str, Any], n_steps: int) -> _Digest:
+    pairs = [(case, r) for case, r in case_results(doc) if "trace" in case["data"]]
 
-    The verify report holds every counter-example in a temporary folder; this keeps one per failure
-    beside the Markdown so that it can be replayed with ``hopfield_aa.checks.replay_counterexample``.
-    Returns the Markdown rows (claim, setting, kind, case, margin, file).
-    """
-    worst: dict[tuple[str, str, str], tuple[float, str, str]] = {}
-    for c in doc["cases"]:
-        if "trace" not in c["data"]:
-            continue
-        for r in c["results"]:
-            if r["status"] != "fail" or not r["counterexamples"]:
-                continue
-            key = (r["claim"], r["setting"], c["data"]["kind"])
-            margin = _number(r["worst_margin"])
-            if key not in worst or margin < worst[key][0]:
-                worst[key] = (margin, c["label"], r["counterexamples"][0])
-    dest.mkdir(parents=True, exist_ok=True)
-    for old in dest.iterdir():
-        if old.suffix in (".json", ".safetensors"):
-            old.unlink()
-    rows = []
-    for (claim, setting, kind), (margin, label, relpath) in sorted(worst.items()):
-        source = report / relpath
-        record = json.loads(source.read_text(encoding="utf-8"))
-        shutil.copy2(source, dest / source.name)
-        shutil.copy2(source.parent / record["tensors"], dest / record["tensors"])
-        rows.append([claim, setting, kind, label, f"{margin:.3g}", f"`{_relative(dest / source.name)}`"])
-    return rows
+    def cell(data: dict[str, Any]) -> Cell:
+        return str(data["kind"]), str(data["layer"]), _bucket(int(data["step"]), n_steps)
+
+    cells = {"\t".join(cell(case["data"])): cell(case["data"]) for case, _ in pairs}
+    per_cell = _pool(pairs, lambda data: "\t".join(cell(data)))
+    trace_cases = [c for c in doc["cases"] if "trace" in c["data"]]
+    value: dict[Cell, list[dict[str, Any]]] = defaultdict(list)
+    value_space = from_jsonable(doc.get("value_space") or {})
+    for row in value_space.get("rows", []):
+        value[(str(row["kind"]), str(row["layer"]), _bucket(int(row["step"]), n_steps))].append(row)
+    cases_in = Counter(cell(c["data"]) for c in trace_cases)
+    return _Digest(
+        n_steps=n_steps,
+        kinds=sorted({c[0] for c in cases_in} | set(value_space.get("kinds", {}))),
+        cells=sorted(set(cases_in) | set(value), key=_cell_order),
+        cases_in=cases_in,
+        states=[int(_number((c.get("fixed_points") or {}).get("states"))) for c in trace_cases],
+        by_kind=_pool(pairs, lambda data: str(data["kind"])),
+        by_cell={(r["claim"], r["setting"], cells[r["data"]]): r for r in per_cell},
+        value=value,
+        value_kinds=value_space.get("kinds", {}),
+    )
 
 
+# --------------------------------------------------------------------------------------- cell contents
+def _title(claim: str, setting: str) -> str:
+    return f"{claim} ({setting})" if setting else claim
+
+
+def _label(claim: str, setting: str, columns: Sequence[tuple[str, str]]) -> str:
+    """A column header: the claim's ``verify --claims`` key, with the setting where the claim has several."""
+    key = REGISTRY[claim].key if claim in REGISTRY else claim
+    return f"{key} {setting}" if sum(c == claim for c, _ in columns) > 1 else key
+
+
+def _verdict_cell(row: dict[str, Any] | None) -> str:
+    """``verdict held/counted``, with ``(premise met/tried)`` where some states did not meet the premise."""
+    if row is None:
+        return "—"
+    met, tried = int(row["n_premise"]), int(row["n_states"])
+    if row["status"] == STATUS_PREMISE:
+        return f"premise not met (0/{tried})"
+    verdict = "**fail**" if row["status"] == STATUS_FAIL else row["status"]
+    text = f"{verdict} {row['n_passed']}/{met}"
+    return text + (f" (premise {met}/{tried})" if met < tried else "")
+
+
+def _measured_cell(row: dict[str, Any] | None) -> str:
+    """The quantity a measured row reports, for one cell or one attention kind."""
+    if row is None:
+        return "—"
+    m = row["measured"]
+    if row["claim"] == "weak contraction":
+        return f"λ_c {_fmt(m.get('lambda_c_median'))} (P_λ {_fmt(m.get('lambda_c_extrapolation_median'))})"
+    share = _share(int(row["n_passed"]), int(row["n_premise"]))
+    if row["claim"] == "directional consistency":
+        return f"toward {share}, aligned {_fmt(m.get('share_aligned_median'), '.0%')}"
+    if row["claim"] == LADDER:
+        return f"closer {share}"
+    return f"{row['n_passed']}/{row['n_premise']}"
+
+
+def _value_cell(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """‖r⊥‖/‖r‖, discarded share and r∥ along the output's change: medians over a cell's captured steps."""
+    if not rows:
+        return ["—", "—", "—"]
+    return [
+        _fmt(_median(r["orthogonal_ratio_median"] for r in rows), ".2f"),
+        _fmt(_median(r["discarded_share"] for r in rows), ".0%"),
+        _fmt(_median(r["parallel_aligned_share"] for r in rows), ".0%"),
+    ]
+
+
+# ------------------------------------------------------------------------------------ plain language
+def _where(digest: _Digest, row: dict[str, Any], status: str) -> str:
+    """Which cells of a per-kind row have ``status``: "in every layer and step bucket" or a short list."""
+    cells = digest.cells_of(row)
+    hit = [f"{short_layer(layer)} ({bucket})" for (_, layer, bucket), r in cells if r["status"] == status]
+    if len(hit) == len(cells):
+        return "in every layer and step bucket"
+    more = f" and {len(hit) - 4} more" if len(hit) > 4 else ""
+    return f"in {len(hit)} of {len(cells)} layer × bucket cells ({', '.join(hit[:4])}{more})"
+
+
+def _stand_in(row: dict[str, Any]) -> str:
+    """What was measured where the premise was not met (the orthogonal offset, the β of the premise)."""
+    m = row["measured"]
+    if row["claim"] == "orthogonal-error convergence" and math.isfinite(
+        _number(m.get("offset_over_M_median"))
+    ):
+        return (
+            "; there G's limit keeps an orthogonal offset from ξ*_S of median "
+            f"{_fmt(m['offset_over_M_median'])} M "
+            f"(max {_fmt(m.get('offset_over_M_max'))} M), at most "
+            f"{_fmt(m.get('closed_form_error_over_M'), '.1e')} M from its closed form λζ r⊥(ξ∞) − P⊥ ξ*_S"
+        )
+    if row["claim"] == "fixed-point preservation" and "distinct_fixed_points" in m:
+        text = (
+            f"; {_fmt(m['distinct_common'], '.0f')} of {_fmt(m['distinct_fixed_points'], '.0f')} distinct "
+            "fixed points are fixed by both D and S"
+        )
+        if math.isfinite(_number(m.get("premise_beta_min"))):
+            text += (
+                f", and a common one becomes attainable from β ≈ {_fmt(m['premise_beta_min'])} while these "
+                f"memories have β ≤ {_fmt(m.get('beta_max'))}"
+            )
+        return text
+    if row["claim"] == "weak contraction" and _number(m.get("repelling_starts")) > 0:
+        return (
+            f"; {_fmt(m['repelling_starts'], '.0f')} starts ended at repelling fixed points (counted apart)"
+        )
+    return ""
+
+
+def _clause(digest: _Digest, row: dict[str, Any]) -> str:
+    """One claim and setting on one attention kind, in words."""
+    title, met, tried = _title(row["claim"], row["setting"]), int(row["n_premise"]), int(row["n_states"])
+    if row["status"] == STATUS_PREMISE:
+        return (
+            f"{title}: premise not met, so not tested: 0 of {tried} tried (unit: {row['unit']}) met "
+            f"“{row['premise']}” "
+            f"({row['premise_note'] or 'no reason recorded'}){_stand_in(row)}"
+        )
+    if row["status"] == STATUS_FAIL:
+        text = (
+            f"{title}: **fail**, {met - int(row['n_passed'])} of {met} counted ({row['unit']}) violate it "
+            f"with the premise met, {_where(digest, row, STATUS_FAIL)}; worst margin "
+            f"{_fmt(row['worst_margin'], '.2e')}"
+        )
+        if row["kind"] == KIND_IDENTITY:
+            text += " (an identity of the library's rule failing is a bug of the code, not a finding)"
+    else:
+        text = f"{title}: {row['status']} ({row['n_passed']}/{met} counted)"
+    if met < tried:
+        outside = [c for c, r in digest.cells_of(row) if r["status"] == STATUS_PREMISE]
+        text += f"; premise met by {met} of {tried} only" + (
+            f", by none {_where(digest, row, STATUS_PREMISE)}" if outside else ""
+        )
+        text += f" ({row['premise_note']})" if row["premise_note"] else ""
+        text += _stand_in(row)
+    return text
+
+
+def _measured_clause(row: dict[str, Any]) -> str:
+    """A measured row in words: its name, the verdict ``measured``, and what was measured."""
+    m = row["measured"]
+    share = _share(int(row["n_passed"]), int(row["n_premise"]))
+    if row["claim"] == "directional consistency":
+        what = (
+            f"r = S − D points toward the sparse fixed point in {share} of {row['n_premise']} starts whose "
+            "sparse iteration converged, and ⟨r, S(ξ)⟩ > 0 in a median "
+            f"{_fmt(m.get('share_aligned_median'), '.0%')} per case"
+        )
+    elif row["claim"] == "weak contraction":
+        what = (
+            f"G stops contracting from some start above λ_c = {_fmt(m.get('lambda_c_median'))} (median "
+            f"over cases; extrapolation P_λ: {_fmt(m.get('lambda_c_extrapolation_median'))})"
+        )
+    elif row["claim"] == LADDER:
+        what = f"the α-ladder lands closer to ξ*_S than P_λ in {share} of {row['n_premise']} (start, λ)"
+    else:
+        what = f"{row['n_passed']}/{row['n_premise']} ({row['unit']})"
+    return f"{_title(row['claim'], row['setting'])}: {STATUS_MEASURED}, {what}"
+
+
+def _plain_language(digest: _Digest) -> list[str]:
+    """Per attention kind, a list of findings: every number and every verdict taken from the results."""
+    out = []
+    for kind in digest.kinds:
+        cells = [c for c in digest.cells if c[0] == kind and digest.cases_in.get(c)]
+        out += [
+            f"**{kind}-attention** ({sum(digest.cases_in[c] for c in cells)} head cases, "
+            f"{len({c[1] for c in cells})} layers, {len(cells)} layer × bucket cells with cases)",
+            "",
+        ]
+        claims = [_clause(digest, r) for r in digest.kind_rows(KIND_CLAIM, kind)]
+        measured = [_measured_clause(r) for r in digest.kind_rows(KIND_MEASURED, kind)]
+        vs = digest.value_kinds.get(kind)
+        if vs:
+            measured.append(
+                f"{VALUE_SPACE}: {STATUS_MEASURED}, ‖r⊥‖/‖r‖ has median "
+                f"{_fmt(vs['orthogonal_ratio_median'], '.2f')}, GAG (ζ = 0) discards "
+                f"{_fmt(vs['discarded_share'], '.0%')} of ‖λr‖², and r∥ points along the change of the "
+                f"attention output to the next captured step in {_fmt(vs['parallel_aligned_share'], '.0%')} "
+                f"of {vs['pairs']} pairs"
+            )
+        identities = [_clause(digest, r) for r in digest.kind_rows(KIND_IDENTITY, kind)]
+        found = {KIND_CLAIM: claims, KIND_MEASURED: measured, KIND_IDENTITY: identities}
+        for statement, title in SECTIONS:
+            items = found[statement]
+            if items:
+                out += [f"- {title}:", *(f"  - {item}." for item in items)]
+        out.append("")
+    return out
+
+
+# -------------------------------------------------------------------------------------------- sections
 def _header(
     doc: dict[str, Any], results: Path, meta: dict[str, dict[str, Any]], digest: _Digest
 ) -> list[str]:
@@ -597,265 +720,166 @@ def _header(
             f"{(m.get('pipeline_kwargs') or {}).get('guidance_scale')}, conditional row; device "
             f"{m.get('device_name')} ({m.get('device_note')})."
         )
-    n_cases = sum(digest.cases_in.values())
+    trace_cases = [c for c in doc["cases"] if "trace" in c["data"]]
+    states = sorted(set(digest.states))
     lines += [
         "",
-        f"This report: {n_cases} head cases, each one head of one record read as Hopfield retrieval (memory "
-        "= the head's keys, starting states = up to 32 of its queries, β = the recorded scale), "
-        f"{doc['settings'].get('n_states') or 32} states per case; checks' wall time {doc['seconds']:.0f} s "
-        f"on {doc['environment']['threads']} thread(s). Form tested: {doc['cases'][-1]['form']}.",
+        f"This report: {len(trace_cases)} head cases, each one head of one record read as Hopfield retrieval "
+        "(memory = the head's keys, starting states = its queries, β = the recorded scale), "
+        f"{'–'.join(map(str, states[:: max(1, len(states) - 1)]))} states per case; compute dtype "
+        f"{doc['settings'].get('dtype')}; checks' wall time {_number(doc['seconds']):.0f} s on "
+        f"{doc['environment']['threads']} thread(s). Form tested: {trace_cases[0]['form']}.",
         "",
         f"Step buckets of the {n_steps}-step run: "
         + ", ".join(f"{b} = steps {r[0]}–{r[-1]}" for b, r in ranges.items() if r)
         + " (step 0 is the noisiest).",
         "",
+        "Verdicts (THEORY.md §5): `pass` and `fail` count only the states that met the claim's premise (a",
+        "`fail` always had it met); `premise not met` means no state tried met it: the claim was not tested",
+        "there, which is neither a pass nor a failure; `identity` rows hold by construction of the library's",
+        "rule, are regression tests of the code and never evidence about attention; `measured` rows have no",
+        "verdict. Each layer × bucket cell pools the head cases of that layer and bucket with the rules of",
+        "the verify report (a cell fails when any of its cases fails).",
+        "",
     ]
+    return lines
+
+
+def _none_met(digest: _Digest, row: dict[str, Any]) -> str:
+    cells = digest.cells_of(row)
+    return f"{sum(c['status'] == STATUS_PREMISE for _, c in cells)} of {len(cells)}"
+
+
+def _outside_premise(digest: _Digest) -> list[str]:
+    """Every claim and identity whose premise some states tried did not meet: how many met it, and why."""
+    rows = [r for r in digest.by_kind if r["kind"] != KIND_MEASURED and r["n_premise"] < r["n_states"]]
+    lines = [
+        "## Where a claim was tested outside its premise",
+        "",
+        "States that did not meet a claim's premise are not counted: there the claim is neither confirmed",
+        "nor refuted. *Cells none met* counts the layer × bucket cells where no state met it.",
+        "",
+    ]
+    if not rows:
+        return [*lines, "Every state tried met its claim's premise.", ""]
+    body = [
+        [
+            r["claim"],
+            r["setting"],
+            r["data"],
+            r["kind"],
+            r["premise"],
+            f"{r['n_premise']}/{r['n_states']}",
+            r["status"],
+            _none_met(digest, r),
+            (r["premise_note"] or "—") + _stand_in(r),
+        ]
+        for r in rows
+    ]
+    header = (
+        "claim",
+        "setting",
+        "attention",
+        "kind",
+        "premise",
+        "premise met",
+        "verdict",
+        "cells none met",
+        "why",
+    )
+    return [*lines, *_table(header, body), ""]
+
+
+def _cell_tables(digest: _Digest) -> list[str]:
+    """Per kind of statement and attention kind: one row per layer and step bucket, one column per claim."""
+    lines = [
+        "## Per attention kind, layer and step bucket",
+        "",
+        "Claims and identities: `verdict held/counted`, with `(premise met/tried)` where some states did not",
+        "meet the premise. Measured: directional consistency as the share of starts where r points toward",
+        "ξ*_S and the median share with ⟨r, S(ξ)⟩ > 0; λ_c the median λ above which G (and P_λ) stop",
+        "contracting from some start; ladder the share of (start, λ) where the α-ladder is closer to ξ*_S;",
+        "value space: ‖r⊥‖/‖r‖ (median), the share of ‖λr‖² GAG discards, and the share of pairs where r∥",
+        "points along the output's change, each the median over the bucket's captured steps.",
+        "",
+    ]
+    for kind, title in SECTIONS:
+        columns = digest.columns(kind)
+        with_value = kind == KIND_MEASURED and any(digest.value.values())
+        if not columns and not with_value:
+            continue
+        header = ["layer", "steps", "cases", *(_label(c, s, columns) for c, s in columns)]
+        header += ["value ‖r⊥‖/‖r‖", "value discarded", "value r∥ along Δ"] if with_value else []
+        fill = _measured_cell if kind == KIND_MEASURED else _verdict_cell
+        lines += [f"### {title}", ""]
+        for attention in digest.kinds:
+            body = []
+            for cell in (c for c in digest.cells if c[0] == attention and (with_value or digest.cases_in[c])):
+                row = [short_layer(cell[1]), cell[2], str(digest.cases_in.get(cell, 0))]
+                row += [fill(digest.by_cell.get((c, s, cell))) for c, s in columns]
+                body.append(row + (_value_cell(digest.value.get(cell, [])) if with_value else []))
+            lines += [f"#### {attention}-attention", "", *_table(header, body), ""]
     return lines
 
 
 def _default_run(default_results: Path, wall_seconds: float | None) -> list[str]:
     ddoc = json.loads(default_results.read_text(encoding="utf-8"))
-    rows = [r for r in ddoc["summary"] if str(r["data"]).startswith("trace:")]
-    timing = f"checks' wall time {ddoc['seconds']:.0f} s (synthetic families and traces)"
+    rows = from_jsonable([r for r in ddoc["summary"] if str(r["data"]).startswith("trace:")])
+    timing = f"checks' wall time {_number(ddoc['seconds']):.0f} s (synthetic families and traces)"
     if wall_seconds is not None:
         timing += f", command wall time {wall_seconds:.0f} s"
     return [
-        "## `hopfield-aa verify --traces hopfield_aa/data/traces` (default settings: 8 records per capture)",
+        "## `hopfield-aa verify --traces hopfield_aa/data/traces` (default settings)",
         "",
         f"Traces: {ddoc['settings']['traces'].replace(str(ROOT) + os.sep, '')}; {timing}. Trace rows:",
         "",
-        *_table(
-            ("claim", "setting", "data", "cases", "passed", "worst margin", "rate", "status"),
-            (
-                [
-                    r["claim"],
-                    r["setting"],
-                    r["data"],
-                    str(r["cases"]),
-                    "—" if not r["n_states"] else f"{r['n_passed']}/{r['n_states']}",
-                    _fmt(r["worst_margin"], ".2e"),
-                    _fmt(r["rate"]),
-                    r["status"],
-                ]
-                for r in rows
-            ),
-        ),
+        *_table(TABLE_COLUMNS, table_rows(rows)),
         "",
     ]
 
 
-def _pass_rate_tables(digest: _Digest) -> list[str]:
-    labels = [label for *_, label in CLAIM_COLUMNS]
-    lines = [
-        "## Pass rates per attention kind, layer and step bucket",
-        "",
-        "Each cell: share of tried states (or starts, or perturbed fixed points: each claim's unit)",
-        "that satisfy the claim, pooled over the head cases of that layer and bucket; **bold** where a",
-        "case fails; `n/a` where the claim applies to no state (no fixed point common to the dense and",
-        "sparse maps).",
-        "† The ladder column measures whether a deeper Anderson mix lands closer to the sparse fixed point",
-        "than extrapolation: a measurement, not a verdict.",
-        "",
-    ]
-    for kind in digest.kinds:
-        layers = sorted({layer for k, layer in digest.measured if k == kind}, key=_layer_order)
-        rows = []
-        for layer in layers:
-            for bucket in BUCKETS:
-                n_cases = digest.cases_in.get((kind, layer, bucket), 0)
-                if not n_cases:
-                    continue
-                row = [short_layer(layer), bucket, str(n_cases)]
-                for label in labels:
-                    tally = digest.cells.get((kind, layer, bucket, label), _Tally())
-                    text = _pct(tally.passed, tally.tried)
-                    row.append(f"**{text}**" if tally.failing else text)
-                rows.append(row)
-        lines += [f"### {kind}-attention", "", *_table(("layer", "steps", "cases", *labels), rows), ""]
-    return lines
+def keep_counterexamples(
+    doc: dict[str, Any], report: Path, dest: Path, per_claim: int = COUNTEREXAMPLES_KEPT
+) -> list[list[str]]:
+    """Copy the ``per_claim`` counter-examples with the most negative margins of each claim into ``dest``.
 
-
-def _measured_tables(digest: _Digest) -> list[str]:
-    lines = [
-        "## Measured quantities per layer",
-        "",
-        "N×d: keys × head dimension; β: the recorded scale 1/√d. Common: fixed points of the dense map D",
-        "(reached from the queries) that the sparse map S (α = 1.5) fixes too. Lipschitz ‖DT(ξ)‖₂ along the",
-        "trajectories of T from the queries: per-case medians (min / median / max over cases), the largest",
-        "value seen, and the median share below 1. Certificate: the global bound β L_α ‖K‖₂² (below 1 would",
-        "prove T a contraction everywhere; min / median / max). λ*: the Anderson-optimal extrapolation scale",
-        "1 − γ*, median of per-case medians. Direction: median share of starts where r = S − D points toward",
-        "the sparse fixed point / where ⟨r, S(ξ)⟩ > 0. Orth.: ‖e⊥‖/M at the limit of G (ζ = 0), median.",
-        "",
-    ]
-    for kind in digest.kinds:
-        rows = []
-        for (k, layer), acc in sorted(digest.measured.items(), key=lambda kv: _layer_order(kv[0][1])):
-            if k != kind:
-                continue
-            converged = sum(_finite(acc["dense_converged"]))
+    The verify report keeps at most a few per claim in its ``counterexamples`` folder (named, relative to
+    it, by the results that saved them); this keeps the trace ones beside the Markdown, replayable with
+    ``hopfield_aa.checks.replay_counterexample``. The ``.json``/``.safetensors`` files already in ``dest``
+    are removed first. Returns the Markdown rows (claim, setting, kind, where, verdict, margin, file).
+    """
+    found: dict[str, dict[str, tuple[float, dict[str, Any], CheckResult]]] = defaultdict(dict)
+    for case, r in case_results(doc):
+        for relpath in r.counterexamples:
+            source = report / relpath
+            if "trace" in case["data"] and source.is_file():
+                margin = _number(json.loads(source.read_text(encoding="utf-8"))["margin"])
+                found[r.claim][relpath] = (margin, case["data"], r)
+    dest.mkdir(parents=True, exist_ok=True)
+    for old in dest.iterdir():
+        if old.suffix in (".json", ".safetensors"):
+            old.unlink()
+    rows = []
+    for claim in sorted(found, key=claim_order):
+        worst = sorted(found[claim].items(), key=lambda item: item[1][0])[:per_claim]
+        for relpath, (margin, data, r) in worst:
+            source = report / relpath
+            record = json.loads(source.read_text(encoding="utf-8"))
+            shutil.copy2(source, dest / source.name)
+            shutil.copy2(source.parent / record["tensors"], dest / record["tensors"])
+            where = f"{short_layer(str(data['layer']))} step {data['step']} head {data['head']}"
             rows.append(
                 [
-                    short_layer(layer),
-                    f"{int(_number(acc['N'][0]))}×{int(_number(acc['d'][0]))}",
-                    f"{_number(acc['beta'][0]):.3f}",
-                    f"{sum(_finite(acc['dense_common'])):.0f}/{converged:.0f}",
-                    _lipschitz(acc, "D"),
-                    _lipschitz(acc, "S"),
-                    _spread3(acc["cert_D"]),
-                    _spread3(acc["cert_S"]),
-                    _fmt(_median(acc["lambda_star"])),
-                    f"{_median(acc['toward']):.0%} / {_median(acc['aligned']):.0%}",
-                    _fmt(_median(acc["orth_limit_ζ=0"])),
+                    claim,
+                    r.setting,
+                    str(data["kind"]),
+                    where,
+                    r.status,
+                    f"{margin:.3g}",
+                    f"`{_relative(dest / source.name)}`",
                 ]
             )
-        lines += [
-            f"### {kind}-attention",
-            "",
-            *_table(
-                (
-                    "layer",
-                    "N×d",
-                    "β",
-                    "common",
-                    "Lipschitz D",
-                    "Lipschitz S",
-                    "certificate D",
-                    "certificate S",
-                    "λ*",
-                    "direction",
-                    "orth.",
-                ),
-                rows,
-            ),
-            "",
-        ]
-    return lines
-
-
-def _lipschitz(acc: dict[str, list[Any]], tag: str) -> str:
-    largest = max(_finite(acc[f"lip_max_{tag}"]), default=math.nan)
-    return (
-        f"{_spread3(acc[f'lip_median_{tag}'])}; max {_fmt(largest)}; {_median(acc[f'lip_share_{tag}']):.0%}"
-    )
-
-
-def _pooled(digest: _Digest, kind: str, key: str) -> list[float]:
-    return [v for (k, _), acc in digest.measured.items() if k == kind for v in _finite(acc[key])]
-
-
-def _plain_language(digest: _Digest) -> list[str]:
-    """One paragraph per attention kind, every number computed from the results."""
-    out = []
-    for kind in digest.kinds:
-        held, failed, empty = [], [], []
-        all_cells = {(layer, b) for (k, layer, b) in digest.cases_in if k == kind}
-        for *_, label in CLAIM_COLUMNS:
-            if label.endswith("†") or (kind, label) not in digest.claims:
-                continue
-            tally, title = digest.claims[(kind, label)], digest.titles[label]
-            if tally.tried == 0:
-                empty.append(title)
-            elif tally.failing == 0:
-                held.append(f"{title} ({tally.passed}/{tally.tried})")
-            else:
-                cells = sorted(
-                    (layer, b)
-                    for (k, layer, b, lab), t in digest.cells.items()
-                    if k == kind and lab == label and t.failing
-                )
-                where = (
-                    "in every layer and step bucket"
-                    if set(cells) == all_cells
-                    else "at "
-                    + ", ".join(f"{short_layer(layer)} ({b})" for layer, b in cells[:4])
-                    + (f" and {len(cells) - 4} more cells" if len(cells) > 4 else "")
-                )
-                failed.append(
-                    f"{title}, {_pct(tally.passed, tally.tried)} of tries passing, {tally.failing} of "
-                    f"{tally.cases} head cases failing, {where}"
-                )
-        n_cases = sum(n for (k, *_), n in digest.cases_in.items() if k == kind)
-        layers = {layer for k, layer in digest.measured if k == kind}
-        text = f"**{kind}-attention** ({n_cases} head cases, {len(layers)} layers). "
-        text += f"Holds on every case: {'; '.join(held) if held else 'nothing'}. "
-        text += ("Fails: " + "; ".join(failed) + ". ") if failed else "No claim fails. "
-        if empty:
-            text += f"Applies to no state: {', '.join(empty)}. "
-        betas = sorted(set(_pooled(digest, kind, "beta")))
-        dims = sorted({int(x) for x in _pooled(digest, kind, "d")})
-        common, converged = (
-            sum(_pooled(digest, kind, "dense_common")),
-            sum(_pooled(digest, kind, "dense_converged")),
-        )
-        beta_text, dim_text = ", ".join(f"{b:.3f}" for b in betas), ", ".join(map(str, dims))
-        text += (
-            f"β takes the values {beta_text} (1/√d, d ∈ {{{dim_text}}}). "
-            f"Of {converged:.0f} fixed points the dense map reaches from the queries, {common:.0f} "
-            f"({common / converged if converged else math.nan:.1%}) are also fixed by the sparse map"
-        )
-        if converged and common == 0:
-            slopes = _pooled(digest, kind, "slope")
-            text += (
-                ": fixed-point preservation never applies, and at every dense fixed point guidance moves the "
-                "state linearly in λ (Remark 3.4"
-                + (f"; median distance per unit λ {_median(slopes):.3g} M" if slopes else "")
-                + "). "
-            )
-        else:
-            text += ". "
-        certs = _pooled(digest, kind, "cert_D") + _pooled(digest, kind, "cert_S")
-        if certs:
-            below = sum(c < 1 for c in certs)
-            lip_d = max(_pooled(digest, kind, "lip_max_D"), default=math.nan)
-            lip_s = max(_pooled(digest, kind, "lip_max_S"), default=math.nan)
-            ratio_d = max(_pooled(digest, kind, "max_ratio_D"), default=math.nan)
-            ratio_s = max(_pooled(digest, kind, "max_ratio_S"), default=math.nan)
-            text += (
-                f"The global contraction certificate β L_α ‖K‖₂² lies between {min(certs):.3g} and "
-                f"{max(certs):.3g} (below 1 in {below} of {len(certs)} case-map pairs)"
-                + (", so it never proves contraction here" if below == 0 else "")
-                + f"; the local Lipschitz constant along trajectories is at most {lip_d:.3g} for the dense "
-                f"map and {lip_s:.3g} for the sparse one (median share below 1: "
-                f"{_median(_pooled(digest, kind, 'lip_share_D')):.0%} and "
-                f"{_median(_pooled(digest, kind, 'lip_share_S')):.0%}); the largest ratio "
-                f"‖T(ξ) − ξ*‖ / ‖ξ − ξ*‖ at perturbed fixed points is {ratio_d:.3g} for the dense map and "
-                f"{ratio_s:.3g} for the sparse one (above 1: the weak-contraction counter-examples). "
-            )
-        limits = _pooled(digest, kind, "orth_limit_ζ=0")
-        if limits:
-            reached = _pooled(digest, kind, "orth_converged_ζ=0")
-            factor = _median(_pooled(digest, kind, "orth_rate_ζ=0"))
-            orth = digest.claims.get((kind, "orth. ζ=0"), _Tally())
-            if orth.failing == 0:
-                text += (
-                    f"The guided iteration ξ ↦ G(ξ) (ζ = 0, λ = 1) removes the orthogonal error (median "
-                    f"per-step factor {factor:.3g}). "
-                )
-            else:
-                text += (
-                    f"The guided iteration ξ ↦ G(ξ) (ζ = 0, λ = 1) reaches a limit from a median "
-                    f"{_median(reached):.0%} of starts per case (median per-step factor of ‖e⊥‖ "
-                    f"{factor:.3g}), but that limit is not the sparse fixed point plus a multiple of the "
-                    "reference direction: the error's part orthogonal to S(ξ_∞) stays at a median "
-                    f"{_median(limits):.3g} M (ζ = ½: "
-                    f"{_median(_pooled(digest, kind, 'orth_limit_ζ=½')):.3g} M, ζ = 1: "
-                    f"{_median(_pooled(digest, kind, 'orth_limit_ζ=1')):.3g} M), far above the tolerance. "
-                )
-        lam = _pooled(digest, kind, "lambda_star")
-        if lam:
-            text += (
-                f"The Anderson-optimal scale λ* has median {_median(lam):.3g} (per-case medians "
-                f"{min(lam):.3g} to {max(lam):.3g}). "
-            )
-        toward, aligned = _pooled(digest, kind, "toward"), _pooled(digest, kind, "aligned")
-        if toward and aligned:
-            text += (
-                "The residual r = S − D points toward the sparse fixed point in a median "
-                f"{_median(toward):.0%} of starts per case, and has ⟨r, S(ξ)⟩ > 0 in {_median(aligned):.0%}."
-            )
-        out += [text, ""]
-    return out
+    return rows
 
 
 def summarise(
@@ -864,7 +888,7 @@ def summarise(
     wall_seconds: float | None = None,
     counterexamples: Path | None = COUNTEREXAMPLES,
 ) -> str:
-    """The Markdown report of a ``verify`` run on traces: per attention kind, layer, step bucket and claim.
+    """The Markdown report of a ``verify`` run on traces: per claim, attention kind, layer and step bucket.
 
     Parameters
     ----------
@@ -876,7 +900,7 @@ def summarise(
     wall_seconds : float, optional
         Wall time of that command, measured outside it.
     counterexamples : Path or None
-        Where to keep one counter-example per failing (claim, setting, kind); None keeps none.
+        Where to keep the worst few counter-examples per claim; None keeps none.
 
     Returns
     -------
@@ -884,27 +908,32 @@ def summarise(
         The Markdown text.
     """
     doc = json.loads(results.read_text(encoding="utf-8"))
-    cases = [c for c in doc["cases"] if "trace" in c["data"]]
-    if not cases:
+    traces = [c["data"]["trace"] for c in doc["cases"] if "trace" in c["data"]]
+    if not traces:
         raise ValueError(f"{results}: no trace cases")
-    meta = _manifest_metadata(c["data"]["trace"] for c in cases)
+    meta = _manifest_metadata(traces)
     n_steps = next((int(m["num_inference_steps"]) for m in meta.values() if "num_inference_steps" in m), 20)
-    digest = _digest(cases, n_steps)
+    digest = _digest(doc, n_steps)
     lines = _header(doc, results, meta, digest)
     lines += ["## What it says", "", *_plain_language(digest)]
+    lines += _outside_premise(digest)
+    lines += _cell_tables(digest)
     if default_results is not None:
         lines += _default_run(default_results, wall_seconds)
-    lines += _pass_rate_tables(digest)
-    lines += _measured_tables(digest)
     if counterexamples is not None:
         rows = keep_counterexamples(doc, results.parent, counterexamples)
         lines += [
             "## Counter-examples kept",
             "",
-            "One per failing claim, setting and kind (the case with the worst margin); replay one with",
-            "`hopfield_aa.checks.replay_counterexample(path)`.",
+            f"At most {COUNTEREXAMPLES_KEPT} per claim, the most negative margins among those the verify run",
+            "kept (it saves states that met the premise and violate the statement); the verdict is that of",
+            "the result that saved it. Replay one with `hopfield_aa.checks.replay_counterexample(path)`.",
             "",
-            *(_table(("claim", "setting", "kind", "case", "margin", "file"), rows) if rows else ["None."]),
+            *(
+                _table(("claim", "setting", "kind", "where", "verdict", "margin", "file"), rows)
+                if rows
+                else ["None: no claim failed on the traces where its premise held."]
+            ),
             "",
         ]
     return "\n".join(lines)
@@ -958,11 +987,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--default-wall", type=float, default=None, help="wall time of the default verify (s)"
     )
     parser.add_argument("--md", type=Path, default=RESULTS_MD, help="Markdown output of --summarise")
+    parser.add_argument(
+        "--counterexamples",
+        type=Path,
+        default=COUNTEREXAMPLES,
+        help="folder where --summarise keeps the worst counter-examples per claim (its .json and "
+        ".safetensors files are replaced)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
     if args.summarise is not None:
-        text = summarise(args.summarise, args.default_results, args.default_wall)
+        text = summarise(args.summarise, args.default_results, args.default_wall, args.counterexamples)
         args.md.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.md.with_name(f".{args.md.name}.tmp")
         tmp.write_text(text, encoding="utf-8")

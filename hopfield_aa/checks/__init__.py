@@ -39,6 +39,7 @@ from hopfield_aa.checks.results import (
     CheckResult,
     CounterexampleStore,
     Replay,
+    case_results,
     replay_counterexample,
     save_counterexample,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "Replay",
     "VerifyConfig",
     "bundled_traces",
+    "case_results",
     "cases_from_traces",
     "check_bounded_update",
     "check_directional_consistency",

@@ -9,7 +9,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +203,22 @@ class CheckResult:
         if not with_series:
             out.pop("series")
         return _jsonable(out)
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> CheckResult:
+        """Inverse of :meth:`to_dict`: a result read back from results.json (NaN/inf decoded, ``pass_rate``
+        and other derived keys ignored; ``series`` empty when the file left it out)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in from_jsonable(dict(record)).items() if k in names})
+
+
+def case_results(doc: Mapping[str, Any]) -> list[tuple[dict[str, Any], CheckResult]]:
+    """Every result of a results.json document with the case it ran on, ``(case entry, result)``, in order.
+
+    The case entry is the document's own (``data``, ``label``, ``group``, ``form``, ``fixed_points``);
+    the result's ``counterexamples`` stay relative to the report folder.
+    """
+    return [(case, CheckResult.from_dict(r)) for case in doc.get("cases", []) for r in case["results"]]
 
 
 def status_of(n_premise: int, n_passed: int, kind: str = KIND_CLAIM) -> str:
