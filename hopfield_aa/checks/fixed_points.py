@@ -264,6 +264,7 @@ def solve_fixed_points(
         tol=1e-30,
         max_iter=max_iter,
         stability_check=True,
+        row_subsets=True,  # the map is row-wise: only the rows still iterating are evaluated
     )
     x = torch.as_tensor(result.x).to(dtype)
     return x, torch.linalg.vector_norm(g(x) - x, dim=-1), torch.as_tensor(result.n_iter)
@@ -355,6 +356,7 @@ def residual_curves(
             m=m,
             tol=1e-30,
             max_iter=max_iter,
+            row_subsets=True,
         )
         hist = torch.as_tensor(result.residual_norms) / scale
         out["plain" if m == 0 else f"AA({m})"] = hist.median(dim=-1).values.tolist()
