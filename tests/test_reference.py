@@ -400,3 +400,62 @@ def test_shipped_pipeline_is_small_loads_and_samples_deterministically() -> None
     a = generate(pipe, prompts, latents, num_inference_steps=4, guidance_scale=3.0)
     b = generate(pipe, prompts, latents, num_inference_steps=4, guidance_scale=3.0)
     assert a.shape == (2, 32, 32, 3) and np.array_equal(a, b) and np.isfinite(a).all()
+
+
+def test_a_termination_signal_stops_training_after_the_step_and_still_checkpoints(tmp_path) -> None:
+    import os
+    import signal
+
+    config = TrainConfig.from_dict(
+        {**TINY_TRAIN, "out_dir": str(tmp_path), "steps": 50, "checkpoint_minutes": 1e9}
+    )
+    trainer = Trainer(config)
+    step = trainer.train_step
+
+    def signalling_step() -> float:
+        value = step()
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` from a shell would
+        return value
+
+    trainer.train_step = signalling_step  # type: ignore[method-assign]
+    summary = trainer.train(progress=False)
+    assert summary["steps"] == 2
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone again
+
+
+def test_export_writes_the_checkpoints_ema_weights_as_a_half_precision_pipeline(tmp_path) -> None:
+    from hopfield_aa.cli import main
+
+    config = {**TINY_TRAIN, "out_dir": str(tmp_path / "run"), "steps": 2, "checkpoint_minutes": 1e9}
+    Trainer(TrainConfig.from_dict(config)).train(progress=False)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert (
+        main(
+            ["train-reference", "--config", str(tmp_path / "config.json"), "--export", str(tmp_path / "out")]
+        )
+        == 0
+    )
+    meta = json.loads((tmp_path / "out" / "reference_model.json").read_text())
+    assert meta["training"]["step"] == 2
+    unet = json.loads((tmp_path / "out" / "unet" / "config.json").read_text())
+    assert unet["block_out_channels"] == TINY_REFERENCE["unet_channels"]
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as fh:
+        assert fh.get_tensor(next(iter(fh.keys()))).dtype == torch.float16
+    assert (
+        main(
+            [
+                "train-reference",
+                "--config",
+                str(tmp_path / "config.json"),
+                "--out-dir",
+                str(tmp_path / "none"),
+                "--export",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )

@@ -31,7 +31,8 @@ def add_parsers(subparsers: Any) -> None:
             "Train the reference Stable-Diffusion-shaped pipeline on the procedural shapes dataset: first "
             "the AutoencoderKL, then the UNet and the CLIP text encoder on its latents. Resumes from "
             "OUT_DIR/checkpoint when present; writes checkpoints, the EMA pipeline (OUT_DIR/ema, and "
-            "OUT_DIR/final in float16 at the end) and the loss curves (OUT_DIR/loss.png)."
+            "OUT_DIR/final in float16 at the end) and the loss curves (OUT_DIR/loss.png). SIGTERM or Ctrl-C "
+            "stops after the current step and still writes the checkpoint."
         ),
         epilog=f"Example: hopfield-aa train-reference --config {DEFAULT_CONFIG} --max-minutes 60",
         formatter_class=defaults,
@@ -42,6 +43,12 @@ def add_parsers(subparsers: Any) -> None:
     train.add_argument("--max-minutes", type=float, default=None, help="override the config's time limit")
     train.add_argument("--no-resume", action="store_true", help="start fresh even if a checkpoint exists")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--export",
+        default=None,
+        metavar="DIR",
+        help="do not train: write the latest checkpoint's EMA weights to DIR as a float16 pipeline",
+    )
     train.set_defaults(func=_run_train)
 
     sample = subparsers.add_parser(
@@ -84,6 +91,15 @@ def _run_train(args: argparse.Namespace) -> int:
         config = TrainConfig.from_dict(data)
     except ValueError as err:
         raise UsageError(f"--config {args.config}: {err}") from err
+    if args.export is not None:
+        from hopfield_aa.reference.train import export_checkpoint
+
+        try:
+            out = export_checkpoint(config.out_dir, args.export)
+        except FileNotFoundError as err:
+            raise UsageError(f"--export: {err}") from None
+        print(f"wrote {out}")
+        return 0
     summary = train_reference(config, resume=not args.no_resume, progress=not args.quiet)
     print(
         f"trained {summary['steps']} steps ({summary['seconds_per_step']:.3f} s/step this run), "

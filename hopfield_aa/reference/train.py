@@ -366,16 +366,18 @@ class Trainer:
         last_save = time.monotonic()
         first_step = self.step
         bar = tqdm(total=cfg.steps, initial=self.step, desc="denoiser", disable=not progress)
-        while self.step < cfg.steps:
-            self.train_step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{_tail_mean(self.losses, 50):.4f}")
-            now = time.monotonic()
-            if (now - last_save) / 60.0 >= cfg.checkpoint_minutes:
-                self.save_checkpoint()
-                last_save = now
-            if cfg.max_minutes > 0 and (now - start) / 60.0 >= cfg.max_minutes:
-                break
+        stop = _StopRequest()
+        with stop:
+            while self.step < cfg.steps and not stop.requested:
+                self.train_step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{_tail_mean(self.losses, 50):.4f}")
+                now = time.monotonic()
+                if (now - last_save) / 60.0 >= cfg.checkpoint_minutes:
+                    self.save_checkpoint()
+                    last_save = now
+                if cfg.max_minutes > 0 and (now - start) / 60.0 >= cfg.max_minutes:
+                    break
         bar.close()
         elapsed = time.monotonic() - start
         self.save_checkpoint()
@@ -389,6 +391,51 @@ class Trainer:
             "n_parameters": self.n_parameters,
             "final": str(final),
         }
+
+
+class _StopRequest:
+    """While active, SIGTERM and SIGINT ask the training loop to stop after the current step (which then
+    writes its checkpoint and final export) instead of killing it mid-write; a second signal kills."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _StopRequest:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def export_checkpoint(out_dir: str | os.PathLike[str], target: str | os.PathLike[str]) -> Path:
+    """Write the EMA weights of ``out_dir``'s latest checkpoint as a float16 pipeline folder ``target``
+    (what the package ships), without training."""
+    folder = Path(out_dir)
+    state = folder / "checkpoint" / "state.json"
+    if not state.is_file():
+        raise FileNotFoundError(f"no checkpoint to export: {state} is missing")
+    config = TrainConfig.from_dict(
+        {**json.loads(state.read_text(encoding="utf-8"))["config"], "out_dir": str(folder)}
+    )
+    trainer = Trainer(config)
+    trainer.train_vae(progress=False)  # loads the finished autoencoder
+    trainer.load_checkpoint()
+    return trainer.export_ema(target, half=True)
 
 
 def _read_losses(path: Path) -> list[float]:
@@ -422,4 +469,12 @@ def train_reference(config: TrainConfig, resume: bool = True, progress: bool = T
     return summary
 
 
-__all__ = ["TrainConfig", "Trainer", "load_config", "plot_losses", "to_pixels", "train_reference"]
+__all__ = [
+    "TrainConfig",
+    "Trainer",
+    "export_checkpoint",
+    "load_config",
+    "plot_losses",
+    "to_pixels",
+    "train_reference",
+]
