@@ -95,12 +95,17 @@ def test_capture_into_an_existing_capture_names_the_flag(
     assert "pass --overwrite" in capsys.readouterr().err
 
 
-def test_capture_reference_model_missing_says_so(prompts, tmp_path, monkeypatch):
+def test_capture_reference_model_missing_says_so(prompts, tmp_path, monkeypatch, capsys):
     import hopfield_aa.reference.pipeline as reference_pipeline
 
     monkeypatch.setattr(reference_pipeline, "BUNDLED_PIPELINE", tmp_path / "nowhere")
-    with pytest.raises(SystemExit, match=r"model_index\.json"):
-        main(["capture", "--model", "reference", "--prompts", str(prompts), "--out", str(tmp_path / "x")])
+    argv = ["capture", "--model", "reference", "--prompts", str(prompts), "--out", str(tmp_path / "x")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hopfield-aa capture: error: --model reference: no reference pipeline at ")
+    assert "model_index.json" in err and len(err.strip().splitlines()) == 1
+    assert main([*argv[:2], str(tmp_path), *argv[3:]]) == 2
+    assert "is neither 'reference' nor a diffusers pipeline directory" in capsys.readouterr().err
 
 
 def test_capture_help_has_an_example(capsys):
@@ -111,10 +116,16 @@ def test_capture_help_has_an_example(capsys):
     assert "hopfield-aa capture --model" in text and "--max-query-tokens" in text
 
 
-def test_capture_bad_arguments_exit_2(prompts, tmp_path):
+def test_capture_bad_arguments_exit_2(prompts, tmp_path, capsys):
     base = ["capture", "--model", str(tmp_path), "--out", str(tmp_path / "o")]
-    assert main([*base, "--prompts", str(tmp_path / "none.txt")]) == 2
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    assert main([*base, "--prompts", str(empty)]) == 2
-    assert main([*base, "--prompts", str(prompts), "--max-query-tokens", "0"]) == 2
+    for extra, message in (
+        (["--prompts", str(tmp_path / "none.txt")], "none.txt: no such file"),
+        (["--prompts", str(empty)], "holds no prompts"),
+        (["--prompts", str(prompts), "--max-query-tokens", "0"], "max_query_tokens"),
+    ):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("hopfield-aa capture: error: ") and message in err, err
+        assert len(err.strip().splitlines()) <= 2

@@ -76,6 +76,14 @@ def add_parsers(subparsers: Any) -> None:
         action="store_true",
         help="keep every counter-example the checks save (default: the 5 worst per claim)",
     )
+    verify.add_argument(
+        "--dask",
+        default=None,
+        metavar="ADDRESS|local[:N]",
+        help="run the cases as Dask tasks: 'local:N' starts a LocalCluster of N one-thread workers ('local': "
+        "one per CPU core), an address (tcp://host:8786) connects to a running scheduler; same report as "
+        "the serial run (needs the [dask] extra; default: in this process)",
+    )
     verify.add_argument("--no-progress", action="store_true", help="no progress bar")
     verify.set_defaults(func=run_verify)
 
@@ -100,6 +108,8 @@ def run_verify(args: argparse.Namespace) -> int:
     """Run ``verify``: 0 whatever the claims' outcome, 2 on bad input (other errors propagate)."""
     import torch
 
+    from hopfield_aa._errors import UsageError
+    from hopfield_aa.checks.cluster import DaskError, parse_dask
     from hopfield_aa.checks.report import (
         COUNTEREXAMPLES_PER_CLAIM,
         VerifyConfig,
@@ -118,6 +128,11 @@ def run_verify(args: argparse.Namespace) -> int:
         claims = parse_claims(args.claims)
     except ValueError as exc:
         return _fail(str(exc))
+    if args.dask is not None:
+        try:
+            parse_dask(args.dask)
+        except DaskError as exc:
+            raise UsageError(f"--dask {args.dask}: {exc}") from exc
     if args.states is not None and args.states < 1:
         return _fail(f"--states must be >= 1, got {args.states}")
     traces: str | None
@@ -151,9 +166,13 @@ def run_verify(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         dtype=args.dtype,
         max_counterexamples=None if args.all_counterexamples else COUNTEREXAMPLES_PER_CLAIM,
+        dask=args.dask,
     )
     start = time.perf_counter()
-    doc = run_verification(config, args.out)
+    try:
+        doc = run_verification(config, args.out)
+    except DaskError as exc:
+        raise UsageError(f"--dask {args.dask}: {exc}") from exc
     figures = write_report(doc, args.out)
     print(first_screen(doc["summary"]))
     print()

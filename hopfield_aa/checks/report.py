@@ -84,7 +84,9 @@ class VerifyConfig:
 
     ``dtype`` is the compute dtype of every check (float16/bfloat16: maps evaluated in that type, solvers
     and eigenvalues in float32; tolerances from that dtype's epsilon). ``max_counterexamples`` caps the
-    counter-examples kept per claim over the whole run (None: keep every one the checks save).
+    counter-examples kept per claim over the whole run (None: keep every one the checks save). ``dask``
+    runs the cases on a Dask cluster: ``"local"``, ``"local:N"`` (a ``LocalCluster`` of N one-thread
+    workers) or a scheduler address (None: in this process).
     """
 
     quick: bool = False
@@ -97,6 +99,7 @@ class VerifyConfig:
     progress: bool = True
     dtype: str = "float64"
     max_counterexamples: int | None = COUNTEREXAMPLES_PER_CLAIM
+    dask: str | None = None
 
 
 @dataclass
@@ -116,39 +119,11 @@ def _group(case: Case) -> str:
     return f"trace:{case.data.get('kind')}"
 
 
-def run_verification(config: VerifyConfig, out: str | os.PathLike[str]) -> dict[str, Any]:
-    """Run the selected claims on the selected data and return the results document (results.json).
-
-    Counter-examples are written to ``out/counterexamples`` as they are found, at most
-    ``config.max_counterexamples`` per claim (the most negative margins).
-    """
-    start = time.perf_counter()
-    if config.dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
-    dtype = DTYPES[config.dtype]
-    out = Path(out)
-    store = CounterexampleStore(out / "counterexamples", config.max_counterexamples)
-    cases: list[Case] = []
-    for name in config.families:
-        cases.extend(
-            make_family(name, config.seed, quick=config.quick, n_states=config.n_states, dtype=dtype)
-        )
-    n_synthetic = len(cases)
-    traces_note = "none"
-    if config.traces is not None:
-        trace_cases = cases_from_traces(
-            config.traces,
-            max_records=(4 if config.quick else config.max_records),
-            max_heads=(1 if config.quick else 2),
-            max_states=(config.n_states or (12 if config.quick else 32)),
-            dtype=dtype,
-        )
-        cases.extend(trace_cases)
-        traces_note = f"{config.traces} ({len(trace_cases)} head cases)"
-    selected = [KEYS[key] for key in config.claims]
-    runners = [claim for claim in selected if claim.run is not None]
+def _run_serial(
+    cases: Sequence[Case], runners: Sequence[Any], store: CounterexampleStore, progress: bool
+) -> list[CaseOutcome]:
     outcomes: list[CaseOutcome] = []
-    bar = tqdm(cases, desc="verify", unit="case", disable=not config.progress, leave=False)
+    bar = tqdm(cases, desc="verify", unit="case", disable=not progress, leave=False)
     for case in bar:
         bar.set_postfix_str(case.label[:40])
         t0 = time.perf_counter()
@@ -159,6 +134,91 @@ def run_verification(config: VerifyConfig, out: str | os.PathLike[str]) -> dict[
             results.extend(claim.run(case, fp, store))
         outcomes.append(CaseOutcome(case, _group(case), results, fp.summary(), time.perf_counter() - t0))
     bar.close()
+    return outcomes
+
+
+def _run_dask(
+    config: VerifyConfig,
+    client: Any,
+    synthetic: Sequence[Case],
+    max_records: int | None,
+    trace_options: dict[str, Any],
+    runners: Sequence[Any],
+    store: CounterexampleStore,
+) -> tuple[list[CaseOutcome], str]:
+    """The cases as Dask tasks (:mod:`hopfield_aa.checks.cluster`); the outcomes in the serial order."""
+    from hopfield_aa.checks.cluster import connect, run_on_dask
+    from hopfield_aa.checks.traces import selected_records
+
+    records = [] if config.traces is None else selected_records(config.traces, max_records)
+    close = None
+    if client is None:
+        assert config.dask is not None
+        client, close, executor = connect(config.dask)
+    else:
+        executor = f"dask client {client!r}"
+    try:
+        rows = run_on_dask(
+            client,
+            synthetic,
+            records,
+            claim_keys=[claim.key for claim in runners],
+            trace_options=trace_options,
+            store=store,
+            progress=config.progress,
+        )
+    finally:
+        if close is not None:
+            close()
+    outcomes = [CaseOutcome(case, _group(case), results, fp, seconds) for case, results, fp, seconds in rows]
+    return outcomes, executor
+
+
+def run_verification(
+    config: VerifyConfig, out: str | os.PathLike[str], *, client: Any = None
+) -> dict[str, Any]:
+    """Run the selected claims on the selected data and return the results document (results.json).
+
+    Counter-examples are written to ``out/counterexamples`` as they are found, at most
+    ``config.max_counterexamples`` per claim (the most negative margins).
+
+    With ``config.dask`` (``"local"``, ``"local:N"`` or a scheduler address) or an open
+    ``distributed.Client`` as ``client``, every synthetic case and every selected trace record is a Dask
+    task and the document is the serial run's apart from timings and ``environment["executor"]``
+    (:mod:`hopfield_aa.checks.cluster`; raises its ``DaskError`` when Dask cannot be used).
+    """
+    start = time.perf_counter()
+    if config.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
+    dtype = DTYPES[config.dtype]
+    out = Path(out)
+    store = CounterexampleStore(out / "counterexamples", config.max_counterexamples)
+    synthetic: list[Case] = []
+    for name in config.families:
+        synthetic.extend(
+            make_family(name, config.seed, quick=config.quick, n_states=config.n_states, dtype=dtype)
+        )
+    n_synthetic = len(synthetic)
+    trace_options: dict[str, Any] = {
+        "max_heads": (1 if config.quick else 2),
+        "max_states": (config.n_states or (12 if config.quick else 32)),
+        "dtype": dtype,
+    }
+    max_records = 4 if config.quick else config.max_records
+    selected = [KEYS[key] for key in config.claims]
+    runners = [claim for claim in selected if claim.run is not None]
+    executor = "serial"
+    if config.dask is None and client is None:
+        cases = list(synthetic)
+        if config.traces is not None:
+            cases.extend(cases_from_traces(config.traces, max_records=max_records, **trace_options))
+        outcomes = _run_serial(cases, runners, store, config.progress)
+    else:
+        outcomes, executor = _run_dask(config, client, synthetic, max_records, trace_options, runners, store)
+        cases = [o.case for o in outcomes]
+    traces_note = "none"
+    if config.traces is not None:
+        traces_note = f"{config.traces} ({len(cases) - n_synthetic} head cases)"
     # counter-examples displaced by worse ones of the same claim are gone: drop their paths
     kept = store.paths()
     for outcome in outcomes:
@@ -194,6 +254,7 @@ def run_verification(config: VerifyConfig, out: str | os.PathLike[str]) -> dict[
             "threads": torch.get_num_threads(),
             "machine": platform.machine(),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "executor": executor,
         },
         "registry": {
             claim.name: {

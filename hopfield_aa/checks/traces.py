@@ -8,10 +8,14 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from hopfield_aa.checks.results import FORM_TRACE, Case
+
+if TYPE_CHECKING:
+    from hopfield_aa.traces.loader import TraceSet
 
 BUNDLED_TRACES = Path(__file__).resolve().parent.parent / "data" / "traces"
 
@@ -84,12 +88,39 @@ def cases_from_traces(
     from hopfield_aa.traces.loader import TraceSet
 
     cases: list[Case] = []
-    for directory in capture_dirs(path):
-        traces = TraceSet(directory)
-        order = sorted(range(len(traces)), key=lambda i: _entry_key(traces.entries[i]))
-        for index in (order[i] for i in _spread(len(order), max_records)):
-            cases.extend(_record_cases(traces[index], directory, max_heads, max_states, dtype))
+    opened: dict[Path, TraceSet] = {}
+    for directory, index in selected_records(path, max_records):
+        if directory not in opened:
+            opened[directory] = TraceSet(directory)
+        traces = opened[directory]
+        cases.extend(_record_cases(traces[index], directory, max_heads, max_states, dtype))
     return cases
+
+
+def selected_records(path: str | os.PathLike[str], max_records: int | None = 12) -> list[tuple[Path, int]]:
+    """The records :func:`cases_from_traces` reads, in its order: ``(capture directory, record index)``
+    pairs, ``max_records`` per capture spread over its (kind, layer, step) order (only manifests are read)."""
+    from hopfield_aa.traces.loader import TraceSet
+
+    out: list[tuple[Path, int]] = []
+    for directory in capture_dirs(path):
+        entries = TraceSet(directory).entries
+        order = sorted(range(len(entries)), key=lambda i: _entry_key(entries[i]))
+        out.extend((directory, order[i]) for i in _spread(len(order), max_records))
+    return out
+
+
+def record_cases(
+    traces: TraceSet,
+    index: int,
+    *,
+    max_heads: int = 2,
+    max_states: int = 32,
+    dtype: torch.dtype = torch.float64,
+) -> list[Case]:
+    """The cases of record ``index`` of an open :class:`~hopfield_aa.traces.TraceSet` (one per kept head),
+    exactly as :func:`cases_from_traces` builds them: the unit of work of a distributed ``verify``."""
+    return list(_record_cases(traces[index], traces.path, max_heads, max_states, dtype))
 
 
 def _entry_key(entry: object) -> tuple[str, str, int, int]:

@@ -2,7 +2,7 @@
 manifest, load and validate them, and read each head as Hopfield retrieval (memory = K, states = Q,
 β = scale).
 
-From a record to the Hopfield quantities the checks use (THEORY.md §2)::
+From a record to the Hopfield quantities the checks use (papers/theory.md §2)::
 
     from hopfield_aa.traces import TraceSet
     for record in TraceSet("traces/", kinds=["cross"]):
@@ -14,6 +14,7 @@ from hopfield_aa.traces.capture import TraceCapture, capture, capture_pipeline, 
 from hopfield_aa.traces.estimate import CallShape, CaptureEstimate, attention_call_shapes, estimate_capture
 from hopfield_aa.traces.format import FORMAT_VERSION, MANIFEST_NAME, TraceFormatError
 from hopfield_aa.traces.loader import TraceSet
+from hopfield_aa.traces.ranks import merge_ranks, rank_directory
 from hopfield_aa.traces.record import HopfieldHead, TraceRecord
 from hopfield_aa.traces.selection import Selection
 
@@ -33,5 +34,7 @@ __all__ = [
     "capture_pipeline",
     "config_hash",
     "estimate_capture",
+    "merge_ranks",
+    "rank_directory",
     "run_metadata",
 ]

@@ -96,6 +96,8 @@ class TraceCapture:
         Replace an existing capture in ``directory``.
     on_shard : callable, optional
         ``on_shard(n_shards, file_name)`` after each shard is committed to the manifest.
+    key_prefix : str, default ""
+        Prefix of the record keys (a split capture gives each rank its own; see :mod:`.ranks`).
 
     Examples
     --------
@@ -124,6 +126,7 @@ class TraceCapture:
         metadata: Mapping[str, Any] | None = None,
         overwrite: bool = False,
         on_shard: Callable[[int, str], None] | None = None,
+        key_prefix: str = "",
     ) -> None:
         self.model = resolve_model(model)
         self.directory = directory
@@ -134,6 +137,7 @@ class TraceCapture:
         self.shard_bytes = shard_bytes
         self.overwrite = overwrite
         self.on_shard = on_shard
+        self.key_prefix = key_prefix
         extra = dict(metadata or {})
         extra["storage_dtype"] = None if self.dtype is None else dtype_name(self.dtype)
         if model is not self.model:
@@ -193,6 +197,7 @@ class TraceCapture:
             shard_bytes=self.shard_bytes,
             overwrite=self.overwrite,
             on_shard=self.on_shard,
+            key_prefix=self.key_prefix,
         )
         for name, module, processor, recording in targets:
             new = recording(name, self)
@@ -372,8 +377,14 @@ def capture_pipeline(
     progress: bool = True,
     on_shard: Callable[[int, str], None] | None = None,
     metadata: Mapping[str, Any] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> TraceCapture:
     """Run ``pipe`` on each prompt (prompt ``i`` with seed ``seed + i``) under one capture.
+
+    Split across ``world_size`` processes, rank ``rank`` runs prompts ``i`` with ``i % world_size == rank``
+    (same ids and seeds as a single-process run) into ``directory/rank-<rank>/``; once every rank is
+    done, :func:`hopfield_aa.traces.merge_ranks` writes ``directory/manifest.json`` over all of them.
 
     Parameters
     ----------
@@ -396,6 +407,8 @@ def capture_pipeline(
     metadata : Mapping, optional
         Extra JSON-serialisable run metadata for the manifest (e.g. the weights' identity); the prompts,
         seed, step count and scalar pipeline arguments are always recorded.
+    rank, world_size : int, default 0 and 1
+        This process's share of the prompts (see above); ``world_size=1`` writes into ``directory``.
 
     Returns
     -------
@@ -404,6 +417,9 @@ def capture_pipeline(
     """
     from tqdm.auto import tqdm
 
+    from hopfield_aa.traces.ranks import prepare_rank
+
+    directory, prompt_ids, rank_info = prepare_rank(directory, len(prompts), rank, world_size, overwrite)
     extra = dict(pipeline_kwargs or {})
     cap = TraceCapture(
         pipe,
@@ -418,13 +434,14 @@ def capture_pipeline(
             "seed": seed,
             "num_inference_steps": num_inference_steps,
             "pipeline_kwargs": {k: v for k, v in extra.items() if isinstance(v, (int, float, str, bool))},
+            **rank_info,
             **dict(metadata or {}),
         },
+        key_prefix=f"rank{rank}_" if world_size > 1 else "",
     )
     with cap:
-        for prompt_id, prompt in enumerate(
-            tqdm(prompts, desc="capture", unit="prompt", disable=not progress)
-        ):
+        for prompt_id in tqdm(prompt_ids, desc="capture", unit="prompt", disable=not progress):
+            prompt = prompts[prompt_id]
             run_seed = seed + prompt_id
             cap.begin_run(prompt_id=prompt_id, seed=run_seed, prompt=prompt, steps=num_inference_steps)
             generator = torch.Generator(device="cpu").manual_seed(run_seed)

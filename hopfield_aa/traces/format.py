@@ -33,6 +33,8 @@ FORMAT_NAME = "hopfield_aa.traces"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = re.compile(r"^shard-(\d{6})\.safetensors$")
+# A merged capture (:func:`hopfield_aa.traces.ranks.merge_ranks`) lists the shards of its ranks in place.
+RANK_SHARD_PATTERN = re.compile(r"^rank-(\d+)/shard-(\d{6})\.safetensors$")
 TEMP_PREFIX = ".tmp-"
 
 KINDS = ("self", "cross", "joint")
@@ -162,6 +164,9 @@ class ShardWriter:
     on_shard : callable, optional
         Called as ``on_shard(n_shards, file_name)`` after each shard and the manifest listing it are
         both on disk.
+    key_prefix : str, default ""
+        Prepended to every record key (``rank1_r000000``): the ranks of a split capture use distinct
+        prefixes so that their manifests merge without renaming a tensor.
 
     Examples
     --------
@@ -181,6 +186,7 @@ class ShardWriter:
         shard_bytes: int = 64 * 2**20,
         overwrite: bool = False,
         on_shard: Callable[[int, str], None] | None = None,
+        key_prefix: str = "",
     ) -> None:
         if shard_bytes <= 0:
             raise ValueError(f"shard_bytes must be > 0, got {shard_bytes}")
@@ -189,6 +195,9 @@ class ShardWriter:
         self._clear_existing(overwrite)
         self.shard_bytes = int(shard_bytes)
         self.on_shard = on_shard
+        if key_prefix and not key_prefix.isidentifier():
+            raise ValueError(f"key_prefix must be empty or an identifier, got {key_prefix!r}")
+        self.key_prefix = key_prefix
         self._manifest: dict[str, Any] = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -235,8 +244,8 @@ class ShardWriter:
         return self._pending_bytes
 
     def next_key(self) -> str:
-        """The key the next record will get (``r000000``, ``r000001``, ...)."""
-        return f"r{self._n_records:06d}"
+        """The key the next record will get (``r000000``, ``r000001``, ... after the ``key_prefix``)."""
+        return f"{self.key_prefix}r{self._n_records:06d}"
 
     def add_run(self, run: Mapping[str, Any]) -> None:
         """Append a run description (prompt id, seed, ...) to the manifest's ``runs``."""

@@ -24,6 +24,7 @@ from hopfield_aa.traces.format import (
     KINDS,
     MANIFEST_NAME,
     OPTIONAL_TENSOR_NAMES,
+    RANK_SHARD_PATTERN,
     RECORD_FIELDS,
     SHARD_PATTERN,
     TENSOR_NAMES,
@@ -95,9 +96,11 @@ class _ManifestChecker:
             if name not in shard:
                 raise self.fail(f"{where}.{name}", "missing")
         file = shard["file"]
-        if not isinstance(file, str) or not SHARD_PATTERN.match(file):
+        if not isinstance(file, str) or not (SHARD_PATTERN.match(file) or RANK_SHARD_PATTERN.match(file)):
             raise self.fail(
-                f"{where}.file", f"must be a shard name like shard-000000.safetensors, got {file!r}"
+                f"{where}.file",
+                "must be a shard name like shard-000000.safetensors (rank-0/shard-000000.safetensors in a "
+                f"merged capture), got {file!r}",
             )
         if file in files:
             raise self.fail(f"{where}.file", f"{file} listed twice")
