@@ -1,5 +1,5 @@
 """The geometry of attention-space guidance: the residual's decomposition, the norm cap, GAG, extrapolation,
-and the correspondence between extrapolation and a depth-1 Anderson step (THEORY.md §3–4).
+and the correspondence between extrapolation and a depth-1 Anderson step (papers/theory.md §5 and §8).
 
 Every rule acts on the last axis (one vector per attention head and query token) and broadcasts over
 the leading ones. Results have the first argument's kind (NumPy or torch) and the dtype all array
@@ -183,7 +183,7 @@ def decompose(residual: ArrayLike, reference: ArrayLike, dim: int = -1) -> tuple
     .. math::
         r_\parallel = \frac{\langle r, u\rangle}{\lVert u\rVert^2}\,u, \qquad r_\perp = r - r_\parallel
 
-    (THEORY.md §3, Def. 3.5). When ``‖u‖`` is below ``16 · eps · max(|u|_∞, |r|_∞)`` the reference is
+    (papers/theory.md §8, Def 3.5). When ``‖u‖`` is below ``16 · eps · max(|u|_∞, |r|_∞)`` the reference is
     treated as zero and ``r_∥ = 0`` by convention, so the result is always finite.
 
     Parameters
@@ -241,7 +241,7 @@ def extrapolate(dense: ArrayLike, sparse: ArrayLike, scale: float) -> ArrayLike:
 
     ``scale = 0`` returns ``dense``, ``scale = 1`` returns ``sparse``; ``scale > 1`` extrapolates past the
     sparse retrieval. By :func:`aa1_gamma` this is a depth-1 Anderson step with ``γ = 1 - λ``
-    (THEORY.md §4, "extrapolation is AA(1)").
+    (papers/theory.md §5, "extrapolation is AA(1)").
 
     Examples
     --------
@@ -269,7 +269,7 @@ def gag(
     reference: Reference | ArrayLike = "sparse",
     state: ArrayLike | None = None,
 ) -> ArrayLike:
-    r"""Geometry-Aware Attention Guidance (THEORY.md §3).
+    r"""Geometry-Aware Attention Guidance (papers/theory.md §8).
 
     .. math::
         G = S + \lambda\,\bigl(\mathrm{clip}_\eta(r_\parallel) + \zeta\, r_\perp\bigr), \qquad r = S - D,
@@ -341,7 +341,7 @@ def aa1_gamma(scale: float) -> float:
 
     With map values ``g_{k-1} = D(ξ)``, ``g_k = S(ξ)`` at a common iterate ξ, the AA(1) step
     ``g_k - γ (g_k - g_{k-1})`` equals :func:`extrapolate` ``(D, S, λ)`` exactly when ``γ = 1 - λ``
-    (THEORY.md §4). Extrapolation past the sparse retrieval (λ > 1) is a negative γ.
+    (papers/theory.md §5). Extrapolation past the sparse retrieval (λ > 1) is a negative γ.
 
     >>> aa1_gamma(2.5)
     -1.5
@@ -386,7 +386,7 @@ def anderson_optimal_scale(state: ArrayLike, dense: ArrayLike, sparse: ArrayLike
 def ladder_extrapolate(
     retrievals: Sequence[ArrayLike], scale: float, *, regularization: float = 0.0
 ) -> ArrayLike:
-    r"""Anderson-mixed α-ladder guidance: the deeper AA(m) rule of THEORY.md §4.
+    r"""Anderson-mixed α-ladder guidance: the deeper AA(m) rule of papers/theory.md §12.
 
     ``retrievals`` are the outputs ``y_0 = D, y_1, …, y_m`` of one retrieval at increasing α (e.g.
     α = 1, 1.25, 1.5, 2). They are read as successive iterates of a sparsifying map, ``y_{i+1} = F(y_i)``:

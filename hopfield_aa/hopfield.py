@@ -1,4 +1,4 @@
-"""Modern Hopfield retrieval, dense and generalised sparse (THEORY.md §2): energies, the retrieval map T_α,
+"""Modern Hopfield retrieval, dense and generalised sparse (papers/theory.md §2): energies, the retrieval map T_α,
 attention as one hetero-associative retrieval step, iteration to a fixed point, Jacobians and Lipschitz
 estimates.
 
@@ -167,7 +167,7 @@ def energy(state: ArrayLike, patterns: ArrayLike, beta: float, alpha: float = 1.
     .. math:: E_\alpha(\xi) = -\tfrac{1}{\beta}\,\Psi^*_\alpha(\beta X\xi) + \tfrac12\lVert\xi\rVert^2
 
     (constants dropped). Its gradient is ``ξ − T_α(ξ)``, so fixed points of ``T_α`` are its stationary
-    points, and ``E_α(T_α(ξ)) ≤ E_α(ξ) − ½‖T_α(ξ) − ξ‖²`` (energy descent, THEORY.md §2).
+    points, and ``E_α(T_α(ξ)) ≤ E_α(ξ) − ½‖T_α(ξ) − ξ‖²`` (energy descent, papers/theory.md §3).
 
     Returns
     -------
@@ -272,7 +272,7 @@ def local_lipschitz(state: ArrayLike, patterns: ArrayLike, beta: float, alpha: f
 def lipschitz_bound(
     patterns: ArrayLike, beta: float, alpha: float = 1.0, *, state: ArrayLike | None = None
 ) -> ArrayLike:
-    r"""Certified upper bounds on the Lipschitz constant of ``T_α`` (THEORY.md §2).
+    r"""Certified upper bounds on the Lipschitz constant of ``T_α`` (papers/theory.md §4).
 
     Without ``state``: the global bound ``β L_α ‖X‖₂²`` with the proven ``L_α`` (½ for softmax, 1 for
     α ∈ (1, 2]); for α > 2 no finite global bound is proven and ``inf`` is returned. With ``state``: the

@@ -174,17 +174,23 @@ def plot_common_vs_beta(data: Sequence[Mapping[str, Any]], path: Path) -> str | 
     share = np.asarray([p["common_share"] for p in data], dtype=float)
     non_common = np.asarray([p["dense_non_common"] for p in data], dtype=float)
     states = np.asarray([max(1, p["states"]) for p in data], dtype=float)
-    fig, ax = plt.subplots(figsize=(5.4, 3.8))
-    ax.semilogx(beta, share, marker="o", label="common share (dense + sparse limits)")
+    fig, ax = plt.subplots(figsize=(5.6, 4.4))
     ax.semilogx(
-        beta, non_common / states, marker="s", ls="--", label="non-common dense fixed points / states"
+        beta, share, marker="o", label="limits that are fixed points of both maps (share of all limits)"
+    )
+    ax.semilogx(
+        beta,
+        non_common / states,
+        marker="s",
+        ls="--",
+        label="states whose dense limit is not a sparse fixed point (share of states)",
     )
     ax.set_xlabel("inverse temperature β (log)")
     ax.set_ylabel("share")
     ax.set_ylim(-0.05, 1.05)
-    ax.set_title("Common fixed points appear once softmax saturates", fontsize=10)
+    ax.set_title("Fixed points common to the dense (α=1) and sparse maps, by β", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     return _save(fig, path)
 
 
@@ -201,19 +207,44 @@ def plot_ladder(data: Mapping[str, Mapping[str, Any]], path: Path, limit: int = 
     items = items[:limit]
     if not items:
         return None
-    fig, ax = plt.subplots(figsize=(6.2, 4.0))
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(8.6, 4.0))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    cases = []
     for colour, (label, series) in zip(colours, items, strict=False):
         scales = series["scales"]
-        ax.semilogy(
-            scales, _positive(series["ladder"]), color=colour, lw=1.8, marker="o", label=f"ladder: {label}"
-        )
+        ax.semilogy(scales, _positive(series["ladder"]), color=colour, lw=1.8, marker="o")
         ax.semilogy(scales, _positive(series["plain"]), color=colour, lw=1.0, ls="--", marker="x")
+        cases.append(Line2D([], [], color=colour, lw=3, label=label))
     ax.set_xlabel("guidance scale λ")
     ax.set_ylabel("median ‖output − ξ*_S‖ / M")
-    ax.set_title("α-ladder AA (solid) vs plain extrapolation (dashed)", fontsize=10)
+    ax.set_title("Distance to the sparse fixed point, by rule and case", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    # two legends beside the axes, never over the data: the line styles (rules), then the colours (cases)
+    rules = [
+        Line2D([], [], color="0.25", lw=1.8, marker="o", label="α-ladder AA  L_λ (solid)"),
+        Line2D([], [], color="0.25", lw=1.0, ls="--", marker="x", label="plain extrapolation  P_λ (dashed)"),
+    ]
+    first = ax.legend(
+        handles=rules,
+        title="rule",
+        fontsize=7,
+        title_fontsize=8,
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        borderaxespad=0.0,
+    )
+    ax.add_artist(first)
+    ax.legend(
+        handles=cases,
+        title="case (colour)",
+        fontsize=7,
+        title_fontsize=8,
+        loc="lower left",
+        bbox_to_anchor=(1.02, 0.0),
+        borderaxespad=0.0,
+    )
     return _save(fig, path)
 
 

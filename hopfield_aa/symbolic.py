@@ -1,4 +1,4 @@
-"""Symbolic derivations (sympy) of the identities behind the theory (THEORY.md §1–4), each returning the
+"""Symbolic derivations (sympy) of the identities behind the theory (papers/theory.md §1–8 and §12), each returning the
 simplified difference between what is derived and the formula under test, so a test can assert it is zero.
 
 Every derivation takes the formula it checks as a parameter (default: the formula the library computes).
@@ -127,7 +127,7 @@ def _negative_terms(expr: sp.Expr) -> sp.Expr:
 
 
 def _projection(residual: sp.Matrix, reference: sp.Matrix) -> sp.Matrix:
-    """r_∥ = ⟨r, u⟩/‖u‖² u (THEORY.md §3): the library's :func:`hopfield_aa.geometry.decompose`."""
+    """r_∥ = ⟨r, u⟩/‖u‖² u (papers/theory.md §8): the library's :func:`hopfield_aa.geometry.decompose`."""
     return (_dot(residual, reference) / _sq(reference)) * reference
 
 
@@ -505,7 +505,7 @@ def energy_gradient_sparsemax(
 
     On an open set where the support of :math:`p = \mathrm{sparsemax}(z)` is the first ``support`` patterns,
     :math:`\tau = (\sum_{i\in S} z_i - 1)/|S|`, :math:`p_i = z_i - \tau` on S and 0 off it, and the conjugate
-    is :math:`\Psi^*_2(z) = \tfrac12\sum p_i^2 + \tau + \tfrac12` (THEORY.md §1). The energy
+    is :math:`\Psi^*_2(z) = \tfrac12\sum p_i^2 + \tau + \tfrac12` (papers/theory.md §1). The energy
     :math:`E_2(\xi) = -\Psi^*_2(\beta X\xi)/\beta + \tfrac12\lVert\xi\rVert^2` is differentiated
     symbolically; the residual is ``∇E − (ξ − retrieval(ξ, X, β, support))`` with the default retrieval
     :math:`X^\top p`.

@@ -17,7 +17,7 @@ Segments = Mapping[str, tuple[int, int]]
 
 @dataclass(frozen=True, eq=False)
 class HopfieldHead:
-    """One attention head read as modern Hopfield retrieval (THEORY.md §2).
+    """One attention head read as modern Hopfield retrieval (papers/theory.md §2, §13).
 
     Attention ``softmax(β Q Kᵀ) V`` is one hetero-associative retrieval step with the keys as the stored
     patterns: memory ``X = K`` (rows are patterns), states ``ξ₀ = Q`` (one per row), inverse temperature
@@ -190,7 +190,7 @@ class TraceRecord:
         return self.key_segments[segment]
 
     def hopfield(self, head: int, *, query: str | None = None, key: str | None = None) -> HopfieldHead:
-        """One head as Hopfield retrieval: memory = keys, states = queries, β = scale (THEORY.md §2).
+        """One head as Hopfield retrieval: memory = keys, states = queries, β = scale (papers/theory.md §2, §13).
 
         Parameters
         ----------
