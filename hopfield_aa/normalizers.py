@@ -35,6 +35,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 from hopfield_aa._arrays import ArrayLike, as_tensor, check_alpha, check_dim, restore, result_kind
@@ -245,7 +246,9 @@ def _entmax_general_block(z: torch.Tensor, alpha: float, out: torch.Tensor) -> t
     return lam
 
 
-def _fill_support_edge(out: torch.Tensor, u: torch.Tensor, lam: torch.Tensor, am1: float) -> torch.Tensor:
+def _fill_support_edge(
+    out: torch.Tensor, u: torch.Tensor, lam: torch.Tensor, am1: float | torch.Tensor
+) -> torch.Tensor:
     """For α > 2, solve again the rows with entries at the edge of the support (in place); returns λ.
 
     p_i = y_i^{1/(α−1)} with y_i = 1 + (α−1)(z_i − λ): an entry with y_i at rounding level can still
@@ -655,12 +658,16 @@ def _forward(
     return probs, lam
 
 
-def jacobian_weights(probs: torch.Tensor, alpha: float) -> torch.Tensor:
+def jacobian_weights(probs: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
     """The weights ``s`` of the entmax Jacobian ``J = diag(s) − s sᵀ/Σs`` (THEORY.md §1).
 
     ``s = p`` for softmax (α = 1) and ``s_i = p_i^{2−α}`` on the support, 0 off it, for α > 1
     (sparsemax: the support indicator; α = 1.5: ``√p``). Tensor in, tensor out, no validation.
+    ``alpha`` may be a tensor broadcastable to ``probs`` (one α per row, the normalised axis of size 1).
     """
+    if isinstance(alpha, torch.Tensor):
+        support = probs > 0
+        return torch.where(support, probs, 1.0).pow(2.0 - alpha.to(probs.dtype)) * support
     if alpha == 1.0:
         return probs
     if alpha == 2.0:
@@ -670,7 +677,9 @@ def jacobian_weights(probs: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.where(probs > 0, probs, 1.0).pow(2.0 - alpha) * (probs > 0)
 
 
-def _jvp_tensor(probs: torch.Tensor, vector: torch.Tensor, alpha: float, dim: int) -> torch.Tensor:
+def _jvp_tensor(
+    probs: torch.Tensor, vector: torch.Tensor, alpha: float | torch.Tensor, dim: int
+) -> torch.Tensor:
     """J v with J = diag(s) − s sᵀ/Σs, s = p^{2−α} on the support (s = p for softmax)."""
     s = jacobian_weights(probs, alpha)
     sv = s * vector
@@ -697,19 +706,222 @@ class _EntmaxFunction(torch.autograd.Function):
         return grad, None, None
 
 
+
+# --------------------------------------------------------------------------------------------------
+# α as a tensor: one α per row (per head, per layer), with the closed-form ∂p/∂α
+# --------------------------------------------------------------------------------------------------
+
+# Rows sharing one of at most this many distinct α values are solved by the float-α kernels (exact
+# 1.5 and 2, compaction); more distinct values go to the batched Newton kernel with α per row.
+_MAX_ALPHA_GROUPS = 16
+# Below this |α − 1| the α-derivative uses its limit at α = 1 (the closed form cancels two
+# O(1/(α−1)²) terms; in float64 both errors are about this size at the switch).
+_ALPHA_GRAD_LIMIT = 5e-6
+
+
+def _entmax_rows_alpha(z: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """α-entmax of rows ``z`` (R, N) with one α > 1 per row (``alpha`` (R, 1)); returns (p, λ).
+
+    The Newton iteration of :func:`_entmax_general_block` on λ with the per-row α broadcast, on the
+    full rows: rows with α > 2 alternate with bisection and have their support edge repaired.
+    """
+    top = z.amax(-1, keepdim=True)
+    dead = top == -math.inf
+    top = top.masked_fill(dead, 0.0)
+    am1 = alpha - 1.0
+    expo = 1.0 / am1
+    n = z.shape[-1]
+    u = (z - top) * am1
+    big = alpha > 2.0
+    any_big = bool(big.any())
+    lam = torch.zeros_like(top)
+    lo = lam.clone()
+    hi = -torch.expm1(-am1 * math.log(n)) / am1 if n > 1 else torch.zeros_like(top)
+    eps = torch.finfo(z.dtype).eps
+    tol = 32 * eps
+    width_tol = 4 * eps * hi
+    polished = torch.zeros_like(top, dtype=torch.bool)
+    p = torch.empty_like(z)
+    for it in range(_MAX_NEWTON_ITER):
+        x = (u - lam * am1).clamp_(min=-1.0)
+        p = torch.exp(torch.log1p(x) * expo)
+        f_sum = p.sum(-1, keepdim=True)
+        converged = (f_sum - 1).abs() <= tol
+        done = (converged & polished) | (hi - lo <= width_tol) | dead
+        if bool(done.all()) or it == _MAX_NEWTON_ITER - 1:
+            break
+        polished = converged
+        g_sum = torch.where(x > -1.0, p / (1.0 + x), 0.0).sum(-1, keepdim=True)  # Σ p^{2−α}
+        log_f = f_sum.log()
+        step = torch.expm1(am1 * log_f) / am1 * torch.exp((1.0 - am1) * log_f) / g_sum
+        lo = torch.where(f_sum >= 1, torch.maximum(lo, lam), lo)
+        hi = torch.where(f_sum < 1, torch.minimum(hi, lam), hi)
+        new = lam + step
+        bad = (new < lo) | (new > hi) | ~torch.isfinite(new)
+        if any_big and it % 2 == 1:
+            bad = bad | big
+        lam = torch.where(done, lam, torch.where(bad, 0.5 * (lo + hi), new))
+    if any_big:
+        rows = big.squeeze(-1).nonzero().squeeze(-1)
+        p_big = p[rows]
+        lam[rows] = _fill_support_edge(p_big, u[rows], lam[rows], am1[rows])
+        p[rows] = p_big
+    p = p / p.sum(-1, keepdim=True)
+    return p.masked_fill(dead, 0.0), (lam + top).masked_fill(dead, -math.inf)
+
+
+def _forward_alpha(scores: torch.Tensor, alpha: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p, λ) of α-entmax with α per row: ``alpha`` has the shape of ``scores`` with ``dim`` of size 1.
+
+    Computed in the compute dtype (float32 for half precision; returned so). λ is in score units
+    (logsumexp for rows with α = 1). Few distinct α values: each group of rows by the float-α
+    kernel (exact 1.5 and 2); many: the batched Newton kernel with α per row.
+    """
+    z = scores.float() if scores.dtype in _HALF else scores
+    z = z.movedim(dim, -1)
+    shape = z.shape
+    n = shape[-1]
+    rows = z.reshape(-1, n)
+    a_rows = alpha.detach().to(z.dtype).movedim(dim, -1).expand((*shape[:-1], 1)).reshape(-1, 1)
+    probs = torch.empty_like(rows)
+    lam = torch.empty_like(rows[:, :1])
+    values = torch.unique(a_rows)
+    if values.numel() <= _MAX_ALPHA_GROUPS:
+        for value in values.tolist():
+            sel = (a_rows == value).squeeze(-1).nonzero().squeeze(-1)
+            sub = rows.index_select(0, sel)
+            if value == 1.0:
+                lse = torch.logsumexp(sub, -1, keepdim=True)
+                probs[sel], lam[sel] = torch.exp(sub - lse), lse
+            else:
+                probs[sel], lam[sel] = _forward(sub, value, -1)
+    else:
+        soft = (a_rows == 1.0).squeeze(-1)
+        if bool(soft.any()):
+            lse = torch.logsumexp(rows[soft], -1, keepdim=True)
+            probs[soft], lam[soft] = torch.exp(rows[soft] - lse), lse
+        rest = (~soft).nonzero().squeeze(-1)
+        if rest.numel() > 0:
+            sub, a_sub = rows.index_select(0, rest), a_rows.index_select(0, rest)
+            if sub.dtype != torch.float64 and bool((a_sub > 2.0).any()):
+                # as the float-α kernel: α > 2 amplifies the rounding near the threshold, use float64
+                p64, lam64 = _entmax_rows_alpha(sub.double(), a_sub.double())
+                probs[rest], lam[rest] = p64.to(sub.dtype), lam64.to(sub.dtype)
+            else:
+                probs[rest], lam[rest] = _entmax_rows_alpha(sub, a_sub)
+    probs = probs.reshape(shape).movedim(-1, dim)
+    lam = lam.reshape((*shape[:-1], 1)).movedim(-1, dim)
+    return probs, lam
+
+
+def _entmax_alpha_derivative(probs: torch.Tensor, alpha: torch.Tensor, dim: int) -> torch.Tensor:
+    """∂p/∂α of α-entmax in closed form (Correia et al. 2019, appendix), computed in float64.
+
+    With ε = α − 1, s_i = p_i^{2−α} on the support, s̃ = s/Σs and H = Σ p log p:
+    ``∂p/∂α = (p − s̃)/ε² − (p log p − s̃ H)/ε``; at α → 1 its limit ``p (Σ p log²p − log²p)/2``.
+    Each row of the result sums to 0.
+    """
+    p = probs.double()
+    a = alpha.double()
+    eps = a - 1.0
+    support = p > 0
+    logp = torch.where(support, p, 1.0).log() * support
+    plogp = p * logp
+    ent = plogp.sum(dim, keepdim=True)
+    s = torch.where(support, p, 1.0).pow(2.0 - a) * support
+    s_tilde = s / s.sum(dim, keepdim=True)
+    near = eps < _ALPHA_GRAD_LIMIT
+    e = torch.where(near, 1.0, eps)
+    general = (p - s_tilde) / (e * e) - (plogp - s_tilde * ent) / e
+    limit = p * ((plogp * logp).sum(dim, keepdim=True) - logp * logp) / 2
+    return torch.where(near, limit, general)
+
+
+class _EntmaxAlphaFunction(torch.autograd.Function):
+    """α-entmax with α per row; the backward returns ∂/∂z (Jacobian product) and ∂/∂α (closed form)."""
+
+    @staticmethod
+    def forward(ctx: Any, scores: torch.Tensor, alpha: torch.Tensor, dim: int) -> torch.Tensor:
+        probs = _forward_alpha(scores, alpha, dim)[0]
+        ctx.dim = dim
+        ctx.save_for_backward(probs, alpha)
+        return probs.to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
+        probs, alpha = ctx.saved_tensors
+        g = grad_output.to(probs.dtype)
+        grad_z = grad_a = None
+        if ctx.needs_input_grad[0]:
+            grad_z = _jvp_tensor(probs, g, alpha.detach().to(probs.dtype), ctx.dim).to(grad_output.dtype)
+        if ctx.needs_input_grad[1]:
+            dp = _entmax_alpha_derivative(probs, alpha.detach(), ctx.dim)
+            grad_a = (g.double() * dp).sum(ctx.dim, keepdim=True).to(alpha.dtype)
+        return grad_z, grad_a, None
+
+
+def _alpha_argument(alpha: object, scores: torch.Tensor, dim: int) -> float | torch.Tensor:
+    """Validate α: a float, or a tensor/array broadcastable to the scores without ``dim``.
+
+    Also accepted: the shape of the scores with ``dim`` of size 1 (the entmax package's convention).
+    Returns a float, or the tensor α broadcast to the scores' shape with ``dim`` of size 1 (a view that
+    keeps its autograd history). A tensor α that does not require grad and is the same everywhere is
+    returned as a float (the float-α kernels).
+    """
+    if isinstance(alpha, np.ndarray) and alpha.ndim > 0:
+        alpha = torch.from_numpy(np.ascontiguousarray(alpha))
+    if not isinstance(alpha, torch.Tensor) or (alpha.numel() == 1 and not alpha.requires_grad):
+        return check_alpha(alpha)
+    if alpha.dtype == torch.bool or alpha.is_complex():
+        raise TypeError(f"alpha must be a real tensor, got dtype {alpha.dtype}")
+    if not alpha.is_floating_point():
+        alpha = alpha.to(torch.get_default_dtype())
+    values = alpha.detach()
+    if values.numel() > 0:
+        if bool(torch.isnan(values).any()) or bool(torch.isinf(values).any()):
+            raise ValueError("alpha must be finite (no NaN or inf entries)")
+        low = float(values.min())
+        if low < 1.0:
+            raise ValueError(
+                f"alpha must be >= 1.0 everywhere (the documented domain), got a minimum of {low}"
+            )
+    d = dim % scores.ndim
+    batch = (*scores.shape[:d], *scores.shape[d + 1 :])
+    a = alpha
+    if alpha.ndim == scores.ndim and alpha.shape[d] == 1:
+        a = alpha.squeeze(d)
+    try:
+        a = a.to(scores.device).expand(batch)
+    except RuntimeError:
+        raise ValueError(
+            f"alpha of shape {tuple(alpha.shape)} does not broadcast to the scores of shape "
+            f"{tuple(scores.shape)} without dim={dim} (shape {batch}), nor has their shape with dim of size 1"
+        ) from None
+    if not alpha.requires_grad and values.numel() > 0 and float(values.max()) == low:
+        return low
+    return a.unsqueeze(d)
+
+
 def _softmax_tensor(scores: torch.Tensor, dim: int) -> torch.Tensor:
     if scores.dtype in _HALF:
         return torch.softmax(scores.float(), dim).to(scores.dtype)
     return torch.softmax(scores, dim)
 
 
-def _entmax_tensor(scores: torch.Tensor, alpha: float, dim: int = -1) -> torch.Tensor:
+def _entmax_tensor(scores: torch.Tensor, alpha: float | torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Fast α-entmax on a tensor, without validation (the attention hot path).
 
-    ``alpha`` must be a float ≥ 1 and ``scores`` free of NaN and +inf (−inf entries get p = 0).
-    Differentiable: the backward is the closed-form Jacobian product. Rows of all −inf give zeros
-    for α > 1 (and NaN for α = 1, as ``torch.softmax``); the public :func:`entmax` rejects them.
+    ``alpha`` must be a float ≥ 1 (or a tensor of α ≥ 1 broadcastable to ``scores`` with ``dim`` of
+    size 1: one α per row) and ``scores`` free of NaN and +inf (−inf entries get p = 0).
+    Differentiable: the backward is the closed-form Jacobian product, and for a tensor α also the
+    closed-form ∂p/∂α. Rows of all −inf give zeros for α > 1 (and NaN for α = 1, as ``torch.softmax``);
+    the public :func:`entmax` rejects them.
     """
+    if isinstance(alpha, torch.Tensor):
+        if (scores.requires_grad or alpha.requires_grad) and torch.is_grad_enabled():
+            out_a: torch.Tensor = _EntmaxAlphaFunction.apply(scores, alpha, dim)
+            return out_a
+        return _forward_alpha(scores, alpha, dim)[0].to(scores.dtype)
     if alpha == 1.0:
         return _softmax_tensor(scores, dim)
     if scores.requires_grad and torch.is_grad_enabled():
@@ -718,9 +930,14 @@ def _entmax_tensor(scores: torch.Tensor, alpha: float, dim: int = -1) -> torch.T
     return _forward(scores, alpha, dim)[0]
 
 
-def _lambda_tensor(scores: torch.Tensor, alpha: float, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(p, λ) in the compute dtype, λ in score units: logsumexp for α = 1."""
+def _lambda_tensor(
+    scores: torch.Tensor, alpha: float | torch.Tensor, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p, λ) in the compute dtype, λ in score units: logsumexp for α = 1 (rows)."""
     z = scores.float() if scores.dtype in _HALF else scores
+    if isinstance(alpha, torch.Tensor):
+        with torch.no_grad():
+            return _forward_alpha(z, alpha, dim)
     if alpha == 1.0:
         lse = torch.logsumexp(z, dim, keepdim=True)
         return torch.exp(z - lse), lse
@@ -794,10 +1011,10 @@ def _entmax_bisect(scores: torch.Tensor, alpha: float, dim: int = -1, n_iter: in
 # --------------------------------------------------------------------------------------------------
 
 
-def _validated(scores: object, alpha: object, dim: object) -> tuple[torch.Tensor, Any, float, int]:
+def _validated(scores: object, alpha: object, dim: object) -> tuple[torch.Tensor, Any, Any, int]:
     z, kind = as_tensor(scores, "scores", allow_neg_inf=True, min_ndim=1)
-    a = check_alpha(alpha)
     d = check_dim(z, dim, "scores")
+    a = _alpha_argument(alpha, z, d)
     if z.shape[d] == 0:
         raise ValueError(
             f"scores must have at least one entry along dim={dim}, got shape {tuple(z.shape)} "
@@ -808,7 +1025,7 @@ def _validated(scores: object, alpha: object, dim: object) -> tuple[torch.Tensor
     return z, kind, a, d
 
 
-def entmax(scores: ArrayLike, alpha: float = 1.5, dim: int = -1) -> ArrayLike:
+def entmax(scores: ArrayLike, alpha: float | ArrayLike = 1.5, dim: int = -1) -> ArrayLike:
     r"""α-entmax: the maximiser over the simplex of ⟨p, z⟩ − Ω_α(p) (THEORY.md §1).
 
     ``p_i = [(α−1) z_i − τ]_+^{1/(α−1)}`` with τ such that Σ p = 1 (α > 1); softmax at α = 1,
@@ -820,8 +1037,12 @@ def entmax(scores: ArrayLike, alpha: float = 1.5, dim: int = -1) -> ArrayLike:
     scores : torch.Tensor or numpy.ndarray, shape (..., N, ...)
         Scores z; ``-inf`` entries (masked) get probability exactly 0. At least one finite entry per
         row; NaN and +inf are rejected.
-    alpha : float, default 1.5
-        α ≥ 1.
+    alpha : float or torch.Tensor or numpy.ndarray, default 1.5
+        α ≥ 1: one value, or one per row: a tensor broadcastable to the shape of ``scores`` without
+        ``dim`` (e.g. ``(H, 1)`` for scores ``(B, H, L, N)``: one α per head), or of the shape of
+        ``scores`` with ``dim`` of size 1 (the ``entmax`` package's convention). α < 1 raises
+        ``ValueError``. Rows sharing one of a few α values use that value's kernel (exact at 1.5 and
+        2); many distinct values are solved together by Newton's method on the threshold.
     dim : int, default -1
         Axis along which to normalise.
 
@@ -830,13 +1051,19 @@ def entmax(scores: ArrayLike, alpha: float = 1.5, dim: int = -1) -> ArrayLike:
     torch.Tensor or numpy.ndarray
         Probabilities, same shape, kind and dtype as ``scores`` (half precision computed in float32).
         Differentiable for torch inputs: the backward is the closed-form Jacobian of
-        :func:`entmax_jacobian`.
+        :func:`entmax_jacobian`, and for a tensor ``alpha`` that requires grad also ∂p/∂α in closed
+        form (Correia et al. 2019): with ``s_i = p_i^{2−α}`` on the support, ``s̃ = s/Σs``,
+        ``H = Σ p log p``: ``∂p/∂α = (p − s̃)/(α−1)² − (p log p − s̃ H)/(α−1)``, and its limit
+        ``p (Σ p log²p − log²p)/2`` at α = 1.
 
     Examples
     --------
     >>> import torch
     >>> entmax(torch.tensor([1.0, 0.0, -1.0]), alpha=2.0)
     tensor([1., 0., 0.])
+    >>> entmax(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), alpha=torch.tensor([1.0, 2.0]))
+    tensor([[0.7311, 0.2689],
+            [1.0000, 0.0000]])
     """
     z, kind, a, d = _validated(scores, alpha, dim)
     return restore(_entmax_tensor(z, a, d), kind)
@@ -914,7 +1141,7 @@ def entmax15(scores: ArrayLike, dim: int = -1) -> ArrayLike:
     return entmax(scores, 1.5, dim)
 
 
-def entmax_threshold(scores: ArrayLike, alpha: float, dim: int = -1) -> ArrayLike:
+def entmax_threshold(scores: ArrayLike, alpha: float | ArrayLike, dim: int = -1) -> ArrayLike:
     r"""The threshold τ of α-entmax: ``p_i = [(α−1) z_i − τ]_+^{1/(α−1)}``, Σ p = 1 (keepdim).
 
     For α = 1 the u-convention degenerates (τ → −1); the softmax normaliser ``logsumexp(z)`` is returned.
@@ -923,8 +1150,8 @@ def entmax_threshold(scores: ArrayLike, alpha: float, dim: int = -1) -> ArrayLik
     ----------
     scores : torch.Tensor or numpy.ndarray, shape (..., N, ...)
         Scores (``-inf`` allowed, not a whole row).
-    alpha : float
-        α ≥ 1.
+    alpha : float or tensor
+        α ≥ 1. One α per row as in :func:`entmax`.
     dim : int, default -1
         Axis to normalise.
 
@@ -941,11 +1168,15 @@ def entmax_threshold(scores: ArrayLike, alpha: float, dim: int = -1) -> ArrayLik
     """
     z, kind, a, d = _validated(scores, alpha, dim)
     _, lam = _lambda_tensor(z, a, d)
-    tau = lam if a == 1.0 else (a - 1.0) * lam - 1.0
+    if isinstance(a, torch.Tensor):
+        a_c = a.detach().to(lam.dtype)
+        tau = torch.where(a_c == 1.0, lam, (a_c - 1.0) * lam - 1.0)
+    else:
+        tau = lam if a == 1.0 else (a - 1.0) * lam - 1.0
     return restore(tau, kind)
 
 
-def entmax_jacobian(scores: ArrayLike, alpha: float = 1.5, dim: int = -1) -> ArrayLike:
+def entmax_jacobian(scores: ArrayLike, alpha: float | ArrayLike = 1.5, dim: int = -1) -> ArrayLike:
     r"""Dense Jacobian ∂entmax_α(z)/∂z, shape (..., N, N) (batch axes first, ``dim`` moved last).
 
     Softmax: ``diag(p) − p pᵀ``; α > 1: ``diag(s) − s sᵀ / Σ s`` with ``s_i = p_i^{2−α}`` on the
@@ -956,8 +1187,8 @@ def entmax_jacobian(scores: ArrayLike, alpha: float = 1.5, dim: int = -1) -> Arr
     ----------
     scores : torch.Tensor or numpy.ndarray, shape (..., N, ...)
         Scores.
-    alpha : float, default 1.5
-        α ≥ 1.
+    alpha : float or tensor, default 1.5
+        α ≥ 1. One α per row as in :func:`entmax`.
     dim : int, default -1
         Axis of the normalisation; the two Jacobian axes are appended last.
 
@@ -976,12 +1207,14 @@ def entmax_jacobian(scores: ArrayLike, alpha: float = 1.5, dim: int = -1) -> Arr
     z, kind, a, d = _validated(scores, alpha, dim)
     with torch.no_grad():
         p = _entmax_tensor(z, a, d) if z.dtype not in _HALF else _entmax_tensor(z.float(), a, d)
-    s = jacobian_weights(p.movedim(d, -1), a)
+    s = jacobian_weights(p.movedim(d, -1), a.detach().movedim(d, -1) if isinstance(a, torch.Tensor) else a)
     jac = torch.diag_embed(s) - s.unsqueeze(-1) * s.unsqueeze(-2) / s.sum(-1, keepdim=True).unsqueeze(-1)
     return restore(jac, kind)
 
 
-def entmax_jvp(probs: ArrayLike, vector: ArrayLike, alpha: float = 1.5, dim: int = -1) -> ArrayLike:
+def entmax_jvp(
+    probs: ArrayLike, vector: ArrayLike, alpha: float | ArrayLike = 1.5, dim: int = -1
+) -> ArrayLike:
     r"""Jacobian-vector product ``J v`` of α-entmax from its output ``p`` alone.
 
     ``J v = s ⊙ v − s ⟨s, v⟩ / Σ s`` with ``s = p`` for α = 1 and ``s_i = p_i^{2−α}`` on the support
@@ -993,8 +1226,8 @@ def entmax_jvp(probs: ArrayLike, vector: ArrayLike, alpha: float = 1.5, dim: int
         α-entmax output p.
     vector : torch.Tensor or numpy.ndarray, same shape as ``probs``
         The vector v.
-    alpha : float, default 1.5
-        α ≥ 1.
+    alpha : float or tensor, default 1.5
+        α ≥ 1. One α per row as in :func:`entmax`.
     dim : int, default -1
         Axis of the normalisation.
 
@@ -1012,8 +1245,10 @@ def entmax_jvp(probs: ArrayLike, vector: ArrayLike, alpha: float = 1.5, dim: int
     p, kind = as_tensor(probs, "probs")
     v, v_kind = as_tensor(vector, "vector")
     kind = result_kind(kind, v_kind)
-    a = check_alpha(alpha)
     d = check_dim(p, dim, "probs")
+    a = _alpha_argument(alpha, p, d)
+    if isinstance(a, torch.Tensor):
+        a = a.detach()
     if p.shape != v.shape:
         raise ValueError(f"vector must have the shape of probs {tuple(p.shape)}, got {tuple(v.shape)}")
     if bool((p < 0).any()):
@@ -1022,6 +1257,62 @@ def entmax_jvp(probs: ArrayLike, vector: ArrayLike, alpha: float = 1.5, dim: int
         raise ValueError("probs has a row (along dim) without a positive entry; an entmax output sums to 1")
     dtype = torch.promote_types(p.dtype, v.dtype)
     return restore(_jvp_tensor(p.to(dtype), v.to(dtype), a, d), kind)
+
+
+def _conjugate_value(
+    scores: torch.Tensor, probs: torch.Tensor, lam: torch.Tensor, alpha: torch.Tensor, dim: int
+) -> torch.Tensor:
+    """Ψ*_α row by row for a tensor α (shape of ``probs`` with ``dim`` of size 1), keepdim."""
+    a = alpha.detach().to(probs.dtype)
+    z = scores.float() if scores.dtype in _HALF else scores
+    safe = torch.where(a == 1.0, 2.0, a)
+    pa = probs.pow(safe).sum(dim, keepdim=True)
+    inner = torch.where(probs > 0, probs * z, 0.0).sum(dim, keepdim=True)
+    direct = inner + (1.0 - pa) / (safe * (safe - 1.0))
+    value = torch.where(a > 2.0, direct, lam + (pa - 1.0) / safe)
+    return torch.where(a == 1.0, lam, value)
+
+
+def _conjugate_alpha_derivative(probs: torch.Tensor, alpha: torch.Tensor, dim: int) -> torch.Tensor:
+    """∂Ψ*_α(z)/∂α = −∂Ω_α(p)/∂α at p = entmax_α(z) (Danskin), keepdim, in float64.
+
+    ``∂Ω_α/∂α = Σ p^α log p/(α(α−1)) − (Σ p^α − 1)(2α − 1)/(α(α−1))²``, with the limit
+    ``Σ p log²p / 2 − Σ p log p`` at α → 1.
+    """
+    p = probs.double()
+    a = alpha.double()
+    support = p > 0
+    logp = torch.where(support, p, 1.0).log() * support
+    near = a - 1.0 < _ALPHA_GRAD_LIMIT
+    a_s = torch.where(near, 2.0, a)
+    c = a_s * (a_s - 1.0)
+    pa = torch.where(support, p, 0.0).pow(a_s)
+    excess = pa.sum(dim, keepdim=True) - 1.0
+    general = (pa * logp).sum(dim, keepdim=True) / c - excess * (2 * a_s - 1) / (c * c)
+    limit = (p * logp * logp).sum(dim, keepdim=True) / 2 - (p * logp).sum(dim, keepdim=True)
+    return -torch.where(near, limit, general)
+
+
+class _ConjugateAlphaFunction(torch.autograd.Function):
+    """Ψ*_α with α per row: gradient entmax_α(z) in z and −∂Ω_α(p)/∂α in α."""
+
+    @staticmethod
+    def forward(ctx: Any, scores: torch.Tensor, alpha: torch.Tensor, dim: int) -> torch.Tensor:
+        probs, lam = _lambda_tensor(scores, alpha, dim)
+        value = _conjugate_value(scores, probs, lam, alpha, dim)
+        ctx.dim = dim
+        ctx.save_for_backward(probs, alpha)
+        return value.squeeze(dim).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
+        probs, alpha = ctx.saved_tensors
+        g = grad_output.unsqueeze(ctx.dim)
+        grad_a = None
+        if ctx.needs_input_grad[1]:
+            d_alpha = _conjugate_alpha_derivative(probs, alpha.detach(), ctx.dim)
+            grad_a = (g.double() * d_alpha).to(alpha.dtype)
+        return (g * probs).to(grad_output.dtype), grad_a, None
 
 
 class _ConjugateFunction(torch.autograd.Function):
@@ -1052,7 +1343,7 @@ class _ConjugateFunction(torch.autograd.Function):
         return (grad_output.unsqueeze(ctx.dim) * probs).to(grad_output.dtype), None, None
 
 
-def entmax_conjugate(scores: ArrayLike, alpha: float = 1.5, dim: int = -1) -> ArrayLike:
+def entmax_conjugate(scores: ArrayLike, alpha: float | ArrayLike = 1.5, dim: int = -1) -> ArrayLike:
     r"""Convex conjugate ``Ψ*_α(z) = max_{p∈Δ} ⟨p, z⟩ − Ω_α(p)`` (the dim is reduced).
 
     α = 1: ``logsumexp(z)``; α > 1, with p = entmax_α(z) and its threshold τ:
@@ -1064,8 +1355,8 @@ def entmax_conjugate(scores: ArrayLike, alpha: float = 1.5, dim: int = -1) -> Ar
     ----------
     scores : torch.Tensor or numpy.ndarray, shape (..., N, ...)
         Scores z.
-    alpha : float, default 1.5
-        α ≥ 1.
+    alpha : float or tensor, default 1.5
+        α ≥ 1. One α per row as in :func:`entmax`. A tensor α that requires grad gets ∂Ψ*/∂α = −∂Ω_α(p)/∂α.
     dim : int, default -1
         Axis reduced.
 
@@ -1081,5 +1372,8 @@ def entmax_conjugate(scores: ArrayLike, alpha: float = 1.5, dim: int = -1) -> Ar
     tensor(0.6931)
     """
     z, kind, a, d = _validated(scores, alpha, dim)
-    value: torch.Tensor = _ConjugateFunction.apply(z, a, d)
+    if isinstance(a, torch.Tensor):
+        value: torch.Tensor = _ConjugateAlphaFunction.apply(z, a, d)
+    else:
+        value = _ConjugateFunction.apply(z, a, d)
     return restore(value, kind)
