@@ -1,6 +1,6 @@
-"""Modern Hopfield retrieval, dense and generalised sparse (papers/theory.md §2): energies, the retrieval map T_α,
-attention as one hetero-associative retrieval step, iteration to a fixed point, Jacobians and Lipschitz
-estimates.
+"""Modern Hopfield retrieval, dense and generalised sparse (papers/theory.md §2): energies, the retrieval
+map T_α, attention as one hetero-associative retrieval step, iteration to a fixed point, Jacobians and
+Lipschitz estimates.
 
 Shapes: a state is ``(..., d)``; the memory holds patterns as rows, ``(N, d)`` shared by every state or
 ``(..., N, d)`` broadcasting against the state's leading axes. Results come back in the state's kind

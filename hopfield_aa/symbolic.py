@@ -1,5 +1,6 @@
-"""Symbolic derivations (sympy) of the identities behind the theory (papers/theory.md §1–8 and §12), each returning the
-simplified difference between what is derived and the formula under test, so a test can assert it is zero.
+"""Symbolic derivations (sympy) of the identities behind the theory (papers/theory.md §1–8 and §12), each
+returning the simplified difference between what is derived and the formula under test, so a test can
+assert it is zero.
 
 Every derivation takes the formula it checks as a parameter (default: the formula the library computes).
 Passing a wrong formula makes the residual non-zero, which is how the tests show the derivations are real.

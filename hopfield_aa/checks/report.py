@@ -156,7 +156,8 @@ def _run_dask(
         assert config.dask is not None
         client, close, executor = connect(config.dask)
     else:
-        executor = f"dask client {client!r}"
+        workers = len(client.scheduler_info().get("workers", {}))
+        executor = f"dask scheduler {client.scheduler.address}, {workers} worker(s)"
     try:
         rows = run_on_dask(
             client,

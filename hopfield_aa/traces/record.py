@@ -190,7 +190,8 @@ class TraceRecord:
         return self.key_segments[segment]
 
     def hopfield(self, head: int, *, query: str | None = None, key: str | None = None) -> HopfieldHead:
-        """One head as Hopfield retrieval: memory = keys, states = queries, β = scale (papers/theory.md §2, §13).
+        """One head as Hopfield retrieval: memory = keys, states = queries, β = scale (papers/theory.md §2,
+        §13).
 
         Parameters
         ----------
