@@ -20,7 +20,6 @@ from hopfield_aa._arrays import (
     ArrayLike,
     Kind,
     as_tensor,
-    check_alpha,
     check_scalar,
     promote,
     restore,
@@ -28,7 +27,7 @@ from hopfield_aa._arrays import (
     tolerance,
 )
 from hopfield_aa.anderson import AndersonConfig, anderson
-from hopfield_aa.normalizers import _entmax_tensor, entmax_conjugate, jacobian_weights
+from hopfield_aa.normalizers import _alpha_argument, _entmax_tensor, entmax_conjugate, jacobian_weights
 
 # --------------------------------------------------------------------------------------------------
 # kernels (validated tensors in, tensors out)
@@ -39,27 +38,30 @@ def _scores(state: torch.Tensor, patterns: torch.Tensor, beta: float) -> torch.T
     return beta * (state.unsqueeze(-2) @ patterns.mT).squeeze(-2)
 
 
-def _retrieve(state: torch.Tensor, patterns: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
+Alpha = Union[float, torch.Tensor]  # one α, or one per row of the scores (their shape with N of size 1)
+
+
+def _retrieve(state: torch.Tensor, patterns: torch.Tensor, beta: float, alpha: Alpha) -> torch.Tensor:
     """T_α(ξ) = Xᵀ entmax_α(β X ξ)."""
     probs = _entmax_tensor(_scores(state, patterns, beta), alpha, -1)
     return (probs.unsqueeze(-2) @ patterns).squeeze(-2)
 
 
-def _energy(state: torch.Tensor, patterns: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
+def _energy(state: torch.Tensor, patterns: torch.Tensor, beta: float, alpha: Alpha) -> torch.Tensor:
     """E_α(ξ) = −Ψ*_α(β X ξ)/β + ½‖ξ‖²."""
     conjugate = entmax_conjugate(_scores(state, patterns, beta), alpha=alpha, dim=-1)
     assert isinstance(conjugate, torch.Tensor)
     return -conjugate / beta + 0.5 * (state * state).sum(-1)
 
 
-def _jacobian(state: torch.Tensor, patterns: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
+def _jacobian(state: torch.Tensor, patterns: torch.Tensor, beta: float, alpha: Alpha) -> torch.Tensor:
     """DT_α(ξ) = β Xᵀ J X, shape (..., d, d), symmetric positive semidefinite.
 
     With the entmax Jacobian J = diag(s) − s sᵀ/Σs this is β [(s ⊙ X)ᵀ X − (Xᵀs)(Xᵀs)ᵀ/Σs]: O(N d²) per
     state, without forming the N × N matrix J (attention-sized memories have N ≥ 1024).
     """
     probs = _entmax_tensor(_scores(state, patterns, beta), alpha, -1)
-    s = jacobian_weights(probs, alpha)  # (..., N)
+    s = jacobian_weights(probs, alpha.detach() if isinstance(alpha, torch.Tensor) else alpha)  # (..., N)
     weighted = (s.unsqueeze(-1) * patterns).mT @ patterns  # (..., d, d)
     mean = (s.unsqueeze(-2) @ patterns).squeeze(-2)  # (..., d) = Xᵀ s
     total = s.sum(-1).clamp(min=torch.finfo(s.dtype).tiny)
@@ -72,7 +74,7 @@ def _spectral_norm_psd(matrix: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(sym)[..., -1].clamp(min=0.0)
 
 
-def _local_lipschitz(state: torch.Tensor, patterns: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
+def _local_lipschitz(state: torch.Tensor, patterns: torch.Tensor, beta: float, alpha: Alpha) -> torch.Tensor:
     """‖DT_α(ξ)‖₂ per state: the largest eigenvalue of the symmetric PSD Jacobian."""
     return _spectral_norm_psd(_jacobian(state, patterns, beta, alpha))
 
@@ -83,7 +85,7 @@ def _local_lipschitz(state: torch.Tensor, patterns: torch.Tensor, beta: float, a
 
 def _memory_inputs(
     state: object, patterns: object, beta: object, alpha: object
-) -> tuple[torch.Tensor, torch.Tensor, float, float, Kind]:
+) -> tuple[torch.Tensor, torch.Tensor, float, Alpha, Kind]:
     xi, kind = as_tensor(state, "state", min_ndim=1)
     memory, memory_kind = as_tensor(patterns, "patterns", min_ndim=2)
     if xi.shape[-1] == 0:
@@ -108,8 +110,9 @@ def _memory_inputs(
     if math.isinf(beta_value):
         raise ValueError("beta must be finite, got inf")
     xi, memory = promote(xi, memory)
-    alpha_value = check_alpha(alpha)
-    _check_finite_result(_scores(xi, memory, beta_value), "the scores beta * patterns @ state")
+    scores = _check_finite_result(_scores(xi, memory, beta_value), "the scores beta * patterns @ state")
+    # one α, or a tensor broadcastable to the state's leading shape (e.g. (H, 1) for states (B, H, L, d))
+    alpha_value = _alpha_argument(alpha, scores, -1)
     return xi, memory, beta_value, alpha_value, result_kind(kind, memory_kind)
 
 
@@ -126,7 +129,9 @@ def _check_finite_result(value: torch.Tensor, what: str, names: str = "state and
 # public API
 
 
-def retrieve(state: ArrayLike, patterns: ArrayLike, beta: float, alpha: float = 1.0) -> ArrayLike:
+def retrieve(
+    state: ArrayLike, patterns: ArrayLike, beta: float, alpha: float | ArrayLike = 1.0
+) -> ArrayLike:
     r"""One retrieval step of the (generalised sparse) modern Hopfield network.
 
     .. math:: T_\alpha(\xi) = X^\top \operatorname{entmax}_\alpha(\beta X \xi)
@@ -142,8 +147,10 @@ def retrieve(state: ArrayLike, patterns: ArrayLike, beta: float, alpha: float = 
         The memory ``X``; rows are stored patterns.
     beta : float
         Inverse temperature β > 0.
-    alpha : float
-        Entmax parameter α ≥ 1.
+    alpha : float or tensor or array
+        Entmax parameter α ≥ 1: one value, or one per state, broadcastable to the states' leading shape
+        (e.g. ``(H, 1)``: one α per head for states ``(B, H, L, d)``); differentiable in a torch α.
+        The same holds for every function here that takes ``alpha``.
 
     Returns
     -------
@@ -161,7 +168,9 @@ def retrieve(state: ArrayLike, patterns: ArrayLike, beta: float, alpha: float = 
     return restore(_retrieve(xi, memory, beta_value, alpha_value), kind)
 
 
-def energy(state: ArrayLike, patterns: ArrayLike, beta: float, alpha: float = 1.0) -> ArrayLike:
+def energy(
+    state: ArrayLike, patterns: ArrayLike, beta: float, alpha: float | ArrayLike = 1.0
+) -> ArrayLike:
     r"""The Hopfield energy whose concave–convex procedure step is :func:`retrieve`.
 
     .. math:: E_\alpha(\xi) = -\tfrac{1}{\beta}\,\Psi^*_\alpha(\beta X\xi) + \tfrac12\lVert\xi\rVert^2
@@ -191,7 +200,7 @@ def attention(
     values: ArrayLike,
     *,
     scale: float | None = None,
-    alpha: float = 1.0,
+    alpha: float | ArrayLike = 1.0,
 ) -> ArrayLike:
     r"""Attention as one hetero-associative retrieval step, :math:`\mathrm{entmax}_\alpha(\beta QK^\top)V`.
 
@@ -228,14 +237,16 @@ def attention(
     beta = 1.0 / math.sqrt(q.shape[-1]) if scale is None else check_scalar(scale, "scale", positive=True)
     if math.isinf(beta):
         raise ValueError("scale must be finite, got inf")
-    alpha_value = check_alpha(alpha)
     q, k, v = promote(q, k, v)
     scores = _check_finite_result(beta * (q @ k.mT), "the scores scale * queries @ keys", "queries and keys")
-    probs = _entmax_tensor(scores, alpha_value, -1)
+    # one α, or a tensor broadcastable to (..., L_q): (H, 1) is one α per head
+    probs = _entmax_tensor(scores, _alpha_argument(alpha, scores, -1), -1)
     return restore(_check_finite_result(probs @ v, "the outputs", "values"), kind)
 
 
-def retrieval_jacobian(state: ArrayLike, patterns: ArrayLike, beta: float, alpha: float = 1.0) -> ArrayLike:
+def retrieval_jacobian(
+    state: ArrayLike, patterns: ArrayLike, beta: float, alpha: float | ArrayLike = 1.0
+) -> ArrayLike:
     r"""The Jacobian of the retrieval map, :math:`DT_\alpha(\xi) = \beta X^\top J(\beta X\xi) X`.
 
     ``J`` is the Jacobian of entmax at the scores (:func:`hopfield_aa.normalizers.entmax_jacobian`).
@@ -253,7 +264,9 @@ def retrieval_jacobian(state: ArrayLike, patterns: ArrayLike, beta: float, alpha
     )
 
 
-def local_lipschitz(state: ArrayLike, patterns: ArrayLike, beta: float, alpha: float = 1.0) -> ArrayLike:
+def local_lipschitz(
+    state: ArrayLike, patterns: ArrayLike, beta: float, alpha: float | ArrayLike = 1.0
+) -> ArrayLike:
     r"""Local Lipschitz constant of ``T_α`` at ξ: the spectral norm ``‖DT_α(ξ)‖₂``.
 
     As ``DT_α`` is symmetric PSD this is its largest eigenvalue, which is also its spectral radius: a fixed
@@ -270,7 +283,7 @@ def local_lipschitz(state: ArrayLike, patterns: ArrayLike, beta: float, alpha: f
 
 
 def lipschitz_bound(
-    patterns: ArrayLike, beta: float, alpha: float = 1.0, *, state: ArrayLike | None = None
+    patterns: ArrayLike, beta: float, alpha: float | ArrayLike = 1.0, *, state: ArrayLike | None = None
 ) -> ArrayLike:
     r"""Certified upper bounds on the Lipschitz constant of ``T_α`` (papers/theory.md §4).
 
@@ -289,20 +302,25 @@ def lipschitz_bound(
     beta_value = check_scalar(beta, "beta", positive=True)
     if math.isinf(beta_value):
         raise ValueError("beta must be finite, got inf")
-    alpha_value = check_alpha(alpha)
     if state is None:
-        if alpha_value > 2.0:
+        norm_sq = torch.linalg.matrix_norm(memory, ord=2) ** 2
+        # a tensor α broadcasts against the memory's batch shape
+        a = _alpha_argument(alpha, norm_sq.unsqueeze(-1), -1)
+        if isinstance(a, torch.Tensor):
+            a = a.detach().squeeze(-1).to(norm_sq.dtype)
+            l_alpha = torch.where(a == 1.0, 0.5, 1.0)
+            bound = torch.where(a > 2.0, math.inf, beta_value * l_alpha * norm_sq)
+        elif a > 2.0:
             bound = torch.full(memory.shape[:-2], math.inf, dtype=memory.dtype)
         else:
-            l_alpha = 0.5 if alpha_value == 1.0 else 1.0
-            bound = beta_value * l_alpha * torch.linalg.matrix_norm(memory, ord=2) ** 2
+            l_alpha_value = 0.5 if a == 1.0 else 1.0
+            bound = beta_value * l_alpha_value * norm_sq
         return restore(bound, kind)
     xi, memory, beta_value, alpha_value, kind = _memory_inputs(state, patterns, beta, alpha)
     probs = _entmax_tensor(_scores(xi, memory, beta_value), alpha_value, -1)
     support = probs > 0
-    sigma = torch.where(
-        support, probs.clamp(min=torch.finfo(probs.dtype).tiny) ** (2.0 - alpha_value), 0.0
-    ).sum(-1)
+    exponent = 2.0 - (alpha_value.detach() if isinstance(alpha_value, torch.Tensor) else alpha_value)
+    sigma = torch.where(support, probs.clamp(min=torch.finfo(probs.dtype).tiny) ** exponent, 0.0).sum(-1)
     norms = torch.linalg.vector_norm(memory, dim=-1)  # (..., N)
     m_sq = (norms**2).amax(-1)
     distances = torch.cdist(memory, memory)  # (..., N, N)
@@ -348,7 +366,7 @@ def iterate(
     state: ArrayLike,
     patterns: ArrayLike,
     beta: float,
-    alpha: float = 1.0,
+    alpha: float | ArrayLike = 1.0,
     *,
     tol: float | None = None,
     max_iter: int = 1000,
@@ -414,8 +432,10 @@ def iterate(
         settings = {**dataclasses.asdict(config), "max_iter": max_iter}
         if tol is not None:
             settings["tol"] = tol_value
-        # the retrieval acts on each state alone: converged states need not be evaluated again
-        result = anderson(retrieval, xi, **settings, row_subsets=True)
+        # the retrieval acts on each state alone: converged states need not be evaluated again (with one
+        # α per state the map needs the full batch, whose rows carry their α)
+        per_row_alpha = isinstance(alpha_value, torch.Tensor)
+        result = anderson(retrieval, xi, **settings, row_subsets=not per_row_alpha)
         final = torch.as_tensor(result.x).reshape(xi.shape)
         converged = torch.as_tensor(result.converged).reshape(batch_shape)
         n_iter = torch.as_tensor(result.n_iter).reshape(batch_shape)

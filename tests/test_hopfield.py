@@ -246,3 +246,74 @@ def test_finite_input_never_gives_nan(case: tuple, beta: float, alpha: float) ->
     memory, state = case
     assert np.isfinite(retrieve(state, memory, beta, alpha)).all()
     assert np.isfinite(energy(state, memory, beta, alpha))
+
+
+# --------------------------------------------------------------------------------------------------
+# one α per head (a tensor broadcastable to the states' leading shape)
+
+_HEAD_ALPHAS = (1.0, 1.5, 2.0, 2.6)
+
+
+def _per_head_case(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    states = torch.randn(2, 4, 3, 5, generator=gen, dtype=torch.float64)  # (B, H, L, d)
+    patterns = torch.randn(4, 1, 7, 5, generator=gen, dtype=torch.float64)  # (H, 1, N, d): per head
+    alpha = torch.tensor(_HEAD_ALPHAS, dtype=torch.float64).view(4, 1)  # one α per head
+    return states, patterns, alpha
+
+
+@pytest.mark.parametrize("fn", [retrieve, energy, retrieval_jacobian, local_lipschitz])
+def test_per_head_alpha_equals_each_heads_float_alpha(fn) -> None:
+    states, patterns, alpha = _per_head_case()
+    out = fn(states, patterns, 0.8, alpha)
+    for h, a in enumerate(_HEAD_ALPHAS):
+        ref = fn(states[:, h], patterns[h], 0.8, a)
+        assert torch.allclose(out[:, h], ref, rtol=1e-12, atol=1e-12)
+
+
+def test_per_head_alpha_in_lipschitz_bounds_and_attention() -> None:
+    states, patterns, alpha = _per_head_case(1)
+    local = lipschitz_bound(patterns, 0.8, alpha, state=states)
+    glob = lipschitz_bound(patterns, 0.8, alpha)  # memory batch (H, 1): one α per memory
+    keys, values = patterns.squeeze(1), torch.randn(4, 7, 2, dtype=torch.float64)
+    att = attention(states, keys, values, alpha=alpha)
+    for h, a in enumerate(_HEAD_ALPHAS):
+        assert torch.allclose(local[:, h], lipschitz_bound(patterns[h], 0.8, a, state=states[:, h]))
+        assert torch.allclose(glob[h], lipschitz_bound(patterns[h], 0.8, a))
+        assert torch.allclose(att[:, h], attention(states[:, h], keys[h], values[h], alpha=a), atol=1e-12)
+    assert math.isinf(float(glob[3, 0]))  # α > 2: no finite global bound
+
+
+@pytest.mark.parametrize("accelerate", [None, 3])
+def test_iterate_with_per_head_alpha_reaches_each_heads_fixed_points(accelerate) -> None:
+    gen = torch.Generator().manual_seed(2)
+    patterns = torch.randn(7, 5, generator=gen, dtype=torch.float64)
+    states = torch.randn(4, 3, 5, generator=gen, dtype=torch.float64)  # (H, L, d), one memory
+    alpha = torch.tensor(_HEAD_ALPHAS, dtype=torch.float64).view(4, 1)
+    out = iterate(states, patterns, 2.0, alpha, accelerate=accelerate, max_iter=500)
+    assert bool(out.converged.all())
+    fixed = retrieve(out.state, patterns, 2.0, alpha)
+    assert torch.allclose(fixed, out.state, atol=1e-8)
+    if accelerate is None:
+        for h, a in enumerate(_HEAD_ALPHAS):
+            ref = iterate(states[h], patterns, 2.0, a, max_iter=500)
+            assert torch.allclose(out.state[h], ref.state, atol=1e-10)
+        assert bool((out.energy_history.diff(dim=0) <= 1e-10).all())  # descent for every head's α
+
+
+def test_energy_and_retrieval_are_differentiable_in_a_per_head_alpha() -> None:
+    states, patterns, alpha = _per_head_case(3)
+    alpha = (alpha + 0.05).requires_grad_()  # away from α = 1 for the finite differences
+
+    def total(a: torch.Tensor) -> torch.Tensor:
+        return energy(states, patterns, 0.8, a).sum() + retrieve(states, patterns, 0.8, a).square().sum()
+
+    assert torch.autograd.gradcheck(total, (alpha,), eps=1e-6, atol=1e-6)
+
+
+def test_per_head_alpha_errors_name_alpha() -> None:
+    states, patterns, _ = _per_head_case()
+    with pytest.raises(ValueError, match="alpha must be >= 1"):
+        retrieve(states, patterns, 0.8, torch.tensor([[1.5], [0.5], [1.5], [1.5]]))
+    with pytest.raises(ValueError, match="alpha of shape"):
+        energy(states, patterns, 0.8, torch.ones(5, 1) * 1.5)
