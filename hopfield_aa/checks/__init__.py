@@ -87,3 +87,14 @@ __all__ = [
     "starting_states",
     "write_report",
 ]
+
+_REPORT_NAMES = frozenset({"VerifyConfig", "format_table", "run_verification", "write_report"})
+
+
+def __getattr__(name: str) -> object:
+    # The runner and the report import matplotlib and the trace loader: load them on first use.
+    if name in _REPORT_NAMES:
+        from hopfield_aa.checks import report
+
+        return getattr(report, name)
+    raise AttributeError(f"module 'hopfield_aa.checks' has no attribute {name!r}")
