@@ -15,6 +15,7 @@ from hopfield_aa.geometry import extrapolate, gag, ladder_extrapolate
 from hopfield_aa.guidance import (
     RULES,
     GAGAttnProcessor,
+    GuidanceConfig,
     attention_layers,
     disable_gag,
     enable_gag,
@@ -500,3 +501,62 @@ def test_bad_arguments_are_rejected_with_the_argument_named(unet):
         enable_gag(unet)
     assert guidance_handle(unet) is None
     assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
+
+
+# ------------------------------------------------------------------------------- α per layer and head
+
+
+def test_per_head_alpha_gives_each_head_its_own_sparse_retrieval():
+    """gag at λ = 0 is the sparse retrieval S; with α per head, head h is entmax_{α_h}(βQKᵀ)V."""
+    attn = cross_attention_module()
+    g = torch.Generator().manual_seed(6)
+    x, context = torch.randn(2, 7, 16, generator=g), torch.randn(2, 5, 8, generator=g)
+    alphas = (1.3, 2.0)
+    with torch.no_grad():
+        q, k, v = heads(attn.to_q(x), 2), heads(attn.to_k(context), 2), heads(attn.to_v(context), 2)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(8)
+        per_head = torch.stack([oracle_entmax(scores[:, h], a) @ v[:, h] for h, a in enumerate(alphas)], 1)
+        expected = attn.to_out[0](merge(per_head))
+        for alpha in (list(alphas), torch.tensor(alphas), {"*": alphas}):
+            with gag_guidance(attn, "gag", scale=0.0, alpha=alpha) as handle:
+                out = attn(x, encoder_hidden_states=context)
+                layer = handle.layers[0]
+                assert handle.alphas_for(layer)[1].flatten().tolist() == pytest.approx(alphas)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_per_layer_alpha_mapping_matches_guiding_each_layer_with_its_alpha(unet):
+    inputs = unet_inputs()
+    layers = [name for name, kind in attention_layers(unet).items() if kind == "cross"]
+    assert len(layers) >= 2
+    with gag_guidance(unet, "extrapolate", scale=2.0, alpha=2.0):
+        uniform = run(unet, inputs)
+    # every layer at α = 2 through the mapping: the same as alpha=2.0
+    with gag_guidance(unet, "extrapolate", scale=2.0, alpha={name: 2.0 for name in layers}) as handle:
+        mapped = run(unet, inputs)
+        assert all(handle.alphas_for(name) == (1.0, 2.0) for name in layers)
+    torch.testing.assert_close(mapped, uniform, rtol=1e-6, atol=1e-6)
+    # one layer at α = 2, the rest at the default 1.5: first matching pattern wins
+    with gag_guidance(unet, "extrapolate", scale=2.0, alpha={layers[0]: 2.0, "*": 1.5}) as handle:
+        mixed = run(unet, inputs)
+        assert handle.alphas_for(layers[0]) == (1.0, 2.0)
+        assert handle.alphas_for(layers[1]) == (1.0, 1.5)
+    with gag_guidance(unet, "extrapolate", scale=2.0):
+        default = run(unet, inputs)
+    assert not torch.allclose(mixed, uniform) and not torch.allclose(mixed, default)
+
+
+def test_layer_alphas_errors_are_named(unet):
+    with pytest.raises(ValueError, match="match no guided layer"):
+        enable_gag(unet, alpha={"no.such.layer": 2.0})
+    assert guidance_handle(unet) is None  # nothing left installed
+    with pytest.raises(ValueError, match=r"has 3 α values but layer .* has 2 heads|heads"):
+        enable_gag(cross_attention_module(), alpha=[1.5, 1.5, 1.5])
+    with pytest.raises(ValueError, match=r"layer_alphas\['\*'\].*alpha must be >= 1"):
+        enable_gag(unet, alpha={"*": 0.5})
+    with pytest.raises(ValueError, match=r"layer_alphas\['\*'\]"):
+        enable_gag(unet, alpha=[1.5, 0.9])
+    with pytest.raises(ValueError, match="layer_alphas sets the one sparse retrieval"):
+        GuidanceConfig(rule="ladder", layer_alphas={"*": 1.5})
+    with pytest.raises(TypeError, match="layer_alphas must be a mapping"):
+        GuidanceConfig(layer_alphas=[1.5])  # type: ignore[arg-type]

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, cast
 
+import numpy as np
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0, JointAttnProcessor2_0
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-from hopfield_aa._arrays import check_scalar
+from hopfield_aa._arrays import check_alpha, check_scalar
 from hopfield_aa.adapters import resolve_model
 from hopfield_aa.guidance.attention import ALL_ROWS
 from hopfield_aa.guidance.processors import GAGAttnProcessor, GAGFluxAttnProcessor, GAGJointAttnProcessor
@@ -128,6 +129,11 @@ class GuidanceConfig:
         Whether the denoiser's batch is a ``[uncond, cond]`` CFG batch; None (default) detects it at each
         call: the batch is a CFG batch when its two halves of ``sample`` are identical, as diffusers
         pipelines build it (``torch.cat([latents] * 2)``).
+    layer_alphas : mapping, optional
+        The sparse retrieval's α per layer: layer name or fnmatch pattern → a float α ≥ 1, or one α per
+        head (a sequence, NumPy array or 1-d tensor of the layer's head count). The first matching
+        pattern wins; other layers use ``alphas[1]``. Rules with one sparse retrieval only (gag,
+        extrapolate); each pattern must match a guided layer (checked when guidance is enabled).
     """
 
     rule: str = "gag"
@@ -139,6 +145,7 @@ class GuidanceConfig:
     steps: tuple[float, float] | None = None
     apply_to: str = "both"
     cfg_batch: bool | None = None
+    layer_alphas: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         rule = get_rule(self.rule)
@@ -173,6 +180,13 @@ class GuidanceConfig:
             raise ValueError(f"apply_to must be one of {APPLY_TO}, got {self.apply_to!r}")
         if self.cfg_batch is not None and not isinstance(self.cfg_batch, bool):
             raise TypeError(f"cfg_batch must be True, False or None, got {self.cfg_batch!r}")
+        if self.layer_alphas is not None:
+            if len(self.alphas) != 2:  # type: ignore[arg-type]
+                raise ValueError(
+                    f"layer_alphas sets the one sparse retrieval's α; rule {self.rule!r} has the ladder "
+                    f"{self.alphas} (use alphas=)"
+                )
+            set_(self, "layer_alphas", _check_layer_alphas(self.layer_alphas))
 
     @property
     def rule_spec(self) -> Rule:
@@ -185,7 +199,37 @@ class GuidanceConfig:
         opts = "".join(
             f", {k}={v:g}" if isinstance(v, float) else f", {k}={v}" for k, v in self.options.items()
         )
+        if self.layer_alphas:
+            alphas += " (per layer: " + ", ".join(self.layer_alphas) + ")"
         return f"{self.rule}(λ={self.scale:g}, α={alphas}{opts})"
+
+
+def _check_layer_alphas(value: object) -> dict[str, float | tuple[float, ...]]:
+    """``layer_alphas`` validated: pattern → float α, or a tuple of α per head (all ≥ 1, finite)."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"layer_alphas must be a mapping layer pattern -> alpha, got {type(value).__name__}")
+    out: dict[str, float | tuple[float, ...]] = {}
+    for pattern, alpha in value.items():
+        if not isinstance(pattern, str):
+            raise TypeError(f"layer_alphas keys must be layer names or patterns, got {pattern!r}")
+        name = f"layer_alphas[{pattern!r}]"
+        if isinstance(alpha, (torch.Tensor, np.ndarray)) and alpha.ndim == 0:
+            alpha = float(alpha)
+        if isinstance(alpha, (torch.Tensor, np.ndarray, Sequence)) and not isinstance(alpha, (str, bytes)):
+            raw = alpha.detach().cpu() if isinstance(alpha, torch.Tensor) else alpha
+            heads = torch.as_tensor(np.asarray(raw))
+            if heads.ndim != 1 or heads.numel() == 0 or heads.dtype == torch.bool:
+                raise ValueError(f"{name} must be a float or a non-empty 1-d sequence of α per head")
+            try:
+                out[pattern] = tuple(check_alpha(float(a)) for a in heads.tolist())
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        else:
+            try:
+                out[pattern] = check_alpha(alpha)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{name}: {exc}") from None
+    return out
 
 
 class GuidanceHandle:
@@ -214,6 +258,7 @@ class GuidanceHandle:
         self.config = config
         self.scheduler = scheduler
         self.alphas: tuple[float, ...] = tuple(config.alphas or ())
+        self._layer_alphas: dict[str, tuple[float | torch.Tensor, ...]] = {}
         self._function = config.rule_spec.function
         self._scale = float(config.scale)  # type: ignore[arg-type]
         self._options = dict(config.options)
@@ -228,6 +273,10 @@ class GuidanceHandle:
         self.layers: list[str] = []
 
     # ------------------------------------------------------------------------ read by the processors
+    def alphas_for(self, layer: str) -> tuple[float | torch.Tensor, ...]:
+        """The α ladder of ``layer``: its ``layer_alphas`` α (per head: (heads, 1, 1)) or ``alphas``."""
+        return self._layer_alphas.get(layer, self.alphas)
+
     def combine(self, retrievals: Sequence[torch.Tensor]) -> torch.Tensor:
         """The configured rule: ``rule(retrievals, scale, **options)``."""
         return self._function(retrievals, self._scale, **self._options)
@@ -257,6 +306,11 @@ class GuidanceHandle:
             self._originals[name] = (module, original)
             cast(Any, module).set_processor(guided)
         self.layers = [name for name, _ in targets]
+        try:
+            self._layer_alphas = _resolve_layer_alphas(self.config, targets)
+        except ValueError:
+            self.disable()
+            raise
         self._hook = self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
         _ACTIVE[self.model] = self
         return self
@@ -353,12 +407,42 @@ def _select(model: torch.nn.Module, patterns: tuple[str, ...] | None) -> list[tu
     return [(name, modules[name]) for name in chosen]
 
 
+def _resolve_layer_alphas(
+    config: GuidanceConfig, targets: list[tuple[str, torch.nn.Module]]
+) -> dict[str, tuple[float | torch.Tensor, ...]]:
+    """The α ladder of each guided layer that ``config.layer_alphas`` sets (first matching pattern)."""
+    if not config.layer_alphas:
+        return {}
+    resolved: dict[str, tuple[float | torch.Tensor, ...]] = {}
+    used: set[str] = set()
+    for name, module in targets:
+        for pattern, alpha in config.layer_alphas.items():
+            if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(f"{name}.processor", pattern):
+                used.add(pattern)
+                if isinstance(alpha, tuple):
+                    heads = getattr(module, "heads", None)
+                    if heads is not None and len(alpha) != heads:
+                        raise ValueError(
+                            f"layer_alphas[{pattern!r}] has {len(alpha)} α values but layer {name!r} has "
+                            f"{heads} heads"
+                        )
+                    resolved[name] = (1.0, torch.tensor(alpha, dtype=torch.float32).view(-1, 1, 1))
+                else:
+                    resolved[name] = (1.0, alpha)
+                break
+    unused = [p for p in config.layer_alphas if p not in used]
+    if unused:
+        guided = [n for n, _ in targets]
+        raise ValueError(f"layer_alphas pattern(s) {unused} match no guided layer (guided: {guided[:4]}...)")
+    return resolved
+
+
 def enable_gag(
     pipe_or_model: Any,
     rule: str = "gag",
     *,
     scale: float | None = None,
-    alpha: float | None = None,
+    alpha: float | Mapping[str, Any] | Sequence[float] | torch.Tensor | None = None,
     alphas: Sequence[float] | None = None,
     layers: str | Sequence[str] | None = None,
     timesteps: Sequence[float] | None = None,
@@ -392,8 +476,11 @@ def enable_gag(
     scale : float, optional
         λ ≥ 0, finite (default: the rule's, 1.0 for gag, 2.0 for extrapolate and ladder). λ = 0 leaves
         the stock attention; a negative λ would push away from the sparse retrieval and is rejected.
-    alpha : float, optional
-        The sparse retrieval's α (two-retrieval rules), default 1.5. Shorthand for ``alphas=(1, alpha)``.
+    alpha : float, mapping, sequence or tensor, optional
+        The sparse retrieval's α (two-retrieval rules), default 1.5. A float is shorthand for
+        ``alphas=(1, alpha)``; a mapping layer pattern → α (a float, or one α per head) is
+        :class:`GuidanceConfig`'s ``layer_alphas`` (e.g. a fitted α per layer); a sequence or 1-d tensor
+        is one α per head on every guided layer.
     alphas : sequence of float, optional
         The α ladder, dense first (the ladder rule's default is ``(1, 1.25, 1.5, 2)``).
     layers, timesteps, steps, apply_to, cfg_batch
@@ -423,10 +510,16 @@ def enable_gag(
     >>> images = pipe(prompts, num_inference_steps=20, guidance_scale=1.0)  # doctest: +SKIP
     >>> disable_gag(pipe)  # doctest: +SKIP
     """
+    layer_alphas: Mapping[str, Any] | None = None
     if alpha is not None:
         if alphas is not None:
             raise ValueError("pass alpha or alphas, not both")
-        alphas = (1.0, check_scalar(alpha, "alpha"))
+        if isinstance(alpha, Mapping):
+            layer_alphas = alpha
+        elif isinstance(alpha, (torch.Tensor, np.ndarray, Sequence)) and not isinstance(alpha, (str, bytes)):
+            layer_alphas = {"*": alpha}
+        else:
+            alphas = (1.0, check_scalar(alpha, "alpha"))
     config = GuidanceConfig(
         rule=rule,
         scale=scale,
@@ -437,6 +530,7 @@ def enable_gag(
         steps=None if steps is None else tuple(steps),  # type: ignore[arg-type]
         apply_to=apply_to,
         cfg_batch=cfg_batch,
+        layer_alphas=layer_alphas,
     )
     return enable_config(pipe_or_model, config, scheduler=scheduler)
 

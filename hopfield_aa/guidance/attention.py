@@ -30,7 +30,10 @@ def _mask_block(mask: torch.Tensor | None, rows: slice, cols: slice) -> torch.Te
 
 
 def retrievals(
-    scores: torch.Tensor, value: torch.Tensor, alphas: Sequence[float], dense: torch.Tensor | None = None
+    scores: torch.Tensor,
+    value: torch.Tensor,
+    alphas: Sequence[float | torch.Tensor],
+    dense: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     r"""The retrievals :math:`\mathrm{entmax}_{\alpha_i}(Z)\,V` for an α ladder (α_0 = 1: softmax).
 
@@ -39,8 +42,8 @@ def retrievals(
     scores : tensor, shape (batch, heads, queries, keys)
         ``β Q Kᵀ`` plus any additive mask (``-inf`` for masked keys).
     value : tensor, shape (batch, heads, keys, d)
-    alphas : sequence of float
-        The ladder, ``alphas[0] == 1``.
+    alphas : sequence of float or tensor
+        The ladder, ``alphas[0] == 1``; an entry may be a tensor of shape (heads, 1, 1): one α per head.
     dense : tensor, shape (batch, heads, queries, d), optional
         The α = 1 retrieval when already computed.
 
@@ -50,7 +53,14 @@ def retrievals(
     """
     if dense is None:
         dense = torch.softmax(scores, dim=-1) @ value
-    return [dense, *(_entmax_tensor(scores, alpha, -1) @ value for alpha in alphas[1:])]
+    return [dense, *(_entmax_tensor(scores, _on(alpha, scores), -1) @ value for alpha in alphas[1:])]
+
+
+def _on(alpha: float | torch.Tensor, scores: torch.Tensor) -> float | torch.Tensor:
+    """α as the scores' kernel takes it: a float, or a per-head tensor on their device and dtype."""
+    if isinstance(alpha, torch.Tensor):
+        return alpha.to(device=scores.device, dtype=scores.dtype)
+    return alpha
 
 
 def guided_attention(
@@ -58,7 +68,7 @@ def guided_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     combine: Combine,
-    alphas: Sequence[float],
+    alphas: Sequence[float | torch.Tensor],
     *,
     scale: float,
     attention_mask: torch.Tensor | None = None,
@@ -114,7 +124,7 @@ def guided_joint_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     combine: Combine,
-    alphas: Sequence[float],
+    alphas: Sequence[float | torch.Tensor],
     *,
     image: slice,
     text: slice,

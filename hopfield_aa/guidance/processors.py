@@ -28,6 +28,9 @@ class GuidanceSession(Protocol):
     active: bool
     text_tokens: int | None
 
+    def alphas_for(self, layer: str) -> tuple[float | torch.Tensor, ...]:
+        """The α ladder of one layer (dense first); a per-head α is a tensor of shape (heads, 1, 1)."""
+
     def combine(self, retrievals: Sequence[torch.Tensor]) -> torch.Tensor:
         """The configured rule applied to the retrievals (dense first)."""
 
@@ -81,7 +84,7 @@ class GAGAttnProcessor(_GuidanceProcessor):
             inputs.key,
             inputs.value,
             self.session.combine,
-            self.session.alphas,
+            self.session.alphas_for(self.layer),
             scale=inputs.head_dim**-0.5,  # as F.scaled_dot_product_attention in AttnProcessor2_0
             attention_mask=inputs.attention_mask,
             rows=self.session.rows(inputs.batch_size),
@@ -163,7 +166,7 @@ class GAGJointAttnProcessor(_GuidanceProcessor):
             key,
             value,
             self.session.combine,
-            self.session.alphas,
+            self.session.alphas_for(self.layer),
             image=slice(0, n_image),
             text=slice(n_image, query.shape[2]),
             rows=self.session.rows(batch_size),
@@ -244,7 +247,7 @@ class GAGFluxAttnProcessor(_GuidanceProcessor):
             key.transpose(1, 2),
             value.transpose(1, 2),
             self.session.combine,
-            self.session.alphas,
+            self.session.alphas_for(self.layer),
             image=slice(n_text, n_tokens),
             text=slice(0, n_text),
             attention_mask=attention_mask,
