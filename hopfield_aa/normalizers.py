@@ -278,7 +278,7 @@ def _fill_support_edge(
 # --------------------------------------------------------------------------------------------------
 
 
-def _candidate_reach(alpha: float) -> float:
+def _candidate_reach(alpha: Any) -> Any:
     """How far below the row maximum a score can lie and still be in the support.
 
     The threshold never drops below the left end of its bracket, τ ≥ (α−1) max z − 1 (λ ≥ max z in
@@ -287,11 +287,17 @@ def _candidate_reach(alpha: float) -> float:
     return 1.0 / (alpha - 1.0)
 
 
-def _solve_compact(u: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _solve_compact(u: torch.Tensor, alpha: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """α-entmax of the compacted candidate rows ``u`` (shifted scores, max 0, padding −inf).
 
-    Returns (p of the same shape, λ relative to the row maximum).
+    Returns (p of the same shape, λ relative to the row maximum). A tensor ``alpha`` (rows, 1) is one
+    α > 1 per row (the batched Newton kernel; float64 for α > 2 as below).
     """
+    if isinstance(alpha, torch.Tensor):
+        if u.dtype != torch.float64 and bool((alpha > 2.0).any()):
+            p64, lam64 = _entmax_rows_alpha(u.double(), alpha.double())
+            return p64.to(u.dtype), lam64.to(u.dtype)
+        return _entmax_rows_alpha(u, alpha)
     if alpha == 2.0 or alpha == 1.5:
         # u = (α−1)(z − max z), then p = [u − τ]_+^{1/(α−1)}
         if alpha == 1.5:
@@ -314,7 +320,9 @@ def _solve_compact(u: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.T
     return p64.to(u.dtype), lam64.to(u.dtype)
 
 
-def _forward_block(zb: torch.Tensor, alpha: float, pb: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+def _forward_block(
+    zb: torch.Tensor, alpha: float | torch.Tensor, pb: torch.Tensor, buf: torch.Tensor
+) -> torch.Tensor:
     """α-entmax of the contiguous rows ``zb`` into ``pb`` (zero-filled); returns λ (score units, keepdim).
 
     Only the candidates z_i > max z − 1/(α−1) can be in the support (:func:`_candidate_reach`); in
@@ -329,7 +337,7 @@ def _forward_block(zb: torch.Tensor, alpha: float, pb: torch.Tensor, buf: torch.
     any_dead = bool(dead.any())
     if any_dead:
         top = top.masked_fill(dead, 0.0)
-    if n < _COMPACT_MIN_N and alpha in (1.5, 2.0):
+    if n < _COMPACT_MIN_N and not isinstance(alpha, torch.Tensor) and alpha in (1.5, 2.0):
         # short rows: the compaction costs more than it saves (measured), solve on the full rows
         u = torch.sub(zb, top, out=pb)
         p, lam = _solve_compact(u, alpha)
@@ -374,7 +382,8 @@ def _forward_block(zb: torch.Tensor, alpha: float, pb: torch.Tensor, buf: torch.
         u = torch.full((g_rows * k,), -math.inf, dtype=zb.dtype, device=zb.device)
         u.index_copy_(0, pos, v)
         u = u.view(g_rows, k).sub_(t)
-        p, lam = _solve_compact(u, alpha)
+        a_g = alpha[group] if isinstance(alpha, torch.Tensor) and group is not None else alpha
+        p, lam = _solve_compact(u, a_g)
         p_g = p.reshape(-1).index_select(0, pos)
         if group is None:
             p_vals, lam_b = p_g, lam + t
@@ -742,16 +751,19 @@ def _entmax_rows_alpha(z: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tens
     width_tol = 4 * eps * hi
     polished = torch.zeros_like(top, dtype=torch.bool)
     p = torch.empty_like(z)
+    x = torch.empty_like(z)
+    q = torch.empty_like(z)
     for it in range(_MAX_NEWTON_ITER):
-        x = (u - lam * am1).clamp_(min=-1.0)
-        p = torch.exp(torch.log1p(x) * expo)
+        torch.sub(u, lam * am1, out=x).clamp_(min=-1.0)
+        torch.mul(torch.log1p(x, out=q), expo, out=p).exp_()
         f_sum = p.sum(-1, keepdim=True)
         converged = (f_sum - 1).abs() <= tol
         done = (converged & polished) | (hi - lo <= width_tol) | dead
         if bool(done.all()) or it == _MAX_NEWTON_ITER - 1:
             break
         polished = converged
-        g_sum = torch.where(x > -1.0, p / (1.0 + x), 0.0).sum(-1, keepdim=True)  # Σ p^{2−α}
+        # Σ p^{2−α}, with p^{2−α} = p/(1 + x) on the support
+        g_sum = torch.div(p, x.add_(1.0), out=q).nan_to_num_(nan=0.0).sum(-1, keepdim=True)
         log_f = f_sum.log()
         step = torch.expm1(am1 * log_f) / am1 * torch.exp((1.0 - am1) * log_f) / g_sum
         lo = torch.where(f_sum >= 1, torch.maximum(lo, lam), lo)
@@ -802,13 +814,21 @@ def _forward_alpha(scores: torch.Tensor, alpha: torch.Tensor, dim: int) -> tuple
             probs[soft], lam[soft] = torch.exp(rows[soft] - lse), lse
         rest = (~soft).nonzero().squeeze(-1)
         if rest.numel() > 0:
-            sub, a_sub = rows.index_select(0, rest), a_rows.index_select(0, rest)
-            if sub.dtype != torch.float64 and bool((a_sub > 2.0).any()):
-                # as the float-α kernel: α > 2 amplifies the rounding near the threshold, use float64
-                p64, lam64 = _entmax_rows_alpha(sub.double(), a_sub.double())
-                probs[rest], lam[rest] = p64.to(sub.dtype), lam64.to(sub.dtype)
+            # the blocked, compacting kernel of the float-α path with one α per row
+            if rest.numel() == rows.shape[0]:
+                sub, a_sub = rows.contiguous(), a_rows
             else:
-                probs[rest], lam[rest] = _entmax_rows_alpha(sub, a_sub)
+                sub, a_sub = rows.index_select(0, rest), a_rows.index_select(0, rest)
+            p_sub = torch.zeros_like(sub)
+            lam_sub = torch.empty_like(sub[:, :1])
+            block = max(1, _BLOCK_ELEMENTS_GENERAL // max(n, 1))
+            buf = torch.empty_like(sub[:block])
+            for start in range(0, sub.shape[0], block):
+                stop = min(start + block, sub.shape[0])
+                lam_sub[start:stop] = _forward_block(
+                    sub[start:stop], a_sub[start:stop], p_sub[start:stop], buf[: stop - start]
+                )
+            probs[rest], lam[rest] = p_sub, lam_sub
     probs = probs.reshape(shape).movedim(-1, dim)
     lam = lam.reshape((*shape[:-1], 1)).movedim(-1, dim)
     return probs, lam
