@@ -1,4 +1,4 @@
-"""Anderson acceleration AA(m) of fixed-point maps (THEORY.md §4): the batched, safeguarded solver
+"""Anderson acceleration AA(m) of fixed-point maps (papers/theory.md §5, §12): the batched, safeguarded solver
 :func:`anderson`, the single mixing step :func:`anderson_step`, and :func:`spectral_radius`.
 """
 
@@ -250,7 +250,7 @@ def anderson_step(
     r"""One Anderson (type-II) mixing step from the last m + 1 iterates and map values.
 
     With residuals f_i = g_i − x_i (oldest first, i = 0..m) and the difference columns
-    ΔF = [f_1 − f_0, …, f_m − f_{m−1}], ΔX and ΔG likewise, the step is (THEORY.md §4)
+    ΔF = [f_1 − f_0, …, f_m − f_{m−1}], ΔX and ΔG likewise, the step is (papers/theory.md §5)
 
     .. math::
 
@@ -264,7 +264,7 @@ def anderson_step(
     (so S = D gives the plain step, finite), and a column that is numerically dependent on the ones
     before it is dropped.
 
-    Extrapolation is AA(1) (THEORY.md §4): with ``xs = [ξ, ξ]``, ``gs = [D(ξ), S(ξ)]`` and
+    Extrapolation is AA(1) (papers/theory.md §5): with ``xs = [ξ, ξ]``, ``gs = [D(ξ), S(ξ)]`` and
     ``gamma = 1 − λ`` the step is exactly P_λ(ξ) = D + λ (S − D); the least-squares γ* gives the
     Anderson-optimal scale λ* = 1 − γ*.
 
@@ -494,7 +494,7 @@ def spectral_radius(
     evaluation each) or an exact Jacobian–vector product by ``torch.func.jvp`` (``method="jvp"``,
     g must be a torch function). A fixed point x* of g is linearly stable (attracting for plain
     iteration) when ρ(J_g(x*)) < 1. For a symmetric J (the Hopfield map:
-    J = β Xᵀ (diag p − p pᵀ) X, THEORY.md §2) each ‖J v_k‖ is a lower bound on ρ; for a non-normal J
+    J = β Xᵀ (diag p − p pᵀ) X, papers/theory.md §4) each ‖J v_k‖ is a lower bound on ρ; for a non-normal J
     it converges to ρ only as k grows, and a complex dominant pair makes it oscillate.
 
     Parameters
@@ -583,7 +583,7 @@ def anderson(
 ) -> AndersonResult:
     r"""Find fixed points x = g(x) of a batch of independent problems by Anderson acceleration AA(m).
 
-    Type-II Anderson acceleration (Walker & Ni 2011; THEORY.md §4). With f_k = g(x_k) − x_k and the
+    Type-II Anderson acceleration (Walker & Ni 2011; papers/theory.md §5). With f_k = g(x_k) − x_k and the
     last m differences ΔF = [f_{k−m+1} − f_{k−m}, …, f_k − f_{k−1}] (ΔX likewise), each row solves
 
     .. math::
