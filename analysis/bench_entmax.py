@@ -149,6 +149,75 @@ def bench_shape(shape: tuple[int, int], alphas: list[float], repeats: int) -> li
     return rows
 
 
+ALPHA_OUT = OUT.with_name("bench_entmax_alpha.md")
+ALPHA_SHAPES = [(8192, 77), (2048, 1024)]
+
+
+def _alpha_cases(
+    z: torch.Tensor, g: torch.Tensor, per_row: torch.Tensor, per_head: torch.Tensor
+) -> dict[tuple[str, str], Callable[[], object]]:
+    """The timed calls of :func:`alpha_table` for one input."""
+
+    def with_grad(a: torch.Tensor) -> Callable[[], object]:
+        def run() -> None:
+            x, alpha = z.detach().requires_grad_(True), a.detach().requires_grad_(True)
+            _entmax_tensor(x, alpha, -1).backward(g)
+
+        return run
+
+    def package_grad() -> None:
+        x, alpha = z.detach().requires_grad_(True), per_row.detach().requires_grad_(True)
+        entmax_pkg.entmax_bisect(x, alpha, -1).backward(g)
+
+    return {
+        ("forward", "shared"): lambda: _entmax_tensor(z, 1.3, -1),
+        ("forward", "head"): lambda: _entmax_tensor(z, per_head, -1),
+        ("forward", "row"): lambda: _entmax_tensor(z, per_row, -1),
+        ("forward", "package"): lambda: entmax_pkg.entmax_bisect(z, per_row, -1),
+        ("forward+backward", "shared"): lambda: forward_backward(lambda x: _entmax_tensor(x, 1.3, -1), z, g),
+        ("forward+backward", "head"): with_grad(per_head),
+        ("forward+backward", "row"): with_grad(per_row),
+        ("forward+backward", "package"): package_grad,
+    }
+
+
+def alpha_table(shapes: list[tuple[int, int]], repeats: int) -> list[str]:
+    """α as a tensor: one α per row (all distinct, the batched Newton kernel) and one per head (8 values,
+    the float-α kernel per group) against one shared α = 1.3, forward and forward+backward (the tensor
+    α requires grad there: ∂/∂α is computed too); the package's entmax_bisect with the per-row α beside."""
+    lines = [
+        "",
+        "## α per row / per head vs one shared α (float32, scores = 2·N(0,1), α in [1.2, 1.4])",
+        "",
+        "| shape | pass | shared α ms | per-head α ms | per-head / shared | per-row α ms | per-row / shared "
+        "| package per-row ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for shape in shapes:
+        gen = torch.Generator().manual_seed(1)
+        z = LOGIT_SCALE * torch.randn(shape, generator=gen)
+        g = torch.randn(shape, generator=gen)
+        n_rows = shape[0]
+        per_row = 1.2 + 0.2 * torch.rand(n_rows, 1, generator=gen)
+        per_head = (1.2 + 0.2 * torch.arange(8.0) / 7).repeat(n_rows // 8).view(n_rows, 1)
+
+        cases = _alpha_cases(z, g, per_row, per_head)
+        times: dict[tuple[str, str], list[float]] = {k: [] for k in cases}
+        for fn in cases.values():  # warm-up
+            fn()
+        for _ in range(repeats):
+            for key, fn in cases.items():
+                times[key].append(timed(fn))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        for mode in ("forward", "forward+backward"):
+            shared, head, row = med[(mode, "shared")], med[(mode, "head")], med[(mode, "row")]
+            lines.append(
+                f"| {shape[0]}×{shape[1]} | {mode} | {shared:.1f} | {head:.1f} | {head / shared:.2f}× "
+                f"| {row:.1f} | {row / shared:.2f}× | {med[(mode, 'package')]:.1f} |"
+            )
+    return lines
+
+
 def dtype_table(n_rows: int) -> list[str]:
     gen = torch.Generator().manual_seed(1)
     z = 100.0 * torch.randn(n_rows, 77, generator=gen)
@@ -188,7 +257,30 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes and few repeats")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (median taken)")
+    parser.add_argument(
+        "--alpha-only", action="store_true", help=f"only the tensor-α section, written to {ALPHA_OUT.name}"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.alpha_only:
+        load = os.getloadavg()
+        text = "\n".join(
+            [
+                "# entmax benchmark: α as a tensor (hopfield_aa.normalizers)",
+                "",
+                f"- torch {torch.__version__}, {args.threads} thread(s), median process CPU time of "
+                f"{args.repeats or 5} interleaved rounds; load average before {fmt_load(load)} on "
+                f"{os.cpu_count()} shared cores",
+                *alpha_table(ALPHA_SHAPES, args.repeats or 5),
+            ]
+        )
+        print(text)
+        ALPHA_OUT.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=ALPHA_OUT.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text + "\n")
+        os.replace(tmp, ALPHA_OUT)
+        return
     torch.set_num_threads(args.threads)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     repeats = args.repeats or (3 if args.quick else 7)
@@ -206,6 +298,7 @@ def main() -> None:
         "Rows with any NaN, and max |·| vs float64 of the same half-precision inputs.",
         "",
         *dtype_table(256 if args.quick else 4096),
+        *alpha_table(QUICK_SHAPES if args.quick else ALPHA_SHAPES, repeats),
     ]
     load_after = os.getloadavg()
     compile_line = "; ".join(f"{k}: {w:.1f} s wall, {c:.1f} s CPU" for k, (w, c) in COMPILE_COST.items())

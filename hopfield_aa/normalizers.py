@@ -834,21 +834,32 @@ def _forward_alpha(scores: torch.Tensor, alpha: torch.Tensor, dim: int) -> tuple
     return probs, lam
 
 
-def _entmax_alpha_derivative(probs: torch.Tensor, alpha: torch.Tensor, dim: int) -> torch.Tensor:
-    """∂p/∂α of α-entmax in closed form (Correia et al. 2019, appendix), computed in float64.
+def _alpha_grad_dtype(probs: torch.Tensor, alpha: torch.Tensor) -> torch.dtype:
+    """Where ∂p/∂α is computed: float64, or float32 when every α − 1 ≥ 0.1 (the closed form's
+    cancellation then costs at most eps/(α−1)² ≈ 1e-5 relative)."""
+    if probs.dtype == torch.float64 or float((alpha.detach() - 1.0).min()) < 0.1:
+        return torch.float64
+    return probs.dtype
 
-    With ε = α − 1, s_i = p_i^{2−α} on the support, s̃ = s/Σs and H = Σ p log p:
+
+def _entmax_alpha_derivative(
+    probs: torch.Tensor, alpha: torch.Tensor, dim: int, s: torch.Tensor | None = None
+) -> torch.Tensor:
+    """∂p/∂α of α-entmax in closed form (Correia et al. 2019, appendix), in the dtype of ``probs``.
+
+    With ε = α − 1, s_i = p_i^{2−α} on the support (``s`` if given), s̃ = s/Σs and H = Σ p log p:
     ``∂p/∂α = (p − s̃)/ε² − (p log p − s̃ H)/ε``; at α → 1 its limit ``p (Σ p log²p − log²p)/2``.
-    Each row of the result sums to 0.
+    Each row of the result sums to 0. Call it in float64 where α is near 1 (:func:`_alpha_grad_dtype`).
     """
-    p = probs.double()
-    a = alpha.double()
+    p = probs
+    a = alpha.to(p.dtype)
     eps = a - 1.0
     support = p > 0
     logp = torch.where(support, p, 1.0).log() * support
     plogp = p * logp
     ent = plogp.sum(dim, keepdim=True)
-    s = torch.where(support, p, 1.0).pow(2.0 - a) * support
+    if s is None:
+        s = jacobian_weights(p, a)
     s_tilde = s / s.sum(dim, keepdim=True)
     near = eps < _ALPHA_GRAD_LIMIT
     e = torch.where(near, 1.0, eps)
@@ -870,13 +881,18 @@ class _EntmaxAlphaFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
         probs, alpha = ctx.saved_tensors
-        g = grad_output.to(probs.dtype)
+        a = alpha.detach()
+        dim = ctx.dim
+        work = _alpha_grad_dtype(probs, a) if ctx.needs_input_grad[1] else probs.dtype
+        p, g, a_w = probs.to(work), grad_output.to(work), a.to(work)
+        s = jacobian_weights(p, a_w)  # shared by both gradients
         grad_z = grad_a = None
         if ctx.needs_input_grad[0]:
-            grad_z = _jvp_tensor(probs, g, alpha.detach().to(probs.dtype), ctx.dim).to(grad_output.dtype)
+            sg = s * g
+            grad_z = (sg - s * (sg.sum(dim, keepdim=True) / s.sum(dim, keepdim=True))).to(grad_output.dtype)
         if ctx.needs_input_grad[1]:
-            dp = _entmax_alpha_derivative(probs, alpha.detach(), ctx.dim)
-            grad_a = (g.double() * dp).sum(ctx.dim, keepdim=True).to(alpha.dtype)
+            dp = _entmax_alpha_derivative(p, a_w, dim, s)
+            grad_a = (g * dp).sum(dim, keepdim=True).to(alpha.dtype)
         return grad_z, grad_a, None
 
 
