@@ -218,11 +218,14 @@ def plot_alignment_vs_fd(results: dict, path: Path, fd_floor: float) -> None:
                 for s in scales
             ]
         )
+        # percentile intervals of a biased statistic (FD) need not contain the point estimate: clip at 0
+        xerr = np.clip([fd[:, 0] - fd[:, 1], fd[:, 2] - fd[:, 0]], 0.0, None)
+        yerr = np.clip([acc[:, 0] - acc[:, 1], acc[:, 2] - acc[:, 0]], 0.0, None)
         ax.errorbar(
             fd[:, 0],
             acc[:, 0],
-            xerr=[fd[:, 0] - fd[:, 1], fd[:, 2] - fd[:, 0]],
-            yerr=[acc[:, 0] - acc[:, 1], acc[:, 2] - acc[:, 0]],
+            xerr=xerr,
+            yerr=yerr,
             marker=marker,
             capsize=3,
             label=f"{SPLIT_NAME[cell[0]]} {cell[1]}",
@@ -378,6 +381,7 @@ def main() -> int:
             plot_progress(history, path.with_suffix(".png"))
         return 0
 
+    write_json(Path(args.out).with_suffix(".json"), summary_json())
     validation = reader_validation(pipe, 500, args.seed)
     FIGURES.mkdir(parents=True, exist_ok=True)
     grid_seeds = [0, 1, 2, 3, 4, 5]
