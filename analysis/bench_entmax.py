@@ -268,6 +268,7 @@ def main() -> None:
             [
                 "# entmax benchmark: α as a tensor (hopfield_aa.normalizers)",
                 "",
+                "- regenerate: `python analysis/bench_entmax.py --alpha-only`",
                 f"- torch {torch.__version__}, {args.threads} thread(s), median process CPU time of "
                 f"{args.repeats or 5} interleaved rounds; load average before {fmt_load(load)} on "
                 f"{os.cpu_count()} shared cores",

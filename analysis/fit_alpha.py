@@ -8,7 +8,8 @@ Then what GAG does with the fitted α against α = 1.5, on the same traces (valu
 query): the residual ‖S V − D V‖ relative to ‖D V‖ and the GAG update ‖G − S‖ (λ = 1, ζ = 0).
 
 Reads ``hopfield_aa/data/traces/cross`` (Q/K/V per head; the model itself is not sampled). Writes
-``analysis/results/fit_alpha.{json,md,png}``. Run: ``python analysis/fit_alpha.py [--target 0.8]``.
+``analysis/results/fit_alpha.{json,md}`` and ``analysis/figures/fit_alpha.png``.
+Run: ``python analysis/fit_alpha.py [--target 0.8]``.
 The fitted α of a layer is what ``enable_gag(pipe, alpha={layer: (α_h0, α_h1, ...)})`` takes.
 """
 
@@ -28,6 +29,7 @@ from hopfield_aa.traces import TraceSet
 ROOT = Path(__file__).resolve().parent.parent
 TRACES = ROOT / "hopfield_aa" / "data" / "traces" / "cross"
 OUT = Path(__file__).resolve().parent / "results"
+FIGURES = Path(__file__).resolve().parent / "figures"
 
 
 def load(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]:
@@ -141,7 +143,8 @@ def main() -> None:
         print(table[-1], flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "fit_alpha.json").write_text(json.dumps({"target": args.target, "layers": rows}, indent=1) + "\n")
-    figure(layers, fitted, OUT / "fit_alpha.png", args.target)
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    figure(layers, fitted, FIGURES / "fit_alpha.png", args.target)
     md = [
         f"# α per head fitted to a {args.target:.0%} softmax overlap (bundled cross-attention traces)",
         "",
@@ -155,7 +158,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
         *table,
         "",
-        "![fitted α](fit_alpha.png)",
+        "![fitted α](../figures/fit_alpha.png)",
     ]
     (OUT / "fit_alpha.md").write_text("\n".join(md) + "\n")
     print(f"wrote {OUT / 'fit_alpha.md'}")
