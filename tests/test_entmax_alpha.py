@@ -233,3 +233,20 @@ def test_half_precision_with_tensor_alpha() -> None:
     p = entmax(z.half(), alpha)
     assert p.dtype == torch.float16
     assert torch.allclose(p.float(), entmax(z.half().float(), alpha), atol=1e-3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(_scores, st.floats(1e-9, 1e-2))
+def test_alpha_near_one_is_softmax_to_first_order(scores: np.ndarray, eps: float) -> None:
+    """|entmax_{1+ε}(z) − softmax(z)| ≤ C ε per entry, and ∂p/∂α at 1 + ε is within C ε of its α = 1
+    limit p (Σ p log²p − log²p)/2 (scores in [−4, 4], at most 9 entries: C = 10 is generous)."""
+    z = torch.from_numpy(scores)
+    soft = torch.softmax(z, -1)
+    alpha = torch.full((z.shape[0],), 1 + eps, dtype=_f64, requires_grad=True)
+    p = entmax(z, alpha)
+    assert float((p.detach() - soft).abs().max()) <= 10 * eps + 1e-12
+    logp = soft.log()
+    limit = soft * ((soft * logp * logp).sum(-1, keepdim=True) - logp * logp) / 2
+    weights = torch.linspace(-1, 1, z.shape[1], dtype=_f64)
+    (grad,) = torch.autograd.grad((p * weights).sum(), alpha)
+    assert torch.allclose(grad, (limit * weights).sum(-1), rtol=0, atol=10 * eps + 1e-5)
