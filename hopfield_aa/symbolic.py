@@ -584,9 +584,10 @@ def conjugate_gradient_is_entmax(
 
     On a fixed support, with :math:`p_i = ((\alpha-1)z_i - \tau)^{1/(\alpha-1)}` and τ(z) defined
     implicitly by :math:`\sum p_i = 1`, the closed form
-    :math:`\Psi^*_\alpha(z) = \sum p_i^\alpha/\alpha + \tau/(\alpha-1) + 1/(\alpha(\alpha-1))` (papers/theory.md §1) is
-    differentiated, dτ/dz coming from implicit differentiation. The residual is ``∇Ψ* − p``. By the chain
-    rule this gives :math:`\nabla E_\alpha(\xi) = \xi - X^\top\mathrm{entmax}_\alpha(\beta X\xi)` for every α.
+    :math:`\Psi^*_\alpha(z) = \sum p_i^\alpha/\alpha + \tau/(\alpha-1) + 1/(\alpha(\alpha-1))`
+    (papers/theory.md §1) is differentiated, dτ/dz coming from implicit differentiation. The residual is
+    ``∇Ψ* − p``. By the chain rule this gives
+    :math:`\nabla E_\alpha(\xi) = \xi - X^\top\mathrm{entmax}_\alpha(\beta X\xi)` for every α.
 
     Parameters
     ----------

@@ -1162,7 +1162,9 @@ def check_orthogonal_error(
     rule : callable, optional
         ``rule(dense, sparse, scale, zeta, eta, reference, state)``, default the GAG kernel.
 
-    See :func:`check_orthogonal_errors` for several ζ in one batched solve.
+    Notes
+    -----
+    :func:`check_orthogonal_errors` checks several ζ in one batched solve.
     """
     return check_orthogonal_errors(
         case,
