@@ -34,7 +34,7 @@ from hopfield_aa.hopfield import _local_lipschitz, _retrieve
 F64 = torch.float64
 ZETAS = (0.0, 0.5, 1.0)
 ROOT = Path(__file__).resolve().parents[1]
-OLD_COUNTEREXAMPLES = ROOT / "analysis" / "results" / "reference_traces_counterexamples"
+OLD_COUNTEREXAMPLES = ROOT / "analysis" / "results" / "reference_traces_counterexamples" / "previous_model"
 
 
 def memory(seed: int, n: int, d: int, beta: float, states: int = 6) -> Case:
