@@ -1,5 +1,6 @@
-"""Separation maps of THEORY.md §1: softmax, sparsemax, 1.5-entmax and α-entmax for any α ≥ 1 (sort-free
-exact solvers, sort-based references), their Jacobians, Jacobian-vector products, thresholds and conjugates.
+"""Separation maps of papers/theory.md §1: softmax, sparsemax, 1.5-entmax and α-entmax for any α ≥ 1
+(sort-free exact solvers, sort-based references), their Jacobians, Jacobian-vector products, thresholds
+and conjugates.
 """
 
 # Conventions. For α > 1, p_i = [(α−1) z_i − τ]_+^{1/(α−1)} with Σ p = 1. Internally the threshold is
@@ -668,7 +669,7 @@ def _forward(
 
 
 def jacobian_weights(probs: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
-    """The weights ``s`` of the entmax Jacobian ``J = diag(s) − s sᵀ/Σs`` (THEORY.md §1).
+    """The weights ``s`` of the entmax Jacobian ``J = diag(s) − s sᵀ/Σs`` (papers/theory.md §1).
 
     ``s = p`` for softmax (α = 1) and ``s_i = p_i^{2−α}`` on the support, 0 off it, for α > 1
     (sparsemax: the support indicator; α = 1.5: ``√p``). Tensor in, tensor out, no validation.
@@ -1062,7 +1063,7 @@ def _validated(scores: object, alpha: object, dim: object) -> tuple[torch.Tensor
 
 
 def entmax(scores: ArrayLike, alpha: float | ArrayLike = 1.5, dim: int = -1) -> ArrayLike:
-    r"""α-entmax: the maximiser over the simplex of ⟨p, z⟩ − Ω_α(p) (THEORY.md §1).
+    r"""α-entmax: the maximiser over the simplex of ⟨p, z⟩ − Ω_α(p) (papers/theory.md §1).
 
     ``p_i = [(α−1) z_i − τ]_+^{1/(α−1)}`` with τ such that Σ p = 1 (α > 1); softmax at α = 1,
     sparsemax (Euclidean projection onto the simplex) at α = 2, exact 1.5-entmax at α = 1.5, and

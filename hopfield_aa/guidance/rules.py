@@ -180,7 +180,7 @@ def gag_rule(
     r"""GAG: :math:`G = S + \lambda(\mathrm{clip}_\eta(r_\parallel) + \zeta r_\perp)`, r = S - D.
 
     Geometry-Aware Attention Guidance, with ``r`` split relative to the reference ``u`` (the sparse
-    retrieval ``S`` by default, or the dense one ``D``), per head and query token (THEORY.md §3).
+    retrieval ``S`` by default, or the dense one ``D``), per head and query token (papers/theory.md §8).
     ζ = 0, η = ∞ is the parallel-only rule; ζ = 1, η = ∞ the full residual (``= P_{λ+1}``); ζ = 1, η = 0
     keeps only the orthogonal part.
     """
@@ -204,7 +204,7 @@ def extrapolate_rule(retrievals: Sequence[torch.Tensor], scale: float) -> torch.
     r"""Sparse-vs-dense extrapolation (PLADIS-style): :math:`P_\lambda = D + \lambda (S - D)`.
 
     λ = 0 is the stock dense attention, λ = 1 the sparse one; λ > 1 extrapolates (a depth-1 Anderson
-    step with γ = 1 - λ, THEORY.md §4).
+    step with γ = 1 - λ, papers/theory.md §5).
     """
     dense, sparse = retrievals
     return _extrapolate(dense, sparse, scale)
@@ -217,7 +217,7 @@ def ladder_rule(
 
     The retrievals at α_0 = 1 < α_1 < … < α_m are read as successive iterates of a sparsifying map; the
     least-squares Anderson step over them (depth m - 1, per head and query token) estimates the ladder's
-    limit ``A`` (THEORY.md §4, "deeper variants"). Two rungs reduce to :func:`extrapolate_rule`.
+    limit ``A`` (papers/theory.md §12). Two rungs reduce to :func:`extrapolate_rule`.
     """
     return _ladder_extrapolate(retrievals, scale, regularization)
 
