@@ -242,3 +242,21 @@ def test_enable_gag_twice_raises_runtime_error_as_documented(pipe) -> None:
             enable_gag(pipe)
     finally:
         disable_gag(pipe)
+
+
+def test_gag_guider_on_the_bundled_reference_pipeline_matches_enable_gag_and_restores_it() -> None:
+    from hopfield_aa.guidance import gag_guidance
+    from hopfield_aa.guidance.guiders import GAGGuidance
+    from hopfield_aa.reference.pipeline import BUNDLED_PIPELINE
+
+    if not (BUNDLED_PIPELINE / "model_index.json").is_file():
+        pytest.fail(f"the bundled reference pipeline is missing ({BUNDLED_PIPELINE})")
+    bundled = load_pipeline()
+    latents = initial_latents(bundled, [0, 1])
+    with gag_guidance(bundled, scale=1.0):
+        classic = generate(bundled, PROMPTS, latents, num_inference_steps=3, guidance_scale=1.0)
+    looped = denoise_with_guider(
+        bundled, GAGGuidance(guidance_scale=1.0, gag_scale=1.0), PROMPTS, latents, num_inference_steps=3
+    )
+    assert np.array_equal(looped, classic)
+    assert _stock_types(bundled.unet) == {"AttnProcessor2_0"}
