@@ -230,16 +230,18 @@ def plot_alignment_vs_fd(results: dict, path: Path, fd_floor: float) -> None:
             capsize=3,
             label=f"{SPLIT_NAME[cell[0]]} {cell[1]}",
         )
-    for s, x in zip(scales, fd[:, 0], strict=True):
+    # label each scale at its held-out point (the curve that moves most with s), alternating sides so that
+    # neighbours with nearly equal FD do not overprint
+    heldout = [results[s]["cells"][("heldout", "single")]["whole"].value for s in scales]
+    for k, (s, x, y) in enumerate(zip(scales, fd[:, 0], heldout, strict=True)):
         ax.annotate(
             f"s={s:g}",
-            (x, 0.0),
+            (x, y),
             textcoords="offset points",
-            xytext=(0, 3),
+            xytext=(8 if k % 2 == 0 else -8, -12 if k % 2 == 0 else 8),
+            ha="left" if k % 2 == 0 else "right",
             fontsize=7,
-            rotation=90,
-            ha="center",
-            color="grey",
+            color="tab:green",
         )
     ax.axvline(fd_floor, color="grey", ls=":", label="real vs real (floor)")
     ax.set_xscale("log")
