@@ -15,6 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from hopfield_aa._io import save_figure
+
 _FLOOR = 1e-17  # values at or below 0 are drawn at this floor on log axes
 
 
@@ -25,10 +27,7 @@ def _positive(values: Sequence[float]) -> np.ndarray:
 
 def _save(fig: Any, path: Path) -> str:
     fig.tight_layout()
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
     return str(path)
 
 
