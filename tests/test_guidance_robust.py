@@ -1,0 +1,161 @@
+"""The diffusers side of robustness: guidance with half-precision weights, attention masks, a batch of one and
+CFG batches, and a forward interrupted by an exception, after which the stock processors are back in place."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hopfield_aa.guidance import disable_gag, enable_gag, gag_guidance, guidance_handle
+from hopfield_aa.reference.pipeline import generate, initial_latents, load_pipeline
+from tests.test_guidance import RULE_CASES, RULE_IDS, one_thread, run, unet, unet_inputs  # noqa: F401
+
+PROMPTS = ["a small red circle at the top", "a red circle above a blue square"]
+
+
+def _interrupt_inside(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
+    """Make the model's mid block raise ``error``: after the down blocks' guided attention has run."""
+
+    def boom(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(model.mid_block, "forward", boom)
+
+
+@pytest.mark.parametrize(("rule", "kwargs"), RULE_CASES, ids=RULE_IDS)
+def test_masked_text_tokens_guide_exactly_as_if_they_were_removed(unet, rule, kwargs):
+    """A key the mask hides gets weight 0 from softmax and from entmax alike, so masking the last text tokens
+    and deleting them give the same guided output (the rule only sees the two retrievals)."""
+    if rule == "ladder":  # unregularised, the ladder amplifies input rounding: see the test below
+        kwargs = {**kwargs, "regularization": 1e-2}
+    inputs = unet_inputs()
+    keep = 3
+    mask = torch.zeros(2, 5)
+    mask[:, :keep] = 1.0
+    with gag_guidance(unet, rule, **kwargs):
+        masked = run(unet, {**inputs, "encoder_attention_mask": mask})
+        removed = run(unet, {**inputs, "encoder_hidden_states": inputs["encoder_hidden_states"][:, :keep]})
+        unmasked = run(unet, inputs)
+    assert torch.isfinite(masked).all()
+    torch.testing.assert_close(masked, removed, rtol=1e-5, atol=1e-5)
+    assert (masked - unmasked).abs().max() > 1e-4  # the mask did act
+
+
+def test_the_unregularised_ladder_turns_one_ulp_of_softmax_rounding_into_percent_changes(unet):
+    """Masking instead of deleting text tokens changes the dense retrieval by one float32 ulp (6e-8). The
+    ladder's Anderson least squares over nearly collinear rungs (γ ≈ 10 here) turns that into a change of a
+    few percent of the guidance effect; Tikhonov regularisation (the rule's ``regularization``) bounds it.
+    This is the rule's conditioning, documented in its docstring, not a masking error."""
+    inputs = unet_inputs()
+    mask = torch.zeros(2, 5)
+    mask[:, :3] = 1.0
+    stock = run(unet, inputs)
+    gaps, effects = {}, {}
+    for reg in (0.0, 1e-2):
+        with gag_guidance(unet, "ladder", scale=2.0, regularization=reg):
+            masked = run(unet, {**inputs, "encoder_attention_mask": mask})
+            removed = run(unet, {**inputs, "encoder_hidden_states": inputs["encoder_hidden_states"][:, :3]})
+            effects[reg] = float((run(unet, inputs) - stock).abs().max())
+        gaps[reg] = float((masked - removed).abs().max())
+    assert gaps[0.0] > 1e-3 * effects[0.0] * 10  # more than 1 % of the guidance effect
+    assert gaps[1e-2] < 1e-4 * effects[1e-2]
+    assert gaps[1e-2] * 100 < gaps[0.0]
+
+
+def test_a_boolean_style_mask_that_hides_every_token_but_one_stays_finite(unet):
+    """One visible key: softmax and entmax both put all their mass on it, so r = S − D = 0 and the guided
+    output equals the stock one (GAG adds nothing when the two retrievals agree)."""
+    inputs = unet_inputs()
+    mask = torch.zeros(2, 5)
+    mask[:, 0] = 1.0
+    stock = run(unet, {**inputs, "encoder_attention_mask": mask})
+    with gag_guidance(unet, "gag", scale=3.0):
+        guided = run(unet, {**inputs, "encoder_attention_mask": mask})
+    assert torch.isfinite(guided).all()
+    torch.testing.assert_close(guided, stock, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("apply_to", ["both", "cond"])
+def test_a_batch_of_one_is_guided_like_the_same_row_inside_a_batch(unet, apply_to):
+    """Guidance acts per sample: a sample's output does not depend on the batch it is computed in (an odd
+    batch, or a batch whose halves differ, is never taken for a CFG batch)."""
+    inputs = unet_inputs(batch=2)
+    one = {k: (v[:1] if k != "timestep" else v) for k, v in inputs.items()}
+    with gag_guidance(unet, "gag", scale=2.0, apply_to=apply_to):
+        single = run(unet, one)
+        batched = run(unet, inputs)
+    torch.testing.assert_close(single, batched[:1], rtol=1e-5, atol=1e-5)
+
+
+def test_an_exception_inside_the_forward_leaves_the_stock_processors_after_the_with_block(unet, monkeypatch):
+    before = dict(unet.attn_processors)
+    inputs = unet_inputs()
+    stock = run(unet, inputs)
+    for error in (RuntimeError("boom"), KeyboardInterrupt()):
+        with monkeypatch.context() as patch:
+            _interrupt_inside(unet, patch, error)
+            with pytest.raises(type(error)), gag_guidance(unet, "gag", scale=2.0):
+                run(unet, inputs)
+        after = dict(unet.attn_processors)
+        assert all(after[name] is before[name] for name in before)
+        assert guidance_handle(unet) is None
+    assert torch.equal(run(unet, inputs), stock)
+
+
+def test_an_enabled_handle_survives_an_interrupted_forward_with_no_stale_state(unet, monkeypatch):
+    """``enable_gag`` stays on across an exception (the user disables it); the next call must guide exactly
+    like a fresh handle, with the step window counting from the start of the new run."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(4)
+    inputs = unet_inputs()
+
+    def sample_run() -> list[torch.Tensor]:
+        return [run(unet, {**inputs, "timestep": t}) for t in scheduler.timesteps]
+
+    with gag_guidance(unet, "gag", scale=2.0, steps=(0.0, 0.5), scheduler=scheduler):
+        fresh = sample_run()
+    handle = enable_gag(unet, "gag", scale=2.0, steps=(0.0, 0.5), scheduler=scheduler)
+    try:
+        run(unet, {**inputs, "timestep": scheduler.timesteps[0]})
+        run(unet, {**inputs, "timestep": scheduler.timesteps[1]})
+        with monkeypatch.context() as patch:
+            _interrupt_inside(unet, patch, RuntimeError("boom"))
+            with pytest.raises(RuntimeError, match="boom"):
+                run(unet, {**inputs, "timestep": scheduler.timesteps[2]})
+        assert guidance_handle(unet) is handle and handle.enabled
+        again = sample_run()
+    finally:
+        assert disable_gag(unet) is True
+    for a, b in zip(again, fresh, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def half_pipe(tiny_reference_folder):
+    """The reference pipeline with its UNet and VAE in float16, as shipped (the CPU runs them in float16)."""
+    pipe = load_pipeline(tiny_reference_folder, dtype=torch.float16)
+    assert pipe.unet.dtype == torch.float16
+    return pipe
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0], ids=["batch-of-one", "cfg"])
+def test_float16_pipeline_with_gag_gives_finite_images_and_restores_its_processors(half_pipe, guidance_scale):
+    """End to end on a float16 pipeline: one prompt with no CFG (a UNet batch of one), and two prompts with
+    CFG (the [uncond, cond] batch); GAG is computed in float32 inside and the images are finite."""
+    prompts = PROMPTS[:1] if guidance_scale == 1.0 else PROMPTS
+    latents = initial_latents(half_pipe, range(len(prompts)))
+    before = dict(half_pipe.unet.attn_processors)
+    stock = generate(half_pipe, prompts, latents, num_inference_steps=3, guidance_scale=guidance_scale)
+    for apply_to in ("both", "cond"):
+        with gag_guidance(half_pipe, "gag", scale=2.0, apply_to=apply_to):
+            guided = generate(half_pipe, prompts, latents, num_inference_steps=3, guidance_scale=guidance_scale)
+        assert guided.shape == stock.shape and np.isfinite(guided).all()
+        assert np.abs(guided - stock).max() > 1e-3
+    after = dict(half_pipe.unet.attn_processors)
+    assert all(after[name] is before[name] for name in before)
+    np.testing.assert_array_equal(
+        generate(half_pipe, prompts, latents, num_inference_steps=3, guidance_scale=guidance_scale), stock
+    )
