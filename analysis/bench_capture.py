@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _bench as bench
 import diffusers
 import torch
 
@@ -152,9 +153,11 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_capture.md")
+    bench.add_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    overhead = time_overhead(args.repeats)
+    with bench.quiet_machine(args, own_threads=1) as load:
+        overhead = time_overhead(args.repeats)
     sdxl, layout = sdxl_estimates()
 
     lines = [
@@ -162,8 +165,8 @@ def main() -> None:
         "",
         f"Command: `python analysis/bench_capture.py --repeats {args.repeats}`  ",
         f"Machine: {platform.processor() or platform.machine()}, 1 torch thread, torch {torch.__version__}, "
-        f"diffusers {diffusers.__version__}, CPU; the machine was shared with other jobs, so absolute "
-        "times are noisy (plain and capture forwards are interleaved so load hits both alike).",
+        f"diffusers {diffusers.__version__}, CPU; plain and capture forwards are interleaved so any "
+        "drift in load hits both alike.",
         "",
         "## Overhead per model forward (one denoising step) on the tiny models",
         "",
@@ -201,9 +204,7 @@ def main() -> None:
         gb, per_step, per_record = r["GB"], r["MB/step"], r["MB/record"]
         lines.append(f"| {r['selection']} | {r['records']} | {gb:.2f} | {per_step:.1f} | {per_record:.3f} |")
     lines.append("")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    bench.write_table(args.out, "\n".join(lines), load, args)
 
 
 if __name__ == "__main__":

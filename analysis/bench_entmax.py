@@ -12,11 +12,11 @@ import argparse
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import _bench as bench
 import entmax as entmax_pkg
 import torch
 
@@ -248,10 +248,6 @@ def dtype_table(n_rows: int) -> list[str]:
     return lines
 
 
-def fmt_load(load: tuple[float, float, float]) -> str:
-    return "/".join(f"{x:.2f}" for x in load)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes and few repeats")
@@ -260,33 +256,30 @@ def main() -> None:
     parser.add_argument(
         "--alpha-only", action="store_true", help=f"only the tensor-α section, written to {ALPHA_OUT.name}"
     )
+    bench.add_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.alpha_only:
-        load = os.getloadavg()
+        load = bench.start(args, own_threads=args.threads)
+        table = alpha_table(ALPHA_SHAPES, args.repeats or 5)
+        bench.stop(load)
         text = "\n".join(
             [
                 "# entmax benchmark: α as a tensor (hopfield_aa.normalizers)",
                 "",
                 "- regenerate: `python analysis/bench_entmax.py --alpha-only`",
                 f"- torch {torch.__version__}, {args.threads} thread(s), median process CPU time of "
-                f"{args.repeats or 5} interleaved rounds; load average before {fmt_load(load)} on "
-                f"{os.cpu_count()} shared cores",
-                *alpha_table(ALPHA_SHAPES, args.repeats or 5),
+                f"{args.repeats or 5} interleaved rounds",
+                *table,
             ]
         )
-        print(text)
-        ALPHA_OUT.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=ALPHA_OUT.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text + "\n")
-        os.replace(tmp, ALPHA_OUT)
+        bench.write_table(ALPHA_OUT, text, load, args)
         return
     torch.set_num_threads(args.threads)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     repeats = args.repeats or (3 if args.quick else 7)
     alphas = [1.5, 2.0, 1.3]
-    load_before = os.getloadavg()
+    load = bench.start(args, own_threads=args.threads)
     rows = []
     for shape in shapes:
         print(f"benchmarking {shape} …", flush=True)
@@ -301,7 +294,7 @@ def main() -> None:
         *dtype_table(256 if args.quick else 4096),
         *alpha_table(QUICK_SHAPES if args.quick else ALPHA_SHAPES, repeats),
     ]
-    load_after = os.getloadavg()
+    bench.stop(load)
     compile_line = "; ".join(f"{k}: {w:.1f} s wall, {c:.1f} s CPU" for k, (w, c) in COMPILE_COST.items())
     header = [
         "# entmax benchmark: hopfield_aa.normalizers vs the `entmax` package vs torch.softmax",
@@ -313,8 +306,6 @@ def main() -> None:
         f"- inputs: float32 scores = {LOGIT_SCALE:g}·N(0,1) of the shapes shown; "
         f"{repeats} interleaved rounds, median process CPU time (the machine is shared, so wall time "
         "measures the scheduler more than the code)",
-        f"- load average (1, 5, 15 min) before {fmt_load(load_before)}, after {fmt_load(load_after)} "
-        f"on {os.cpu_count()} cores shared with other jobs",
         "- backends: `eager` (default) and `compiled` (opt-in: `set_backend('compiled')`, "
         "`with entmax_backend('compiled')` or HOPFIELD_AA_ENTMAX_BACKEND=compiled): fused fixed passes "
         "in one torch.compile'd function, rows failing the exactness test re-solved eagerly",
@@ -335,12 +326,7 @@ def main() -> None:
         for r in rows
     ]
     text = "\n".join([*header, *body, *dtype_lines]) + "\n"
-    print(text)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=OUT.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, OUT)
+    bench.write_table(OUT, text, load, args)
     print(f"wrote {OUT}")
 
 

@@ -21,10 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import _bench as bench
 import numpy as np
 import torch
 
-from hopfield_aa._io import write_text
 from hopfield_aa.guidance import gag_guidance
 from hopfield_aa.reference.pipeline import (
     BUNDLED_PIPELINE,
@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "analysis/results/guidance_overhead.md"))
+    bench.add_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     config = model_config()
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt_pool = ["a small red circle at the top", "a blue square left of a yellow triangle"]
     sections = []
     summary: dict[str, tuple[float, ...]] = {}
+    load = bench.start(args, own_threads=args.threads)
     for batch in args.batch:
         prompts = [prompt_pool[i % 2] for i in range(batch)]
         jobs: list[tuple[str, Callable[[], float]]] = [
@@ -285,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     breakdown = stage_breakdown(shapes, repeats=5)
     stock_forward = min(time_call(pipe, {}, prompts, 1, 1.0) for _ in range(5))
     counts = op_counts(max(shapes, key=lambda t: t[2]))
+    bench.stop(load)
     count_table = "\n".join(
         ["| call | aten ops per call |", "|---|---:|"] + [f"| {name} | {n} |" for name, n in counts.items()]
     )
@@ -337,8 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
     )
-    write_text(args.out, text)
-    print(text)
+    bench.write_table(args.out, text, load, args)
     return 0
 
 
