@@ -152,9 +152,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--quick", action="store_true", help="5 repeats (a smoke run)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_capture.md")
     bench.add_arguments(parser)
     args = parser.parse_args()
+    if args.quick:
+        args.repeats = min(args.repeats, 5)
     torch.set_num_threads(1)
     with bench.quiet_machine(args, own_threads=1) as load:
         overhead = time_overhead(args.repeats)

@@ -235,9 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="2 repeats, batch 1, 3 steps (a smoke run)")
     parser.add_argument("--out", default=str(ROOT / "analysis/results/guidance_overhead.md"))
     bench.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.batch, args.steps = 2, [1], 3
     torch.set_num_threads(args.threads)
     config = model_config()
     pipe = pipeline(config)

@@ -75,8 +75,22 @@ def _script(name: str, outputs: str, *extra: str) -> Step:
     return Step(name, (f"analysis/{name}.py", *extra), outputs, script=f"analysis/{name}.py")
 
 
-# In dependency order: verify writes the results the theory tables read.
+# In dependency order: the shipped weights, the traces captured from them, verify on those traces, the
+# theory tables from verify's results; then the model and guidance evaluations and the benchmarks.
 STEPS: tuple[Step, ...] = (
+    Step(
+        "export_reference",
+        ("-m", "hopfield_aa", "train-reference", "--export", "hopfield_aa/data/reference"),
+        "hopfield_aa/data/reference/ (the shipped pipeline, from the committed training checkpoint)",
+        quick_flag=(),
+    ),
+    Step(
+        "capture_reference_traces",
+        ("analysis/capture_reference_traces.py",),
+        "hopfield_aa/data/traces/ (the bundled traces, from the shipped pipeline)",
+        script="analysis/capture_reference_traces.py",
+        quick_flag=(),
+    ),
     Step(
         "verify",
         ("-m", "hopfield_aa", "verify", "--out", VERIFY_OUT, "--no-progress"),
@@ -100,9 +114,10 @@ STEPS: tuple[Step, ...] = (
         ("analysis/diagnose_reference.py", "--out", "analysis/results/reference_diagnosis.json"),
         "analysis/results/reference_diagnosis.json",
         script="analysis/diagnose_reference.py",
+        quick_flag=("--n", "16"),
     ),
     _script("eval_guidance", "papers/reproduction.md tables and figures"),
-    _script("bench_guidance_overhead", "analysis/results/bench_guidance_overhead.md"),
+    _script("bench_guidance_overhead", "analysis/results/guidance_overhead.md"),
 )
 STEP_NAMES = tuple(step.name for step in STEPS)
 

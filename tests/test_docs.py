@@ -306,6 +306,23 @@ def test_theory_table_insertion_replaces_only_between_markers() -> None:
 # ------------------------------------------------------------------------------------- the site
 
 
+def test_every_make_all_step_accepts_the_quick_flags_it_is_given() -> None:
+    """``make_all.py --quick`` passes each step its quick flags: every script must know them (a flag it
+    does not define would stop the whole regeneration with an argparse error)."""
+    spec = importlib.util.spec_from_file_location("make_all", ROOT / "analysis" / "make_all.py")
+    assert spec is not None and spec.loader is not None
+    make_all = importlib.util.module_from_spec(spec)
+    sys.modules["make_all"] = make_all
+    spec.loader.exec_module(make_all)
+    for step in make_all.STEPS:
+        if step.script is None or not step.quick_flag:
+            continue
+        source = (ROOT / step.script).read_text(encoding="utf-8")
+        for flag in step.quick_flag:
+            if flag.startswith("--"):
+                assert f'"{flag}"' in source, f"{step.script} has no {flag} option"
+
+
 def test_make_all_lists_every_step_and_names_missing_scripts() -> None:
     out = subprocess.run(
         [sys.executable, str(ROOT / "analysis" / "make_all.py"), "--list"],
