@@ -1,14 +1,28 @@
-"""The diffusers adapter layer: the denoiser of a pipeline, and the two halves of diffusers' stock
-``AttnProcessor2_0`` around its attention kernel, shared by the processors that replace the kernel (trace
-recording, guidance) so they stay line-for-line the stock maths.
+"""The diffusers adapter layer: the denoiser of a pipeline, and each stock attention processor (UNet
+``AttnProcessor2_0``, SD3 ``JointAttnProcessor2_0``, FLUX ``FluxAttnProcessor``) cut at its attention kernel.
+
+The halves before the kernel (norms, projections, rotary embedding) and after it (heads merged, output
+projections, residual) exist once, here. A processor that records the kernel's inputs (``traces``) or
+replaces the kernel by a guidance rule (``guidance``) subclasses an adapted processor and overrides only
+:meth:`AdaptedProcessor.attend`; with the stock ``attend`` each adapted processor is the stock one bit for bit
+(``tests/test_adapters.py``, at the installed diffusers version).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+from diffusers.utils import deprecate
+
+Segments = Mapping[str, tuple[int, int]]
+"""Token ranges of a sequence by role (``"image"``, ``"text"``): role -> (start, stop)."""
 
 
 def resolve_model(model_or_pipeline: Any) -> torch.nn.Module:
@@ -25,33 +39,81 @@ def resolve_model(model_or_pipeline: Any) -> torch.nn.Module:
     )
 
 
+# ------------------------------------------------------------------------------------ one kernel call
 @dataclass(frozen=True)
-class AttentionInputs:
-    """What enters the attention kernel of one ``Attention`` call, and what its output needs afterwards.
+class AttentionCall:
+    """What enters the attention kernel of one call, whichever the model.
 
-    ``query``/``key``/``value`` have shape (batch, heads, tokens, head_dim), after the q/k norms;
-    ``attention_mask`` is (batch, heads, queries or 1, keys) or None; ``spatial`` holds
-    (channel, height, width) when the input was a 4-D feature map.
+    ``query`` has shape (batch, heads, queries, head_dim), ``key``/``value`` (batch, heads, keys, head_dim),
+    after the q/k norms (and FLUX's rotary embedding); ``attention_mask`` is what the stock kernel receives,
+    or None. ``kind`` is ``"self"``, ``"cross"`` (UNet, text keys) or ``"joint"`` (image and text tokens in
+    one sequence); the segments say where the image and text tokens are among the queries and the keys.
     """
 
     query: torch.Tensor
     key: torch.Tensor
     value: torch.Tensor
     attention_mask: torch.Tensor | None
+    kind: str
+    query_segments: Segments
+    key_segments: Segments
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.query.shape[0])
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.query.shape[-1])
+
+
+@dataclass(frozen=True)
+class UNetAttentionCall(AttentionCall):
+    """An ``AttnProcessor2_0`` call: also the residual and, for a 4-D input, its (channel, height, width)."""
+
     residual: torch.Tensor
-    batch_size: int
-    head_dim: int
     spatial: tuple[int, int, int] | None
 
 
-def project(
+@dataclass(frozen=True)
+class FluxAttentionCall(AttentionCall):
+    """A ``FluxAttnProcessor`` call: also the number of ``encoder_hidden_states`` tokens (None in a
+    single-stream block, whose text tokens arrive already in front of the image tokens)."""
+
+    encoder_tokens: int | None
+
+
+def _heads_first(tensor: torch.Tensor, batch_size: int, heads: int, head_dim: int) -> torch.Tensor:
+    """(batch, tokens, heads · head_dim) -> (batch, heads, tokens, head_dim), as the stock processors do."""
+    return tensor.view(batch_size, -1, heads, head_dim).transpose(1, 2)
+
+
+class AdaptedProcessor:
+    """A stock processor cut at its kernel: ``__call__`` projects, calls :meth:`attend`, and finishes.
+
+    Subclasses change :meth:`attend` only; :meth:`text_tokens` tells FLUX's single-stream blocks how many
+    of their tokens are text.
+    """
+
+    def attend(self, attn: Any, call: Any) -> torch.Tensor:
+        """The attention output for ``call``, shape (batch, heads, queries, head_dim): the stock kernel."""
+        raise NotImplementedError
+
+    def text_tokens(self) -> int | None:
+        """Text tokens in front of the image tokens of a single-stream FLUX block (None: unknown)."""
+        return None
+
+
+# -------------------------------------------------------------------------- UNet: AttnProcessor2_0
+def project_attention(
     attn: Any,
     hidden_states: torch.Tensor,
     encoder_hidden_states: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
     temb: torch.Tensor | None,
-) -> AttentionInputs:
-    """The stock processor up to the kernel: norms, reshapes, mask preparation, Q/K/V projections."""
+) -> UNetAttentionCall:
+    """``AttnProcessor2_0`` up to the kernel: norms, reshapes, mask preparation, Q/K/V projections."""
+    kind = "self" if encoder_hidden_states is None else "cross"
     residual = hidden_states
     if attn.spatial_norm is not None:
         hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -85,29 +147,288 @@ def project(
     value = attn.to_v(encoder_hidden_states)
 
     head_dim = key.shape[-1] // attn.heads
-    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    query = _heads_first(query, batch_size, attn.heads, head_dim)
+    key = _heads_first(key, batch_size, attn.heads, head_dim)
+    value = _heads_first(value, batch_size, attn.heads, head_dim)
 
     if attn.norm_q is not None:
         query = attn.norm_q(query)
     if attn.norm_k is not None:
         key = attn.norm_k(key)
-    return AttentionInputs(query, key, value, attention_mask, residual, batch_size, head_dim, spatial)
+    n_query, n_key = query.shape[2], key.shape[2]
+    return UNetAttentionCall(
+        query,
+        key,
+        value,
+        attention_mask,
+        kind,
+        query_segments={"image": (0, n_query)},
+        key_segments={"image" if kind == "self" else "text": (0, n_key)},
+        residual=residual,
+        spatial=spatial,
+    )
 
 
-def finish(attn: Any, inputs: AttentionInputs, attended: torch.Tensor) -> torch.Tensor:
-    """The stock processor after the kernel: merge heads, output projection, reshape, residual, rescale."""
-    hidden_states = attended.transpose(1, 2).reshape(inputs.batch_size, -1, attn.heads * inputs.head_dim)
-    hidden_states = hidden_states.to(inputs.query.dtype)
+def finish_attention(attn: Any, call: UNetAttentionCall, attended: torch.Tensor) -> torch.Tensor:
+    """``AttnProcessor2_0`` after the kernel: merge heads, output projection, reshape, residual, rescale."""
+    hidden_states = attended.transpose(1, 2).reshape(call.batch_size, -1, attn.heads * call.head_dim)
+    hidden_states = hidden_states.to(call.query.dtype)
 
     hidden_states = attn.to_out[0](hidden_states)  # linear projection
     hidden_states = attn.to_out[1](hidden_states)  # dropout
 
-    if inputs.spatial is not None:
-        hidden_states = hidden_states.transpose(-1, -2).reshape(inputs.batch_size, *inputs.spatial)
+    if call.spatial is not None:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(call.batch_size, *call.spatial)
 
     if attn.residual_connection:
-        hidden_states = hidden_states + inputs.residual
+        hidden_states = hidden_states + call.residual
 
     return hidden_states / attn.rescale_output_factor
+
+
+class AdaptedAttnProcessor(AdaptedProcessor):
+    """``AttnProcessor2_0`` (UNet self- and cross-attention) as its two halves around :meth:`attend`."""
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        if len(args) > 0 or kwargs.get("scale", None) is not None:
+            deprecation_message = "The `scale` argument is deprecated and will be ignored. Please remove it, as passing it will raise an error in the future. `scale` should directly be passed while calling the underlying pipeline component i.e., via `cross_attention_kwargs`."  # noqa: E501
+            deprecate("scale", "1.0.0", deprecation_message)
+        call = project_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        return finish_attention(attn, call, self.attend(attn, call))
+
+    def attend(self, attn: Any, call: UNetAttentionCall) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            call.query, call.key, call.value, attn_mask=call.attention_mask, dropout_p=0.0, is_causal=False
+        )
+
+
+# ------------------------------------------------------------------- SD3: JointAttnProcessor2_0
+def project_joint_attention(
+    attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None
+) -> AttentionCall:
+    """``JointAttnProcessor2_0`` up to the kernel: the [image, text] sequence (image only without text)."""
+    batch_size = hidden_states.shape[0]
+
+    # `sample` projections.
+    query = attn.to_q(hidden_states)
+    key = attn.to_k(hidden_states)
+    value = attn.to_v(hidden_states)
+
+    head_dim = key.shape[-1] // attn.heads
+    query = _heads_first(query, batch_size, attn.heads, head_dim)
+    key = _heads_first(key, batch_size, attn.heads, head_dim)
+    value = _heads_first(value, batch_size, attn.heads, head_dim)
+
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+
+    n_image = query.shape[2]
+    segments: dict[str, tuple[int, int]] = {"image": (0, n_image)}
+
+    # `context` projections.
+    if encoder_hidden_states is not None:
+        encoder_query = _heads_first(attn.add_q_proj(encoder_hidden_states), batch_size, attn.heads, head_dim)
+        encoder_key = _heads_first(attn.add_k_proj(encoder_hidden_states), batch_size, attn.heads, head_dim)
+        encoder_value = _heads_first(attn.add_v_proj(encoder_hidden_states), batch_size, attn.heads, head_dim)
+
+        if attn.norm_added_q is not None:
+            encoder_query = attn.norm_added_q(encoder_query)
+        if attn.norm_added_k is not None:
+            encoder_key = attn.norm_added_k(encoder_key)
+
+        query = torch.cat([query, encoder_query], dim=2)
+        key = torch.cat([key, encoder_key], dim=2)
+        value = torch.cat([value, encoder_value], dim=2)
+        segments["text"] = (n_image, query.shape[2])
+
+    kind = "joint" if "text" in segments else "self"
+    return AttentionCall(query, key, value, None, kind, segments, segments)
+
+
+def finish_joint_attention(
+    attn: Any, call: AttentionCall, attended: torch.Tensor
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``JointAttnProcessor2_0`` after the kernel: merge heads, split the streams, output projections."""
+    hidden_states = attended.transpose(1, 2).reshape(call.batch_size, -1, attn.heads * call.head_dim)
+    hidden_states = hidden_states.to(call.query.dtype)
+
+    encoder_hidden_states = None
+    if "text" in call.query_segments:
+        # Split the attention outputs.
+        n_image = call.query_segments["image"][1]
+        hidden_states, encoder_hidden_states = hidden_states[:, :n_image], hidden_states[:, n_image:]
+        if not attn.context_pre_only:
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+
+    # linear proj
+    hidden_states = attn.to_out[0](hidden_states)
+    # dropout
+    hidden_states = attn.to_out[1](hidden_states)
+
+    if encoder_hidden_states is not None:
+        return hidden_states, encoder_hidden_states
+    return hidden_states
+
+
+class AdaptedJointAttnProcessor(AdaptedProcessor):
+    """``JointAttnProcessor2_0`` (SD3 MMDiT) as its two halves around :meth:`attend`."""
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        call = project_joint_attention(attn, hidden_states, encoder_hidden_states)  # no mask, as stock
+        return finish_joint_attention(attn, call, self.attend(attn, call))
+
+    def attend(self, attn: Any, call: AttentionCall) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            call.query, call.key, call.value, dropout_p=0.0, is_causal=False
+        )
+
+
+# --------------------------------------------------------------------------- FLUX: FluxAttnProcessor
+def project_flux_attention(
+    attn: Any,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    image_rotary_emb: torch.Tensor | None,
+    text_tokens: int | None,
+) -> FluxAttentionCall:
+    """``FluxAttnProcessor`` up to the kernel: the [text, image] sequence after the rotary embedding.
+
+    ``text_tokens`` is the text length of a single-stream block (its tokens arrive concatenated); a
+    double-stream block reads it from ``encoder_hidden_states``.
+    """
+    query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+        attn, hidden_states, encoder_hidden_states
+    )
+
+    query = query.unflatten(-1, (-1, attn.head_dim))
+    key = key.unflatten(-1, (-1, attn.head_dim))
+    value = value.unflatten(-1, (-1, attn.head_dim))
+
+    query = attn.norm_q(query)
+    key = attn.norm_k(key)
+
+    if attn.added_kv_proj_dim is not None:
+        encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
+        encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
+        encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+
+        encoder_query = attn.norm_added_q(encoder_query)
+        encoder_key = attn.norm_added_k(encoder_key)
+
+        query = torch.cat([encoder_query, query], dim=1)
+        key = torch.cat([encoder_key, key], dim=1)
+        value = torch.cat([encoder_value, value], dim=1)
+
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+    n_tokens = query.shape[1]
+    encoder_tokens = None if encoder_hidden_states is None else int(encoder_hidden_states.shape[1])
+    n_text = text_tokens if encoder_tokens is None else encoder_tokens
+    segments = (
+        {"text": (0, n_text), "image": (n_text, n_tokens)}
+        if n_text is not None and 0 < n_text < n_tokens
+        else {"image": (0, n_tokens)}
+    )
+    # FLUX lays tensors out as (batch, tokens, heads, head_dim); the call holds transposed views.
+    return FluxAttentionCall(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        attention_mask,
+        "joint" if "text" in segments else "self",
+        segments,
+        segments,
+        encoder_tokens=encoder_tokens,
+    )
+
+
+def finish_flux_attention(
+    attn: Any, call: FluxAttentionCall, attended: torch.Tensor
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``FluxAttnProcessor`` after the kernel: merge heads, split the streams, output projections."""
+    hidden_states = attended.transpose(1, 2).flatten(2, 3)
+    hidden_states = hidden_states.to(call.query.dtype)
+
+    if call.encoder_tokens is None:
+        return hidden_states
+    encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+        [call.encoder_tokens, hidden_states.shape[1] - call.encoder_tokens], dim=1
+    )
+    hidden_states = attn.to_out[0](hidden_states.contiguous())
+    hidden_states = attn.to_out[1](hidden_states)
+    encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+    return hidden_states, encoder_hidden_states
+
+
+class AdaptedFluxAttnProcessor(AdaptedProcessor):
+    """``FluxAttnProcessor`` (FLUX double- and single-stream blocks) as its two halves around :meth:`attend`.
+
+    The kernel is diffusers' ``dispatch_attention_fn`` with the processor's attention backend, as stock.
+    """
+
+    _attention_backend: Any = None
+    _parallel_config: Any = None
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        call = project_flux_attention(
+            attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, self.text_tokens()
+        )
+        return finish_flux_attention(attn, call, self.attend(attn, call))
+
+    def attend(self, attn: Any, call: FluxAttentionCall) -> torch.Tensor:
+        return dispatch_attention_fn(
+            call.query.transpose(1, 2),
+            call.key.transpose(1, 2),
+            call.value.transpose(1, 2),
+            attn_mask=call.attention_mask,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        ).transpose(1, 2)
+
+
+__all__ = [
+    "AdaptedAttnProcessor",
+    "AdaptedFluxAttnProcessor",
+    "AdaptedJointAttnProcessor",
+    "AdaptedProcessor",
+    "AttentionCall",
+    "FluxAttentionCall",
+    "Segments",
+    "UNetAttentionCall",
+    "finish_attention",
+    "finish_flux_attention",
+    "finish_joint_attention",
+    "project_attention",
+    "project_flux_attention",
+    "project_joint_attention",
+    "resolve_model",
+]

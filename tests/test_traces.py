@@ -13,7 +13,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-import hopfield_aa.traces.processors as processors_module
+import hopfield_aa.adapters as adapters_module
 from hopfield_aa.traces import (
     Selection,
     TraceCapture,
@@ -56,12 +56,12 @@ def _forward(model, inputs):
 
 
 class KernelSpy:
-    """Replaces the kernels the recording processors call, keeping copies of their inputs and outputs."""
+    """Replaces the kernels the adapted processors call, keeping copies of their inputs and outputs."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[dict[str, torch.Tensor | None]] = []
         real_sdpa = torch.nn.functional.scaled_dot_product_attention
-        real_dispatch = processors_module.dispatch_attention_fn
+        real_dispatch = adapters_module.dispatch_attention_fn
 
         def sdpa(query, key, value, attn_mask=None, **kw):
             out = real_sdpa(query, key, value, attn_mask=attn_mask, **kw)
@@ -76,8 +76,8 @@ class KernelSpy:
             return out
 
         namespace = types.SimpleNamespace(scaled_dot_product_attention=sdpa)
-        monkeypatch.setattr(processors_module, "F", namespace)
-        monkeypatch.setattr(processors_module, "dispatch_attention_fn", dispatch)
+        monkeypatch.setattr(adapters_module, "F", namespace)
+        monkeypatch.setattr(adapters_module, "dispatch_attention_fn", dispatch)
 
 
 # ------------------------------------------------------------------------------------- invisibility

@@ -16,10 +16,9 @@ from typing import Any
 
 import torch
 
-from hopfield_aa.adapters import resolve_model
+from hopfield_aa.adapters import AttentionCall, resolve_model
 from hopfield_aa.traces.format import ShardWriter, dtype_name, parse_dtype
 from hopfield_aa.traces.processors import RECORDING_PROCESSORS
-from hopfield_aa.traces.record import Segments
 from hopfield_aa.traces.selection import Selection
 
 
@@ -261,20 +260,9 @@ class TraceCapture:
         self.text_tokens = int(text.shape[1]) if isinstance(text, torch.Tensor) and text.ndim == 3 else None
 
     # ------------------------------------------------------------------------------------- recording
-    def record(
-        self,
-        layer: str,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        *,
-        kind: str,
-        scale: float,
-        attention_mask: torch.Tensor | None,
-        query_segments: Segments,
-        key_segments: Segments,
-    ) -> None:
-        """Copy the selected parts of one attention call (``query`` etc. of shape (B, H, N, d))."""
+    def record(self, layer: str, call: AttentionCall, *, scale: float) -> None:
+        """Copy the selected parts of one attention call (``call.query`` etc. of shape (B, H, N, d))."""
+        kind, query, key, value = call.kind, call.query, call.key, call.value
         selection, step = self.selection, max(self.step, 0)
         if not (selection.matches_step(step) and selection.matches_kind(kind)):
             return
@@ -286,7 +274,7 @@ class TraceCapture:
             return
         head_index = None if len(heads) == num_heads else torch.tensor(heads, device=query.device)
         dtype = self.dtype if self.dtype is not None else query.dtype
-        mask = _mask_4d(attention_mask)
+        mask = _mask_4d(call.attention_mask)
         for row in selection.batch_rows(batch):
             indices = selection.query_indices(n_query, layer=layer, step=step, batch_index=row)
             q, k, v = query[row].detach(), key[row].detach(), value[row].detach()
@@ -321,8 +309,8 @@ class TraceCapture:
                 "head_dim": int(head_dim),
                 "query_tokens": int(n_query),
                 "key_tokens": int(n_key),
-                "query_segments": {k: list(r) for k, r in query_segments.items()},
-                "key_segments": {k: list(r) for k, r in key_segments.items()},
+                "query_segments": {k: list(r) for k, r in call.query_segments.items()},
+                "key_segments": {k: list(r) for k, r in call.key_segments.items()},
                 "batch_index": row,
                 "prompt_id": self.prompt_id,
                 "seed": self.seed,

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
+from hopfield_aa.adapters import AttentionCall
 from hopfield_aa.traces.format import parse_dtype
 from hopfield_aa.traces.processors import RECORDING_PROCESSORS
-from hopfield_aa.traces.record import Segments
 from hopfield_aa.traces.selection import Selection
 
 
@@ -59,21 +59,10 @@ class _ShapeRecorder:
         self.calls: list[CallShape] = []
         self.text_tokens: int | None = None
 
-    def record(
-        self,
-        layer: str,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        *,
-        kind: str,
-        scale: float,
-        attention_mask: torch.Tensor | None,
-        query_segments: Segments,
-        key_segments: Segments,
-    ) -> None:
-        b, h, m, d = query.shape
-        self.calls.append(CallShape(layer, kind, b, h, m, key.shape[2], d, attention_mask is not None))
+    def record(self, layer: str, call: AttentionCall, *, scale: float) -> None:
+        b, h, m, d = call.query.shape
+        n_key = call.key.shape[2]
+        self.calls.append(CallShape(layer, call.kind, b, h, m, n_key, d, call.attention_mask is not None))
 
 
 def attention_call_shapes(model: torch.nn.Module, inputs: Mapping[str, Any]) -> list[CallShape]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-Segments = Mapping[str, tuple[int, int]]
+from hopfield_aa.adapters import Segments
 
 
 @dataclass(frozen=True, eq=False)
