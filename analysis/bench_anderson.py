@@ -8,7 +8,6 @@ analysis/results/bench_anderson.md.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import platform
 import statistics
@@ -195,6 +194,18 @@ def map_time(prob: Problem, reps: int, calls: int = 20) -> float:
     return statistics.median(times)
 
 
+def iteration_time(prob: Problem, m: int = 5) -> tuple[float, float, int]:
+    """CPU seconds of one more iteration of ours with every row active (a 10- against a 4-iteration run,
+    tol = 0), and the 4-iteration run's seconds and map calls."""
+    seconds, calls = [], []
+    for max_iter in (4, 10):
+        t = time.process_time()
+        res = anderson(prob.g, prob.x0, m=m, tol=0.0, max_iter=max_iter)
+        seconds.append(time.process_time() - t)
+        calls.append(res.n_calls)
+    return (seconds[1] - seconds[0]) / (calls[1] - calls[0]), seconds[0], calls[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small batch, m in {1, 5}, one repeat")
@@ -274,18 +285,13 @@ def main() -> None:
         "Marginal cost of one iteration: (CPU time of a 10-iteration run − that of a 4-iteration run) / "
         "(difference in batched map calls), tol = 0 so every row stays active; the fixed cost "
         "(input checks, buffers, first evaluation, result) is the 4-iteration run minus 5 iterations; "
-        "rows stay active through 10 iterations on every problem here. 'general path' is the same "
-        "solver with its whole-batch fast path switched off (every iteration through the per-row "
-        "masked path), timed interleaved with it; both give the same "
-        "iterates bit for bit. A safeguard rejection in any row hands the batch to the general path "
-        "until every history is full again (affine and β=7.5 have such rejections within 10 iterations)."
+        "rows stay active through 10 iterations on every problem here."
     )
     lines.append("")
     lines.append(
-        "| problem | map eval µs | ours per iteration µs | overhead µs | overhead / map eval | fixed µs "
-        "| general path per iteration µs | general overhead / map eval |"
+        "| problem | map eval µs | ours per iteration µs | overhead µs | overhead / map eval | fixed µs |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(1)
     big_patterns = torch.randn(2048, 128, generator=gen, dtype=F64) / 128**0.5
     big = Problem(
@@ -294,36 +300,18 @@ def main() -> None:
         big_patterns[:batch] + 0.1 * torch.randn(batch, 128, generator=gen, dtype=F64) / 128**0.5,
     )
     ratios = {}
-    aa_module = importlib.import_module("hopfield_aa.anderson")
     for prob in [*problems, big]:
-        maps, per, fixed, per_general = [], [], [], []
+        maps, per, fixed = [], [], []
         for _ in range(repeats + 4):  # interleaved: one map timing, one solver timing
             maps.append(map_time(prob, 1))
-            aa_module._FAST_PATH = False  # type: ignore[attr-defined]  # the general path alone
-            t = time.process_time()
-            short = anderson(prob.g, prob.x0, m=5, tol=0.0, max_iter=4)
-            t_short = time.process_time() - t
-            t = time.process_time()
-            long = anderson(prob.g, prob.x0, m=5, tol=0.0, max_iter=10)
-            t_long = time.process_time() - t
-            aa_module._FAST_PATH = True  # type: ignore[attr-defined]
-            per_general.append((t_long - t_short) / (long.n_calls - short.n_calls))
-            t = time.process_time()
-            short = anderson(prob.g, prob.x0, m=5, tol=0.0, max_iter=4)
-            t_short = time.process_time() - t
-            t = time.process_time()
-            long = anderson(prob.g, prob.x0, m=5, tol=0.0, max_iter=10)
-            t_long = time.process_time() - t
-            it = (t_long - t_short) / (long.n_calls - short.n_calls)
+            it, t_short, calls_short = iteration_time(prob)
             per.append(it)
-            fixed.append(t_short - short.n_calls * it)
+            fixed.append(t_short - calls_short * it)
         t_map, t_it = statistics.median(maps), statistics.median(per)
-        t_gen = statistics.median(per_general)
         ratios[prob.name] = (t_it - t_map) / t_map
         lines.append(
             f"| {prob.name} | {1e6 * t_map:.0f} | {1e6 * t_it:.0f} | {1e6 * (t_it - t_map):.0f} "
-            f"| {ratios[prob.name]:.2f}x | {1e6 * statistics.median(fixed):.0f} "
-            f"| {1e6 * t_gen:.0f} | {(t_gen - t_map) / t_map:.2f}x |"
+            f"| {ratios[prob.name]:.2f}x | {1e6 * statistics.median(fixed):.0f} |"
         )
     lines.append("")
 

@@ -1,5 +1,7 @@
 """Anderson acceleration AA(m) of fixed-point maps (papers/theory.md §5, §12): the batched, safeguarded solver
-:func:`anderson`, the single mixing step :func:`anderson_step`, and :func:`spectral_radius`.
+:func:`anderson` (a loop over :class:`AndersonSolver`'s init/step/terminate), the result type it shares
+with :func:`hopfield_aa.hopfield.iterate`, the single mixing step :func:`anderson_step`, and
+:func:`spectral_radius`.
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, Union, overload
 
 import numpy as np
 import torch
@@ -16,15 +18,22 @@ from tqdm.auto import tqdm
 
 from hopfield_aa._arrays import ArrayLike, Kind, as_tensor, check_scalar, restore, result_kind
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 __all__ = [
     "AndersonConfig",
     "AndersonResult",
+    "AndersonSolver",
+    "AndersonState",
+    "FixedPointResult",
     "anderson",
     "anderson_step",
     "spectral_radius",
 ]
 
 MapFn = Callable[[Any], Any]
+_Iterates = Union[Sequence[ArrayLike], ArrayLike]  # m + 1 states: a sequence, or stacked on dim 0
 
 
 @dataclass(frozen=True)
@@ -72,27 +81,36 @@ class AndersonConfig:
 
 
 @dataclass(frozen=True)
-class AndersonResult:
-    """What :func:`anderson` returns (all per-row fields have the leading shape of ``x0``, and every array
-    field is in the caller's kind: NumPy arrays for a NumPy ``x0``, tensors for a tensor).
+class FixedPointResult:
+    """What :func:`anderson` and :func:`hopfield_aa.hopfield.iterate` return, shaped like scipy's
+    ``OptimizeResult``. Every per-row field has the leading shape of ``x0`` (one entry per problem) and
+    every array field is in the caller's kind: NumPy arrays for a NumPy ``x0``, tensors for a tensor.
+
+    Convergence means one thing for both solvers: row b has converged once
+    ``‖g(x_k) − x_k‖ ≤ tol · ‖g(x_0) − x_0‖`` (relative to its own initial residual), or once
+    ``‖g(x_k) − x_k‖ ≤ 16 ε ‖g(x_k)‖`` (ε the dtype's machine epsilon: the rounding floor).
 
     Attributes
     ----------
     x : tensor or ndarray, shape (..., n)
         The last accepted iterate x_k (not g(x_k)), in the kind and dtype of ``x0``.
+    success : bool
+        Whether every row converged.
+    nit : int array, shape (...)
+        Accepted steps taken by each row.
+    message : str
+        A one-line summary.
+    converged : bool array, shape (...)
+        The convergence criterion above holds at ``x``.
     g_x : tensor or ndarray, shape (..., n)
         g(x_k) at the returned iterate (already computed, so free).
-    converged : bool array, shape (...)
-        ``‖g(x_k) − x_k‖ ≤ tol · ‖g(x_0) − x_0‖`` (or at the rounding floor, see :func:`anderson`).
-    n_iter : int array, shape (...)
-        Accepted steps taken by each row.
+    residual_norms : array, shape (nit.max() + 1, ...)
+        ``‖g(x_k) − x_k‖`` after k iterations; a row that has stopped repeats its last value.
     n_evals : int array, shape (...)
         Evaluations of g whose value at this row the solver used (including g(x_0), safeguard fallbacks
         and stability tests; the frozen rows that a call also passes are not counted).
     n_calls : int
         Calls of g.
-    residual_norms : array, shape (n_iter.max() + 1, ...)
-        ``‖g(x_k) − x_k‖`` after k iterations; a row that has stopped repeats its last value.
     n_rejected : int array, shape (...)
         Mixed steps replaced by the plain step by the safeguard.
     n_restarts : int array, shape (...)
@@ -100,36 +118,50 @@ class AndersonResult:
     failed : bool array, shape (...)
         g returned non-finite values on the plain step of this row; ``x`` is its last finite iterate.
     spectral_radius : array, shape (...), or None
-        Estimated spectral radius of the Jacobian of g at ``x`` (only with ``stability_check``).
+        Spectral radius of the Jacobian of g at ``x``: estimated by :func:`anderson` with
+        ``stability_check``, exact (``‖DT_α‖₂``) from :func:`~hopfield_aa.hopfield.iterate`; else None.
     stable : bool array, shape (...), or None
-        ``spectral_radius < 1`` (only with ``stability_check``).
-    message : str
-        A one-line summary.
+        ``spectral_radius < 1`` (:func:`anderson`: and converged).
+    energy_history : array, shape (nit.max() + 1, ...), or None
+        ``E_α(x_k)`` along plain :func:`~hopfield_aa.hopfield.iterate` (energy descent); None otherwise.
+
+    ``n_iter``, ``state`` and ``history`` are the names :func:`iterate` used before: aliases of ``nit``,
+    ``x`` and ``residual_norms``.
     """
 
     x: ArrayLike
-    g_x: ArrayLike
+    success: bool
+    nit: ArrayLike
+    message: str
     converged: ArrayLike
-    n_iter: ArrayLike
+    g_x: ArrayLike
+    residual_norms: ArrayLike
     n_evals: ArrayLike
     n_calls: int
-    residual_norms: ArrayLike
     n_rejected: ArrayLike
     n_restarts: ArrayLike
     failed: ArrayLike
-    spectral_radius: ArrayLike | None
-    stable: ArrayLike | None
-    message: str
+    spectral_radius: ArrayLike | None = None
+    stable: ArrayLike | None = None
+    energy_history: ArrayLike | None = None
 
     @property
-    def success(self) -> bool:
-        """Whether every row converged (scipy's ``OptimizeResult.success``)."""
-        return bool(self.converged.all())
+    def n_iter(self) -> ArrayLike:
+        """``nit`` under its earlier name."""
+        return self.nit
 
     @property
-    def nit(self) -> ArrayLike:
-        """``n_iter`` under scipy's name."""
-        return self.n_iter
+    def state(self) -> ArrayLike:
+        """``x`` under the name :func:`~hopfield_aa.hopfield.iterate` used."""
+        return self.x
+
+    @property
+    def history(self) -> ArrayLike:
+        """``residual_norms`` under the name :func:`~hopfield_aa.hopfield.iterate` used."""
+        return self.residual_norms
+
+
+AndersonResult = FixedPointResult  # the name the solver's result had first
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,27 +246,21 @@ def _stack_history(values: object, name: str) -> tuple[torch.Tensor, Kind]:
     return tensor, kind
 
 
+class _StepOptions(TypedDict, total=False):
+    """The keywords of :func:`anderson_step` besides ``return_gamma`` (for its typed overloads)."""
+
+    mixing: float
+    regularization: float
+    gamma: float | ArrayLike | None
+
+
 @overload
 def anderson_step(
-    xs: Sequence[ArrayLike] | ArrayLike,
-    gs: Sequence[ArrayLike] | ArrayLike,
-    *,
-    mixing: float = ...,
-    regularization: float = ...,
-    gamma: float | ArrayLike | None = ...,
-    return_gamma: Literal[False] = ...,
+    xs: _Iterates, gs: _Iterates, *, return_gamma: Literal[False] = ..., **options: Unpack[_StepOptions]
 ) -> ArrayLike: ...
-
-
 @overload
 def anderson_step(
-    xs: Sequence[ArrayLike] | ArrayLike,
-    gs: Sequence[ArrayLike] | ArrayLike,
-    *,
-    mixing: float = ...,
-    regularization: float = ...,
-    gamma: float | ArrayLike | None = ...,
-    return_gamma: Literal[True],
+    xs: _Iterates, gs: _Iterates, *, return_gamma: Literal[True], **options: Unpack[_StepOptions]
 ) -> tuple[ArrayLike, ArrayLike]: ...
 
 
@@ -348,7 +374,6 @@ def _anderson_step(
     return mixed_x + mixing * mixed_f, gamma
 
 
-_FAST_PATH = True  # use the whole-batch fast path while every row is in the common case
 _STALL_LIMIT = 3  # safeguard rejections without halving the residual before an escape phase
 _ESCAPE_MIN_STEPS = 5  # plain steps an escape phase takes at least
 
@@ -560,7 +585,331 @@ def _default_start(rows: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# The solver
+# The solver: a state, and init / step / terminate on it
+
+
+@dataclass
+class _Differences:
+    """The last m differences of every row, as ring buffers that all rows write at the shared position
+    k mod m: ΔX, ΔF, the step directions ΔX + b ΔF (ΔG for b = 1) and ΔFᵀΔF, kept one column per step.
+    Row b's valid columns are its ``filled[b]`` newest ones."""
+
+    d_x: torch.Tensor  # (B, m, n)
+    d_f: torch.Tensor  # (B, m, n)
+    d_step: torch.Tensor  # (B, m, n)
+    gram: torch.Tensor  # (B, m, m)
+    filled: torch.Tensor  # (B,)
+
+    @classmethod
+    def empty(cls, x: torch.Tensor, m: int) -> _Differences:
+        batch, n = x.shape
+        zeros = x.new_zeros(batch, m, n)
+        filled = torch.zeros(batch, dtype=torch.long, device=x.device)
+        return cls(zeros, zeros.clone(), zeros.clone(), x.new_zeros(batch, m, m), filled)
+
+    def coefficients(
+        self,
+        sel: slice | torch.Tensor,
+        f: torch.Tensor,
+        usable: torch.Tensor,
+        slot: int,
+        lam: float,
+        cond: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """γ of the rows ``sel`` from their ``usable`` newest columns, and which rows must restart (an
+        ill-conditioned problem: γ = 0 there, the plain step)."""
+        m = self.d_f.shape[1]
+        age = (slot - 1 - torch.arange(m, device=f.device)) % m  # 0 for the newest column
+        gamma, well, _ = _solve_gamma(self.d_f[sel], f, age < usable[:, None], lam, cond, raw=self.gram[sel])
+        restart = ~well & (usable > 0)
+        return torch.where(restart[:, None], torch.zeros_like(gamma), gamma), restart
+
+    def push(
+        self, sel: slice | torch.Tensor, slot: int, d_x: torch.Tensor, d_f: torch.Tensor, d_step: torch.Tensor
+    ) -> None:
+        self.d_x[sel, slot] = d_x
+        self.d_f[sel, slot] = d_f
+        self.d_step[sel, slot] = d_step
+        new_col = (self.d_f[sel] @ d_f[:, :, None])[:, :, 0]
+        self.gram[sel, slot, :] = new_col
+        self.gram[sel, :, slot] = new_col
+
+
+@dataclass
+class _Escapes:
+    """Per-row bookkeeping of escape phases: after ``_STALL_LIMIT`` safeguard rejections without the
+    residual halving, a row takes plain steps (at least ``_ESCAPE_MIN_STEPS``) until its residual is half
+    what it was on entry."""
+
+    active: torch.Tensor  # (B,) bool: in an escape phase
+    steps: torch.Tensor  # plain steps taken in the current phase
+    entry: torch.Tensor  # ‖f‖ on entering it
+    stall: torch.Tensor  # rejections since the residual last halved
+    reference: torch.Tensor  # ‖f‖ when it last halved
+
+    @classmethod
+    def start(cls, f_norm: torch.Tensor) -> _Escapes:
+        counts = torch.zeros(f_norm.shape, dtype=torch.long, device=f_norm.device)
+        flags = torch.zeros(f_norm.shape, dtype=torch.bool, device=f_norm.device)
+        return cls(flags, counts, torch.zeros_like(f_norm), counts.clone(), f_norm.clone())
+
+    def update(
+        self, sel: slice | torch.Tensor, f_norm: torch.Tensor, reject: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Count the step just taken by rows ``sel``; returns the rows that enter and leave a phase."""
+        escaping = self.active[sel]
+        steps = self.steps[sel] + escaping.long()
+        leave = escaping & (steps >= _ESCAPE_MIN_STEPS) & (f_norm <= 0.5 * self.entry[sel])
+        progressed = (f_norm <= 0.5 * self.reference[sel]) | leave
+        self.reference[sel] = torch.where(progressed, f_norm, self.reference[sel])
+        stall = torch.where(progressed, torch.zeros_like(steps), self.stall[sel] + reject.long())
+        enter = ~escaping & (stall >= _STALL_LIMIT)
+        self.active[sel] = (escaping & ~leave) | enter
+        self.steps[sel] = torch.where(enter | leave, torch.zeros_like(steps), steps)
+        self.entry[sel] = torch.where(enter, f_norm, self.entry[sel])
+        self.stall[sel] = torch.where(enter, torch.zeros_like(stall), stall)
+        return enter, leave
+
+    def force(self, rows: torch.Tensor, f_norm: torch.Tensor) -> None:
+        """Start an escape phase at ``rows`` now (a perturbed restart away from an unstable point)."""
+        self.active[rows] = True
+        self.steps[rows] = 0
+        self.entry[rows] = f_norm
+
+
+@dataclass
+class AndersonState:
+    """What :class:`AndersonSolver` carries from one iteration to the next. Rows are the flattened
+    leading axes of ``x0``, shape (B, n); per-row fields have shape (B,)."""
+
+    k: int  # iterations taken (by any row)
+    x: torch.Tensor  # current iterates
+    g_x: torch.Tensor  # g(x)
+    f: torch.Tensor  # g(x) − x
+    f_norm: torch.Tensor  # ‖f‖, inf where g(x) is not finite
+    target: torch.Tensor  # tol ‖f_0‖
+    active: torch.Tensor  # still iterating
+    converged: torch.Tensor
+    failed: torch.Tensor  # g was not finite at the plain step: frozen at the last finite iterate
+    n_iter: torch.Tensor
+    n_rejected: torch.Tensor
+    n_restarts: torch.Tensor
+    differences: _Differences
+    escapes: _Escapes
+    stability_restarts: torch.Tensor  # perturbed restarts from unstable fixed points
+    plain_only: torch.Tensor  # too many of those: plain iteration from now on
+    rho: torch.Tensor | None  # estimated spectral radius at a converged row (stability_check)
+    residual_norms: list[torch.Tensor]  # ‖f‖ of every row after each iteration
+
+
+class AndersonSolver:
+    r"""AA(m) as a solver object in the shape of optimistix's: :meth:`init` builds an
+    :class:`AndersonState` from the starting rows, :meth:`step` takes one iteration on every row still
+    active, :meth:`terminate` says whether any is left, and :meth:`result` packs the state into a
+    :class:`FixedPointResult`. :func:`anderson` validates its arguments and drives this loop; the
+    mathematics (least squares, safeguard, escape phases, stability test) is described there.
+
+    Per row, the criterion is ``‖f_k‖ ≤ tol · ‖f_0‖`` or ``‖f_k‖ ≤ 16 ε ‖g(x_k)‖`` (:meth:`converged`).
+    """
+
+    def __init__(
+        self,
+        fmap: _Map,
+        *,
+        m: int,
+        mixing: float,
+        regularization: float,
+        tol: float,
+        safeguard: bool,
+        restart_cond: float,
+        stability_check: bool,
+        max_stability_restarts: int,
+        stability_iters: int,
+    ) -> None:
+        self.fmap, self.m, self.b, self.lam, self.tol = fmap, m, mixing, regularization, tol
+        self.safeguard, self.cond = safeguard, restart_cond
+        self.stability_check = stability_check
+        self.max_stability_restarts, self.stability_iters = max_stability_restarts, stability_iters
+
+    def converged(self, f_norm: torch.Tensor, g_x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The convergence criterion, per row: ‖f‖ ≤ tol ‖f_0‖ (``target``) or at the rounding floor."""
+        return (f_norm <= target) | (f_norm <= 16 * torch.finfo(g_x.dtype).eps * _norm(g_x))
+
+    def init(self, x0: torch.Tensor) -> AndersonState:
+        """The state at the starting rows x0 (B, n): g(x0) evaluated once (not at all for B = 0)."""
+        x = x0.clone()
+        g_x = self.fmap(x, torch.arange(x.shape[0], device=x.device), base=x) if x.shape[0] else x.clone()
+        f = g_x - x
+        f_norm = _norm(f)
+        failed = ~torch.isfinite(g_x).all(-1)
+        if bool((~failed & ~(torch.isfinite(f_norm) & torch.isfinite(_norm(g_x)))).any()):
+            raise ValueError(
+                f"x0 is too large for {x.dtype}: the norms of g(x0) - x0 overflow it "
+                "(scale the problem or use float64)"
+            )
+        f_norm = torch.where(failed, torch.full_like(f_norm, math.inf), f_norm)
+        target = self.tol * f_norm
+        converged = self.converged(f_norm, g_x, target) & ~failed
+        counts = torch.zeros(f_norm.shape, dtype=torch.long, device=x.device)
+        return AndersonState(
+            k=0,
+            x=x,
+            g_x=g_x,
+            f=f,
+            f_norm=f_norm,
+            target=target,
+            # with the stability check, rows converged at x0 take one (null) step so that they are tested
+            active=~failed if self.stability_check else ~converged & ~failed,
+            converged=converged,
+            failed=failed,
+            n_iter=counts,
+            n_rejected=counts.clone(),
+            n_restarts=counts.clone(),
+            differences=_Differences.empty(x, self.m),
+            escapes=_Escapes.start(f_norm),
+            stability_restarts=counts.clone(),
+            plain_only=torch.zeros_like(failed),
+            rho=torch.full_like(f_norm, math.nan) if self.stability_check else None,
+            residual_norms=[f_norm.clone()],
+        )
+
+    def terminate(self, state: AndersonState) -> bool:
+        """Whether every row has stopped (converged or failed)."""
+        return not bool(state.active.any())
+
+    def step(self, state: AndersonState) -> AndersonState:
+        """One iteration on every active row (converged rows are frozen); updates ``state`` in place."""
+        m, b, diffs = self.m, self.b, state.differences
+        rows = state.active.nonzero().squeeze(-1)
+        # with every row active, slices give views instead of gathered copies
+        sel = slice(None) if rows.numel() == state.x.shape[0] else rows
+        x, f, g_x, f_norm = state.x[sel], state.f[sel], state.g_x[sel], state.f_norm[sel]
+        slot = state.k % m if m > 0 else 0
+        # the plain step x + b f; with b = 1 it is g(x) itself, bit for bit
+        plain = x_new = g_x.clone() if b == 1.0 else x + b * f
+        restart = torch.zeros_like(f_norm, dtype=torch.bool)
+        filled = diffs.filled[sel]
+        if m > 0:
+            usable = torch.where(state.plain_only[sel] | state.escapes.active[sel], 0, filled)
+            gamma, restart = diffs.coefficients(sel, f, usable, slot, self.lam, self.cond)
+            filled = torch.where(restart, 0, usable)
+            x_new = plain - _combine(gamma, diffs.d_step[sel])
+        mixed = filled > 0
+        g_new = self.fmap(x_new, rows, base=state.x)
+        f_new = g_new - x_new
+        fn_new = _finite_or_inf(_norm(f_new))
+        reject = mixed & ~(fn_new <= f_norm) if self.safeguard else mixed & ~torch.isfinite(fn_new)
+        if bool(reject.any()):  # those rows take the plain step instead (one more evaluation)
+            sub = reject.nonzero().squeeze(-1)
+            g_plain = self.fmap(plain[sub], rows[sub], base=state.x)
+            x_new[sub], g_new[sub], f_new[sub] = plain[sub], g_plain, g_plain - plain[sub]
+            fn_new[sub] = _finite_or_inf(_norm(f_new[sub]))
+            filled = torch.where(reject, 0, filled)
+            restart = restart | reject
+        ok = torch.isfinite(fn_new)
+        if m > 0:
+            d_x = torch.where(ok[:, None], x_new - x, 0.0)
+            d_f = torch.where(ok[:, None], f_new - f, 0.0)
+            d_step = torch.where(ok[:, None], g_new - g_x, 0.0) if b == 1.0 else d_x + b * d_f
+            diffs.push(sel, slot, d_x, d_f, d_step)
+        state.x[sel] = torch.where(ok[:, None], x_new, x)
+        state.g_x[sel] = torch.where(ok[:, None], g_new, g_x)
+        state.f[sel] = torch.where(ok[:, None], f_new, f)
+        f_norm = torch.where(ok, fn_new, f_norm)
+        state.f_norm[sel] = f_norm
+        state.n_iter[sel] += ok.long()
+        state.n_rejected[sel] += reject.long()
+        state.failed[sel] = ~ok
+        enter, leave = state.escapes.update(sel, f_norm, reject)
+        state.n_restarts[sel] += (restart | enter | leave).long()
+        if m > 0:
+            diffs.filled[sel] = torch.where(enter | leave, 0, torch.clamp(filled + 1, max=m))
+        done = self.converged(f_norm, state.g_x[sel], state.target[sel]) & ok
+        if self.stability_check and bool(done.any()):
+            done = self._leave_unstable(state, rows, done)
+        state.converged[sel] = done
+        state.active[sel] = ~done & ok
+        state.residual_norms.append(state.f_norm.clone())
+        state.k += 1
+        return state
+
+    def _leave_unstable(self, state: AndersonState, rows: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        """Test the rows that have just converged for stability; restart the unstable ones from x* + δ v
+        in an escape phase (plain iteration moves away from x*). Returns ``done`` without them."""
+        assert state.rho is not None
+        drows = rows[done]
+        # the last AA differences span the slowest directions: a good start for power iteration
+        start = state.differences.d_x[drows].sum(1) if self.m > 0 else state.f[drows]
+        noise = _default_start(start)
+        start = start / _norm(start).clamp_min(torch.finfo(start.dtype).tiny)[:, None]
+        start = start + 1e-3 * noise / _norm(noise)[:, None]
+        x_d = state.x[drows]
+        jvp = _jvp_operator(
+            functools.partial(self.fmap, rows=drows, base=state.x), x_d, state.g_x[drows], "fd"
+        )
+        rho, v = _power_iteration(jvp, start, self.stability_iters, rtol=1e-3, decide_at=1.0)
+        state.rho[drows] = rho
+        unstable = rho > 1.0
+        if not bool(unstable.any()):
+            return done
+        urows = drows[unstable]
+        state.stability_restarts[urows] += 1
+        state.n_restarts[urows] += 1
+        state.plain_only[urows] |= state.stability_restarts[urows] > self.max_stability_restarts
+        x_u = x_d[unstable]
+        x_p = x_u + 1e-2 * _norm(x_u).clamp_min(1.0)[:, None] * v[unstable]
+        g_p = self.fmap(x_p, urows, base=state.x)
+        state.x[urows], state.g_x[urows], state.f[urows] = x_p, g_p, g_p - x_p
+        state.f_norm[urows] = _norm(g_p - x_p)
+        state.differences.filled[urows] = 0
+        state.escapes.force(urows, state.f_norm[urows])
+        done = done.clone()
+        done[done.nonzero().squeeze(-1)[unstable]] = False
+        return done
+
+    def result(self, state: AndersonState, shape: torch.Size, kind: Kind, max_iter: int) -> FixedPointResult:
+        """The state as a :class:`FixedPointResult` for an ``x0`` of ``shape``, in the caller's ``kind``."""
+        lead = tuple(shape[:-1])
+        batch = state.x.shape[0]
+        stable = None if state.rho is None else (state.rho < 1.0) & state.converged
+        n_conv, n_fail = int(state.converged.sum()), int(state.failed.sum())
+        message = f"{n_conv}/{batch} rows converged"
+        if n_fail:
+            message += f", {n_fail} failed (non-finite map values)"
+        if n_conv + n_fail < batch:
+            message += f", {batch - n_conv - n_fail} reached max_iter={max_iter}"
+        if stable is not None:
+            message += f", {int(stable.sum())} at stable fixed points"
+
+        def rows(t: torch.Tensor) -> ArrayLike:
+            return _in_kind(t.reshape(lead), kind)
+
+        history = torch.stack(state.residual_norms)
+        return FixedPointResult(
+            x=restore(state.x.reshape(shape), kind),
+            success=n_conv == batch,
+            nit=rows(state.n_iter),
+            message=message,
+            converged=rows(state.converged),
+            g_x=restore(state.g_x.reshape(shape), kind),
+            residual_norms=_in_kind(history.reshape(len(history), *lead), kind),
+            n_evals=rows(self.fmap.n_evals),
+            n_calls=self.fmap.n_calls,
+            n_rejected=rows(state.n_rejected),
+            n_restarts=rows(state.n_restarts),
+            failed=rows(state.failed),
+            spectral_radius=None if state.rho is None else rows(state.rho),
+            stable=None if stable is None else rows(stable),
+        )
+
+
+def _finite_or_inf(norms: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(norms), norms, torch.full_like(norms, math.inf))
+
+
+def _in_kind(tensor: torch.Tensor, kind: Kind) -> ArrayLike:
+    """A per-row field of a result (bool, int, or float in the compute dtype): NumPy for NumPy callers."""
+    return tensor.detach().cpu().numpy() if kind.numpy else tensor
 
 
 def anderson(
@@ -604,12 +953,9 @@ def anderson(
 
     **Cost per iteration.** ΔFᵀΔF is kept up to date one column per step, and the step is taken as
     x_{k+1} = (x_k + b f_k) − (ΔX + b ΔF) γ with the step directions ΔX + b ΔF (ΔG for b = 1) kept
-    in their own ring buffer. While every row is active in the common case (no convergence,
-    safeguard rejection, restart, escape phase or failure; every history the same length) an
-    iteration works on the whole ring buffers in place, without gathers, masks or scatters, and
-    synchronises with the host once; the first iteration in which some row leaves the common case is
-    finished by the general per-row path, which produces the same numbers, bit for bit. The fast path
-    resumes when every row is active again with a full history.
+    in their own ring buffer. While every row is active an iteration works on views of the buffers
+    (no gathered copies). The loop is :class:`AndersonSolver`: ``init`` at x0, ``step`` until
+    ``terminate``, then ``result``.
 
     **Depth convention.** ``m`` counts difference columns, so AA(m) mixes m + 1 iterates and m = 0 is
     plain damped iteration x_{k+1} = x_k + b f_k (Walker & Ni's depth m). Some peers count stored
@@ -619,9 +965,10 @@ def anderson(
 
     **Convergence.** Row b has converged once ‖f_k‖ ≤ tol · ‖f_0‖ (relative to its initial
     residual), or ‖f_k‖ ≤ 16 ε ‖g(x_k)‖ (ε the dtype's machine epsilon: the rounding floor, where
-    float32 stops). A converged row stops: its iterate never changes (it is frozen by masking: g
-    still receives it, at its final value, and its new value is discarded; with ``row_subsets=True``
-    g is only evaluated on the rows still active).
+    float32 stops). :func:`hopfield_aa.hopfield.iterate`, plain or accelerated, uses the same
+    criterion (it runs this solver). A converged row stops: its iterate never changes (it is frozen by
+    masking: g still receives it, at its final value, and its new value is discarded; with
+    ``row_subsets=True`` g is only evaluated on the rows still active).
 
     **Safeguard** (``safeguard=True``). A mixed step that uses history is kept only if
     ‖f(x_{k+1})‖ ≤ ‖f(x_k)‖ and g(x_{k+1}) is finite; otherwise that row takes the plain step
@@ -683,8 +1030,9 @@ def anderson(
 
     Returns
     -------
-    AndersonResult
-        Every array field in the caller's kind: NumPy arrays for a NumPy ``x0``.
+    FixedPointResult
+        ``x``, ``success``, ``nit``, ``message`` as in scipy's ``OptimizeResult``, and per-row fields;
+        every array field in the caller's kind: NumPy arrays for a NumPy ``x0``.
 
     References
     ----------
@@ -732,337 +1080,35 @@ def anderson(
         raise ValueError(f"x0 must have a non-empty last dimension, got shape {tuple(x0_t.shape)}")
     if not isinstance(row_subsets, bool):
         raise TypeError(f"row_subsets must be a bool, got {type(row_subsets).__name__}")
-    lead, n = x0_t.shape[:-1], x0_t.shape[-1]
-    x = x0_t.reshape(-1, n).clone()
-    batch, dtype, device = x.shape[0], x.dtype, x.device
     cond = (
-        _default_restart_cond(dtype)
+        _default_restart_cond(x0_t.dtype)
         if restart_cond is None
         else check_scalar(restart_cond, "restart_cond", positive=True)
     )
-    eps = torch.finfo(dtype).eps
-    fmap = _Map(g, kind, tuple(x0_t.shape), device, row_subsets)
-    if batch == 0:
-        return _empty_result(x0_t, kind, stability_check)
-
-    def evaluate(xr: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        # rows not evaluated are filled with their current iterate (x, read at call time)
-        return fmap(xr, rows, base=x)
-
-    all_rows = torch.arange(batch, device=device)
-    g_x = evaluate(x, all_rows)
-    f = g_x - x
-    f_norm = _norm(f)
-    failed = ~torch.isfinite(g_x).all(-1)
-    if bool((~failed & ~(torch.isfinite(f_norm) & torch.isfinite(_norm(g_x)))).any()):
-        raise ValueError(
-            f"x0 is too large for {dtype}: the norms of g(x0) - x0 overflow it "
-            "(scale the problem or use float64)"
-        )
-    f_norm = torch.where(failed, torch.full_like(f_norm, math.inf), f_norm)
-    target = rtol * f_norm
-
-    def is_converged(fn: torch.Tensor, gn: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-        return (fn <= tgt) | (fn <= 16 * eps * gn)
-
-    converged = is_converged(f_norm, _norm(g_x), target) & ~failed
-    # with the stability check, rows converged at x0 take one (null) step so that they are tested too
-    active = ~failed if stability_check else ~converged & ~failed
-    # history as a ring buffer of m columns; the valid columns of a row are its `filled` newest ones
-    d_x = torch.zeros(batch, m, n, dtype=dtype, device=device)
-    d_f = torch.zeros_like(d_x)
-    # ΔX + b ΔF, the step directions (ΔG for b = 1): x_{k+1} = (x_k + b f_k) − (ΔX + b ΔF) γ
-    d_m = torch.zeros_like(d_x)
-    # ΔFᵀΔF of every row, updated by one column per step (O(m n) instead of O(m² n))
-    gram = torch.zeros(batch, m, m, dtype=dtype, device=device)
-    filled = torch.zeros(batch, dtype=torch.long, device=device)
-    col = torch.arange(m, device=device)
-    n_iter = torch.zeros(batch, dtype=torch.long, device=device)
-    n_rejected = torch.zeros_like(n_iter)
-    n_restarts = torch.zeros_like(n_iter)
-    # escape phases: plain steps until the residual has halved (see the docstring)
-    escape = torch.zeros(batch, dtype=torch.bool, device=device)
-    escape_steps = torch.zeros_like(n_iter)
-    escape_entry = torch.zeros_like(f_norm)
-    stall = torch.zeros_like(n_iter)
-    progress_ref = f_norm.clone()
-    stab_restarts = torch.zeros_like(n_iter)
-    plain_only = torch.zeros(batch, dtype=torch.bool, device=device)
-    rho = torch.full((batch,), math.nan, dtype=dtype, device=device) if stability_check else None
-    history = [f_norm.clone()]
-
-    # Fast path: while every row is active with one shared history length (no convergence,
-    # rejection, restart, escape or failure yet), an iteration works on whole buffers (no gathers,
-    # masks or scatters), keeps ΔF and ΔX as ring buffers of views and ΔFᵀΔF incrementally, and
-    # synchronises with the host once. It computes the same numbers as the general path below, op
-    # for op; at the first iteration where any row departs from the common case, that iteration is
-    # finished by the general path, which runs from then on.
-    fast = _FAST_PATH and batch > 0 and bool(active.all()) and not bool(converged.any())
-    n_fast = 0  # fast iterations not yet counted in n_iter
-    sel: slice | torch.Tensor
-    floor = 16 * eps
-    threshold = 1.0 / cond
-    pads: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for k in range(m + 1):
-        # what _solve_gamma adds for k valid columns (the newest k slots are 0..k-1 here):
-        # unit scale and a unit diagonal (+ λ) for the unused ones, λ on the used ones
-        unused = (col >= k).to(dtype)
-        pads.append((unused, torch.diag_embed(lam + unused)))
-
+    fmap = _Map(g, kind, tuple(x0_t.shape), x0_t.device, row_subsets)
+    solver = AndersonSolver(
+        fmap,
+        m=m,
+        mixing=b,
+        regularization=lam,
+        tol=rtol,
+        safeguard=safeguard,
+        restart_cond=cond,
+        stability_check=stability_check,
+        max_stability_restarts=max_stability_restarts,
+        stability_iters=stability_iters,
+    )
+    state = solver.init(x0_t.reshape(-1, x0_t.shape[-1]))
     bar = tqdm(total=max_iter, desc="anderson", leave=False) if progress else None
-    for it in range(max_iter):
-        if fast:
-            k = min(it, m)  # every row's history length
-            slot = it % m if m > 0 else 0
-            # the plain step; a copy where it becomes the new iterate (x must not share g_x's memory)
-            plain = (g_x if k > 0 else g_x.clone()) if b == 1.0 else x + b * f
-            x_new = plain
-            if k > 0:
-                norms = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
-                scale = norms + pads[k][0] if k < m else norms
-                rhs = (d_f @ f[..., None])[..., 0] / scale
-                c = gram / (scale[..., :, None] * scale[..., None, :]) + pads[k][1]
-                chol, info = torch.linalg.cholesky_ex(c)
-                coef = torch.cholesky_solve(rhs[..., None], chol)[..., 0]
-                gamma = coef / scale
-                pivot_ok = chol.diagonal(dim1=-2, dim2=-1)[:, :k].square().amin(-1) >= threshold
-                use_row = pivot_ok & (info == 0) & torch.isfinite(gamma).all(-1)
-                gamma = torch.where(use_row[:, None], gamma, 0.0)
-                x_new = plain - _combine(gamma, d_m)
-            g_new = fmap(x_new)
-            f_new = g_new - x_new
-            fn_new = _norm(f_new)
-            # the common case: not converged, finite, accepted by the safeguard, well conditioned
-            good = fn_new > torch.maximum(target, floor * _norm(g_new))
-            good &= fn_new <= f_norm if safeguard and k > 0 else torch.isfinite(fn_new)
-            if k > 0:
-                good &= use_row
-            if m > 0:
-                new_df = f_new - f
-                new_dx = x_new - x
-                d_x[:, slot] = new_dx
-                d_f[:, slot] = new_df
-                d_m[:, slot] = g_new - g_x if b == 1.0 else new_dx + b * new_df
-                new_col = (d_f @ new_df[:, :, None])[:, :, 0]
-                gram[:, slot, :] = new_col
-                gram[:, :, slot] = new_col
-                # the new column must be usable by the next solve: positive, finite norm
-                sq = new_col[:, slot]
-                good &= (sq > 0) & (sq < math.inf)
-            if bool(good.all()):
-                n_fast += 1
-                x, f, f_norm = x_new, f_new, fn_new
-                g_x.copy_(g_new)
-                progressed = fn_new <= 0.5 * progress_ref
-                progress_ref = torch.where(progressed, fn_new, progress_ref)
-                stall = torch.where(progressed, 0, stall)  # no rejection here, so it only resets
-                history.append(fn_new)
-                if callback is not None:
-                    callback(it, x.reshape(x0_t.shape), f_norm.reshape(lead))
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(active=batch)
-                continue
-            # some row leaves the common case: finish this iteration by the general rules
-            fast = False
-            n_iter += n_fast
-            n_fast = 0
-            f_norm = f_norm.clone()  # the history holds the fast path's norms
-            rows, sel = all_rows, slice(None)
-            xa, fa, ga, fna = x, f, g_x, f_norm
-            if k > 0:
-                restart = ~(pivot_ok & (info == 0) & torch.isfinite(coef).all(-1))
-                fil = torch.where(restart, 0, k)
-            else:
-                restart = torch.zeros_like(fna, dtype=torch.bool)
-                fil = torch.zeros_like(filled)
-            mixed = fil > 0
-            fn_new = torch.where(torch.isfinite(fn_new), fn_new, torch.full_like(fn_new, math.inf))
-        else:
-            rows = active.nonzero().squeeze(-1)
-            if rows.numel() == 0:
-                break
-            # with every row active, slices give views instead of gathered copies
-            sel = slice(None) if rows.numel() == batch else rows
-            xa, fa, ga, fna = x[sel], f[sel], g_x[sel], f_norm[sel]
-            # the plain step x + b f; with b = 1 it is g(x) itself, bit for bit
-            plain = x_new = ga.clone() if b == 1.0 else xa + b * fa
-            restart = torch.zeros_like(fna, dtype=torch.bool)
-            mixed = restart
-            fil = filled[sel]
-            if m > 0:
-                dfa, dma = d_f[sel], d_m[sel]
-                fil = torch.where(plain_only[sel] | escape[sel], torch.zeros_like(fil), fil)
-                slot = it % m
-                age = (slot - 1 - col) % m  # 0 for the newest column
-                gamma, well, _ = _solve_gamma(dfa, fa, age < fil[:, None], lam, cond, raw=gram[sel])
-                restart = ~well & (fil > 0)
-                gamma = torch.where(restart[:, None], torch.zeros_like(gamma), gamma)
-                fil = torch.where(restart, torch.zeros_like(fil), fil)
-                mixed = fil > 0
-                x_new = plain - _combine(gamma, dma)
-            g_new = evaluate(x_new, rows)
-            f_new = g_new - x_new
-            fn_new = _norm(f_new)
-            fn_new = torch.where(torch.isfinite(fn_new), fn_new, torch.full_like(fn_new, math.inf))
-        reject = mixed & ~(fn_new <= fna) if safeguard else mixed & ~torch.isfinite(fn_new)
-        if bool(reject.any()):
-            sub = reject.nonzero().squeeze(-1)
-            gp = evaluate(plain[sub], rows[sub])
-            x_new[sub], g_new[sub], f_new[sub] = plain[sub], gp, gp - plain[sub]
-            fnp = _norm(f_new[sub])
-            fn_new[sub] = torch.where(torch.isfinite(fnp), fnp, torch.full_like(fnp, math.inf))
-            fil = torch.where(reject, torch.zeros_like(fil), fil)
-            restart = restart | reject
-        ok = torch.isfinite(fn_new)
-        if m > 0:
-            new_dx = torch.where(ok[:, None], x_new - xa, torch.zeros_like(xa))
-            new_df = torch.where(ok[:, None], f_new - fa, torch.zeros_like(fa))
-            # ring buffer: every active row writes its newest column at the shared position `slot`
-            d_x[sel, slot] = new_dx
-            d_f[sel, slot] = new_df
-            new_dm = g_new - ga if b == 1.0 else new_dx + b * new_df
-            d_m[sel, slot] = torch.where(ok[:, None], new_dm, torch.zeros_like(new_dm))
-            new_col = (d_f[sel] @ new_df[:, :, None])[:, :, 0]
-            gram[sel, slot, :] = new_col
-            gram[sel, :, slot] = new_col
-        x[sel] = torch.where(ok[:, None], x_new, xa)
-        g_x[sel] = torch.where(ok[:, None], g_new, ga)
-        f[sel] = torch.where(ok[:, None], f_new, fa)
-        fn = torch.where(ok, fn_new, fna)
-        f_norm[sel] = fn
-        n_iter[sel] += ok.long()
-        n_rejected[sel] += reject.long()
-        failed[sel] = ~ok
-
-        # stagnation: `stall_limit` safeguard rejections without halving the residual start an escape
-        esc = escape[sel]
-        steps = escape_steps[sel] + esc.long()
-        leave = esc & (steps >= _ESCAPE_MIN_STEPS) & (fn <= 0.5 * escape_entry[sel])
-        progressed = (fn <= 0.5 * progress_ref[sel]) | leave
-        progress_ref[sel] = torch.where(progressed, fn, progress_ref[sel])
-        st = torch.where(progressed, torch.zeros_like(steps), stall[sel] + reject.long())
-        enter = ~esc & (st >= _STALL_LIMIT)
-        escape[sel] = (esc & ~leave) | enter
-        escape_steps[sel] = torch.where(enter | leave, torch.zeros_like(steps), steps)
-        escape_entry[sel] = torch.where(enter, fn, escape_entry[sel])
-        stall[sel] = torch.where(enter, torch.zeros_like(st), st)
-        restart = restart | enter | leave
-        n_restarts[sel] += restart.long()
-        if m > 0:
-            filled[sel] = torch.where(enter | leave, torch.zeros_like(fil), torch.clamp(fil + 1, max=m))
-
-        done = is_converged(fn, _norm(g_x[sel]), target[sel]) & ok
-        if stability_check and bool(done.any()):
-            assert rho is not None
-            drows = rows[done]
-            # the last AA differences span the slowest directions: a good start for power iteration
-            start = d_x[drows].sum(1) if m > 0 else f[drows]
-            noise = _default_start(start)
-            start = start / _norm(start).clamp_min(torch.finfo(dtype).tiny)[:, None]
-            start = start + 1e-3 * noise / _norm(noise)[:, None]
-            x_d = x[drows]
-            r, v = _power_iteration(
-                _jvp_operator(functools.partial(fmap, rows=drows, base=x), x_d, g_x[drows], "fd"),
-                start,
-                stability_iters,
-                rtol=1e-3,
-                decide_at=1.0,
-            )
-            rho[drows] = r
-            unstable = r > 1.0
-            if bool(unstable.any()):
-                # restart from x* + δ v in an escape phase; plain iteration moves away from x*
-                urows = drows[unstable]
-                stab_restarts[urows] += 1
-                n_restarts[urows] += 1
-                plain_only[urows] |= stab_restarts[urows] > max_stability_restarts
-                x_u = x_d[unstable]
-                x_p = x_u + 1e-2 * _norm(x_u).clamp_min(1.0)[:, None] * v[unstable]
-                g_p = fmap(x_p, urows, base=x)
-                x[urows], g_x[urows], f[urows] = x_p, g_p, g_p - x_p
-                f_norm[urows] = _norm(g_p - x_p)
-                filled[urows] = 0
-                escape[urows] = True
-                escape_steps[urows] = 0
-                escape_entry[urows] = f_norm[urows]
-                done = done.clone()
-                done[done.nonzero().squeeze(-1)[unstable]] = False
-        converged[sel] = done
-        active[sel] = ~done & ok
-        history.append(f_norm.clone())
-        if _FAST_PATH and rows.numel() == batch:
-            # back in the common case (e.g. m steps after a rejection: every history full again,
-            # every column usable)? Then the fast path takes over again.
-            common = active.all() & ~(escape | plain_only | converged).any()
-            if m > 0:
-                sq = gram.diagonal(dim1=-2, dim2=-1)
-                common &= (filled == m).all() & ((sq > 0) & (sq < math.inf)).all()
-            fast = bool(common)
+    for k in range(max_iter):
+        if solver.terminate(state):
+            break
+        solver.step(state)
         if callback is not None:
-            callback(it, x.reshape(x0_t.shape), f_norm.reshape(lead))
+            callback(k, state.x.reshape(x0_t.shape), state.f_norm.reshape(x0_t.shape[:-1]))
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(active=int(rows.numel()))
+            bar.set_postfix(active=int(state.active.sum()))
     if bar is not None:
         bar.close()
-    n_iter += n_fast if fast else 0
-
-    stable = None
-    if rho is not None:
-        stable = (rho < 1.0) & converged
-    n_conv = int(converged.sum())
-    n_fail = int(failed.sum())
-    message = f"{n_conv}/{batch} rows converged"
-    if n_fail:
-        message += f", {n_fail} failed (non-finite map values)"
-    if n_conv + n_fail < batch:
-        message += f", {batch - n_conv - n_fail} reached max_iter={max_iter}"
-    if stable is not None:
-        message += f", {int(stable.sum())} at stable fixed points"
-    shape = tuple(lead)
-    hist = torch.stack(history).reshape(len(history), *shape)
-    return AndersonResult(
-        x=restore(x.reshape(x0_t.shape), kind),
-        g_x=restore(g_x.reshape(x0_t.shape), kind),
-        converged=_in_kind(converged.reshape(shape), kind),
-        n_iter=_in_kind(n_iter.reshape(shape), kind),
-        n_evals=_in_kind(fmap.n_evals.reshape(shape), kind),
-        n_calls=fmap.n_calls,
-        residual_norms=_in_kind(hist, kind),
-        n_rejected=_in_kind(n_rejected.reshape(shape), kind),
-        n_restarts=_in_kind(n_restarts.reshape(shape), kind),
-        failed=_in_kind(failed.reshape(shape), kind),
-        spectral_radius=None if rho is None else _in_kind(rho.reshape(shape), kind),
-        stable=None if stable is None else _in_kind(stable.reshape(shape), kind),
-        message=message,
-    )
-
-
-def _in_kind(tensor: torch.Tensor, kind: Kind) -> ArrayLike:
-    """A per-row field of a result (bool, int, or float in the compute dtype): NumPy for NumPy callers."""
-    return tensor.detach().cpu().numpy() if kind.numpy else tensor
-
-
-def _empty_result(x0: torch.Tensor, kind: Kind, stability_check: bool) -> AndersonResult:
-    """The result for an empty batch (x0 of shape (..., 0, ..., n)): nothing to solve, g never called."""
-    shape = tuple(x0.shape[:-1])
-    flags = torch.zeros(shape, dtype=torch.bool, device=x0.device)
-    counts = torch.zeros(shape, dtype=torch.long, device=x0.device)
-    norms = torch.zeros((1, *shape), dtype=x0.dtype, device=x0.device)
-    radius = torch.zeros(shape, dtype=x0.dtype, device=x0.device) if stability_check else None
-    return AndersonResult(
-        x=restore(x0, kind),
-        g_x=restore(x0, kind),
-        converged=_in_kind(flags, kind),
-        n_iter=_in_kind(counts, kind),
-        n_evals=_in_kind(counts, kind),
-        n_calls=0,
-        residual_norms=_in_kind(norms, kind),
-        n_rejected=_in_kind(counts, kind),
-        n_restarts=_in_kind(counts, kind),
-        failed=_in_kind(flags, kind),
-        spectral_radius=None if radius is None else _in_kind(radius, kind),
-        stable=None if radius is None else _in_kind(flags, kind),
-        message="0/0 rows converged (empty batch)",
-    )
+    return solver.result(state, x0_t.shape, kind, max_iter)

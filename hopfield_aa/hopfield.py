@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Any, Union
 
 import torch
@@ -26,7 +25,7 @@ from hopfield_aa._arrays import (
     result_kind,
     tolerance,
 )
-from hopfield_aa.anderson import AndersonConfig, anderson
+from hopfield_aa.anderson import AndersonConfig, FixedPointResult, anderson
 from hopfield_aa.normalizers import _alpha_argument, _entmax_tensor, entmax_conjugate, jacobian_weights
 
 # --------------------------------------------------------------------------------------------------
@@ -129,9 +128,7 @@ def _check_finite_result(value: torch.Tensor, what: str, names: str = "state and
 # public API
 
 
-def retrieve(
-    state: ArrayLike, patterns: ArrayLike, beta: float, alpha: float | ArrayLike = 1.0
-) -> ArrayLike:
+def retrieve(state: ArrayLike, patterns: ArrayLike, beta: float, alpha: float | ArrayLike = 1.0) -> ArrayLike:
     r"""One retrieval step of the (generalised sparse) modern Hopfield network.
 
     .. math:: T_\alpha(\xi) = X^\top \operatorname{entmax}_\alpha(\beta X \xi)
@@ -168,9 +165,7 @@ def retrieve(
     return restore(_retrieve(xi, memory, beta_value, alpha_value), kind)
 
 
-def energy(
-    state: ArrayLike, patterns: ArrayLike, beta: float, alpha: float | ArrayLike = 1.0
-) -> ArrayLike:
+def energy(state: ArrayLike, patterns: ArrayLike, beta: float, alpha: float | ArrayLike = 1.0) -> ArrayLike:
     r"""The Hopfield energy whose concave–convex procedure step is :func:`retrieve`.
 
     .. math:: E_\alpha(\xi) = -\tfrac{1}{\beta}\,\Psi^*_\alpha(\beta X\xi) + \tfrac12\lVert\xi\rVert^2
@@ -334,32 +329,7 @@ def lipschitz_bound(
 # iteration to a fixed point
 
 
-@dataclass(frozen=True)
-class IterateResult:
-    """The outcome of :func:`iterate`, per state (leading axes of the input state).
-
-    Attributes
-    ----------
-    state : the final states ξ, shape (..., d), the kind of the input.
-    converged : bool per state: ``‖T(ξ) − ξ‖ ≤ tol · M`` reached (``M`` the largest pattern norm).
-    n_iter : iterations (map evaluations for plain iteration) per state.
-    history : residual norms ``‖T(ξ_t) − ξ_t‖``, shape (iterations, ...); for plain iteration row ``t``
-        is the residual at ``ξ_t``.
-    energy_history : ``E_α(ξ_t)``, shape (iterations + 1, ...) for plain iteration; None when accelerated
-        (Anderson iterates are not energy-monotone).
-    spectral_radius : spectral radius of ``DT_α`` at the final state; below 1 means a stable fixed point.
-    stable : bool per state, ``spectral_radius < 1``.
-    message : a one-line summary.
-    """
-
-    state: Any
-    converged: Any
-    n_iter: Any
-    history: Any
-    energy_history: Any
-    spectral_radius: Any
-    stable: Any
-    message: str
+IterateResult = FixedPointResult  # iterate and anderson return one result type
 
 
 def iterate(
@@ -371,124 +341,111 @@ def iterate(
     tol: float | None = None,
     max_iter: int = 1000,
     accelerate: Union[int, AndersonConfig, None] = None,
-) -> IterateResult:
+) -> FixedPointResult:
     r"""Iterate the retrieval map ``ξ_{t+1} = T_α(ξ_t)`` to a fixed point, plainly or with Anderson.
 
     Plain iteration is the concave–convex procedure for ``E_α`` and so decreases the energy monotonically
     (recorded in ``energy_history``); every state that converges ends at a stationary point of ``E_α``.
     ``accelerate`` (an ``m`` or an :class:`~hopfield_aa.anderson.AndersonConfig`) runs AA(m) on the same map
-    instead. Either way the result reports, per state, the spectral radius of ``DT_α`` at the end, so a
-    fixed point that acceleration reached but plain iteration cannot (a saddle: radius ≥ 1) is flagged.
+    instead. Both run :func:`~hopfield_aa.anderson.anderson` (plain iteration is its depth 0, bit for bit),
+    so they share its result type and its convergence criterion: a state has converged once
+
+    .. math:: \lVert T(\xi_t) - \xi_t\rVert \le \mathrm{tol}\cdot\lVert T(\xi_0) - \xi_0\rVert
+              \quad\text{or}\quad \lVert T(\xi_t) - \xi_t\rVert \le 16\,\varepsilon\,\lVert T(\xi_t)\rVert
+
+    (relative to its own initial residual, or at the rounding floor of the dtype), and then stops changing.
+    Either way the result reports, per state, the spectral radius of ``DT_α`` at the end, so a fixed point
+    that acceleration reached but plain iteration cannot (a saddle: radius ≥ 1) is flagged.
 
     Parameters
     ----------
     state : (..., d)   starting states ξ₀.
     patterns : (N, d) or (..., N, d)   the memory.
     beta, alpha : inverse temperature β > 0 and entmax α ≥ 1.
-    tol : convergence tolerance. Plain iteration stops a state once ``‖T(ξ) − ξ‖ ≤ tol · M`` (``M`` the
-        largest pattern norm; default ``100 · eps`` of the dtype). With ``accelerate`` the tolerance is
-        Anderson's, relative to each state's initial residual (default: the config's ``tol``).
+    tol : relative tolerance > 0 of the criterion above. Default: ``100 ε`` of the dtype for plain iteration,
+        the config's ``tol`` with ``accelerate``.
     max_iter : maximum iterations.
     accelerate : None, an int m ≥ 0, or an AndersonConfig.
+
+    Returns
+    -------
+    FixedPointResult
+        ``x`` (alias ``state``), ``success``, ``nit`` (alias ``n_iter``), ``converged``, ``residual_norms``
+        (alias ``history``), ``energy_history`` (plain iteration; None when accelerated: Anderson iterates
+        are not energy-monotone), ``spectral_radius`` = ``‖DT_α‖₂`` and ``stable``, in the state's kind.
 
     Examples
     --------
     >>> import torch
     >>> X = torch.eye(3, dtype=torch.float64)
     >>> out = iterate(torch.tensor([0.8, 0.3, 0.1], dtype=torch.float64), X, beta=8.0)
-    >>> bool(out.converged), int(out.state.argmax()), bool(out.stable)
+    >>> bool(out.converged), int(out.x.argmax()), bool(out.stable)
     (True, 0, True)
     """
     xi, memory, beta_value, alpha_value, kind = _memory_inputs(state, patterns, beta, alpha)
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
-    tol_value = tolerance(xi.dtype, 100.0) if tol is None else check_scalar(tol, "tol", positive=True)
-    scale = torch.linalg.vector_norm(memory, dim=-1).amax(-1).clamp(min=torch.finfo(xi.dtype).tiny)
-    # iterates reach the patterns' hull, where scores are up to β M²
+    if accelerate is None:
+        config = AndersonConfig(m=0, tol=tolerance(xi.dtype, 100.0))
+    elif isinstance(accelerate, int):
+        config = AndersonConfig(m=accelerate)
+    elif isinstance(accelerate, AndersonConfig):
+        config = accelerate
+    else:
+        raise TypeError(
+            f"accelerate must be None, an int or an AndersonConfig, got {type(accelerate).__name__}"
+        )
+    if accelerate is not None and memory.ndim > 2:
+        raise ValueError(
+            "accelerate= needs one memory (N, d) shared by all states; batch memories separately"
+        )
+    settings = {**dataclasses.asdict(config), "max_iter": max_iter}
+    if tol is not None:
+        settings["tol"] = check_scalar(tol, "tol", positive=True)
+    scale = torch.linalg.vector_norm(memory, dim=-1).amax(-1)
+    # iterates reach the patterns' hull, where scores are up to β M² and residuals up to ‖ξ₀‖ + M
     _check_finite_result(beta_value * scale * scale, "beta * (largest pattern norm)^2", "patterns")
-    threshold = tol_value * scale  # broadcasts against the states' leading shape
+    _check_finite_result(torch.linalg.vector_norm(xi, dim=-1) + scale, "the norms of the states")
     xi = torch.broadcast_to(xi, torch.broadcast_shapes(xi.shape, memory.shape[:-2] + xi.shape[-1:]))
-    batch_shape = xi.shape[:-1]
 
     def retrieval(x: torch.Tensor) -> torch.Tensor:
         return _retrieve(x, memory, beta_value, alpha_value)
 
-    energies: torch.Tensor | None
-    if accelerate is None:
-        final, converged, n_iter, history, energies = _plain_iteration(
-            retrieval, lambda x: _energy(x, memory, beta_value, alpha_value), xi, threshold, max_iter
-        )
-    else:
-        config = AndersonConfig(m=accelerate) if isinstance(accelerate, int) else accelerate
-        if not isinstance(config, AndersonConfig):
-            raise TypeError(
-                f"accelerate must be None, an int or an AndersonConfig, got {type(accelerate).__name__}"
-            )
-        if memory.ndim > 2:
-            raise ValueError(
-                "accelerate= needs one memory (N, d) shared by all states; batch memories separately"
-            )
-        # Anderson's tolerance is relative to each row's initial residual (see hopfield_aa.anderson)
-        settings = {**dataclasses.asdict(config), "max_iter": max_iter}
-        if tol is not None:
-            settings["tol"] = tol_value
-        # the retrieval acts on each state alone: converged states need not be evaluated again (with one
-        # α per state the map needs the full batch, whose rows carry their α)
-        per_row_alpha = isinstance(alpha_value, torch.Tensor)
-        result = anderson(retrieval, xi, **settings, row_subsets=not per_row_alpha)
-        final = torch.as_tensor(result.x).reshape(xi.shape)
-        converged = torch.as_tensor(result.converged).reshape(batch_shape)
-        n_iter = torch.as_tensor(result.n_iter).reshape(batch_shape)
-        residuals = torch.as_tensor(result.residual_norms)
-        history = residuals.reshape(residuals.shape[0], *batch_shape)
-        energies = None
-    _check_finite_result(history, "the residual norms")
-    if energies is not None:
-        _check_finite_result(energies, "the energies")
+    energies: list[torch.Tensor] = []
+    if accelerate is None:  # record E_α(ξ_t) along the way (its descent is a claim of papers/theory.md §3)
+        energies.append(_energy(xi, memory, beta_value, alpha_value))
+        settings["callback"] = lambda k, x, r: energies.append(_energy(x, memory, beta_value, alpha_value))
+    # the map acts on each state alone, so converged states need not be evaluated again; unless each state
+    # carries its own memory or α, which the map needs the whole batch to line up
+    row_subsets = memory.ndim == 2 and not isinstance(alpha_value, torch.Tensor)
+    result = anderson(retrieval, xi, **settings, row_subsets=row_subsets)
+    final = torch.as_tensor(result.x)
+    _check_finite_result(torch.as_tensor(result.residual_norms), "the residual norms")
+    energy_history = _check_finite_result(torch.stack(energies), "the energies") if energies else None
     radius = _local_lipschitz(final, memory, beta_value, alpha_value)
     stable = radius < 1.0
-    n_conv = int(converged.sum())
+    converged = torch.as_tensor(result.converged)
     message = (
-        f"{n_conv}/{converged.numel()} states converged; "
+        f"{int(converged.sum())}/{converged.numel()} states converged; "
         f"{int((converged & ~stable).sum())} of them at unstable fixed points (spectral radius >= 1)"
     )
-    return IterateResult(
-        state=restore(final, kind),
-        converged=_as_kind(converged, kind),
-        n_iter=_as_kind(n_iter, kind),
-        history=restore(history, kind),
-        energy_history=None if energies is None else restore(energies, kind),
-        spectral_radius=restore(radius, kind),
+    arrays = {
+        field.name: _as_kind(value, kind)
+        for field in dataclasses.fields(result)
+        if isinstance(value := getattr(result, field.name), torch.Tensor)
+    }
+    return dataclasses.replace(
+        result,
+        **arrays,
+        spectral_radius=_as_kind(radius, kind),
         stable=_as_kind(stable, kind),
+        energy_history=None if energy_history is None else _as_kind(energy_history, kind),
         message=message,
     )
 
 
 def _as_kind(tensor: torch.Tensor, kind: Kind) -> Any:
-    """Integer/boolean results: NumPy for NumPy callers, tensors otherwise."""
+    """A result array in the caller's kind: NumPy for NumPy callers, floats in the result dtype."""
+    if tensor.is_floating_point():
+        return restore(tensor, kind)
     return tensor.detach().cpu().numpy() if kind.numpy else tensor
-
-
-def _plain_iteration(
-    retrieval: Any, energy_of: Any, start: torch.Tensor, threshold: torch.Tensor, max_iter: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ξ_{t+1} = T(ξ_t) with a per-state convergence mask: a converged state stops changing."""
-    x = start.clone()
-    batch_shape = x.shape[:-1]
-    active = torch.ones(batch_shape, dtype=torch.bool, device=x.device)
-    n_iter = torch.zeros(batch_shape, dtype=torch.long, device=x.device)
-    history, energies = [], [energy_of(x)]
-    for _ in range(max_iter):
-        mapped = retrieval(x)
-        residual = torch.linalg.vector_norm(mapped - x, dim=-1)
-        history.append(residual)
-        done = residual <= threshold
-        active = active & ~done
-        if not bool(active.any()):
-            energies.append(energy_of(x))
-            break
-        x = torch.where(active.unsqueeze(-1), mapped, x)
-        n_iter = n_iter + active.long()
-        energies.append(energy_of(x))
-    converged = ~active
-    return x, converged, n_iter, torch.stack(history), torch.stack(energies)

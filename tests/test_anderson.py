@@ -1,10 +1,8 @@
 """Properties of Anderson acceleration (THEORY.md §4): GMRES equivalence, AA(1) = extrapolation,
-plain iteration at m = 0, batch independence, the safeguard, stability, input checks, and the
-whole-batch fast path giving the general path's iterates bit for bit."""
+plain iteration at m = 0, batch independence, the safeguard, stability, input checks, the solver as a
+state with init/step/terminate, and the result and tolerance it shares with iterate."""
 
 from __future__ import annotations
-
-import importlib
 
 import numpy as np
 import pytest
@@ -473,88 +471,68 @@ def test_solver_with_a_maintained_gram_matrix_equals_the_recomputed_one() -> Non
             assert not bool(got[1][3]), "the dependent column must be reported as ill-conditioned"
 
 
-def _run_recorded(monkeypatch: pytest.MonkeyPatch, fast: bool, g, x0: torch.Tensor, **kwargs):  # type: ignore[no-untyped-def]
-    """Run the solver with the fast path on or off; record every iterate and count the general
-    path's least-squares solves (the fast path does not call _solve_gamma)."""
-    aa = importlib.import_module("hopfield_aa.anderson")
-    solves = [0]
-    original = aa._solve_gamma
+def test_solver_state_init_step_terminate_drives_to_the_same_result_as_anderson() -> None:
+    """The public loop is init, then step until terminate: driving it by hand gives anderson's iterates."""
+    from hopfield_aa._arrays import as_tensor
+    from hopfield_aa.anderson import AndersonSolver, _default_restart_cond, _Map
 
-    def counting(*args, **kw):  # type: ignore[no-untyped-def]
-        solves[0] += 1
-        return original(*args, **kw)
-
-    monkeypatch.setattr(aa, "_FAST_PATH", fast)
-    monkeypatch.setattr(aa, "_solve_gamma", counting)
-    xs: list[torch.Tensor] = []
-    res = anderson(g, x0, callback=lambda k, x, r: xs.append(x.clone()), **kwargs)
-    return res, xs, solves[0]
-
-
-@pytest.mark.parametrize(
-    ("m", "mixing", "regularization", "normal"),
-    [
-        (1, 1.0, 0.0, True),
-        (3, 1.0, 0.0, True),
-        (5, 0.7, 1e-6, True),
-        (0, 0.5, 0.0, True),
-        (1, 1.0, 0.0, False),  # a safeguard rejection ends the fast path before any row converges
-        (5, 1.0, 0.0, False),
-    ],
-)
-def test_fast_path_gives_the_general_paths_iterates_bit_for_bit_and_hands_over_when_a_row_converges(
-    monkeypatch: pytest.MonkeyPatch, m: int, mixing: float, regularization: float, normal: bool
-) -> None:
-    """While every row is active the solver runs its whole-batch fast path; its iterates, and
-    everything after the switch to the general path at the first convergence (or rejection), equal
-    the general path's exactly (torch.equal, float64)."""
-    a, b = _affine(11, 30, 0.9, normal)
-    gen = torch.Generator().manual_seed(3)
-    # rows at very different distances from x*: they converge at different iterations
-    x0 = torch.randn(12, 30, generator=gen, dtype=F64) * torch.logspace(-6, 2, 12, dtype=F64)[:, None]
-    g = lambda x: x @ a.T + b  # noqa: E731
-    kw = dict(m=m, mixing=mixing, regularization=regularization, tol=1e-10, max_iter=400)
-    ref, ref_xs, _ = _run_recorded(monkeypatch, False, g, x0, **kw)
-    got, got_xs, solves = _run_recorded(monkeypatch, True, g, x0, **kw)
-    assert bool(ref.converged.all()), ref.message
-    assert len(ref_xs) == len(got_xs)
-    for k, (u, v) in enumerate(zip(ref_xs, got_xs, strict=True)):
-        assert torch.equal(u, v), f"iterate {k} differs by {float((u - v).abs().max())}"
-    for field in ("x", "g_x", "converged", "n_iter", "n_evals", "residual_norms", "n_rejected", "n_restarts"):
-        assert torch.equal(getattr(ref, field), getattr(got, field)), field
-    assert ref.n_calls == got.n_calls
-    # the first iteration at which some row converged (0-based); the fast path ran before it, that
-    # iteration was finished by the general path, and every later one ran on the general path
-    first = int((ref.residual_norms[1:] <= 1e-10 * ref.residual_norms[0]).any(-1).nonzero()[0, 0])
-    n_iter = len(ref_xs)
-    assert 3 <= first < n_iter - 1, "rows must stay active for a while, then converge one by one"
-    assert int(ref.n_iter.min()) < int(ref.n_iter.max())
-    if int(ref.n_rejected.sum()) + int(ref.n_restarts.sum()) == 0:
-        assert solves == (n_iter - 1 - first if m > 0 else 0)
-    else:
-        # switched earlier than the first convergence (and back when all histories were full again)
-        assert 0 < solves < n_iter - 1
-
-
-def test_fast_path_equals_the_general_path_with_rejections_escapes_and_the_stability_check(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """β = 7.5 Hopfield rows (safeguard rejections, restarts, stability tests): same result bit for bit."""
-    patterns, retrieve, _ = _hopfield(beta=7.5)
-    gen = torch.Generator().manual_seed(0)
-    x0 = (
-        patterns[torch.randint(0, 64, (64,), generator=gen)]
-        + 0.5 * torch.randn(64, 32, generator=gen, dtype=F64) / 32**0.5
+    _, retrieve, _ = _hopfield(beta=7.5)
+    x0 = torch.randn(8, 32, generator=torch.Generator().manual_seed(6), dtype=F64) / 6
+    want = anderson(retrieve, x0, m=3, tol=1e-10)
+    kind = as_tensor(x0, "x0")[1]
+    fmap = _Map(retrieve, kind, tuple(x0.shape), x0.device)
+    solver = AndersonSolver(
+        fmap,
+        m=3,
+        mixing=1.0,
+        regularization=0.0,
+        tol=1e-10,
+        safeguard=True,
+        restart_cond=_default_restart_cond(F64),
+        stability_check=False,
+        max_stability_restarts=2,
+        stability_iters=30,
     )
-    for stability_check in (False, True):
-        kw = dict(m=5, stability_check=stability_check, max_iter=1000)
-        ref, ref_xs, _ = _run_recorded(monkeypatch, False, retrieve, x0, **kw)
-        got, got_xs, _ = _run_recorded(monkeypatch, True, retrieve, x0, **kw)
-        assert int(ref.n_rejected.sum()) > 0 and bool(ref.converged.all())
-        assert len(ref_xs) == len(got_xs)
-        assert all(torch.equal(u, v) for u, v in zip(ref_xs, got_xs, strict=True))
-        for field in ("x", "n_iter", "n_evals", "residual_norms", "n_rejected", "n_restarts"):
-            assert torch.equal(getattr(ref, field), getattr(got, field)), field
-        if stability_check:
-            assert ref.spectral_radius is not None and got.spectral_radius is not None
-            assert torch.equal(ref.spectral_radius, got.spectral_radius)
+    state = solver.init(x0)
+    while not solver.terminate(state):
+        state = solver.step(state)
+    got = solver.result(state, x0.shape, kind, max_iter=500)
+    assert torch.equal(got.x, want.x) and torch.equal(got.nit, want.nit) and got.success
+    assert state.k == int(want.nit.max()) and bool(state.converged.all())
+
+
+def test_anderson_and_iterate_share_one_result_type_with_scipy_field_names() -> None:
+    """x, success, nit, message as in scipy's OptimizeResult; the earlier names are aliases."""
+    from hopfield_aa import IterateResult, iterate
+    from hopfield_aa.anderson import AndersonResult, FixedPointResult
+
+    assert AndersonResult is FixedPointResult and IterateResult is FixedPointResult
+    memory = np.eye(3)
+    for out in (
+        anderson(lambda x: 0.5 * x + 1.0, np.zeros((2, 3))),
+        iterate(np.array([0.9, 0.2, 0.1]), memory, 5.0),
+        iterate(np.array([0.9, 0.2, 0.1]), memory, 5.0, accelerate=2),
+    ):
+        assert isinstance(out, FixedPointResult) and out.success is True and isinstance(out.message, str)
+        assert isinstance(out.x, np.ndarray) and isinstance(out.nit, np.ndarray)
+        assert out.state is out.x and out.n_iter is out.nit and out.history is out.residual_norms
+        assert out.residual_norms.shape[0] == int(out.nit.max()) + 1
+
+
+@pytest.mark.parametrize("accelerate", [None, 3])
+def test_tol_means_one_thing_in_anderson_and_in_plain_and_accelerated_iterate(accelerate) -> None:  # type: ignore[no-untyped-def]
+    """Every solver stops a row at ‖g(x) − x‖ ≤ tol ‖g(x0) − x0‖ (or the rounding floor), no earlier."""
+    from hopfield_aa import iterate, retrieve
+
+    gen = torch.Generator().manual_seed(4)
+    memory = torch.nn.functional.normalize(torch.randn(16, 8, generator=gen, dtype=F64), dim=-1)
+    states = 0.3 * torch.randn(6, 8, generator=gen, dtype=F64)
+    tol = 1e-6
+    out = iterate(states, memory, 1.0, tol=tol, accelerate=accelerate, max_iter=5000)
+    same = anderson(lambda x: retrieve(x, memory, 1.0), states, m=accelerate or 0, tol=tol, max_iter=5000)
+    assert torch.equal(out.x, same.x) and torch.equal(out.nit, same.nit) and out.success
+    hist = out.residual_norms
+    for i in range(6):
+        k = int(out.nit[i])
+        assert hist[k, i] <= tol * hist[0, i]  # stopped once below tol relative to the first residual
+        assert bool((hist[:k, i] > tol * hist[0, i]).all())  # and not before
