@@ -3,7 +3,8 @@
 The public API (see docs/ and papers/theory.md):
 
 - normalizers: :func:`entmax` (α ≥ 1: softmax, sparsemax, exact 1.5, Newton root-finding otherwise),
-  its Jacobian and convex conjugate;
+  its threshold, Jacobian and convex conjugate, and the forward backend switch (every name in
+  ``hopfield_aa.normalizers.__all__``);
 - hopfield: :func:`energy`, :func:`retrieve`, :func:`attention`, :func:`iterate`, Jacobians and
   Lipschitz estimates;
 - anderson: :func:`anderson` (AA(m), batched and safeguarded), :func:`anderson_step`, :func:`spectral_radius`;
@@ -22,6 +23,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from hopfield_aa import normalizers
 from hopfield_aa.anderson import AndersonConfig, AndersonResult, anderson_step, spectral_radius
 from hopfield_aa.geometry import (
     aa1_gamma,
@@ -42,18 +44,7 @@ from hopfield_aa.hopfield import (
     retrieval_jacobian,
     retrieve,
 )
-from hopfield_aa.normalizers import (
-    entmax,
-    entmax15,
-    entmax_backend,
-    entmax_conjugate,
-    entmax_jacobian,
-    entmax_jvp,
-    get_backend,
-    set_backend,
-    softmax,
-    sparsemax,
-)
+from hopfield_aa.normalizers import *  # noqa: F403 - republished: the normalizers' __all__
 
 # Imported last: binding the submodule ``hopfield_aa.anderson`` (above) set the package attribute to the
 # module; this rebinds it to the function.
@@ -89,16 +80,9 @@ __all__ = [
     "disable_gag",
     "enable_gag",
     "energy",
-    "entmax",
-    "entmax15",
-    "entmax_backend",
-    "entmax_conjugate",
-    "entmax_jacobian",
-    "entmax_jvp",
     "extrapolate",
     "gag",
     "gag_guidance",
-    "get_backend",
     "iterate",
     "ladder_extrapolate",
     "lipschitz_bound",
@@ -108,11 +92,9 @@ __all__ = [
     "register_rule",
     "retrieval_jacobian",
     "retrieve",
-    "set_backend",
-    "softmax",
-    "sparsemax",
     "spectral_radius",
 ]
+__all__ += normalizers.__all__
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from hopfield_aa.guidance import disable_gag, enable_gag, gag_guidance, register_rule

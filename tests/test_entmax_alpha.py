@@ -17,13 +17,13 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from hopfield_aa.normalizers import (
-    _MAX_ALPHA_GROUPS,
     entmax,
     entmax_conjugate,
     entmax_jacobian,
     entmax_jvp,
     entmax_threshold,
 )
+from hopfield_aa.normalizers.blocked import _MAX_ALPHA_GROUPS
 
 _f64 = torch.float64
 _scores = hnp.arrays(

@@ -1,0 +1,195 @@
+"""The opt-in compiled forward of α-entmax and the backend switch: a fixed number of the support passes
+(:func:`.exact.support_pass`, α = 1.5 and 2) or Newton steps (:func:`.newton.newton_threshold`,
+1 < α < 2) fused by ``torch.compile``, then the eager solver's exactness test.
+
+The caller (:func:`.blocked.forward`) solves again with the eager kernel every row that fails the test
+(and every all −inf row), so the result is exact either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from hopfield_aa.normalizers import exact, newton
+
+_BACKENDS = ("eager", "compiled")
+_ENV_BACKEND = "HOPFIELD_AA_ENTMAX_BACKEND"
+_backend = os.environ.get(_ENV_BACKEND, "eager").strip().lower() or "eager"
+if _backend not in _BACKENDS:
+    warnings.warn(
+        f"{_ENV_BACKEND}={_backend!r} is not one of {_BACKENDS}; using 'eager'", RuntimeWarning, stacklevel=1
+    )
+    _backend = "eager"
+_compiled_kernels: dict[str, Any] = {}
+_compile_failed = False
+_FUSED_SUPPORT_PASSES = 6  # α = 1.5 and 2: support passes inside the compiled function
+_FUSED_NEWTON_PASSES = 6  # other α in (1, 2): Newton passes inside the compiled function
+_FUSED_BLOCK_ELEMENTS = 1 << 18  # rows per compiled call: about this many entries (measured)
+
+
+def set_backend(name: str) -> None:
+    """Select the forward kernel of α-entmax: ``"eager"`` (default) or ``"compiled"``.
+
+    ``"compiled"`` runs the forward of α = 1.5, α = 2 and 1 < α < 2 on float32 (and half precision,
+    computed in float32) through one ``torch.compile``'d function per family: a fixed number of the
+    eager solver's own exact support passes (α = 1.5, 2) or Newton steps on the threshold (other α),
+    then its exactness test; rows that fail it are solved again by the eager kernel, so the result is
+    exact either way. The first call compiles (tens of seconds); if compilation fails a warning is
+    issued once and the eager kernel is used. The backward is the closed-form Jacobian product in both
+    cases. The environment variable ``HOPFIELD_AA_ENTMAX_BACKEND`` sets the initial value.
+
+    Parameters
+    ----------
+    name : {"eager", "compiled"}
+        The backend.
+
+    Examples
+    --------
+    >>> set_backend("eager")
+    >>> get_backend()
+    'eager'
+    """
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"name must be one of {_BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    """The current α-entmax forward backend, ``"eager"`` or ``"compiled"`` (see :func:`set_backend`).
+
+    Returns
+    -------
+    str
+        The backend name.
+
+    Examples
+    --------
+    >>> get_backend() in ("eager", "compiled")
+    True
+    """
+    return _backend
+
+
+@contextlib.contextmanager
+def entmax_backend(name: str) -> Iterator[None]:
+    """Context manager that selects the α-entmax backend (:func:`set_backend`) and restores the previous one.
+
+    Parameters
+    ----------
+    name : {"eager", "compiled"}
+        The backend inside the block.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from hopfield_aa.normalizers import entmax
+    >>> with entmax_backend("eager"):
+    ...     p = entmax(torch.tensor([1.0, 0.0, -1.0]), alpha=2.0)
+    >>> p
+    tensor([1., 0., 0.])
+    """
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _fused_support(z: torch.Tensor, out: torch.Tensor, quadratic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_FUSED_SUPPORT_PASSES`` support passes of α = 1.5 (``quadratic``) or α = 2 on rows ``z``.
+
+    Writes p into ``out``; returns (λ in score units, settled), settled marking the rows whose support
+    reproduced itself in the last pass (their threshold is exact).
+    """
+    top = z.amax(-1, keepdim=True)
+    u = z - top
+    if quadratic:
+        u = u * 0.5
+    scratch = u.new_empty((2, *u.shape))
+    tau = torch.full_like(top, -1.0)
+    state = exact.initial_state(tau)
+    settled = state[1]
+    for _ in range(_FUSED_SUPPORT_PASSES):
+        settled, tau, state = exact.support_pass(u, tau, state, scratch, quadratic)
+    p, lam = exact.probs_from_threshold(u, tau, quadratic)
+    out.copy_(p)
+    settled = settled & (top > -math.inf)  # all −inf rows (NaN here) are left to the eager kernel
+    return lam + top, settled.squeeze(-1)
+
+
+def _fused_general(
+    z: torch.Tensor, out: torch.Tensor, alpha: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_FUSED_NEWTON_PASSES`` Newton steps on λ for 1 < α < 2 (``alpha`` a 0-d tensor) on rows ``z``.
+
+    Writes p (normalised) into ``out``; returns (λ, settled), settled marking the rows that pass the
+    eager stopping test after the last step.
+    """
+    top = z.amax(-1, keepdim=True)
+    p = torch.empty_like(z)
+    lam, settled = newton.newton_threshold(
+        z - top, alpha, p, max_iter=_FUSED_NEWTON_PASSES + 1, stop_early=False
+    )
+    out.copy_(p / p.sum(-1, keepdim=True))
+    settled = settled & (top > -math.inf)  # all −inf rows (NaN here) are left to the eager kernel
+    return lam + top, settled.squeeze(-1)
+
+
+def _fused_kernel(kind: str) -> Any:
+    """The compiled function of ``kind`` ("support" or "general"), compiled once (dynamic shapes)."""
+    if kind not in _compiled_kernels:
+        fn = _fused_support if kind == "support" else _fused_general
+        _compiled_kernels[kind] = torch.compile(fn, dynamic=True)
+    return _compiled_kernels[kind]
+
+
+def applies(rows: torch.Tensor, alpha: float) -> bool:
+    """Whether the compiled backend is selected, available and covers these rows (float32, 1 < α ≤ 2)."""
+    return (
+        _backend == "compiled"
+        and not _compile_failed
+        and rows.dtype == torch.float32
+        and rows.numel() > 0
+        and 1.0 < alpha <= 2.0
+    )
+
+
+def forward(rows: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(p, λ, settled) of α-entmax of the contiguous float32 rows (R, N); None if compilation failed.
+
+    Rows not settled (and all −inf rows) must be solved again by the eager kernel.
+    """
+    global _compile_failed
+    n_rows, n = rows.shape
+    extra: tuple[Any, ...]
+    try:
+        if alpha in (1.5, 2.0):
+            kernel, extra = _fused_kernel("support"), (alpha == 1.5,)
+        else:
+            kernel, extra = _fused_kernel("general"), (torch.tensor(alpha, dtype=rows.dtype),)
+        probs = torch.empty_like(rows)
+        block = max(1, _FUSED_BLOCK_ELEMENTS // n)
+        parts = [kernel(rows[s : s + block], probs[s : s + block], *extra) for s in range(0, n_rows, block)]
+    except Exception as exc:  # any compiler failure falls back to the eager kernel
+        _compile_failed = True
+        warnings.warn(
+            f"the compiled entmax backend is unavailable ({type(exc).__name__}: {str(exc)[:200]}); "
+            "using the eager kernel",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    if len(parts) == 1:
+        lam, settled = parts[0]
+    else:
+        lam, settled = (torch.cat(t) for t in zip(*parts, strict=True))
+    return probs, lam, settled

@@ -1,0 +1,191 @@
+"""Exact thresholds of sparsemax (α = 2) and 1.5-entmax: support passes from the left end of the bracket,
+and the sort algorithms they fall back on (papers/theory.md §1).
+
+Thresholds are in ``u = (α−1) z`` units on rows shifted to ``max u = 0``: ``p = [u − τ]_+^{1/(α−1)}``.
+On a candidate support S = {u > τ} the exact threshold is linear (α = 2) or the root of a quadratic
+(α = 1.5). Starting from τ₀ = max u − 1 and re-solving on the support each new threshold induces reaches,
+in a handful of passes, a threshold whose support reproduces itself: that fixed point is exact (checked
+by counting the support; a row that does not settle is repaired by the sort algorithm).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+MAX_SUPPORT_ITER = 24
+
+# (count of the previous support, whether the previous pass solved a quadratic exactly)
+SupportState = tuple[torch.Tensor, torch.Tensor]
+
+
+def support_stats(u: torch.Tensor, tau: torch.Tensor, d: torch.Tensor, quadratic: bool) -> tuple[Any, ...]:
+    """[u − τ]_+ (in place in ``d[0]``; ``d[1]`` is scratch); returns Σd, Σd² (if ``quadratic``), |{d > 0}|.
+
+    Every full-size intermediate lives in the two preallocated buffers: fresh allocations of this
+    size cost page faults that would dominate the solver's time.
+    """
+    d, e = d[0], d[1]
+    torch.sub(u, tau, out=d)
+    d.clamp_(min=0)
+    s1 = d.sum(-1, keepdim=True)
+    count = torch.sign(d, out=e).sum(-1, keepdim=True)
+    s2 = torch.linalg.vecdot(d, d).unsqueeze(-1) if quadratic else None
+    return s1, s2, count
+
+
+def sparsemax_update(
+    tau: torch.Tensor, s1: torch.Tensor, s2: Any, count: torch.Tensor, state: SupportState
+) -> tuple[torch.Tensor, torch.Tensor, SupportState]:
+    """One Newton (Michelot) step τ ← τ + (Σd − 1)/|S|, the exact threshold of the current support.
+
+    It is a lower bound of τ*, so τ increases monotonically; exact as soon as the support count repeats.
+    Returns (settled, τ_new, state).
+    """
+    count_prev = state[0]
+    settled = count == count_prev
+    return settled, torch.where(settled, tau, tau + (s1 - 1) / count), (count, state[1])
+
+
+def entmax15_update(
+    tau: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, count: torch.Tensor, state: SupportState
+) -> tuple[torch.Tensor, torch.Tensor, SupportState]:
+    """One pass for p = [u − τ]_+² (u = z/2): the smaller root of Σ_S (u_i − τ)² = 1 on the current support.
+
+    With d = u − τ_k this is τ = τ_k + (Σd² − 1)/(Σd + √((Σd)² − |S|(Σd² − 1))). Solving on S(τ_k) lands
+    above τ* when S(τ_k) ⊋ S* and below when S(τ_k) ⊊ S*, so the iterates bracket τ* from both sides
+    with shrinking gaps and stop as soon as a support reproduces itself (then τ = τ* exactly). When
+    the quadratic has no real root (a far too large support) a Newton step on ‖[u − τ]_+‖₂ − 1, a
+    convex decreasing function, is taken instead; it stays a lower bound. Returns (settled, τ_new, state).
+    """
+    count_prev, exact_prev = state
+    settled = exact_prev & (count == count_prev)
+    excess = s2 - 1
+    disc = s1 * s1 - count * excess
+    exact = disc >= 0
+    quadratic = tau + excess / (s1 + disc.clamp(min=0).sqrt())
+    norm = s2.sqrt()
+    newton = tau + norm * (norm - 1) / s1
+    new_tau = torch.where(settled, tau, torch.where(exact, quadratic, newton))
+    return settled, new_tau, (count, exact | settled)
+
+
+def initial_state(tau: torch.Tensor) -> SupportState:
+    """The state before the first pass: no previous support, no exact solve."""
+    return torch.full_like(tau, -1.0), torch.zeros_like(tau, dtype=torch.bool)
+
+
+def support_pass(
+    u: torch.Tensor, tau: torch.Tensor, state: SupportState, d: torch.Tensor, quadratic: bool
+) -> tuple[torch.Tensor, torch.Tensor, SupportState]:
+    """One support pass of α = 1.5 (``quadratic``) or α = 2 on rows ``u``: (settled, τ_new, state).
+
+    The eager solver (:func:`threshold`) and the compiled backend both iterate this function.
+    """
+    s1, s2, count = support_stats(u, tau, d, quadratic)
+    update = entmax15_update if quadratic else sparsemax_update
+    return update(tau, s1, s2, count, state)
+
+
+def _iterate_support(u: torch.Tensor, d: torch.Tensor, quadratic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Support passes from τ₀ = −1 until every row settles; returns (τ, settled mask) for all rows.
+
+    Most rows settle in two or three passes while a few need more, so once at least half of the rows
+    still iterated have settled, their thresholds are stored and the passes go on with the others
+    only.
+    """
+    tau = torch.full_like(u[:, :1], -1.0)
+    state = initial_state(tau)
+    result = tau.clone()
+    done = torch.zeros_like(tau, dtype=torch.bool)
+    idx: torch.Tensor | None = None  # rows of u still iterated (None: all)
+    cur = u
+    for _ in range(MAX_SUPPORT_ITER):
+        settled, new_tau, state = support_pass(cur, tau, state, d[:, : cur.shape[0]], quadratic)
+        n_settled = int(settled.sum())
+        if 2 * n_settled >= cur.shape[0]:
+            rows_s = settled.squeeze(-1)
+            if idx is None:
+                result, done = tau.clone(), settled.clone()
+            else:
+                result[idx[rows_s]] = tau[rows_s]
+                done[idx[rows_s]] = True
+            if n_settled == cur.shape[0]:
+                return result, done
+            keep = (~rows_s).nonzero().squeeze(-1)
+            cur = cur.index_select(0, keep)
+            tau = new_tau.index_select(0, keep)
+            state = (state[0].index_select(0, keep), state[1].index_select(0, keep))
+            idx = keep if idx is None else idx[keep]
+        else:
+            tau = new_tau
+    if idx is None:
+        return tau, torch.zeros_like(done)
+    result[idx] = tau
+    return result, done
+
+
+def threshold(u: torch.Tensor, quadratic: bool, scratch: torch.Tensor) -> torch.Tensor:
+    """Exact threshold τ of rows ``u`` (max 0) for α = 1.5 (``quadratic``) or α = 2 (keepdim).
+
+    Support passes (:func:`support_pass`); a row that does not settle within ``MAX_SUPPORT_ITER``
+    passes is solved by the sort algorithm. ``scratch`` is float scratch of shape (2, *u.shape).
+    """
+    tau, settled = _iterate_support(u, scratch, quadratic)
+    if not bool(settled.all()):
+        rows = (~settled).squeeze(-1).nonzero().squeeze(-1)
+        sort_fn = entmax15_threshold_sort if quadratic else sparsemax_threshold_sort
+        tau[rows] = sort_fn(u[rows])
+    return tau
+
+
+def probs_from_threshold(
+    u: torch.Tensor, tau: torch.Tensor, quadratic: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p, λ − max z) from rows ``u`` (max 0, overwritten by p) and τ: p = [u − τ]_+ (squared for α = 1.5).
+
+    λ is the threshold in score units, ``τ = (α−1) λ − 1`` (the convention of :mod:`.newton`).
+    """
+    p = u.sub_(tau).clamp_(min=0)
+    if quadratic:
+        return p.mul_(p), 2.0 * (tau + 1.0)
+    return p, tau + 1.0
+
+
+# ------------------------------------------------------------------------------------------------------
+# sort algorithms: the fallback of rows that do not settle, and the baseline of the benchmarks
+# ------------------------------------------------------------------------------------------------------
+
+
+def sparsemax_threshold_sort(u: torch.Tensor) -> torch.Tensor:
+    """Sparsemax threshold of rows ``u`` by sorting: τ = (Σ_{j≤k} u_(j) − 1)/k for the largest k with
+    1 + k u_(k) > Σ_{j≤k} u_(j) (Martins & Astudillo 2016)."""
+    srt, _ = torch.sort(u, dim=-1, descending=True)
+    cum = srt.cumsum(-1) - 1
+    k = torch.arange(1, u.shape[-1] + 1, dtype=u.dtype, device=u.device)
+    support = (k * srt > cum).sum(-1, keepdim=True)
+    return cum.gather(-1, support - 1) / support.to(u.dtype)
+
+
+def entmax15_threshold_sort(u: torch.Tensor) -> torch.Tensor:
+    """1.5-entmax threshold of rows ``u = z/2`` by sorting (Peters et al. 2019, Algorithm 2):
+    for each k, τ_k = mean_k − √(1/k − (mean of squares_k − mean_k²)); the support size is the
+    largest k with τ_k ≤ u_(k)."""
+    srt, _ = torch.sort(u, dim=-1, descending=True)
+    k = torch.arange(1, u.shape[-1] + 1, dtype=u.dtype, device=u.device)
+    finite = torch.where(torch.isfinite(srt), srt, 0.0)
+    mean = finite.cumsum(-1) / k
+    mean_sq = (finite * finite).cumsum(-1) / k
+    delta = (1 - k * (mean_sq - mean * mean)) / k
+    tau = mean - delta.clamp(min=0).sqrt()
+    support = (tau <= srt).sum(-1, keepdim=True)
+    return tau.gather(-1, support - 1)
+
+
+def entmax15_sort(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """1.5-entmax of whole rows by sorting (the sort-based baseline that analysis/ times; tests use it
+    as an exact reference)."""
+    z = scores.movedim(dim, -1)
+    u = (z - z.amax(-1, keepdim=True)) / 2
+    return (u - entmax15_threshold_sort(u)).clamp(min=0).square().movedim(-1, dim)
