@@ -143,8 +143,15 @@ def evaluate_scales(
     return results, generated
 
 
-def targets(results: dict[float, dict], fd_floor: float) -> tuple[float, list[tuple[str, str, str]]]:
-    """The best scale (highest mean whole-caption accuracy over the seen cells) and a verdict per target."""
+def targets(
+    results: dict[float, dict], fd_floor: float, fd_floor_matched: Any
+) -> tuple[float, list[tuple[str, str, str]]]:
+    """The best scale (highest mean whole-caption accuracy over the seen cells) and a verdict per target.
+
+    The FD target is judged against ``fd_floor_matched``: the FD that a perfect generator gets under the same
+    estimator (real renders of the very prompts evaluated, as many as the generated images, against the same
+    real reference set), so that FD's small-sample bias, which grows like 1/n, is the same on both sides.
+    ``fd_floor`` (two sets of ``n_real`` real renders) is reported beside it."""
 
     def seen(s: float) -> float:
         return (
@@ -188,17 +195,20 @@ def targets(results: dict[float, dict], fd_floor: float) -> tuple[float, list[tu
         )
     )
     fd_best = results[best]["fd"].value
+    floor = fd_floor_matched.value
     rows.append(
         (
-            "FD at the best s within 2× the real-vs-real floor",
-            f"≤ {2 * fd_floor:.3f}",
-            f"{fd_best:.3f} (floor {fd_floor:.3f}) → {'met' if fd_best <= 2 * fd_floor else 'missed'}",
+            "FD at the best s within 2× the real-vs-real floor (same n, same prompts)",
+            f"≤ {2 * floor:.3f}",
+            f"{fd_best:.3f} (floor {fmt(fd_floor_matched)}; {fd_best / floor:.1f}× the floor; "
+            f"two full real sets: {fd_floor:.4f}) → {'met' if fd_best <= 2 * floor else 'missed'}",
         )
     )
     return best, rows
 
 
 def plot_alignment_vs_fd(results: dict, path: Path, fd_floor: float) -> None:
+    """Whole-caption accuracy against FD, one point per CFG scale; ``fd_floor`` is the matched floor."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,7 +253,7 @@ def plot_alignment_vs_fd(results: dict, path: Path, fd_floor: float) -> None:
             fontsize=7,
             color="tab:green",
         )
-    ax.axvline(fd_floor, color="grey", ls=":", label="real vs real (floor)")
+    ax.axvline(fd_floor, color="grey", ls=":", label="real vs real, same n (floor)")
     ax.set_xscale("log")
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("Fréchet distance to real renders (reader features, log scale)")
@@ -335,11 +345,17 @@ def main() -> int:
     )
     real_other = image_features(render([scene_from_attributes(parse_caption(p), rng) for p in real_prompts]))
     fd_floor = frechet_distance(real_features, real_other)
+    # the floor under the model's own estimator: a perfect generator's images (real renders of the very
+    # prompts evaluated, one each) against the same reference set, bootstrapped the same way
+    matched = image_features(render([scene_from_attributes(parse_caption(p), rng) for p in all_prompts]))
+    fd_floor_matched = bootstrap_ci(
+        matched, statistic=lambda f: frechet_distance(real_features, f), n_resamples=200, seed=args.seed
+    )
 
     results, _ = evaluate_scales(
         pipe, prompts, args.scales, args.steps, args.batch, args.seed, args.n_boot, real_features
     )
-    best, target_rows = targets(results, fd_floor)
+    best, target_rows = targets(results, fd_floor, fd_floor_matched)
 
     def summary_json() -> dict:
         return {
@@ -347,6 +363,7 @@ def main() -> int:
             "samples_seen": training.get("samples_seen"),
             "per_cell": args.per_cell,
             "fd_real_floor": fd_floor,
+            "fd_real_floor_matched": vars(fd_floor_matched),
             "best_scale": best,
             "scales": {
                 f"{s:g}": {
@@ -374,6 +391,7 @@ def main() -> int:
         )
     if args.quick:
         print("\n".join(table))
+        print(f"FD floor (real renders of the same prompts, same n): {fmt(fd_floor_matched)}")
         if args.progress:
             path = Path(args.progress)
             history = json.loads(path.read_text()) if path.is_file() else []
@@ -398,7 +416,7 @@ def main() -> int:
                 [f"seed {s}" for s in grid_seeds],
                 title=f"{SPLIT_NAME[split]} {kind} captions, CFG scale {scale:g}, {args.steps} DDIM steps",
             )
-    plot_alignment_vs_fd(results, FIGURES / "reference_alignment_vs_fd.png", fd_floor)
+    plot_alignment_vs_fd(results, FIGURES / "reference_alignment_vs_fd.png", fd_floor_matched.value)
 
     n_params = {
         name: sum(p.numel() for p in getattr(pipe, name).parameters())
@@ -433,8 +451,13 @@ def main() -> int:
         "",
         *table,
         "",
-        f"Fréchet distance between two independent sets of {args.n_real} real renders (the noise floor): "
-        f"{fd_floor:.4f}.",
+        f"The noise floor of FD under the same estimator: real renders of the {len(all_prompts)} evaluated "
+        f"prompts (a perfect generator) against the same {args.n_real} real reference renders: "
+        f"{fmt(fd_floor_matched)}. Between two independent sets of {args.n_real} real renders: "
+        f"{fd_floor:.4f} (FD's small-sample bias grows like 1/n, so only the first is comparable with the "
+        "model's FD). The percentile intervals of FD lie above the point estimate: resampling with "
+        "replacement duplicates rows, which adds to that bias; compare FD values with the matched floor, "
+        "which carries the same bias.",
         "",
         "![alignment vs FD](../figures/reference_alignment_vs_fd.png)",
         "",

@@ -9,7 +9,11 @@ import torch
 
 from hopfield_aa.guidance import disable_gag, enable_gag, gag_guidance, guidance_handle
 from hopfield_aa.reference.pipeline import generate, initial_latents, load_pipeline
-from tests.test_guidance import RULE_CASES, RULE_IDS, one_thread, run, unet, unet_inputs  # noqa: F401
+from tests import test_guidance as base
+from tests.test_guidance import RULE_CASES, RULE_IDS, run, unet_inputs
+
+# the tiny UNet and the one-thread setting of the guidance tests, as fixtures of this module too
+unet, one_thread = base.unet, base.one_thread
 
 PROMPTS = ["a small red circle at the top", "a red circle above a blue square"]
 
@@ -151,7 +155,9 @@ def test_float16_pipeline_with_gag_gives_finite_images_and_restores_its_processo
     stock = generate(half_pipe, prompts, latents, num_inference_steps=3, guidance_scale=guidance_scale)
     for apply_to in ("both", "cond"):
         with gag_guidance(half_pipe, "gag", scale=2.0, apply_to=apply_to):
-            guided = generate(half_pipe, prompts, latents, num_inference_steps=3, guidance_scale=guidance_scale)
+            guided = generate(
+                half_pipe, prompts, latents, num_inference_steps=3, guidance_scale=guidance_scale
+            )
         assert guided.shape == stock.shape and np.isfinite(guided).all()
         assert np.abs(guided - stock).max() > 1e-3
     after = dict(half_pipe.unet.attn_processors)
