@@ -31,6 +31,11 @@ def _save(fig: Any, path: Path) -> str:
     return str(path)
 
 
+def ratio_histogram(ax: Any, ratios: np.ndarray, **style: Any) -> None:
+    """Histogram of contraction ratios ‖T(ξ) − ξ*‖ / ‖ξ − ξ*‖ in 40 bins from 0 to past 1 (the boundary)."""
+    ax.hist(ratios, bins=np.linspace(0, max(1.05, float(ratios.max()) * 1.02), 41), alpha=0.55, **style)
+
+
 def plot_energy(data: Mapping[str, Any], path: Path) -> str | None:
     r"""Energy gap ``E(ξ_t) − min_t E`` along plain iteration, dense (α = 1) and sparse (α > 1), log scale."""
     curves = data.get("curves") or {}
@@ -95,12 +100,7 @@ def plot_contraction(data: Mapping[str, Any], path: Path) -> str | None:
         ratios = np.asarray(pool.get("ratios", []), dtype=float)
         lips = np.asarray(pool.get("lipschitz", []), dtype=float)
         if ratios.size:
-            ax1.hist(
-                ratios,
-                bins=np.linspace(0, max(1.05, float(ratios.max()) * 1.02), 41),
-                alpha=0.55,
-                label=setting,
-            )
+            ratio_histogram(ax1, ratios, label=setting)
         if lips.size:
             hi = max(1.05, float(np.quantile(lips, 0.99)) * 1.05)
             ax2.hist(np.clip(lips, 0, hi), bins=np.linspace(0, hi, 41), alpha=0.55, label=setting)

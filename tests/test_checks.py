@@ -9,21 +9,8 @@ import math
 import pytest
 import torch
 
-from hopfield_aa.checks import (
-    Case,
-    check_bounded_update,
-    check_directional_consistency,
-    check_divergence,
-    check_energy_descent,
-    check_extrapolation_aa1,
-    check_fixed_point_preservation,
-    check_ladder,
-    check_orthogonal_error,
-    check_weak_contraction,
-    find_fixed_points,
-    make_family,
-    replay_counterexample,
-)
+from hopfield_aa import checks
+from hopfield_aa.checks import Case, find_fixed_points, make_family, replay_counterexample
 from hopfield_aa.checks.families import FAMILIES
 from hopfield_aa.geometry import _extrapolate, _gag, _ladder_extrapolate
 from hopfield_aa.hopfield import _retrieve
@@ -95,7 +82,7 @@ def test_fixed_points_are_common_only_once_softmax_saturates(toy_fp, saturated: 
 
 
 def test_energy_descent_holds_for_the_retrieval_map(toy: Case) -> None:
-    result = check_energy_descent(toy, steps=4)
+    result = checks.check_energy_descent(toy, steps=4)
     assert result.status == "pass" and result.n_states == 8 * 4 * 4 and result.worst_margin >= 0
 
 
@@ -103,7 +90,7 @@ def test_energy_descent_fails_for_an_over_relaxed_step(toy: Case, tmp_path) -> N
     def over_relaxed(x, patterns, beta, alpha):
         return x + 3.0 * (_retrieve(x, patterns, beta, alpha) - x)
 
-    result = check_energy_descent(toy, steps=3, step=over_relaxed, counterexample_dir=tmp_path)
+    result = checks.check_energy_descent(toy, steps=3, step=over_relaxed, counterexample_dir=tmp_path)
     assert result.status == "fail" and result.worst_margin < 0 and result.counterexamples
     with pytest.raises(ValueError, match="rule"):
         replay_counterexample(result.counterexamples[0])
@@ -117,13 +104,13 @@ def test_energy_descent_fails_for_an_over_relaxed_step(toy: Case, tmp_path) -> N
 
 
 def test_extrapolation_is_an_aa1_step(toy: Case) -> None:
-    result = check_extrapolation_aa1(toy)
+    result = checks.check_extrapolation_aa1(toy)
     assert result.status == "identity" and result.n_states == 8
     assert result.measured["lambda_star"]["min"] <= result.measured["lambda_star"]["max"]
 
 
 def test_gag_is_not_an_aa1_step(toy: Case) -> None:
-    result = check_extrapolation_aa1(toy, rule=lambda d, s, lam: _gag(d, s, lam))
+    result = checks.check_extrapolation_aa1(toy, rule=lambda d, s, lam: _gag(d, s, lam))
     assert result.status == "fail" and result.n_passed < result.n_states
 
 
@@ -131,12 +118,12 @@ def test_gag_is_not_an_aa1_step(toy: Case) -> None:
 
 
 def test_rules_preserve_common_fixed_points(saturated: Case) -> None:
-    result = check_fixed_point_preservation(saturated)
+    result = checks.check_fixed_point_preservation(saturated)
     assert result.status == "identity" and result.n_premise > 0
 
 
 def test_preservation_is_not_applicable_without_common_fixed_points(toy: Case, toy_fp) -> None:
-    result = check_fixed_point_preservation(toy, fixed_points=toy_fp)
+    result = checks.check_fixed_point_preservation(toy, fixed_points=toy_fp)
     assert result.status == "premise not met" and result.n_premise == 0 and math.isnan(result.pass_rate)
     assert result.n_states == result.measured["distinct_fixed_points"] > 0
 
@@ -145,7 +132,7 @@ def test_a_rule_that_does_not_vanish_with_the_residual_breaks_preservation(satur
     def drift(dense, sparse, scale, zeta, eta, reference, state):
         return sparse + 1e-3 * scale * sparse
 
-    result = check_fixed_point_preservation(saturated, rule=drift, counterexample_dir=tmp_path)
+    result = checks.check_fixed_point_preservation(saturated, rule=drift, counterexample_dir=tmp_path)
     assert result.status == "fail" and result.n_passed == 0 and result.n_premise > 0
     assert not replay_counterexample(result.counterexamples[0], rule=drift).holds
 
@@ -154,13 +141,13 @@ def test_a_rule_that_does_not_vanish_with_the_residual_breaks_preservation(satur
 
 
 def test_extrapolation_leaves_non_common_fixed_points_linearly(toy: Case, toy_fp) -> None:
-    result = check_divergence(toy, fixed_points=toy_fp)
+    result = checks.check_divergence(toy, fixed_points=toy_fp)
     assert result.status == "identity" and 0 < result.n_premise <= 8
     assert result.rate is not None and result.rate > 0
 
 
 def test_divergence_law_fails_away_from_fixed_points(toy: Case, tmp_path) -> None:
-    result = check_divergence(toy, points=toy.states, counterexample_dir=tmp_path)
+    result = checks.check_divergence(toy, points=toy.states, counterexample_dir=tmp_path)
     assert result.status == "fail" and result.counterexamples
     replay = replay_counterexample(result.counterexamples[0])
     assert not replay.holds and replay.margin == pytest.approx(replay.recorded_margin, rel=1e-9)
@@ -171,13 +158,13 @@ def test_divergence_law_fails_away_from_fixed_points(toy: Case, tmp_path) -> Non
 
 @pytest.mark.parametrize("alpha", [1.0, 1.5])
 def test_retrieval_contracts_along_its_trajectories(toy: Case, toy_fp, alpha: float) -> None:
-    result = check_weak_contraction(toy, alpha=alpha, fixed_points=toy_fp)
+    result = checks.check_weak_contraction(toy, alpha=alpha, fixed_points=toy_fp)
     assert result.status == "pass" and result.n_states == 8 * 8 and result.rate < 1
     assert (result.measured["global_bound"] == math.inf) == (alpha > 1)
 
 
 def test_an_expanding_map_has_a_repelling_fixed_point_not_a_failure(toy: Case) -> None:
-    result = check_weak_contraction(
+    result = checks.check_weak_contraction(
         toy, points=torch.zeros(1, toy.patterns.shape[1], dtype=F64), retrieval=lambda x, p, b, a: 2.0 * x
     )
     assert result.status == "premise not met" and result.measured["repelling_starts"] == 8
@@ -187,7 +174,7 @@ def test_an_expanding_map_has_a_repelling_fixed_point_not_a_failure(toy: Case) -
 
 
 def test_orthogonal_error_passes_at_common_fixed_points(saturated: Case) -> None:
-    result = check_orthogonal_error(saturated, zeta=0.0, trajectory_steps=5)
+    result = checks.check_orthogonal_error(saturated, zeta=0.0, trajectory_steps=5)
     assert result.status == "pass" and result.n_states == 8 and result.n_premise > 0
 
 
@@ -195,14 +182,14 @@ def test_orthogonal_error_passes_at_common_fixed_points(saturated: Case) -> None
 
 
 def test_gag_update_is_bounded(toy: Case) -> None:
-    assert check_bounded_update(toy).status == "identity"
+    assert checks.check_bounded_update(toy).status == "identity"
 
 
 def test_an_uncapped_rule_violates_the_bound(toy: Case, tmp_path) -> None:
     def uncapped(dense, sparse, scale, zeta, eta, reference, state):
         return _gag(dense, sparse, scale, zeta, math.inf, reference, state)
 
-    result = check_bounded_update(toy, rule=uncapped, counterexample_dir=tmp_path)
+    result = checks.check_bounded_update(toy, rule=uncapped, counterexample_dir=tmp_path)
     assert result.status == "fail" and result.kind == "identity"
     assert not replay_counterexample(result.counterexamples[0], rule=uncapped).holds
 
@@ -212,7 +199,7 @@ def test_an_uncapped_rule_violates_the_bound(toy: Case, tmp_path) -> None:
 
 def test_residual_points_toward_the_sparse_fixed_point_when_retrieval_is_sharp() -> None:
     case = make_family("normalised", seed=0, quick=True, n_states=8)[0]
-    result = check_directional_consistency(case)
+    result = checks.check_directional_consistency(case)
     assert result.status == "measured" and result.n_premise > 0
     assert result.measured["share_toward_sparse_fixed_point"] == 1.0
 
@@ -220,7 +207,7 @@ def test_residual_points_toward_the_sparse_fixed_point_when_retrieval_is_sharp()
 def test_directional_consistency_counts_none_for_a_target_behind_the_dense_retrieval(toy: Case) -> None:
     dense = _retrieve(toy.states, toy.patterns, toy.beta, 1.0)
     sparse = _retrieve(toy.states, toy.patterns, toy.beta, 1.5)
-    result = check_directional_consistency(toy, targets=dense - (sparse - dense))
+    result = checks.check_directional_consistency(toy, targets=dense - (sparse - dense))
     assert result.status == "measured" and result.n_passed == 0
     assert result.worst_margin == pytest.approx(-1.0, abs=1e-9)
 
@@ -230,7 +217,7 @@ def test_directional_consistency_counts_none_for_a_target_behind_the_dense_retri
 
 def test_ladder_measurement_counts_states_where_the_mixed_output_is_closer(toy: Case, toy_fp) -> None:
     scales = (1.0, 2.0)
-    result = check_ladder(toy, fixed_points=toy_fp, scales=scales)
+    result = checks.check_ladder(toy, fixed_points=toy_fp, scales=scales)
     assert result.status == "measured" and result.n_states == 8 * len(scales)
     xi, target = toy.states, toy_fp.sparse
     rungs = [_retrieve(xi, toy.patterns, toy.beta, a) for a in (1.0, 1.25, 1.5, 2.0)]

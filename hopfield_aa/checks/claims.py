@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from hopfield_aa.checks.results import (
     Case,
     CheckResult,
     CounterexampleStore,
+    ReplayFn,
     save_counterexample,
     status_of,
     tolerance,
@@ -51,6 +53,7 @@ from hopfield_aa.geometry import (
     _guided_map,
     _ladder_extrapolate,
     _reference_direction,
+    _reference_vector,
 )
 from hopfield_aa.hopfield import _energy, _retrieve
 
@@ -462,6 +465,68 @@ def _replay_aa1(
 
 
 # ==================================================================================================
+# the (λ, ζ, η, reference) grid of the rule identities (preservation, bounded update)
+
+
+@dataclass(frozen=True)
+class _RuleGrid:
+    """Every (λ, ζ, η, reference) a guidance rule is tried at, λ-major; η in units of M."""
+
+    scales: Sequence[float]
+    zetas: Sequence[float]
+    etas: Sequence[float]
+    references: Sequence[str]
+
+    @property
+    def points(self) -> list[tuple[float, float, float, str]]:
+        return list(itertools.product(self.scales, self.zetas, self.etas, self.references))
+
+    @property
+    def label(self) -> str:
+        return f"{len(self.points)} (λ,ζ,η,ref)"
+
+    def setting(self, k: int, m: float) -> dict[str, Any]:
+        """The k-th setting as the margins and the saved counter-examples take it (η in absolute units)."""
+        scale, zeta, eta, reference = self.points[k]
+        return {"scale": scale, "zeta": zeta, "eta": eta * m, "reference": reference}
+
+    def settings(self, rule: RuleFn | None) -> dict[str, Any]:
+        return {
+            "scales": list(self.scales),
+            "zetas": list(self.zetas),
+            "etas_over_M": list(self.etas),
+            "references": list(self.references),
+            "rule": _name(rule),
+        }
+
+    def margins(
+        self, margin: Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]], m: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(margins, tolerances), one column per setting, from ``margin(setting)``."""
+        pairs = [margin(self.setting(k, m)) for k in range(len(self.points))]
+        return torch.stack([p[0] for p in pairs], dim=-1), torch.stack([p[1] for p in pairs], dim=-1)
+
+
+def _replay_rule_setting(margin: Callable[..., tuple[torch.Tensor, torch.Tensor]], vector: str) -> ReplayFn:
+    """The replay of a saved rule-grid counter-example: ``margin`` at its ``vector`` and setting."""
+
+    def replay(
+        tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]
+    ) -> tuple[float, dict[str, Any]]:
+        value, tol = margin(
+            tensors["patterns"],
+            tensors[vector][None],
+            params["beta"],
+            params["alpha_sparse"],
+            params,
+            _resolve(params.get("rule"), _gag),
+        )
+        return float(value[0]), {"tolerance_now": float(tol[0]), **params}
+
+    return replay
+
+
+# ==================================================================================================
 # fixed-point preservation
 
 
@@ -470,17 +535,15 @@ def _preservation_margin(
     point: torch.Tensor,
     beta: float,
     alpha_sparse: float,
-    scale: float,
-    zeta: float,
-    eta: float,
-    reference: str,
-    threshold: float,
+    setting: Mapping[str, Any],
     rule: RuleFn,
     retrievals: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(margin, tol) of P_λ(ξ*) = G(ξ*) = ξ* at ``setting`` (scale, zeta, eta, reference, threshold τ)."""
+    scale, zeta, threshold = setting["scale"], setting["zeta"], setting["threshold"]
     dense = _retrieve(point, patterns, beta, 1.0) if retrievals is None else retrievals[0]
     sparse = _retrieve(point, patterns, beta, alpha_sparse) if retrievals is None else retrievals[1]
-    guided = rule(dense, sparse, scale, zeta, eta, reference, point)
+    guided = rule(dense, sparse, scale, zeta, setting["eta"], setting["reference"], point)
     extrapolated = _extrapolate(dense, sparse, scale)
     deviation = torch.maximum(_norm(guided - point), _norm(extrapolated - point))
     m = float(_norm(patterns).max())
@@ -542,36 +605,30 @@ def check_fixed_point_preservation(
         threshold = tolerance(case.patterns.dtype, FIXED_POINT_FACTOR) * m
         n_distinct = int(points.shape[0])
     n_common = int(points.shape[0])
-    grid = [(s, z, e, r) for s in scales for z in zetas for e in etas for r in references]
+    grid = _RuleGrid(scales, zetas, etas, references)
     if n_common == 0:
-        margins = torch.zeros(0, len(grid), dtype=case.patterns.dtype)
+        margins = torch.zeros(0, len(grid.points), dtype=case.patterns.dtype)
         tols = torch.zeros_like(margins)
     else:
         both = (
             _retrieve(points, case.patterns, case.beta, 1.0),
             _retrieve(points, case.patterns, case.beta, alpha_sparse),
         )
-        pairs = [
-            _preservation_margin(
-                case.patterns, points, case.beta, alpha_sparse, s, z, e * m, r, threshold, fn, both
-            )
-            for s, z, e, r in grid
-        ]
-        margins = torch.stack([p[0] for p in pairs], dim=-1)
-        tols = torch.stack([p[1] for p in pairs], dim=-1)
+        margins, tols = grid.margins(
+            lambda setting: _preservation_margin(
+                case.patterns, points, case.beta, alpha_sparse, {**setting, "threshold": threshold}, fn, both
+            ),
+            m,
+        )
 
     def instance(where: tuple[int, ...]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         i, k = where
-        s, z, e, r = grid[k]
         return (
             {"patterns": case.patterns, "point": points[i]},
             {
                 "beta": case.beta,
                 "alpha_sparse": alpha_sparse,
-                "scale": s,
-                "zeta": z,
-                "eta": e * m,
-                "reference": r,
+                **grid.setting(k, m),
                 "threshold": threshold,
                 "rule": _name(rule),
             },
@@ -602,15 +659,9 @@ def check_fixed_point_preservation(
         if n_distinct > n_common
         else "",
         unit="distinct fixed point",
-        setting=f"{len(grid)} (λ,ζ,η,ref)",
+        setting=grid.label,
         counterexamples=paths,
-        settings={
-            "scales": list(scales),
-            "zetas": list(zetas),
-            "etas_over_M": list(etas),
-            "references": list(references),
-            "rule": _name(rule),
-        },
+        settings=grid.settings(rule),
         measured={
             "distinct_fixed_points": n_distinct,
             "distinct_common": n_common,
@@ -621,22 +672,7 @@ def check_fixed_point_preservation(
     )
 
 
-def _replay_preservation(
-    tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]
-) -> tuple[float, dict[str, Any]]:
-    margin, tol = _preservation_margin(
-        tensors["patterns"],
-        tensors["point"][None],
-        params["beta"],
-        params["alpha_sparse"],
-        params["scale"],
-        params["zeta"],
-        params["eta"],
-        params["reference"],
-        params["threshold"],
-        _resolve(params.get("rule"), _gag),
-    )
-    return float(margin[0]), {"tolerance_now": float(tol[0]), **params}
+_replay_preservation = _replay_rule_setting(_preservation_margin, "point")
 
 
 # ==================================================================================================
@@ -864,6 +900,8 @@ def check_weak_contraction(
         xs.append(fn(xs[-1], case.patterns, case.beta, alpha))
     traj = torch.stack(xs, dim=1)  # (M, T + 1, d)
     n_states, d = case.states.shape
+    radius = torch.full((n_states,), math.nan, dtype=dtype)
+    known = torch.zeros(n_states, dtype=torch.bool)  # rows whose ρ(DT(ξ*)) the fixed points carry
     if points is None:
         fp = (
             fixed_points
@@ -871,9 +909,9 @@ def check_weak_contraction(
             else find_fixed_points(case, alpha_sparse=max(alpha, 1.5))
         )
         if alpha == fp.alpha_dense:
-            targets, residual = fp.dense.clone(), fp.dense_residual.clone()
+            targets, residual, found = fp.dense.clone(), fp.dense_residual.clone(), fp.dense_radius
         elif alpha == fp.alpha_sparse:
-            targets, residual = fp.sparse.clone(), fp.sparse_residual.clone()
+            targets, residual, found = fp.sparse.clone(), fp.sparse_residual.clone(), fp.sparse_radius
         else:
             raise ValueError(f"alpha={alpha} is neither the dense nor the sparse map of fixed_points")
         # where the plain trajectory heads elsewhere than the accelerated solve went, re-solve from its end
@@ -881,13 +919,17 @@ def check_weak_contraction(
         if bool(away.any()):
             again, res_again, _ = solve_fixed_points(case.patterns, traj[away, -1], case.beta, alpha)
             targets[away], residual[away] = again, res_again
+        if retrieval is None:  # the library's map: ρ(DT(ξ*)) is known where the solve was not redone
+            known = ~away
+            radius[known] = found[known]
     else:
         targets = points.expand(n_states, d) if points.shape[0] == 1 else points
         residual = _norm(fn(targets, case.patterns, case.beta, alpha) - targets)
     converged = residual <= threshold
-    radius = torch.full((n_states,), math.nan, dtype=dtype)
-    if bool(converged.any()):
-        radius[converged] = _map_radius(case.patterns, targets[converged], case.beta, alpha, retrieval)
+    radius[~converged] = math.nan
+    todo = converged & ~known
+    if bool(todo.any()):
+        radius[todo] = _map_radius(case.patterns, targets[todo], case.beta, alpha, retrieval)
     attracting = converged & (radius < 1)
     repelling = converged & (radius >= 1)
     before = traj[:, :-1]
@@ -1182,38 +1224,55 @@ def check_orthogonal_error(
     )[0]
 
 
-def check_orthogonal_errors(
-    case: Case,
-    *,
-    zetas: Sequence[float] = (0.0, 0.5, 1.0),
-    scale: float = 1.0,
-    eta: float = math.inf,
-    reference: str = "sparse",
-    alpha_sparse: float = 1.5,
-    targets: torch.Tensor | None = None,
-    trajectory_steps: int = 30,
-    max_iter: int = 100,
-    rule: RuleFn | None = None,
-    counterexample_dir: str | Path | CounterexampleStore | None = None,
-    max_counterexamples: int = 3,
-) -> list[CheckResult]:
-    """:func:`check_orthogonal_error` for each ζ of ``zetas``, the guided maps solved in one batch."""
-    m = case.pattern_scale
-    dtype = case.patterns.dtype
-    n_states, d = case.states.shape
-    z = len(zetas)
-    starts = case.states.repeat(z, 1)  # rows: ζ-major
-    zcol = torch.tensor(list(zetas), dtype=dtype).repeat_interleave(n_states)[:, None]
+@dataclass(frozen=True)
+class _GuidedStack:
+    """The guided maps G of one case at several ζ, their states stacked ζ-major: row ``k·M + i`` is start i
+    at ζ_k (M starting states), so that one batched iteration covers every ζ."""
 
-    def guided(dt: torch.dtype, rows: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """G on the rows ``rows`` of the stacked states (their ζ), patterns in ``dt``."""
-        patterns = case.patterns.to(dt)
-        if rule is None:
-            return _guided_map(patterns, case.beta, alpha_sparse, scale, zcol[rows].to(dt), eta, reference)
+    case: Case
+    zetas: tuple[float, ...]
+    scale: float
+    eta: float
+    reference: str
+    alpha_sparse: float
+    rule: RuleFn | None
+
+    @property
+    def n_states(self) -> int:
+        return int(self.case.states.shape[0])
+
+    @property
+    def size(self) -> int:
+        return len(self.zetas) * self.n_states
+
+    @property
+    def zeta_column(self) -> torch.Tensor:
+        """ζ of each stacked row, shape (Z·M, 1)."""
+        zetas = torch.tensor(self.zetas, dtype=self.case.patterns.dtype)
+        return zetas.repeat_interleave(self.n_states)[:, None]
+
+    def rows(self, rows: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+        """G on the stacked rows ``rows`` (each at its ζ), patterns in ``dtype``."""
+        patterns = self.case.patterns.to(dtype)
+        if self.rule is None:
+            zeta = self.zeta_column[rows].to(dtype)
+            return _guided_map(
+                patterns, self.case.beta, self.alpha_sparse, self.scale, zeta, self.eta, self.reference
+            )
         maps = [
-            _guided_map(patterns, case.beta, alpha_sparse, scale, zc, eta, reference, rule) for zc in zetas
+            _guided_map(
+                patterns,
+                self.case.beta,
+                self.alpha_sparse,
+                self.scale,
+                zeta,
+                self.eta,
+                self.reference,
+                self.rule,
+            )
+            for zeta in self.zetas
         ]
-        owner = rows // n_states
+        owner = rows // self.n_states
 
         def each(x: torch.Tensor) -> torch.Tensor:
             out = torch.empty_like(x)
@@ -1225,94 +1284,181 @@ def check_orthogonal_errors(
 
         return each
 
-    everything = torch.arange(z * n_states)
-    g = guided(dtype, everything)
-    tau = tolerance(dtype, FIXED_POINT_FACTOR) * m
-    tau_g = tau * (1 + 2 * abs(scale))
+
+@dataclass(frozen=True)
+class _GuidedLimits:
+    """Where G's iterations end, per stacked row, and which of those limits meet the premise."""
+
+    points: torch.Tensor  # (Z·M, d): ξ∞, G's limit (or the given targets)
+    fixed_g: torch.Tensor  # G(ξ∞) = ξ∞ to τ_G
+    fixed_s: torch.Tensor  # ... and S(ξ∞) = ξ∞ to τ
+    radius: torch.Tensor  # ρ(DG(ξ∞)) where fixed_s, NaN elsewhere
+
+    @property
+    def attracting(self) -> torch.Tensor:
+        return self.fixed_s & (self.radius < 1)
+
+
+def _guided_limits(stack: _GuidedStack, targets: torch.Tensor | None, max_iter: int) -> _GuidedLimits:
+    """Solve G from every start to its limit by AA(5) (or take ``targets``) and classify the limits."""
+    case = stack.case
+    m, dtype = case.pattern_scale, case.patterns.dtype
+    n_states, d = case.states.shape
     if targets is None:
         # AA(5) without the stability test (3× faster here): whether a limit attracts is ρ(DG) below
         solved = anderson(
-            in_dtype(g, dtype), starts.to(solver_dtype(dtype)), m=5, tol=1e-30, max_iter=max_iter
+            in_dtype(stack.rows(torch.arange(stack.size), dtype), dtype),
+            case.states.repeat(len(stack.zetas), 1).to(solver_dtype(dtype)),
+            m=5,
+            tol=1e-30,
+            max_iter=max_iter,
         )
         points = torch.as_tensor(solved.x).to(dtype)
     else:
-        points = (targets.expand(n_states, d) if targets.shape[0] == 1 else targets).repeat(z, 1)
-    g_residual = _norm(g(points) - points)
-    s_residual = _norm(_retrieve(points, case.patterns, case.beta, alpha_sparse) - points)
-    fixed_g = g_residual <= tau_g
+        points = (targets.expand(n_states, d) if targets.shape[0] == 1 else targets).repeat(
+            len(stack.zetas), 1
+        )
+    tau = tolerance(dtype, FIXED_POINT_FACTOR) * m
+    g_residual = _norm(stack.rows(torch.arange(stack.size), dtype)(points) - points)
+    s_residual = _norm(_retrieve(points, case.patterns, case.beta, stack.alpha_sparse) - points)
+    fixed_g = g_residual <= tau * (1 + 2 * abs(stack.scale))
     fixed_s = fixed_g & (s_residual <= tau)
-    radius = torch.full((z * n_states,), math.nan, dtype=dtype)
+    radius = torch.full((stack.size,), math.nan, dtype=dtype)
     candidates = fixed_s.nonzero().flatten()
     if candidates.numel():
         # ρ(DG) by central differences, in float64 whatever the compute dtype (a diagnostic of the map)
         rows = candidates.repeat_interleave(d)
         radius[candidates] = spectral_radius_fd(
-            guided(torch.float64, rows), points[candidates].double(), m
+            stack.rows(rows, torch.float64), points[candidates].double(), m
         ).to(dtype)
-    attracting = fixed_s & (radius < 1)
+    return _GuidedLimits(points, fixed_g, fixed_s, radius)
 
-    # the plain iteration of G from the starts that may meet the premise: orthogonal error relative to ξ*
+
+def _orthogonal_rates(
+    stack: _GuidedStack, limits: _GuidedLimits, trajectory_steps: int, floor: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Iterate G plainly from the starts whose limit is attracting: (rates, reached, errors, rows).
+
+    ``errors`` (T + 1, R) is the orthogonal error ‖P⊥_{u(ξ_t)}(ξ_t − ξ*)‖ of the R iterated ``rows``;
+    ``reached`` marks the rows that came within ``NEAR · M`` of ξ*, ``rates`` their per-step factor."""
+    case = stack.case
+    dtype = case.patterns.dtype
+    rates = torch.zeros(stack.size, dtype=dtype)
+    reached = torch.zeros(stack.size, dtype=torch.bool)
+    run = limits.attracting.nonzero().flatten()
+    if not run.numel():
+        return rates, reached, torch.zeros(trajectory_steps + 1, 0, dtype=dtype), run
+    g_run = stack.rows(run, dtype)
+    x, target = case.states.repeat(len(stack.zetas), 1)[run], limits.points[run]
+    orth, dist = [], []
+    for _ in range(trajectory_steps + 1):
+        orth.append(
+            _orthogonal_error(case.patterns, x, target, case.beta, stack.alpha_sparse, stack.reference)
+        )
+        dist.append(_norm(x - target))
+        x = g_run(x)
+    errors, near = torch.stack(orth), torch.stack(dist) <= NEAR * case.pattern_scale  # (T + 1, R)
+    reached[run] = near.any(dim=0)
+    rates[run] = _asymptotic_rate(errors, near, floor)
+    return rates, reached, errors, run
+
+
+def _orthogonal_offsets(stack: _GuidedStack, limits: _GuidedLimits) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where G's limit ξ∞ is not a fixed point of S: ``‖P⊥(ξ∞ − ξ*_S)‖ / M`` (ξ*_S the sparse fixed point
+    reached from ξ∞) and, for the library's rule, its gap to the closed form ``P⊥ S(ξ∞) + λζ r⊥(ξ∞) −
+    P⊥ ξ*_S``; NaN on the other rows."""
+    case = stack.case
+    m, dtype = case.pattern_scale, case.patterns.dtype
+    offset = torch.full((stack.size,), math.nan, dtype=dtype)
+    closed_gap = torch.full((stack.size,), math.nan, dtype=dtype)
+    rows = limits.fixed_g & ~limits.fixed_s
+    if not bool(rows.any()):
+        return offset, closed_gap
+    limit = limits.points[rows]
+    sparse_fp, _, _ = solve_fixed_points(case.patterns, limit, case.beta, stack.alpha_sparse)
+    u = _reference_direction(case.patterns, limit, case.beta, stack.alpha_sparse, stack.reference)
+    _, measured = _decompose(limit - sparse_fp, u)
+    offset[rows] = _norm(measured) / m
+    if stack.rule is None:
+        dense = _retrieve(limit, case.patterns, case.beta, 1.0)
+        sparse = _retrieve(limit, case.patterns, case.beta, stack.alpha_sparse)
+        _, r_orth = _decompose(sparse - dense, u)
+        _, s_orth = _decompose(sparse, u)
+        _, target_orth = _decompose(sparse_fp, u)
+        closed = s_orth + stack.scale * stack.zeta_column[rows] * r_orth - target_orth
+        closed_gap[rows] = _norm(measured - closed) / m
+    return offset, closed_gap
+
+
+def _zeta_bounds(
+    stack: _GuidedStack, points: torch.Tensor, met: torch.Tensor, rho: torch.Tensor
+) -> torch.Tensor:
+    """``λ|ζ| ‖r⊥(ξ*)‖ / ((1 − ρ) M)``, the bound on the limit of e⊥, at the rows that meet the premise."""
+    case = stack.case
+    bounds = torch.full((stack.size,), math.nan, dtype=case.patterns.dtype)
+    if bool(met.any()):
+        dense = _retrieve(points[met], case.patterns, case.beta, 1.0)
+        sparse = _retrieve(points[met], case.patterns, case.beta, stack.alpha_sparse)
+        u = _reference_direction(case.patterns, points[met], case.beta, stack.alpha_sparse, stack.reference)
+        _, r_orth = _decompose(sparse - dense, u)
+        scaled = (stack.scale * stack.zeta_column[met, 0]).abs()
+        bounds[met] = scaled * _norm(r_orth) / (1.0 - rho[met]) / case.pattern_scale
+    return bounds
+
+
+def _finite_quantiles(values: torch.Tensor) -> dict[str, float]:
+    return _quantiles(values[~torch.isnan(values)])
+
+
+def check_orthogonal_errors(
+    case: Case,
+    *,
+    zetas: Sequence[float] = (0.0, 0.5, 1.0),
+    scale: float = 1.0,
+    eta: float = math.inf,
+    reference: str = "sparse",
+    alpha_sparse: float = 1.5,
+    rule: RuleFn | None = None,
+    targets: torch.Tensor | None = None,
+    trajectory_steps: int = 30,
+    max_iter: int = 100,
+    counterexample_dir: str | Path | CounterexampleStore | None = None,
+    max_counterexamples: int = 3,
+) -> list[CheckResult]:
+    """:func:`check_orthogonal_error` for each ζ of ``zetas``, the guided maps of every ζ stacked in one
+    batch (rows ζ-major): limits of G, premise, plain iteration and offsets, then one result per ζ."""
+    stack = _GuidedStack(case, tuple(zetas), scale, eta, reference, alpha_sparse, rule)
+    m, dtype = case.pattern_scale, case.patterns.dtype
+    limits = _guided_limits(stack, targets, max_iter)
     tol = tolerance(dtype, ORTHOGONAL_FACTOR) * m * (1.0 + abs(scale))
-    rates = torch.zeros(z * n_states, dtype=dtype)
-    reached = torch.zeros(z * n_states, dtype=torch.bool)
-    run = attracting.nonzero().flatten()
-    orth_t = torch.zeros(trajectory_steps + 1, 0, dtype=dtype)
-    if run.numel():
-        g_run = guided(dtype, run)
-        x, target, orth, dist = starts[run], points[run], [], []
-        for _ in range(trajectory_steps + 1):
-            u = _reference_direction(case.patterns, x, case.beta, alpha_sparse, reference)
-            _, o = _decompose(x - target, u)
-            orth.append(_norm(o))
-            dist.append(_norm(x - target))
-            x = g_run(x)
-        orth_t, dist_t = torch.stack(orth), torch.stack(dist)  # (T + 1, R)
-        near = dist_t <= NEAR * m
-        reached[run] = near.any(dim=0)
-        rates[run] = _asymptotic_rate(orth_t, near, 10 * tol)
-    met = attracting & reached
-    rho = torch.nan_to_num(radius, nan=math.inf)
+    rates, reached, errors, run = _orthogonal_rates(stack, limits, trajectory_steps, 10 * tol)
+    met = limits.attracting & reached
+    rho = torch.nan_to_num(limits.radius, nan=math.inf)
     allowed = rho + torch.clamp((1.0 - rho) / 2, max=RATE_SLACK)
     margins = torch.where(met, allowed - rates, torch.full_like(rates, math.nan))
-
-    # where the premise is not met because the limit is not a fixed point of S: the offset and its closed form
-    offset_rows = fixed_g & ~fixed_s
-    offset = torch.full((z * n_states,), math.nan, dtype=dtype)
-    closed_gap = torch.full((z * n_states,), math.nan, dtype=dtype)
-    if bool(offset_rows.any()) and targets is None:
-        limit = points[offset_rows]
-        sparse_fp, _, _ = solve_fixed_points(case.patterns, limit, case.beta, alpha_sparse)
-        u = _reference_direction(case.patterns, limit, case.beta, alpha_sparse, reference)
-        _, measured_offset = _decompose(limit - sparse_fp, u)
-        offset[offset_rows] = _norm(measured_offset) / m
-        if rule is None:
-            dense_l = _retrieve(limit, case.patterns, case.beta, 1.0)
-            sparse_l = _retrieve(limit, case.patterns, case.beta, alpha_sparse)
-            _, r_orth = _decompose(sparse_l - dense_l, u)
-            _, s_orth = _decompose(sparse_l, u)
-            _, target_orth = _decompose(sparse_fp, u)
-            closed = s_orth + scale * zcol[offset_rows] * r_orth - target_orth
-            closed_gap[offset_rows] = _norm(measured_offset - closed) / m
-    zeta_bound = torch.full((z * n_states,), math.nan, dtype=dtype)
-    if bool(met.any()):
-        dense_p = _retrieve(points[met], case.patterns, case.beta, 1.0)
-        sparse_p = _retrieve(points[met], case.patterns, case.beta, alpha_sparse)
-        u = _reference_direction(case.patterns, points[met], case.beta, alpha_sparse, reference)
-        _, r_orth = _decompose(sparse_p - dense_p, u)
-        zeta_bound[met] = (scale * zcol[met, 0]).abs() * _norm(r_orth) / (1.0 - rho[met]) / m
-
-    rel = max(m, 1e-300)
+    if targets is None:
+        offset, closed_gap = _orthogonal_offsets(stack, limits)
+    else:
+        offset = closed_gap = torch.full((stack.size,), math.nan, dtype=dtype)
+    zeta_bound = _zeta_bounds(stack, limits.points, met, rho)
+    settings = {
+        "scale": scale,
+        "eta": eta,
+        "reference": reference,
+        "rule": _name(rule),
+        "trajectory_steps": trajectory_steps,
+    }
     results = []
-    for k, zeta in enumerate(zetas):
-        sl = slice(k * n_states, (k + 1) * n_states)
-        met_k, rows_k = met[sl], torch.arange(k * n_states, (k + 1) * n_states)
+    for k, zeta in enumerate(stack.zetas):
+        rows = slice(k * stack.n_states, (k + 1) * stack.n_states)
+        met_k = met[rows]
 
         def instance(
-            where: tuple[int, ...], base: int = k * n_states, zeta: float = zeta
+            where: tuple[int, ...], base: int = k * stack.n_states, zeta: float = zeta
         ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             (i,) = where
             return (
-                {"patterns": case.patterns, "state": case.states[i], "point": points[base + i]},
+                {"patterns": case.patterns, "state": case.states[i], "point": limits.points[base + i]},
                 {
                     "beta": case.beta,
                     "alpha_sparse": alpha_sparse,
@@ -1328,22 +1474,23 @@ def check_orthogonal_errors(
         paths = _save_worst(
             "orthogonal-error convergence",
             case,
-            margins[sl],
+            margins[rows],
             instance,
             counterexample_dir,
             max_counterexamples,
             tol,
             f"zeta={zeta:g}",
         )
-        in_run = torch.isin(run, rows_k[met_k]) if run.numel() else torch.zeros(0, dtype=torch.bool)
-        curves = orth_t[:, in_run] / rel if in_run.numel() else orth_t
-        offset_k, gap_k, bound_k = offset[sl], closed_gap[sl], zeta_bound[sl]
+        counted = torch.arange(stack.size)[rows][met_k]
+        in_run = torch.isin(run, counted) if run.numel() else torch.zeros(0, dtype=torch.bool)
+        curves = errors[:, in_run] / max(m, 1e-300) if in_run.numel() else errors
+        gaps = closed_gap[rows][~torch.isnan(closed_gap[rows])]
         results.append(
             _result(
                 "orthogonal-error convergence",
                 case,
-                margins[sl] >= 0,
-                margins[sl],
+                margins[rows] >= 0,
+                margins[rows],
                 tol,
                 ORTHOGONAL_FACTOR,
                 "1024·eps·M(1+|λ|)",
@@ -1351,39 +1498,34 @@ def check_orthogonal_errors(
                 premise_met=met_k,
                 premise_note=_reasons(
                     {
-                        "limits not fixed by S (orthogonal offset, closed form)": int(offset_rows[sl].sum()),
-                        "without a limit": int((~fixed_g[sl]).sum()),
-                        "repelling (ρ(DG) ≥ 1)": int((fixed_s[sl] & ~attracting[sl]).sum()),
-                        "not reached by the plain iteration": int((attracting[sl] & ~reached[sl]).sum()),
+                        "limits not fixed by S (orthogonal offset, closed form)": int(
+                            (limits.fixed_g[rows] & ~limits.fixed_s[rows]).sum()
+                        ),
+                        "without a limit": int((~limits.fixed_g[rows]).sum()),
+                        "repelling (ρ(DG) ≥ 1)": int((limits.fixed_s[rows] & ~limits.attracting[rows]).sum()),
+                        "not reached by the plain iteration": int(
+                            (limits.attracting[rows] & ~reached[rows]).sum()
+                        ),
                     }
                 ),
                 unit="start",
                 setting=f"ζ={zeta:g}",
-                rate=float(rates[sl][met_k].median()) if bool(met_k.any()) else None,
+                rate=float(rates[rows][met_k].median()) if bool(met_k.any()) else None,
                 rate_note="median per-step factor of ‖e⊥‖ near ξ* (compare ρ(DG(ξ*)))",
                 counterexamples=paths,
-                settings={
-                    "zeta": zeta,
-                    "scale": scale,
-                    "eta": eta,
-                    "reference": reference,
-                    "rule": _name(rule),
-                    "trajectory_steps": trajectory_steps,
-                },
+                settings={"zeta": zeta, **settings},
                 measured={
-                    "radius": _quantiles(radius[sl][met_k]),
-                    "rate": _quantiles(rates[sl][met_k]),
-                    "zeta_bound_over_M": _quantiles(bound_k[~torch.isnan(bound_k)]),
-                    "limit_fixed_by_G_share": float(fixed_g[sl].double().mean()),
-                    "limit_fixed_by_S_share": float(fixed_s[sl].double().mean()),
-                    "offset_over_M": _quantiles(offset_k[~torch.isnan(offset_k)]),
-                    "closed_form_error_over_M": float(gap_k[~torch.isnan(gap_k)].max())
-                    if bool((~torch.isnan(gap_k)).any())
-                    else math.nan,
+                    "radius": _quantiles(limits.radius[rows][met_k]),
+                    "rate": _quantiles(rates[rows][met_k]),
+                    "zeta_bound_over_M": _finite_quantiles(zeta_bound[rows]),
+                    "limit_fixed_by_G_share": float(limits.fixed_g[rows].double().mean()),
+                    "limit_fixed_by_S_share": float(limits.fixed_s[rows].double().mean()),
+                    "offset_over_M": _finite_quantiles(offset[rows]),
+                    "closed_form_error_over_M": float(gaps.max()) if gaps.numel() else math.nan,
                 },
                 series={
                     "premise_met": curves.median(dim=-1).values.tolist() if curves.shape[1] else [],
-                    "offset": _sample(offset_k[~torch.isnan(offset_k)], 400),
+                    "offset": _sample(offset[rows][~torch.isnan(offset[rows])], 400),
                 },
             )
         )
@@ -1431,20 +1573,16 @@ def _bounded_margin(
     xi: torch.Tensor,
     beta: float,
     alpha_sparse: float,
-    scale: float,
-    zeta: float,
-    eta: float,
-    reference: str,
+    setting: Mapping[str, Any],
     rule: RuleFn,
     retrievals: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(margin, tol) of ‖G(ξ) − S(ξ)‖ ≤ |λ| (η + |ζ| ‖r⊥‖) at ``setting`` (scale, zeta, eta, reference)."""
+    scale, zeta, eta, reference = setting["scale"], setting["zeta"], setting["eta"], setting["reference"]
     dense = _retrieve(xi, patterns, beta, 1.0) if retrievals is None else retrievals[0]
     sparse = _retrieve(xi, patterns, beta, alpha_sparse) if retrievals is None else retrievals[1]
     guided = rule(dense, sparse, scale, zeta, eta, reference, xi)
-    u = {"sparse": sparse, "dense": dense, "update": sparse - xi}.get(reference)
-    if u is None:
-        raise ValueError(f"reference must be 'sparse', 'dense' or 'update', got {reference!r}")
-    _, orthogonal = _decompose(sparse - dense, u)
+    _, orthogonal = _decompose(sparse - dense, _reference_vector(reference, dense, sparse, xi))
     bound = abs(scale) * (eta + abs(zeta) * _norm(orthogonal))
     observed = _norm(guided - sparse)
     tol = tolerance(xi.dtype, LINEAR_FACTOR) * (
@@ -1483,32 +1621,23 @@ def check_bounded_update(
     """
     fn = _gag if rule is None else rule
     m = case.pattern_scale
-    grid = [(s, z, e, r) for s in scales for z in zetas for e in etas for r in references]
+    grid = _RuleGrid(scales, zetas, etas, references)
     both = (
         _retrieve(case.states, case.patterns, case.beta, 1.0),
         _retrieve(case.states, case.patterns, case.beta, alpha_sparse),
     )
-    pairs = [
-        _bounded_margin(case.patterns, case.states, case.beta, alpha_sparse, s, z, e * m, r, fn, both)
-        for s, z, e, r in grid
-    ]
-    margins = torch.stack([p[0] for p in pairs], dim=-1)
-    tols = torch.stack([p[1] for p in pairs], dim=-1)
+    margins, tols = grid.margins(
+        lambda setting: _bounded_margin(
+            case.patterns, case.states, case.beta, alpha_sparse, setting, fn, both
+        ),
+        m,
+    )
 
     def instance(where: tuple[int, ...]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         i, k = where
-        s, z, e, r = grid[k]
         return (
             {"patterns": case.patterns, "state": case.states[i]},
-            {
-                "beta": case.beta,
-                "alpha_sparse": alpha_sparse,
-                "scale": s,
-                "zeta": z,
-                "eta": e * m,
-                "reference": r,
-                "rule": _name(rule),
-            },
+            {"beta": case.beta, "alpha_sparse": alpha_sparse, **grid.setting(k, m), "rule": _name(rule)},
         )
 
     paths = _save_worst(
@@ -1523,33 +1652,13 @@ def check_bounded_update(
         LINEAR_FACTOR,
         "16·eps·(‖S‖+|λ|(η+(1+|ζ|)‖r‖))",
         kind=KIND_IDENTITY,
-        setting=f"{len(grid)} (λ,ζ,η,ref)",
+        setting=grid.label,
         counterexamples=paths,
-        settings={
-            "scales": list(scales),
-            "zetas": list(zetas),
-            "etas_over_M": list(etas),
-            "references": list(references),
-            "rule": _name(rule),
-        },
+        settings=grid.settings(rule),
     )
 
 
-def _replay_bounded(
-    tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]
-) -> tuple[float, dict[str, Any]]:
-    margin, tol = _bounded_margin(
-        tensors["patterns"],
-        tensors["state"][None],
-        params["beta"],
-        params["alpha_sparse"],
-        params["scale"],
-        params["zeta"],
-        params["eta"],
-        params["reference"],
-        _resolve(params.get("rule"), _gag),
-    )
-    return float(margin[0]), {"tolerance_now": float(tol[0]), **params}
+_replay_bounded = _replay_rule_setting(_bounded_margin, "state")
 
 
 # ==================================================================================================

@@ -19,7 +19,6 @@ import functools
 import os
 import re
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,8 +150,7 @@ def _run_unit(
     threads: int,
 ) -> _UnitResult:
     """The task: run the claims on a synthetic case, or on every kept head of one trace record."""
-    from hopfield_aa.checks.fixed_points import find_fixed_points
-    from hopfield_aa.checks.registry import KEYS
+    from hopfield_aa.checks.registry import KEYS, run_claims
     from hopfield_aa.checks.traces import record_cases
 
     torch.set_num_threads(threads)
@@ -168,14 +166,8 @@ def _run_unit(
     with tempfile.TemporaryDirectory(prefix="hopfield-aa-verify-") as scratch:
         store = _RecordingStore(Path(scratch), limit)
         for case in cases:
-            t0 = time.perf_counter()
-            fp = find_fixed_points(case)
-            results: list[CheckResult] = []
-            for claim in runners:
-                assert claim.run is not None
-                results.extend(claim.run(case, fp, store))
             kept_case = None if isinstance(unit, Case) else case
-            out.cases.append((kept_case, results, fp.summary(), time.perf_counter() - t0))
+            out.cases.append((kept_case, *run_claims(case, runners, store)))
         out.offers = store.offers
     return out
 

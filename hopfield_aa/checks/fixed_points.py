@@ -55,10 +55,25 @@ def spectral_radius_fd(
 
 
 def distinct(points: torch.Tensor, radius: float) -> torch.Tensor:
-    """Indices of the first of each group of rows within ``radius`` of each other (greedy, in order)."""
+    """Indices of the first of each group of rows within ``radius`` of each other (greedy, in order): a row
+    is kept when it is farther than ``radius`` from every row kept before it."""
+    count = points.shape[0]
+    if count == 0:
+        return torch.zeros(0, dtype=torch.long)
+    # the pairwise distances in blocks of rows (the same differences and norms as row by row), then the
+    # greedy pass on booleans; a NaN distance is not "farther"
+    block = max(1, (1 << 22) // max(1, count * points.shape[-1]))
+    far = [
+        row
+        for start in range(0, count, block)
+        for row in (
+            torch.linalg.vector_norm(points[start : start + block, None, :] - points[None, :, :], dim=-1)
+            > radius
+        ).tolist()
+    ]
     keep: list[int] = []
-    for i in range(points.shape[0]):
-        if not keep or bool((torch.linalg.vector_norm(points[keep] - points[i], dim=-1) > radius).all()):
+    for i in range(count):
+        if all(far[k][i] for k in keep):
             keep.append(i)
     return torch.tensor(keep, dtype=torch.long)
 

@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from hopfield_aa._io import save_figure
+from hopfield_aa.plotting import ratio_histogram
 
 OWN = ("orthogonal", "contraction", "guided_contraction", "value_space")
 
@@ -77,13 +78,7 @@ def plot_contraction(data: Mapping[str, Any], path: Path) -> str | None:
     for colour, (setting, pool) in zip(colours, data.items(), strict=False):
         ratios = _finite(pool.get("ratios", []))
         if ratios.size:
-            ax1.hist(
-                ratios,
-                bins=np.linspace(0, max(1.05, float(ratios.max()) * 1.02), 41),
-                alpha=0.55,
-                color=colour,
-                label=setting,
-            )
+            ratio_histogram(ax1, ratios, color=colour, label=setting)
         lips, bound = _finite(pool.get("lipschitz", [])), _finite(pool.get("bound", []))
         if lips.size:
             ax2.hist(

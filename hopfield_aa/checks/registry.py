@@ -5,11 +5,13 @@ the theory tables (analysis/theory_tables.py) all read it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from hopfield_aa.checks import claims as C
-from hopfield_aa.checks.fixed_points import FixedPoints
+from hopfield_aa.checks.fixed_points import FixedPoints, find_fixed_points
 from hopfield_aa.checks.results import (
     KIND_CLAIM,
     KIND_IDENTITY,
@@ -240,3 +242,19 @@ CLAIMS = tuple(REGISTRY)
 def claim_order(name: str) -> int:
     """The position of claim ``name`` in the report (unknown names last)."""
     return CLAIMS.index(name) if name in REGISTRY else len(CLAIMS)
+
+
+def run_claims(
+    case: Case, claims: Sequence[Claim], store: CounterexampleStore | None
+) -> tuple[list[CheckResult], dict[str, Any], float]:
+    """Run ``claims`` on one case, sharing one fixed-point search between them.
+
+    Returns the results (in the order of ``claims``), the fixed points' summary and the seconds taken.
+    """
+    start = time.perf_counter()
+    fixed_points = find_fixed_points(case)
+    results: list[CheckResult] = []
+    for claim in claims:
+        assert claim.run is not None
+        results.extend(claim.run(case, fixed_points, store))
+    return results, fixed_points.summary(), time.perf_counter() - start

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from hopfield_aa._io import write_text
 from hopfield_aa.checks import claims as C
 from hopfield_aa.checks.families import FAMILIES, make_family
-from hopfield_aa.checks.fixed_points import find_fixed_points, residual_curves
-from hopfield_aa.checks.registry import KEYS, REGISTRY, VALUE_SPACE, claim_order
+from hopfield_aa.checks.fixed_points import residual_curves
+from hopfield_aa.checks.registry import KEYS, REGISTRY, VALUE_SPACE, claim_order, run_claims
 from hopfield_aa.checks.results import (
     KIND_CLAIM,
     KIND_IDENTITY,
@@ -126,13 +126,7 @@ def _run_serial(
     bar = tqdm(cases, desc="verify", unit="case", disable=not progress, leave=False)
     for case in bar:
         bar.set_postfix_str(case.label[:40])
-        t0 = time.perf_counter()
-        fp = find_fixed_points(case)
-        results: list[CheckResult] = []
-        for claim in runners:
-            assert claim.run is not None
-            results.extend(claim.run(case, fp, store))
-        outcomes.append(CaseOutcome(case, _group(case), results, fp.summary(), time.perf_counter() - t0))
+        outcomes.append(CaseOutcome(case, _group(case), *run_claims(case, runners, store)))
     bar.close()
     return outcomes
 
@@ -685,13 +679,12 @@ def _kind_rows(summary: Sequence[dict[str, Any]], kind: str) -> list[dict[str, A
     return [r for r in summary if r["kind"] == kind]
 
 
-def markdown_report(doc: dict[str, Any], figures: Sequence[str]) -> str:
-    """report.md: the first screen, claims / measured / identities tables, failures, premises not met,
-    fixed points vs β, what GAG acts on in value space, per-trace results, figures, a per-case appendix."""
+def _md_header(doc: dict[str, Any]) -> list[str]:
+    """Title, what was run, how to read the verdicts, and the first screen."""
     s = doc["settings"]
     env = doc["environment"]
     load = env.get("load_average")
-    lines = [
+    return [
         f"# hopfield-aa verify: the claims of {THEORY_NOTE}, measured",
         "",
         f"Families: {', '.join(s['families']) or 'none'}; traces: {s['traces']}; seed {s['seed']}; "
@@ -713,17 +706,26 @@ def markdown_report(doc: dict[str, Any], figures: Sequence[str]) -> str:
         "```",
         "",
     ]
-    header = TABLE_COLUMNS
+
+
+def _md_kind_tables(summary: Sequence[dict[str, Any]]) -> list[str]:
+    """The claims table split by kind: evidence, measurements, identities."""
+    lines: list[str] = []
     for title, kind in (
         ("## Claims (evidence)", KIND_CLAIM),
         ("## Measured (no verdict)", KIND_MEASURED),
         ("## Identities (regression tests of the library's rule, not evidence)", KIND_IDENTITY),
     ):
-        rows = _kind_rows(doc["summary"], kind)
+        rows = _kind_rows(summary, kind)
         if rows:
-            lines += [title, "", _markdown_table(header, table_rows(rows)), ""]
-    failing = [r for r in doc["summary"] if r["status"] == STATUS_FAIL]
-    lines += ["## What fails where", ""]
+            lines += [title, "", _markdown_table(TABLE_COLUMNS, table_rows(rows)), ""]
+    return lines
+
+
+def _md_failures(summary: Sequence[dict[str, Any]], settings: dict[str, Any]) -> list[str]:
+    """Each failing row with its worst margin, failing cases and counter-examples to replay."""
+    failing = [r for r in summary if r["status"] == STATUS_FAIL]
+    lines = ["## What fails where", ""]
     if not failing:
         lines.append("No claim failed where its premise held.")
     for r in failing:
@@ -739,13 +741,17 @@ def markdown_report(doc: dict[str, Any], figures: Sequence[str]) -> str:
             )
     lines += [
         "",
-        f"Counter-examples kept: at most {s.get('max_counterexamples_per_claim')} per claim "
+        f"Counter-examples kept: at most {settings.get('max_counterexamples_per_claim')} per claim "
         "(`verify --all-counterexamples` keeps every one).",
         "",
-        "## Premise not met: where and why",
-        "",
     ]
-    notes = [r for r in doc["summary"] if r["premise_note"] and r["kind"] != KIND_MEASURED]
+    return lines
+
+
+def _md_premises(summary: Sequence[dict[str, Any]]) -> list[str]:
+    """Where each claim's premise was not met and why."""
+    lines = ["## Premise not met: where and why", ""]
+    notes = [r for r in summary if r["premise_note"] and r["kind"] != KIND_MEASURED]
     if notes:
         lines.append(
             _markdown_table(
@@ -766,174 +772,199 @@ def markdown_report(doc: dict[str, Any], figures: Sequence[str]) -> str:
     else:
         lines.append("Every state tried met its claim's premise.")
     lines.append("")
-    orth = [r for r in doc["summary"] if r["claim"] == "orthogonal-error convergence"]
-    if orth:
-        lines += [
-            "### Orthogonal error where G's limit is not a fixed point of S",
-            "",
-            "The limit keeps an orthogonal offset from the sparse fixed point; its closed form is",
-            "λζ r⊥(ξ∞) − P⊥ ξ*_S (reference S). Measured offset and the largest gap to the closed form:",
-            "",
-            _markdown_table(
-                (
-                    "setting",
-                    "data",
-                    "offset / M (median)",
-                    "offset / M (max)",
-                    "closed-form gap / M",
-                    "ρ(DG) median (premise met)",
-                ),
-                [
-                    [
-                        r["setting"],
-                        r["data"],
-                        _fmt(r["measured"].get("offset_over_M_median"), ".3g"),
-                        _fmt(r["measured"].get("offset_over_M_max"), ".3g"),
-                        _fmt(r["measured"].get("closed_form_error_over_M"), ".1e"),
-                        _fmt(r["measured"].get("radius_median"), ".3g"),
-                    ]
-                    for r in orth
-                ],
-            ),
-            "",
-        ]
-    sweep = doc["figures"].get("common_vs_beta") or []
-    if sweep:
-        lines += [
-            "## Distinct fixed points and the common ones, by β (beta_sweep family)",
-            "",
-            _markdown_table(
-                ("β", "distinct fixed points", "common", "common share", "premise attainable from β ≈"),
-                [
-                    [
-                        f"{p['beta']:g}",
-                        str(p["distinct_fixed_points"]),
-                        str(p["distinct_common"]),
-                        _fmt(p["distinct_common_share"], ".2f"),
-                        _fmt(p["premise_beta"], ".3g"),
-                    ]
-                    for p in sweep
-                ],
-            ),
-            "",
-        ]
-    vs = doc.get("value_space") or {}
-    if vs.get("rows"):
-        lines += [
-            "## What GAG acts on: value space, per layer and step",
-            "",
-            f"Form: {vs['form']}. r = S·V − D·V split against S·V; *discarded* is Σ‖r⊥‖²/Σ‖r‖², the",
-            "part of the squared extrapolation update λr that GAG (ζ = 0) drops; *cos(r∥, Δ)* compares r∥",
-            "at a step with the change of the attention output D·V to the next captured step (same query).",
-            "",
-            _markdown_table(
-                (
-                    "kind",
-                    "layer",
-                    "step",
-                    "vectors",
-                    "‖r⊥‖/‖r‖ median",
-                    "discarded",
-                    "‖r‖/‖D·V‖",
-                    "pairs",
-                    "cos(r∥, Δ) median",
-                    "r∥ along Δ",
-                    "cos(r, Δ) median",
-                ),
-                [
-                    [
-                        row["kind"],
-                        row["layer"],
-                        str(row["step"]),
-                        str(row["vectors"]),
-                        _fmt(row["orthogonal_ratio_median"], ".3f"),
-                        _fmt(row["discarded_share"], ".3f"),
-                        _fmt(row["update_over_output_median"], ".3f"),
-                        str(row["pairs"]),
-                        _fmt(row["cos_parallel_change_median"], "+.3f"),
-                        _fmt(row["parallel_aligned_share"], ".2f"),
-                        _fmt(row["cos_residual_change_median"], "+.3f"),
-                    ]
-                    for row in vs["rows"]
-                ],
-            ),
-            "",
-        ]
-    trace_cases = [c for c in doc["cases"] if "trace" in c["data"]]
-    if trace_cases:
-        lines += [
-            "## Traces, per layer / step / attention kind",
-            "",
-            f"Form tested: {trace_cases[0]['form']}.",
-            "",
-        ]
-        trace_rows: list[list[str]] = []
-        for c in trace_cases:
-            d = c["data"]
-            for r in c["results"]:
-                trace_rows.append(
-                    [
-                        str(d.get("kind")),
-                        str(d.get("layer")),
-                        str(d.get("step")),
-                        str(d.get("head")),
-                        f"{d.get('N')}×{d.get('d')}",
-                        r["claim"],
-                        r["setting"],
-                        "—" if not r["n_premise"] else f"{r['n_passed']}/{r['n_premise']}",
-                        f"{r['n_premise']}/{r['n_states']}",
-                        _fmt(r["rate"], ".3g"),
-                        _verdict(r["status"]),
-                    ]
-                )
-        lines += [
-            _markdown_table(
-                (
-                    "kind",
-                    "layer",
-                    "step",
-                    "head",
-                    "N×d",
-                    "claim",
-                    "setting",
-                    "passed",
-                    "premise met",
-                    "rate",
-                    "verdict",
-                ),
-                trace_rows,
-            ),
-            "",
-        ]
-    if figures:
-        lines += ["## Figures", ""]
-        for fig in figures:
-            lines += [f"![{Path(fig).stem}]({Path(fig).name})", ""]
-    lines += ["## Per case", ""]
-    case_rows: list[list[str]] = []
-    for c in doc["cases"]:
-        for r in c["results"]:
-            case_rows.append(
-                [
-                    c["label"],
-                    r["claim"],
-                    r["setting"],
-                    "—" if not r["n_premise"] else f"{r['n_passed']}/{r['n_premise']}",
-                    f"{r['n_premise']}/{r['n_states']}",
-                    _fmt(r["worst_margin"]),
-                    _fmt(r["tolerance"]),
-                    _fmt(r["rate"], ".3g"),
-                    _verdict(r["status"]),
-                ]
-            )
-    lines += [
+    return lines
+
+
+def _md_orthogonal_offsets(summary: Sequence[dict[str, Any]]) -> list[str]:
+    """The orthogonal offset of G's limit where it is not a fixed point of S, beside its closed form."""
+    orth = [r for r in summary if r["claim"] == "orthogonal-error convergence"]
+    if not orth:
+        return []
+    return [
+        "### Orthogonal error where G's limit is not a fixed point of S",
+        "",
+        "The limit keeps an orthogonal offset from the sparse fixed point; its closed form is",
+        "λζ r⊥(ξ∞) − P⊥ ξ*_S (reference S). Measured offset and the largest gap to the closed form:",
+        "",
         _markdown_table(
-            ("case", "claim", "setting", "passed", "premise met", "worst margin", "tol", "rate", "verdict"),
-            case_rows,
+            (
+                "setting",
+                "data",
+                "offset / M (median)",
+                "offset / M (max)",
+                "closed-form gap / M",
+                "ρ(DG) median (premise met)",
+            ),
+            [
+                [
+                    r["setting"],
+                    r["data"],
+                    _fmt(r["measured"].get("offset_over_M_median"), ".3g"),
+                    _fmt(r["measured"].get("offset_over_M_max"), ".3g"),
+                    _fmt(r["measured"].get("closed_form_error_over_M"), ".1e"),
+                    _fmt(r["measured"].get("radius_median"), ".3g"),
+                ]
+                for r in orth
+            ],
         ),
         "",
     ]
-    return "\n".join(lines)
+
+
+def _md_beta_sweep(sweep: Sequence[dict[str, Any]]) -> list[str]:
+    """Distinct and common fixed points per β of the beta_sweep family."""
+    if not sweep:
+        return []
+    return [
+        "## Distinct fixed points and the common ones, by β (beta_sweep family)",
+        "",
+        _markdown_table(
+            ("β", "distinct fixed points", "common", "common share", "premise attainable from β ≈"),
+            [
+                [
+                    f"{p['beta']:g}",
+                    str(p["distinct_fixed_points"]),
+                    str(p["distinct_common"]),
+                    _fmt(p["distinct_common_share"], ".2f"),
+                    _fmt(p["premise_beta"], ".3g"),
+                ]
+                for p in sweep
+            ],
+        ),
+        "",
+    ]
+
+
+def _md_value_space(vs: dict[str, Any]) -> list[str]:
+    """What GAG acts on in value space, per attention kind, layer and step."""
+    if not vs.get("rows"):
+        return []
+    return [
+        "## What GAG acts on: value space, per layer and step",
+        "",
+        f"Form: {vs['form']}. r = S·V − D·V split against S·V; *discarded* is Σ‖r⊥‖²/Σ‖r‖², the",
+        "part of the squared extrapolation update λr that GAG (ζ = 0) drops; *cos(r∥, Δ)* compares r∥",
+        "at a step with the change of the attention output D·V to the next captured step (same query).",
+        "",
+        _markdown_table(
+            (
+                "kind",
+                "layer",
+                "step",
+                "vectors",
+                "‖r⊥‖/‖r‖ median",
+                "discarded",
+                "‖r‖/‖D·V‖",
+                "pairs",
+                "cos(r∥, Δ) median",
+                "r∥ along Δ",
+                "cos(r, Δ) median",
+            ),
+            [
+                [
+                    row["kind"],
+                    row["layer"],
+                    str(row["step"]),
+                    str(row["vectors"]),
+                    _fmt(row["orthogonal_ratio_median"], ".3f"),
+                    _fmt(row["discarded_share"], ".3f"),
+                    _fmt(row["update_over_output_median"], ".3f"),
+                    str(row["pairs"]),
+                    _fmt(row["cos_parallel_change_median"], "+.3f"),
+                    _fmt(row["parallel_aligned_share"], ".2f"),
+                    _fmt(row["cos_residual_change_median"], "+.3f"),
+                ]
+                for row in vs["rows"]
+            ],
+        ),
+        "",
+    ]
+
+
+def _passed_cell(r: dict[str, Any]) -> str:
+    return "—" if not r["n_premise"] else f"{r['n_passed']}/{r['n_premise']}"
+
+
+def _md_traces(cases: Sequence[dict[str, Any]]) -> list[str]:
+    """Every result on a trace head, with its layer, step, attention kind and head."""
+    trace_cases = [c for c in cases if "trace" in c["data"]]
+    if not trace_cases:
+        return []
+    trace_rows = [
+        [
+            str(c["data"].get("kind")),
+            str(c["data"].get("layer")),
+            str(c["data"].get("step")),
+            str(c["data"].get("head")),
+            f"{c['data'].get('N')}×{c['data'].get('d')}",
+            r["claim"],
+            r["setting"],
+            _passed_cell(r),
+            f"{r['n_premise']}/{r['n_states']}",
+            _fmt(r["rate"], ".3g"),
+            _verdict(r["status"]),
+        ]
+        for c in trace_cases
+        for r in c["results"]
+    ]
+    header = ("kind", "layer", "step", "head", "N×d", "claim", "setting", "passed", "premise met", "rate")
+    return [
+        "## Traces, per layer / step / attention kind",
+        "",
+        f"Form tested: {trace_cases[0]['form']}.",
+        "",
+        _markdown_table((*header, "verdict"), trace_rows),
+        "",
+    ]
+
+
+def _md_figures(figures: Sequence[str]) -> list[str]:
+    if not figures:
+        return []
+    lines = ["## Figures", ""]
+    for fig in figures:
+        lines += [f"![{Path(fig).stem}]({Path(fig).name})", ""]
+    return lines
+
+
+def _md_per_case(cases: Sequence[dict[str, Any]]) -> list[str]:
+    """The appendix: every result of every case."""
+    case_rows = [
+        [
+            c["label"],
+            r["claim"],
+            r["setting"],
+            _passed_cell(r),
+            f"{r['n_premise']}/{r['n_states']}",
+            _fmt(r["worst_margin"]),
+            _fmt(r["tolerance"]),
+            _fmt(r["rate"], ".3g"),
+            _verdict(r["status"]),
+        ]
+        for c in cases
+        for r in c["results"]
+    ]
+    header = ("case", "claim", "setting", "passed", "premise met", "worst margin", "tol", "rate", "verdict")
+    return ["## Per case", "", _markdown_table(header, case_rows), ""]
+
+
+def markdown_report(doc: dict[str, Any], figures: Sequence[str]) -> str:
+    """report.md: the first screen, claims / measured / identities tables, failures, premises not met,
+    fixed points vs β, what GAG acts on in value space, per-trace results, figures, a per-case appendix."""
+    summary = doc["summary"]
+    sections = (
+        _md_header(doc),
+        _md_kind_tables(summary),
+        _md_failures(summary, doc["settings"]),
+        _md_premises(summary),
+        _md_orthogonal_offsets(summary),
+        _md_beta_sweep(doc["figures"].get("common_vs_beta") or []),
+        _md_value_space(doc.get("value_space") or {}),
+        _md_traces(doc["cases"]),
+        _md_figures(figures),
+        _md_per_case(doc["cases"]),
+    )
+    return "\n".join(line for lines in sections for line in lines)
 
 
 def write_report(doc: dict[str, Any], out: str | os.PathLike[str]) -> list[str]:
