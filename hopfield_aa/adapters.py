@@ -83,9 +83,25 @@ class FluxAttentionCall(AttentionCall):
     encoder_tokens: int | None
 
 
-def _heads_first(tensor: torch.Tensor, batch_size: int, heads: int, head_dim: int) -> torch.Tensor:
-    """(batch, tokens, heads · head_dim) -> (batch, heads, tokens, head_dim), as the stock processors do."""
-    return tensor.view(batch_size, -1, heads, head_dim).transpose(1, 2)
+def _split_heads(
+    attn: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    norm_q: torch.nn.Module | None,
+    norm_k: torch.nn.Module | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Projections (batch, tokens, heads · head_dim) -> (batch, heads, tokens, head_dim), then the q/k norms,
+    as ``AttnProcessor2_0`` and ``JointAttnProcessor2_0`` do."""
+    batch_size, head_dim = query.shape[0], key.shape[-1] // attn.heads
+    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    if norm_q is not None:
+        query = norm_q(query)
+    if norm_k is not None:
+        key = norm_k(key)
+    return query, key, value
 
 
 class AdaptedProcessor:
@@ -146,15 +162,7 @@ def project_attention(
     key = attn.to_k(encoder_hidden_states)
     value = attn.to_v(encoder_hidden_states)
 
-    head_dim = key.shape[-1] // attn.heads
-    query = _heads_first(query, batch_size, attn.heads, head_dim)
-    key = _heads_first(key, batch_size, attn.heads, head_dim)
-    value = _heads_first(value, batch_size, attn.heads, head_dim)
-
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
+    query, key, value = _split_heads(attn, query, key, value, attn.norm_q, attn.norm_k)
     n_query, n_key = query.shape[2], key.shape[2]
     return UNetAttentionCall(
         query,
@@ -216,36 +224,29 @@ def project_joint_attention(
     attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None
 ) -> AttentionCall:
     """``JointAttnProcessor2_0`` up to the kernel: the [image, text] sequence (image only without text)."""
-    batch_size = hidden_states.shape[0]
-
     # `sample` projections.
-    query = attn.to_q(hidden_states)
-    key = attn.to_k(hidden_states)
-    value = attn.to_v(hidden_states)
-
-    head_dim = key.shape[-1] // attn.heads
-    query = _heads_first(query, batch_size, attn.heads, head_dim)
-    key = _heads_first(key, batch_size, attn.heads, head_dim)
-    value = _heads_first(value, batch_size, attn.heads, head_dim)
-
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
+    query, key, value = _split_heads(
+        attn,
+        attn.to_q(hidden_states),
+        attn.to_k(hidden_states),
+        attn.to_v(hidden_states),
+        attn.norm_q,
+        attn.norm_k,
+    )
 
     n_image = query.shape[2]
     segments: dict[str, tuple[int, int]] = {"image": (0, n_image)}
 
     # `context` projections.
     if encoder_hidden_states is not None:
-        encoder_query = _heads_first(attn.add_q_proj(encoder_hidden_states), batch_size, attn.heads, head_dim)
-        encoder_key = _heads_first(attn.add_k_proj(encoder_hidden_states), batch_size, attn.heads, head_dim)
-        encoder_value = _heads_first(attn.add_v_proj(encoder_hidden_states), batch_size, attn.heads, head_dim)
-
-        if attn.norm_added_q is not None:
-            encoder_query = attn.norm_added_q(encoder_query)
-        if attn.norm_added_k is not None:
-            encoder_key = attn.norm_added_k(encoder_key)
+        encoder_query, encoder_key, encoder_value = _split_heads(
+            attn,
+            attn.add_q_proj(encoder_hidden_states),
+            attn.add_k_proj(encoder_hidden_states),
+            attn.add_v_proj(encoder_hidden_states),
+            attn.norm_added_q,
+            attn.norm_added_k,
+        )
 
         query = torch.cat([query, encoder_query], dim=2)
         key = torch.cat([key, encoder_key], dim=2)

@@ -6,7 +6,7 @@ gives the stock model output exactly, so capture and guidance share the stock ha
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import diffusers
@@ -81,14 +81,6 @@ PROCESSORS: dict[str, Callable[[str, Any], Any]] = {
     "recording": lambda layer, stock: RECORDING_PROCESSORS[type(stock)](layer, RECORDER),
     "guidance-off": lambda layer, stock: GUIDANCE_PROCESSORS[type(stock)](layer, _GuidanceOff(), stock),
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _forward(model: Any, inputs: dict[str, Any]) -> torch.Tensor:

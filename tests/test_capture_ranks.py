@@ -15,27 +15,13 @@ import torch
 
 from hopfield_aa.cli import build_parser, main
 from hopfield_aa.traces import TraceSet, capture_pipeline, merge_ranks, rank_directory
+from hopfield_aa.traces.format import RECORD_FIELDS
 from hopfield_aa.traces.selection import Selection
 from hopfield_aa.traces.testing import tiny_sd_pipeline
 
 PROMPTS = ["a red circle", "blue square", "green", "a tiny star", "dot"]
-FIELDS = (
-    "layer",
-    "kind",
-    "step",
-    "timestep",
-    "scale",
-    "heads",
-    "num_heads",
-    "query_tokens",
-    "key_tokens",
-    "query_segments",
-    "key_segments",
-    "batch_index",
-    "prompt_id",
-    "seed",
-    "query_seed",
-)
+# every record field that a split capture must reproduce (keys differ: each rank prefixes its own)
+FIELDS = tuple(name for name in RECORD_FIELDS if name not in ("key", "dtype", "tensors"))
 
 
 @pytest.fixture(autouse=True)
@@ -53,13 +39,13 @@ def pipe() -> Any:
     return p
 
 
-def _capture(pipe: Any, out: Path, **kwargs: Any) -> None:
+def _capture(pipe: Any, out: Path, steps: int = 2, **kwargs: Any) -> None:
     capture_pipeline(
         pipe,
         PROMPTS,
         out,
         seed=7,
-        num_inference_steps=2,
+        num_inference_steps=steps,
         selection=Selection(kinds=["cross"], max_query_tokens=5, heads=[0, 2]),
         pipeline_kwargs={"output_type": "latent", "height": 16, "width": 16},
         progress=False,
@@ -111,18 +97,7 @@ def test_merge_refuses_missing_or_disagreeing_ranks(pipe: Any, tmp_path: Path) -
     _capture(pipe, split, rank=0, world_size=2)
     with pytest.raises(ValueError, match=r"missing rank-1"):
         merge_ranks(split)
-    capture_pipeline(  # rank 1 with another step count: not the same capture
-        pipe,
-        PROMPTS,
-        split,
-        seed=7,
-        num_inference_steps=1,
-        selection=Selection(kinds=["cross"], max_query_tokens=5, heads=[0, 2]),
-        pipeline_kwargs={"output_type": "latent", "height": 16, "width": 16},
-        progress=False,
-        rank=1,
-        world_size=2,
-    )
+    _capture(pipe, split, steps=1, rank=1, world_size=2)  # another step count: not the same capture
     with pytest.raises(ValueError, match=r"rank-1/manifest.json \[metadata.num_inference_steps\]"):
         merge_ranks(split)
     assert not (split / "manifest.json").exists()

@@ -23,6 +23,7 @@ from hopfield_aa.guidance import (
     guidance_handle,
     register_rule,
 )
+from hopfield_aa.traces.testing import tiny_flux, tiny_sd3, tiny_unet
 
 # (rule, enable_gag keyword arguments) with λ ≠ 0, covering every registered rule and the gag variants
 RULE_CASES = [
@@ -130,56 +131,24 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def unet() -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    model = UNet2DConditionModel(
-        sample_size=8,
+    return tiny_unet(
         in_channels=3,
         out_channels=3,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(8, 16),
-        layers_per_block=1,
         cross_attention_dim=8,
         attention_head_dim=2,
         norm_num_groups=4,
     )
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def sd3() -> SD3Transformer2DModel:
-    torch.manual_seed(0)
-    model = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        caption_projection_dim=16,
-        pooled_projection_dim=8,
-        out_channels=4,
-        pos_embed_max_size=16,
-    )
-    return model.eval()
+    return tiny_sd3(joint_attention_dim=16, pooled_projection_dim=8, qk_norm=None)
 
 
 @pytest.fixture(scope="module")
 def flux() -> FluxTransformer2DModel:
-    torch.manual_seed(0)
-    model = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        pooled_projection_dim=8,
-        axes_dims_rope=(2, 2, 4),
-    )
-    return model.eval()
+    return tiny_flux(in_channels=4, joint_attention_dim=16, pooled_projection_dim=8)
 
 
 def cross_attention_module() -> Attention:

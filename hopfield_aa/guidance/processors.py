@@ -8,7 +8,7 @@ with trace capture) whose kernel is the one call to :func:`~hopfield_aa.guidance
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -56,6 +56,20 @@ class _GuidanceProcessor(AdaptedProcessor):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer={self.layer!r}, original={type(self.original).__name__})"
 
+    def _guide(self, kernel: Callable[..., torch.Tensor], call: AttentionCall, **where: Any) -> torch.Tensor:
+        """The guidance step: ``kernel`` (a guided attention of :mod:`~hopfield_aa.guidance.attention`) on the
+        call's Q, K, V with the session's rule, this layer's α ladder and the batch rows it acts on."""
+        return kernel(
+            call.query,
+            call.key,
+            call.value,
+            self.session.combine,
+            self.session.alphas_for(self.layer),
+            attention_mask=call.attention_mask,
+            rows=self.session.rows(call.batch_size),
+            **where,
+        )
+
 
 class GAGAttnProcessor(_GuidanceProcessor, AdaptedAttnProcessor):
     r"""``AttnProcessor2_0`` with ``softmax(β QKᵀ) V`` replaced by the guidance rule of its retrievals.
@@ -70,16 +84,8 @@ class GAGAttnProcessor(_GuidanceProcessor, AdaptedAttnProcessor):
         if not self.session.active:
             return super().attend(attn, call)
         # the guidance step: the rule of the dense and sparse retrievals, (batch, heads, queries, head_dim)
-        return guided_attention(
-            call.query,
-            call.key,
-            call.value,
-            self.session.combine,
-            self.session.alphas_for(self.layer),
-            scale=call.head_dim**-0.5,  # as F.scaled_dot_product_attention in AttnProcessor2_0
-            attention_mask=call.attention_mask,
-            rows=self.session.rows(call.batch_size),
-        )
+        # β = 1/sqrt(head_dim), as F.scaled_dot_product_attention in AttnProcessor2_0
+        return self._guide(guided_attention, call, scale=call.head_dim**-0.5)
 
 
 class _GuidedJointAttention(_GuidanceProcessor):
@@ -89,17 +95,9 @@ class _GuidedJointAttention(_GuidanceProcessor):
         text = call.key_segments.get("text")
         if not self.session.active or text is None:
             return super().attend(attn, call)
-        return guided_joint_attention(
-            call.query,
-            call.key,
-            call.value,
-            self.session.combine,
-            self.session.alphas_for(self.layer),
-            image=slice(*call.query_segments["image"]),
-            text=slice(*text),
-            attention_mask=call.attention_mask,
-            rows=self.session.rows(call.batch_size),
-        )
+        # the joint sequence in the model's order: SD3 [image, text], FLUX [text, image]
+        image = call.query_segments["image"]
+        return self._guide(guided_joint_attention, call, image=slice(*image), text=slice(*text))
 
 
 class GAGJointAttnProcessor(_GuidedJointAttention, AdaptedJointAttnProcessor):

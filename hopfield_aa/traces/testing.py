@@ -1,5 +1,6 @@
 """Tiny randomly initialised diffusers models (UNet, SD3, FLUX) and inputs for them, built from config with
 no downloads: used by the tests, the capture benchmark and anyone trying the trace tools offline.
+Keyword arguments of ``tiny_unet``/``tiny_sd3``/``tiny_flux`` replace entries of their config.
 """
 
 from __future__ import annotations
@@ -8,31 +9,60 @@ from typing import Any
 
 import torch
 
+# The tiny configs by diffusers class; SD3 and FLUX share 2 heads of dim 8 and text widths 12 (pooled: 6).
+_MMDIT = {
+    "attention_head_dim": 8,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 12,
+    "pooled_projection_dim": 6,
+}
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "UNet2DConditionModel": {
+        "sample_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 1,
+        "block_out_channels": (16, 32),
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": 12,
+        "attention_head_dim": 4,
+        "norm_num_groups": 8,
+    },
+    "SD3Transformer2DModel": {
+        **_MMDIT,
+        "sample_size": 8,
+        "patch_size": 2,
+        "in_channels": 4,
+        "out_channels": 4,
+        "num_layers": 2,
+        "caption_projection_dim": 16,
+        "pos_embed_max_size": 16,
+        "qk_norm": "rms_norm",
+    },
+    "FluxTransformer2DModel": {
+        **_MMDIT,
+        "patch_size": 1,
+        "in_channels": 8,
+        "num_layers": 1,
+        "num_single_layers": 1,
+        "axes_dims_rope": (2, 2, 4),
+    },
+}
 
-def _eval(model: Any) -> Any:
-    model.eval()
-    return model
 
-
-def tiny_unet(seed: int = 0, *, cross_attention_dim: int = 12) -> Any:
-    """A ``UNet2DConditionModel`` with self- and cross-attention: 2 levels, 4 heads of dim 4, 8×8 latents."""
-    from diffusers import UNet2DConditionModel
+def _tiny(model_class: str, seed: int, config: dict[str, Any]) -> Any:
+    """``diffusers.<model_class>`` from its tiny config updated by ``config``, weights drawn from ``seed``,
+    in eval mode."""
+    import diffusers
 
     torch.manual_seed(seed)
-    return _eval(
-        UNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=1,
-            block_out_channels=(16, 32),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=cross_attention_dim,
-            attention_head_dim=4,
-            norm_num_groups=8,
-        )
-    )
+    return getattr(diffusers, model_class)(**{**TINY_CONFIGS[model_class], **config}).eval()
+
+
+def tiny_unet(seed: int = 0, **config: Any) -> Any:
+    """A ``UNet2DConditionModel`` with self- and cross-attention: 2 levels, 4 heads of dim 4, 8×8 latents."""
+    return _tiny("UNet2DConditionModel", seed, config)
 
 
 def unet_inputs(model: Any, batch: int = 2, text_tokens: int = 5, seed: int = 1) -> dict[str, Any]:
@@ -48,27 +78,9 @@ def unet_inputs(model: Any, batch: int = 2, text_tokens: int = 5, seed: int = 1)
     }
 
 
-def tiny_sd3(seed: int = 0) -> Any:
+def tiny_sd3(seed: int = 0, **config: Any) -> Any:
     """An ``SD3Transformer2DModel`` with joint attention (with q/k RMS norm): 2 blocks, 2 heads of dim 8."""
-    from diffusers import SD3Transformer2DModel
-
-    torch.manual_seed(seed)
-    return _eval(
-        SD3Transformer2DModel(
-            sample_size=8,
-            patch_size=2,
-            in_channels=4,
-            num_layers=2,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=12,
-            caption_projection_dim=16,
-            pooled_projection_dim=6,
-            out_channels=4,
-            pos_embed_max_size=16,
-            qk_norm="rms_norm",
-        )
-    )
+    return _tiny("SD3Transformer2DModel", seed, config)
 
 
 def sd3_inputs(model: Any, batch: int = 2, text_tokens: int = 5, seed: int = 1) -> dict[str, Any]:
@@ -83,24 +95,9 @@ def sd3_inputs(model: Any, batch: int = 2, text_tokens: int = 5, seed: int = 1) 
     }
 
 
-def tiny_flux(seed: int = 0) -> Any:
+def tiny_flux(seed: int = 0, **config: Any) -> Any:
     """A ``FluxTransformer2DModel`` (double and single blocks, rotary embedding): 2 heads of dim 8."""
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(seed)
-    return _eval(
-        FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=8,
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=12,
-            pooled_projection_dim=6,
-            axes_dims_rope=(2, 2, 4),
-        )
-    )
+    return _tiny("FluxTransformer2DModel", seed, config)
 
 
 def flux_inputs(
@@ -142,33 +139,29 @@ def tiny_sd_pipeline(seed: int = 0) -> Any:
         merges.write_text("#version: 0.2\n")
         tokenizer = CLIPTokenizer(str(vocab), str(merges), model_max_length=16)
     torch.manual_seed(seed)
-    text_encoder = _eval(
-        CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokens),
-                hidden_size=12,
-                intermediate_size=24,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                max_position_embeddings=16,
-                bos_token_id=0,
-                eos_token_id=1,
-                pad_token_id=1,
-            )
-        )
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokens),
+        hidden_size=12,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
     )
-    vae = _eval(
-        AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            block_out_channels=(8,),
-            down_block_types=("DownEncoderBlock2D",),
-            up_block_types=("UpDecoderBlock2D",),
-            norm_num_groups=4,
-            sample_size=16,
-        )
+    text_encoder = CLIPTextModel(text_config).eval()
+    vae: Any = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        norm_num_groups=4,
+        sample_size=16,
     )
+    vae.eval()
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
