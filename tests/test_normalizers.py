@@ -34,6 +34,7 @@ from hopfield_aa.normalizers import (
     sparsemax,
 )
 from hopfield_aa.normalizers import compiled as compiled_backend
+from hopfield_aa.normalizers.blocked import forward as forward_eager
 from tests._oracles import entmax15_sort as _entmax15_sort
 from tests._oracles import entmax_bisect as _entmax_bisect
 from tests._oracles import sparsemax_sort as _sparsemax_sort
@@ -526,6 +527,25 @@ def fresh_compiled_state(monkeypatch: pytest.MonkeyPatch) -> None:
     """Isolate the backend switch and the compile-failure flag of one test."""
     monkeypatch.setattr(compiled_backend, "_backend", "eager")
     monkeypatch.setattr(compiled_backend, "_compile_failed", False)
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])
+def test_fused_kernels_run_without_the_compiler_give_the_eager_result_on_the_rows_they_settle(
+    alpha: float,
+) -> None:
+    """The compiled backend compiles the eager solver's own passes (exact.support_pass,
+    newton.newton_threshold), a fixed number of them: the rows those passes settle carry the eager
+    probabilities and threshold (checked here on the plain Python functions, no compilation)."""
+    z = _adversarial_float32(77, seed=16)[:-1].double()
+    out = torch.empty_like(z)
+    if alpha in (1.5, 2.0):
+        lam, settled = compiled_backend._fused_support(z, out, alpha == 1.5)
+    else:
+        lam, settled = compiled_backend._fused_general(z, out, torch.tensor(alpha, dtype=z.dtype))
+    assert int(settled.sum()) > z.shape[0] // 2
+    p_eager, lam_eager = forward_eager(z, alpha, -1, eager=True)
+    torch.testing.assert_close(out[settled], p_eager[settled], atol=1e-12, rtol=0)
+    torch.testing.assert_close(lam[settled], lam_eager[settled], atol=1e-9, rtol=1e-12)
 
 
 @pytest.mark.slow
