@@ -232,3 +232,11 @@ def test_ladder_measurement_counts_states_where_the_mixed_output_is_closer(toy: 
         for lam in scales
     )
     assert result.n_passed == expected
+
+
+def test_the_claims_data_and_the_registry_code_describe_the_same_claims() -> None:
+    from hopfield_aa.checks.registry import KEYS, REGISTRY, VALUE_SPACE
+
+    assert checks.LADDER in REGISTRY and VALUE_SPACE in REGISTRY
+    assert [key for key, claim in KEYS.items() if claim.run is None] == ["value"]
+    assert all(claim.statement and claim.margin and claim.grid for claim in REGISTRY.values())

@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -198,6 +198,34 @@ def _result(
         tolerance=tol_value,
         tolerance_factor=factor,
         tolerance_note=note,
+        **fields,
+    )
+
+
+def _identity_per_state(
+    claim: str,
+    case: Case,
+    margins: torch.Tensor,
+    tols: torch.Tensor,
+    note: str,
+    instance: Callable[[tuple[int, ...]], tuple[dict[str, torch.Tensor], dict[str, Any]]],
+    sink: tuple[str | Path | CounterexampleStore | None, int],
+    **fields: Any,
+) -> CheckResult:
+    """An identity of the library's rule tried at every (state, setting), margins (M, K) with tolerances
+    ``16 · eps`` times a scale (``note``): a state passes when every setting does; the worst saved to
+    ``sink`` (counter-example folder or store, how many)."""
+    paths = _save_worst(claim, case, margins, instance, sink[0], sink[1], tols)
+    return _result(
+        claim,
+        case,
+        (margins >= 0).all(dim=-1),
+        margins,
+        tols,
+        LINEAR_FACTOR,
+        note,
+        kind=KIND_IDENTITY,
+        counterexamples=paths,
         **fields,
     )
 
@@ -428,20 +456,15 @@ def check_extrapolation_aa1(
             {"beta": case.beta, "alpha_sparse": alpha_sparse, "scale": float(scales[k]), "rule": _name(rule)},
         )
 
-    paths = _save_worst(
-        "extrapolation is AA(1)", case, margins, instance, counterexample_dir, max_counterexamples, tols
-    )
-    return _result(
+    return _identity_per_state(
         "extrapolation is AA(1)",
         case,
-        (margins >= 0).all(dim=-1),
         margins,
         tols,
-        LINEAR_FACTOR,
         "16·eps·(‖ξ‖+(1+|λ|+|1−λ|)M)",
-        kind=KIND_IDENTITY,
+        instance,
+        (counterexample_dir, max_counterexamples),
         setting="λ∈{" + ",".join(f"{s:g}" for s in scales) + "}",
-        counterexamples=paths,
         settings={"scales": list(scales), "alpha_sparse": alpha_sparse, "rule": _name(rule)},
         measured={
             "lambda_star": _quantiles(lam_star),
@@ -466,6 +489,22 @@ def _replay_aa1(
 
 # ==================================================================================================
 # the (λ, ζ, η, reference) grid of the rule identities (preservation, bounded update)
+
+
+class _RuleInputs(NamedTuple):
+    """What a guidance rule acts on: the memory, the vectors ξ (states or fixed points), D(ξ) and S(ξ)."""
+
+    patterns: torch.Tensor
+    vector: torch.Tensor
+    dense: torch.Tensor
+    sparse: torch.Tensor
+
+    @classmethod
+    def at(
+        cls, patterns: torch.Tensor, vector: torch.Tensor, beta: float, alpha_sparse: float
+    ) -> _RuleInputs:
+        dense = _retrieve(vector, patterns, beta, 1.0)
+        return cls(patterns, vector, dense, _retrieve(vector, patterns, beta, alpha_sparse))
 
 
 @dataclass(frozen=True)
@@ -507,20 +546,18 @@ class _RuleGrid:
         return torch.stack([p[0] for p in pairs], dim=-1), torch.stack([p[1] for p in pairs], dim=-1)
 
 
-def _replay_rule_setting(margin: Callable[..., tuple[torch.Tensor, torch.Tensor]], vector: str) -> ReplayFn:
+def _replay_rule_setting(
+    margin: Callable[[_RuleInputs, Mapping[str, Any], RuleFn], tuple[torch.Tensor, torch.Tensor]], vector: str
+) -> ReplayFn:
     """The replay of a saved rule-grid counter-example: ``margin`` at its ``vector`` and setting."""
 
     def replay(
         tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]
     ) -> tuple[float, dict[str, Any]]:
-        value, tol = margin(
-            tensors["patterns"],
-            tensors[vector][None],
-            params["beta"],
-            params["alpha_sparse"],
-            params,
-            _resolve(params.get("rule"), _gag),
+        at = _RuleInputs.at(
+            tensors["patterns"], tensors[vector][None], params["beta"], params["alpha_sparse"]
         )
+        value, tol = margin(at, params, _resolve(params.get("rule"), _gag))
         return float(value[0]), {"tolerance_now": float(tol[0]), **params}
 
     return replay
@@ -531,18 +568,11 @@ def _replay_rule_setting(margin: Callable[..., tuple[torch.Tensor, torch.Tensor]
 
 
 def _preservation_margin(
-    patterns: torch.Tensor,
-    point: torch.Tensor,
-    beta: float,
-    alpha_sparse: float,
-    setting: Mapping[str, Any],
-    rule: RuleFn,
-    retrievals: tuple[torch.Tensor, torch.Tensor] | None = None,
+    at: _RuleInputs, setting: Mapping[str, Any], rule: RuleFn
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(margin, tol) of P_λ(ξ*) = G(ξ*) = ξ* at ``setting`` (scale, zeta, eta, reference, threshold τ)."""
+    patterns, point, dense, sparse = at
     scale, zeta, threshold = setting["scale"], setting["zeta"], setting["threshold"]
-    dense = _retrieve(point, patterns, beta, 1.0) if retrievals is None else retrievals[0]
-    sparse = _retrieve(point, patterns, beta, alpha_sparse) if retrievals is None else retrievals[1]
     guided = rule(dense, sparse, scale, zeta, setting["eta"], setting["reference"], point)
     extrapolated = _extrapolate(dense, sparse, scale)
     deviation = torch.maximum(_norm(guided - point), _norm(extrapolated - point))
@@ -610,15 +640,9 @@ def check_fixed_point_preservation(
         margins = torch.zeros(0, len(grid.points), dtype=case.patterns.dtype)
         tols = torch.zeros_like(margins)
     else:
-        both = (
-            _retrieve(points, case.patterns, case.beta, 1.0),
-            _retrieve(points, case.patterns, case.beta, alpha_sparse),
-        )
+        at = _RuleInputs.at(case.patterns, points, case.beta, alpha_sparse)
         margins, tols = grid.margins(
-            lambda setting: _preservation_margin(
-                case.patterns, points, case.beta, alpha_sparse, {**setting, "threshold": threshold}, fn, both
-            ),
-            m,
+            lambda setting: _preservation_margin(at, {**setting, "threshold": threshold}, fn), m
         )
 
     def instance(where: tuple[int, ...]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -1569,18 +1593,11 @@ def _replay_orthogonal(
 
 
 def _bounded_margin(
-    patterns: torch.Tensor,
-    xi: torch.Tensor,
-    beta: float,
-    alpha_sparse: float,
-    setting: Mapping[str, Any],
-    rule: RuleFn,
-    retrievals: tuple[torch.Tensor, torch.Tensor] | None = None,
+    at: _RuleInputs, setting: Mapping[str, Any], rule: RuleFn
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(margin, tol) of ‖G(ξ) − S(ξ)‖ ≤ |λ| (η + |ζ| ‖r⊥‖) at ``setting`` (scale, zeta, eta, reference)."""
+    _, xi, dense, sparse = at
     scale, zeta, eta, reference = setting["scale"], setting["zeta"], setting["eta"], setting["reference"]
-    dense = _retrieve(xi, patterns, beta, 1.0) if retrievals is None else retrievals[0]
-    sparse = _retrieve(xi, patterns, beta, alpha_sparse) if retrievals is None else retrievals[1]
     guided = rule(dense, sparse, scale, zeta, eta, reference, xi)
     _, orthogonal = _decompose(sparse - dense, _reference_vector(reference, dense, sparse, xi))
     bound = abs(scale) * (eta + abs(zeta) * _norm(orthogonal))
@@ -1622,16 +1639,8 @@ def check_bounded_update(
     fn = _gag if rule is None else rule
     m = case.pattern_scale
     grid = _RuleGrid(scales, zetas, etas, references)
-    both = (
-        _retrieve(case.states, case.patterns, case.beta, 1.0),
-        _retrieve(case.states, case.patterns, case.beta, alpha_sparse),
-    )
-    margins, tols = grid.margins(
-        lambda setting: _bounded_margin(
-            case.patterns, case.states, case.beta, alpha_sparse, setting, fn, both
-        ),
-        m,
-    )
+    at = _RuleInputs.at(case.patterns, case.states, case.beta, alpha_sparse)
+    margins, tols = grid.margins(lambda setting: _bounded_margin(at, setting, fn), m)
 
     def instance(where: tuple[int, ...]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         i, k = where
@@ -1640,20 +1649,15 @@ def check_bounded_update(
             {"beta": case.beta, "alpha_sparse": alpha_sparse, **grid.setting(k, m), "rule": _name(rule)},
         )
 
-    paths = _save_worst(
-        "bounded update", case, margins, instance, counterexample_dir, max_counterexamples, tols
-    )
-    return _result(
+    return _identity_per_state(
         "bounded update",
         case,
-        (margins >= 0).all(dim=-1),
         margins,
         tols,
-        LINEAR_FACTOR,
         "16·eps·(‖S‖+|λ|(η+(1+|ζ|)‖r‖))",
-        kind=KIND_IDENTITY,
+        instance,
+        (counterexample_dir, max_counterexamples),
         setting=grid.label,
-        counterexamples=paths,
         settings=grid.settings(rule),
     )
 

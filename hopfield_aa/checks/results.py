@@ -43,6 +43,7 @@ VERDICTS = (STATUS_PASS, STATUS_FAIL, STATUS_PREMISE, STATUS_IDENTITY, STATUS_ME
 
 # What kind of statement a claim is (the registry gives each claim one).
 KIND_CLAIM, KIND_IDENTITY, KIND_MEASURED = "claim", "identity", "measured"
+KINDS = (KIND_CLAIM, KIND_IDENTITY, KIND_MEASURED)
 
 
 @dataclass(frozen=True, eq=False)
