@@ -32,7 +32,6 @@ import os
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -42,6 +41,7 @@ from typing import Any
 
 import torch
 
+from hopfield_aa._io import atomic_folder, write_text
 from hopfield_aa.checks import report as verify_report
 from hopfield_aa.checks.claims import LADDER
 from hopfield_aa.checks.registry import REGISTRY, VALUE_SPACE, claim_order
@@ -275,9 +275,7 @@ def capture_bundle(
     folder, source = resolve_weights(weights)
     prompts = read_prompts(prompts_file)
     out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-tmp-"))
-    try:
+    with atomic_folder(out) as staging:  # the bundle appears whole, or the old one stays
         snapshot = staging / ".weights"
         identity = snapshot_weights(folder, snapshot)
         pipe = load_pipeline(snapshot, scheduler=settings.scheduler)
@@ -315,11 +313,6 @@ def capture_bundle(
         size = folder_bytes(staging)
         if size > settings.max_mb * 2**20:
             raise RuntimeError(f"capture is {size / 2**20:.2f} MiB, over the {settings.max_mb} MiB budget")
-        os.chmod(staging, 0o755)  # mkdtemp creates 0700; shipped folders must be readable
-        _swap_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return {
         **identity,
         "weights_source": source,
@@ -329,22 +322,6 @@ def capture_bundle(
         "seconds": time.perf_counter() - start,
         "out": str(out),
     }
-
-
-def _swap_into_place(staging: Path, out: Path) -> None:
-    """Rename the finished ``staging`` folder to ``out``; an older bundle is renamed away first, then removed.
-
-    Each rename is atomic, so ``out`` is always either the old complete bundle, absent for an instant, or
-    the new complete bundle: never a partial capture.
-    """
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-old-"))
-        os.rmdir(old)
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 # ------------------------------------------------------------------------------------------ verify wide
@@ -999,10 +976,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.summarise is not None:
         text = summarise(args.summarise, args.default_results, args.default_wall, args.counterexamples)
-        args.md.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.md.with_name(f".{args.md.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, args.md)
+        write_text(args.md, text)
         print(f"wrote {args.md}")
         return 0
     if args.verify_wide is not None:

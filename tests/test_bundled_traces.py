@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import torch
 
+from hopfield_aa._io import is_temporary
 from hopfield_aa.checks.traces import BUNDLED_TRACES, bundled_traces, capture_dirs
 from hopfield_aa.reference import BUNDLED_PIPELINE, load_pipeline, parse_caption, pipeline_sha256, split_of
 from hopfield_aa.traces import TraceRecord, TraceSet, config_hash
-from hopfield_aa.traces.format import TEMP_PREFIX
 
 PARTS = ("cross", "self")
 PROMPTS = BUNDLED_TRACES.parent / "prompts.txt"
@@ -61,8 +61,8 @@ def test_captures_are_complete_valid_and_small(traces: dict[str, TraceSet]) -> N
         assert ts.complete, f"{part}: capture did not finish"
         assert counts["records"] == len(ts) > 0
         assert ts.unlisted_files == []
-        assert not [p.name for p in (BUNDLED_TRACES / part).iterdir() if p.name.startswith(TEMP_PREFIX)]
-    leftovers = [p.name for p in BUNDLED_TRACES.parent.iterdir() if p.name.startswith(".traces-")]
+        assert not [p.name for p in (BUNDLED_TRACES / part).iterdir() if is_temporary(p.name)]
+    leftovers = [p.name for p in BUNDLED_TRACES.parent.iterdir() if is_temporary(p.name)]
     assert not leftovers, f"staging folders of an interrupted capture left behind: {leftovers}"
 
 

@@ -367,14 +367,11 @@ def save_pipeline(
     previous folder intact.
     """
     import shutil
-    import tempfile
 
-    from hopfield_aa._io import write_json
+    from hopfield_aa._io import atomic_folder, write_json
 
     target = Path(folder)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with atomic_folder(target) as staging:
         pipe = assemble(components, scheduler)
         # UNet and autoencoder may be stored in float16; the text encoder stays float32, because
         # transformers loads a checkpoint in its stored dtype while diffusers loads float32 by default, and
@@ -392,15 +389,6 @@ def save_pipeline(
         write_json(staging / "reference_model.json", {"model": components.config.to_dict(), **(extra or {})})
         for path in staging.rglob("*"):
             os.chmod(path, 0o755 if path.is_dir() else 0o644)
-        os.chmod(staging, 0o755)
-        backup = target.with_name(f".{target.name}.old")
-        if target.exists():
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(target, backup)
-        os.replace(staging, target)
-        shutil.rmtree(backup, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -8,7 +8,8 @@ Layout of a capture directory::
     shard-000000.safetensors      tensors "<key>/q", "<key>/k", "<key>/v", "<key>/query_indices"
     shard-000001.safetensors      (and "<key>/mask" where the attention call had a mask)
 
-Each shard is written to a temporary file in the same directory and renamed into place, then the
+Each shard is written to a temporary file in the same directory, synced and renamed into place
+(:func:`hopfield_aa._io.write_bytes`; a killed write leaves a ``.tmp-*`` file, never read), then the
 manifest is rewritten the same way, so at every instant ``manifest.json`` lists exactly the shards that
 were completely written (with their size and SHA-256), and an interrupted capture leaves a loadable set.
 A shard not (yet) listed in the manifest is ignored by the loader.
@@ -16,12 +17,10 @@ A shard not (yet) listed in the manifest is ignored by the loader.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,13 +28,14 @@ from typing import Any
 import torch
 from safetensors.torch import save as _safetensors_save
 
+from hopfield_aa._io import is_temporary, write_bytes
+
 FORMAT_NAME = "hopfield_aa.traces"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = re.compile(r"^shard-(\d{6})\.safetensors$")
 # A merged capture (:func:`hopfield_aa.traces.ranks.merge_ranks`) lists the shards of its ranks in place.
 RANK_SHARD_PATTERN = re.compile(r"^rank-(\d+)/shard-(\d{6})\.safetensors$")
-TEMP_PREFIX = ".tmp-"
 
 KINDS = ("self", "cross", "joint")
 TENSOR_NAMES = ("q", "k", "v", "query_indices")
@@ -118,33 +118,6 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.safetensors"
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, fsync, then rename.
-
-    A reader sees either the old file or the complete new one, never a partial write; a process killed
-    part-way leaves at most a ``.tmp-*`` file, which the loader ignores.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX, suffix="-" + path.name)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 class ShardWriter:
     """Buffers records and writes them as safetensors shards, keeping the manifest in step.
 
@@ -216,7 +189,7 @@ class ShardWriter:
 
     def _clear_existing(self, overwrite: bool) -> None:
         names = os.listdir(self.directory)
-        ours = [n for n in names if n == MANIFEST_NAME or SHARD_PATTERN.match(n) or n.startswith(TEMP_PREFIX)]
+        ours = [n for n in names if n == MANIFEST_NAME or SHARD_PATTERN.match(n) or is_temporary(n)]
         if not ours:
             return
         if not overwrite:
@@ -278,7 +251,7 @@ class ShardWriter:
         header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
         header["records"] = json.dumps([e["key"] for e in self._entries])
         data = _safetensors_save(self._tensors, metadata=header)
-        atomic_write_bytes(self.directory / name, data)
+        write_bytes(self.directory / name, data, fsync=True)
         self._manifest["shards"].append(
             {
                 "file": name,
@@ -306,4 +279,4 @@ class ShardWriter:
             self._shard_json.append(json.dumps(shards[len(self._shard_json)]))
         head = json.dumps({k: v for k, v in self._manifest.items() if k != "shards"})
         text = head[:-1] + ', "shards": [\n' + ",\n".join(self._shard_json) + "\n]}\n"
-        atomic_write_bytes(self.directory / MANIFEST_NAME, text.encode("utf-8"))
+        write_bytes(self.directory / MANIFEST_NAME, text.encode("utf-8"), fsync=True)
