@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from hopfield_aa._errors import options
 from hopfield_aa._io import atomic_folder, write_text
 from hopfield_aa.checks import report as verify_report
 from hopfield_aa.checks.claims import LADDER
@@ -985,16 +986,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     settings = CaptureSettings(
-        steps=args.steps,
-        record_every=args.record_every,
-        guidance_scale=args.guidance_scale,
-        seed=args.seed,
-        max_query_tokens=args.max_query_tokens,
-        query_seed=args.query_seed,
-        dtype=args.dtype,
+        **options(
+            args, "steps", "record_every", "guidance_scale", "seed", "max_query_tokens", "query_seed", "dtype"
+        ),
+        max_mb=args.max_mb,
         self_steps=_ints(args.self_steps),
         self_heads=_ints(args.self_heads),
-        max_mb=args.max_mb,
     )
     command = "python analysis/capture_reference_traces.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hopfield_aa._errors import add_command
+
 EXAMPLE_VERIFY = (
     "Example: hopfield-aa verify --quick --out report/ --claims energy,contraction --families gaussian"
 )
@@ -20,17 +22,15 @@ def add_parsers(subparsers: Any) -> None:
     from hopfield_aa.checks.families import FAMILIES
     from hopfield_aa.checks.report import CLAIM_KEYS
 
-    verify = subparsers.add_parser(
+    verify = add_command(
+        subparsers,
         "verify",
-        help="check every claim of the theory on synthetic memories and traces; write a report",
-        description=(
-            "Run every claim of papers/theory.md on the synthetic families and on captured traces, print "
-            "what held, what failed and what could not be tested (and why), and write a report folder "
-            "(report.md, results.json, PNG figures, at most 5 counter-examples per claim). Exits 0 "
-            "whatever the claims' outcome; non-zero only on errors."
-        ),
-        epilog=EXAMPLE_VERIFY,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "check every claim of the theory on synthetic memories and traces; write a report",
+        "Run every claim of papers/theory.md on the synthetic families and on captured traces, print "
+        "what held, what failed and what could not be tested (and why), and write a report folder "
+        "(report.md, results.json, PNG figures, at most 5 counter-examples per claim). Exits 0 "
+        "whatever the claims' outcome; non-zero only on errors.",
+        EXAMPLE_VERIFY,
     )
     verify.add_argument("--quick", action="store_true", help="fewer sizes, β values and states (seconds)")
     verify.add_argument("--out", default="verify-report", help="report folder (default: verify-report)")

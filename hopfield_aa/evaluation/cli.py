@@ -8,22 +8,22 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from hopfield_aa._errors import UsageError, add_command, options
+
 
 def add_parsers(subparsers: Any) -> None:
     """Add ``evaluate`` to the ``hopfield-aa`` command."""
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "evaluate",
-        help="evaluate attention-space guidance rules on the reference model",
-        description=(
-            "Sample the reference pipeline under no guidance, CFG (swept), extrapolation, GAG (with and "
-            "without the norm cap), the full residual, orthogonal only and the α-ladder, each without CFG "
-            "and on top of CFG at --cfg-scale, and PAG/SEG/APG (diffusers guiders), on the same prompts and "
-            "noise; compare each with CFG of the same guidance magnitude; score exact text alignment and the "
-            "Fréchet distance to real renders with bootstrap intervals; write OUT/guidance_eval.md, "
-            "OUT/guidance_eval.json and OUT/figures/guidance_*.png."
-        ),
-        epilog="Example: hopfield-aa evaluate --prompts 64 --seeds 0 1 --cfg-scale 3 --out eval/",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "evaluate attention-space guidance rules on the reference model",
+        "Sample the reference pipeline under no guidance, CFG (swept), extrapolation, GAG (with and "
+        "without the norm cap), the full residual, orthogonal only and the α-ladder, each without CFG "
+        "and on top of CFG at --cfg-scale, and PAG/SEG/APG (diffusers guiders), on the same prompts and "
+        "noise; compare each with CFG of the same guidance magnitude; score exact text alignment and the "
+        "Fréchet distance to real renders with bootstrap intervals; write OUT/guidance_eval.md, "
+        "OUT/guidance_eval.json and OUT/figures/guidance_*.png.",
+        "Example: hopfield-aa evaluate --prompts 64 --seeds 0 1 --cfg-scale 3 --out eval/",
     )
     parser.add_argument(
         "--weights", default=None, help="reference model folder (default: the bundled weights)"
@@ -47,7 +47,6 @@ def add_parsers(subparsers: Any) -> None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from hopfield_aa._errors import UsageError
     from hopfield_aa.evaluation.report import evaluate_and_report
 
     if args.prompts < 2 or args.steps < 1 or not args.seeds:
@@ -56,12 +55,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     evaluate_and_report(
         args.weights,
-        n_prompts=args.prompts,
-        seeds=args.seeds,
-        steps=args.steps,
-        quick=args.quick,
-        cfg_scale=args.cfg_scale,
-        calibration_samples=args.calibration_samples,
+        **options(args, "seeds", "steps", "quick", "cfg_scale", "calibration_samples", n_prompts="prompts"),
         results_dir=out,
         figures_dir=out / "figures",
         command=(

@@ -8,6 +8,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from hopfield_aa._errors import add_command
+
 EXAMPLE = """\
 examples:
   hopfield-aa capture --model path/to/sd15 --prompts prompts.txt --out traces/ \\
@@ -26,29 +28,18 @@ or regular expressions prefixed with 're:'. Records are read back with hopfield_
 """
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Every default in the help (a ``None`` default is described in the option's own words)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or isinstance(action.default, bool):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def add_parsers(subparsers: Any) -> None:
     """Add ``capture`` to the ``hopfield-aa`` command."""
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "capture",
-        help="record attention Q/K/V of a diffusers pipeline into a trace directory",
-        description=(
-            "Run a diffusers pipeline on each prompt of a text file (one per line) and record, for every "
-            "selected attention call, Q, K and V per head as they enter the softmax, with layer, kind, "
-            "step, timestep and run metadata. Output: safetensors shards plus manifest.json, written "
-            "atomically so an interrupted capture stays loadable. With --world-size W each rank writes "
-            "OUT/rank-R/ and --merge OUT lists them all in OUT/manifest.json."
-        ),
-        epilog=EXAMPLE,
-        formatter_class=_HelpFormatter,
+        "record attention Q/K/V of a diffusers pipeline into a trace directory",
+        "Run a diffusers pipeline on each prompt of a text file (one per line) and record, for every "
+        "selected attention call, Q, K and V per head as they enter the softmax, with layer, kind, "
+        "step, timestep and run metadata. Output: safetensors shards plus manifest.json, written "
+        "atomically so an interrupted capture stays loadable. With --world-size W each rank writes "
+        "OUT/rank-R/ and --merge OUT lists them all in OUT/manifest.json.",
+        EXAMPLE,
     )
     p.add_argument(
         "--model",
