@@ -326,23 +326,19 @@ def check_energy_descent(
     margins, tols, curves = [], [], {}
     trajectories = []
     for alpha in alphas:
-        x = case.states
-        per_t, tol_t, energies = [], [], [_energy(x, case.patterns, case.beta, alpha)]
-        xs = []
+        xs = [case.states]
         for _ in range(steps):
-            tx = fn(x, case.patterns, case.beta, alpha)
-            energies.append(_energy(tx, case.patterns, case.beta, alpha))
-            margin, tol, _ = _energy_margin(
-                case.patterns, x, tx, case.beta, alpha, (energies[-2], energies[-1])
-            )
-            per_t.append(margin)
-            tol_t.append(tol)
-            xs.append(x)
-            x = tx
-        margins.append(torch.stack(per_t, dim=-1))  # (M, steps)
-        tols.append(torch.stack(tol_t, dim=-1))
-        trajectories.append(torch.stack(xs, dim=1))  # (M, steps, d)
-        e = torch.stack(energies, dim=-1)  # (M, steps + 1)
+            xs.append(fn(xs[-1], case.patterns, case.beta, alpha))
+        path = torch.stack(xs, dim=1)  # (M, steps + 1, d)
+        # the energies of the whole trajectory in one evaluation (each row is one state's energy)
+        flat = path.reshape(-1, path.shape[-1])
+        e = _energy(flat, case.patterns, case.beta, alpha).reshape(path.shape[:-1])  # (M, steps + 1)
+        margin, tol, _ = _energy_margin(
+            case.patterns, path[:, :-1], path[:, 1:], case.beta, alpha, (e[:, :-1], e[:, 1:])
+        )
+        margins.append(margin)  # (M, steps)
+        tols.append(tol)
+        trajectories.append(path[:, :-1])  # (M, steps, d)
         curves[f"{alpha:g}"] = (e - e.min(dim=-1, keepdim=True).values)[:8].tolist()
     margin_all = torch.stack(margins, dim=1)  # (M, A, steps)
     tol_all = torch.stack(tols, dim=1)
@@ -853,12 +849,12 @@ def _replay_divergence(
 
 
 def _contraction_margin(
-    patterns: torch.Tensor, point: torch.Tensor, state: torch.Tensor, beta: float, alpha: float, fn: StepFn
+    patterns: torch.Tensor, point: torch.Tensor, state: torch.Tensor, mapped: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(margin, tol, ratio) of ‖T(ξ) − ξ*‖ ≤ ‖ξ − ξ*‖ per state."""
+    """(margin, tol, ratio) of ‖T(ξ) − ξ*‖ ≤ ‖ξ − ξ*‖ per state, ``mapped`` = T(ξ)."""
     m = float(_norm(patterns).max())
     before = _norm(state - point)
-    after = _norm(fn(state, patterns, beta, alpha) - point)
+    after = _norm(mapped - point)
     tol = tolerance(point.dtype, FIXED_POINT_FACTOR + CONTRACTION_FACTOR) * m
     return before + tol - after, torch.full_like(before, tol), after / before.clamp(min=1e-300)
 
@@ -957,16 +953,9 @@ def check_weak_contraction(
     attracting = converged & (radius < 1)
     repelling = converged & (radius >= 1)
     before = traj[:, :-1]
-    margins, tols, ratios = _contraction_margin(
-        case.patterns,
-        targets[:, None, :].expand_as(before).reshape(-1, d),
-        before.reshape(-1, d),
-        case.beta,
-        alpha,
-        fn,
-    )
+    # the trajectory holds T(ξ_t) already: ξ_{t+1}
+    margins, tols, ratios = _contraction_margin(case.patterns, targets[:, None, :], before, traj[:, 1:])
     shape = (n_states, trajectory_steps)
-    margins, tols, ratios = margins.reshape(shape), tols.reshape(shape), ratios.reshape(shape)
     # a step that starts on ξ* (to τ) has no direction: its ratio is not a contraction factor
     moving = _norm(before - targets[:, None, :]) > threshold
     met = attracting[:, None].expand(shape)
@@ -1039,8 +1028,9 @@ def _replay_contraction(
     patterns, point = tensors["patterns"], tensors["point"][None]
     retrieval = params.get("retrieval")
     fn = _resolve(retrieval, _retrieve)
+    state = tensors["state"][None]
     margin, tol, ratio = _contraction_margin(
-        patterns, point, tensors["state"][None], params["beta"], params["alpha"], fn
+        patterns, point, state, fn(state, patterns, params["beta"], params["alpha"])
     )
     custom = None if retrieval in (None, "library") else fn
     radius = float(_map_radius(patterns, point, params["beta"], params["alpha"], custom)[0])

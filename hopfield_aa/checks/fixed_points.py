@@ -127,15 +127,10 @@ def lipschitz_bounds(
     probs = _entmax_tensor(beta * xi @ x.T, alpha, -1)
     support = probs > 0
     sigma = torch.where(support, probs.clamp(min=torch.finfo(x.dtype).tiny) ** (2.0 - alpha), 0.0).sum(-1)
-    flat = support.reshape(-1, support.shape[-1])
-    diameters = torch.zeros(flat.shape[0], dtype=x.dtype)
-    seen: dict[bytes, float] = {}
-    for i in range(flat.shape[0]):
-        key = flat[i].numpy().tobytes()
-        if key not in seen:
-            rows = x[flat[i]]
-            seen[key] = float(torch.cdist(rows, rows).max()) if rows.shape[0] > 1 else 0.0
-        diameters[i] = seen[key]
+    # one diameter per distinct support (states on one trajectory share few)
+    supports, which = torch.unique(support.reshape(-1, support.shape[-1]), dim=0, return_inverse=True)
+    per_support = [float(torch.cdist(x[s], x[s]).max()) if int(s.sum()) > 1 else 0.0 for s in supports]
+    diameters = torch.tensor(per_support, dtype=x.dtype)[which]
     return math.inf, beta * sigma * diameters.reshape(sigma.shape) ** 2 / 4.0
 
 
