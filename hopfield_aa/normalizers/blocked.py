@@ -22,7 +22,7 @@ HALF = (torch.float16, torch.bfloat16)
 _BLOCK_ELEMENTS = 1 << 20
 _BLOCK_ELEMENTS_GENERAL = 1 << 17
 _SPLIT = 4  # a second, wider candidate group when some row has 4× the typical count
-_COMPACT_MIN_N = 128  # α = 1.5 and 2 compact rows of at least this length (general α: always)
+_COMPACT_MIN_N = 512  # α = 1.5 and 2 compact rows of at least this length (general α: always)
 # Rows sharing one of at most this many distinct α values are solved by the float-α kernels (exact
 # 1.5 and 2, compaction); more distinct values go to the batched Newton kernel with α per row.
 _MAX_ALPHA_GROUPS = 16
@@ -37,18 +37,23 @@ def _candidate_reach(alpha: Alpha) -> Alpha:
     return 1.0 / (alpha - 1.0)
 
 
-def _solve_compact(u: torch.Tensor, alpha: Alpha) -> tuple[torch.Tensor, torch.Tensor]:
+def _solve_compact(
+    u: torch.Tensor, alpha: Alpha, scratch: torch.Tensor | None = None, scaled: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """α-entmax of the compacted candidate rows ``u`` (shifted scores, max 0, padding −inf).
 
     Returns (p of the same shape, λ relative to the row maximum). A tensor ``alpha`` (rows, 1) is one
-    α > 1 per row (the Newton kernel).
+    α > 1 per row (the Newton kernel). ``scratch`` is flat float scratch of at least twice the size of
+    ``u`` (α = 1.5 and 2; allocated if None); ``scaled``: ``u`` is already (α−1)(z − max z).
     """
     if not isinstance(alpha, torch.Tensor) and alpha in (1.5, 2.0):
         # u = (α−1)(z − max z), then p = [u − τ]_+^{1/(α−1)}
         quadratic = alpha == 1.5
-        if quadratic:
+        if quadratic and not scaled:
             u = u.mul_(0.5)
-        tau = exact.threshold(u, quadratic, u.new_empty((2, *u.shape)))
+        if scratch is None:
+            scratch = u.new_empty(2 * u.numel())
+        tau = exact.threshold(u, quadratic, scratch[: 2 * u.numel()].view(2, *u.shape))
         return exact.probs_from_threshold(u, tau, quadratic)
     big = bool((alpha > 2.0).any()) if isinstance(alpha, torch.Tensor) else alpha > 2.0
     if big and u.dtype != torch.float64:
@@ -61,14 +66,17 @@ def _solve_compact(u: torch.Tensor, alpha: Alpha) -> tuple[torch.Tensor, torch.T
     return p, newton_entmax(u, alpha, p)
 
 
-def _forward_block(zb: torch.Tensor, alpha: Alpha, pb: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+def _forward_block(
+    zb: torch.Tensor, alpha: Alpha, pb: torch.Tensor, buf: torch.Tensor, scratch: torch.Tensor
+) -> torch.Tensor:
     """α-entmax of the contiguous rows ``zb`` into ``pb`` (zero-filled); returns λ (score units, keepdim).
 
     Only the candidates z_i > max z − 1/(α−1) can be in the support (:func:`_candidate_reach`); in
     attention rows they are a small share of the entries, so the threshold solvers run on a compacted
     (rows, K) matrix of the candidates (padded with −inf) instead of the full rows, and the result is
     scattered back. Rows with many more candidates than typical form a second, wider group so that a
-    few flat rows do not widen the whole block. ``buf`` is float scratch of the shape of ``zb``.
+    few flat rows do not widen the whole block. ``buf`` is float scratch of the shape of ``zb``,
+    ``scratch`` flat float scratch of twice its size (the exact solvers' buffers).
     """
     n_rows, n = zb.shape
     top = zb.amax(-1, keepdim=True)
@@ -77,9 +85,13 @@ def _forward_block(zb: torch.Tensor, alpha: Alpha, pb: torch.Tensor, buf: torch.
     if any_dead:
         top = top.masked_fill(dead, 0.0)
     if n < _COMPACT_MIN_N and not isinstance(alpha, torch.Tensor) and alpha in (1.5, 2.0):
-        # short rows: the compaction costs more than it saves (measured), solve on the full rows
-        u = torch.sub(zb, top, out=pb)
-        p, lam = _solve_compact(u, alpha)
+        # short rows: the compaction costs more than it saves (measured), solve on the full rows;
+        # u = (α−1)(z − max z) in one pass (α − 1 = 1/2 scales exactly, so this is (z − max z)/2)
+        if alpha == 1.5:
+            u = torch.add(top.mul(-0.5), zb, alpha=0.5, out=pb)
+        else:
+            u = torch.sub(zb, top, out=pb)
+        p, lam = _solve_compact(u, alpha, scratch, scaled=True)
         if any_dead:
             p.masked_fill_(dead, 0.0)
             return (lam + top).masked_fill(dead, -math.inf)
@@ -122,7 +134,7 @@ def _forward_block(zb: torch.Tensor, alpha: Alpha, pb: torch.Tensor, buf: torch.
         u.index_copy_(0, pos, v)
         u = u.view(g_rows, k).sub_(t)
         a_g = alpha[group] if isinstance(alpha, torch.Tensor) and group is not None else alpha
-        p, lam = _solve_compact(u, a_g)
+        p, lam = _solve_compact(u, a_g, scratch)
         p_g = p.reshape(-1).index_select(0, pos)
         if group is None:
             p_vals, lam_b = p_g, lam + t
@@ -145,11 +157,13 @@ def _forward_blocks(rows: torch.Tensor, alpha: Alpha, size: int) -> tuple[torch.
     probs = torch.zeros_like(rows)
     lam = torch.empty_like(rows[:, :1])
     block = max(1, size // max(n, 1))
+    block = min(block, n_rows)
     buf = torch.empty_like(rows[:block])
+    scratch = rows.new_empty(2 * block * n)
     for start in range(0, n_rows, block):
         stop = min(start + block, n_rows)
         a = alpha[start:stop] if isinstance(alpha, torch.Tensor) else alpha
-        lam[start:stop] = _forward_block(rows[start:stop], a, probs[start:stop], buf[: stop - start])
+        lam[start:stop] = _forward_block(rows[start:stop], a, probs[start:stop], buf[: stop - start], scratch)
     return probs, lam
 
 
@@ -213,18 +227,23 @@ def forward_alpha(scores: torch.Tensor, alpha: torch.Tensor, dim: int) -> tuple[
         for value in values.tolist():
             sel = (a_rows == value).squeeze(-1).nonzero().squeeze(-1)
             sub = rows.index_select(0, sel)
-            probs[sel], lam[sel] = softmax_rows(sub) if value == 1.0 else forward(sub, value, -1)
+            p_sel, lam_sel = softmax_rows(sub) if value == 1.0 else forward(sub, value, -1)
+            probs.index_copy_(0, sel, p_sel)  # index_copy_: a row scatter far cheaper than index_put_
+            lam.index_copy_(0, sel, lam_sel)
     else:
         soft = (a_rows == 1.0).squeeze(-1)
         if bool(soft.any()):
             probs[soft], lam[soft] = softmax_rows(rows[soft])
         rest = (~soft).nonzero().squeeze(-1)
-        if rest.numel() > 0:
-            if rest.numel() == rows.shape[0]:
-                sub, a_sub = rows.contiguous(), a_rows
-            else:
-                sub, a_sub = rows.index_select(0, rest), a_rows.index_select(0, rest)
-            probs[rest], lam[rest] = _forward_blocks(sub, a_sub, _BLOCK_ELEMENTS_GENERAL)
+        if rest.numel() == rows.shape[0]:
+            # no softmax row: the blocked kernel's result is the whole result (a scatter into a fresh
+            # tensor would cost as much as a Newton pass)
+            probs, lam = _forward_blocks(rows.contiguous(), a_rows.contiguous(), _BLOCK_ELEMENTS_GENERAL)
+        elif rest.numel() > 0:
+            sub, a_sub = rows.index_select(0, rest), a_rows.index_select(0, rest)
+            p_rest, lam_rest = _forward_blocks(sub, a_sub, _BLOCK_ELEMENTS_GENERAL)
+            probs.index_copy_(0, rest, p_rest)
+            lam.index_copy_(0, rest, lam_rest)
     probs = probs.reshape(shape).movedim(-1, dim)
     lam = lam.reshape((*shape[:-1], 1)).movedim(-1, dim)
     return probs, lam

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 
 MAX_SUPPORT_ITER = 24
+# passes run on every row before the first test of which rows have settled (most settle in 2–4)
+FIXED_SUPPORT_PASSES = 3
 
 # (count of the previous support, whether the previous pass solved a quadratic exactly)
 SupportState = tuple[torch.Tensor, torch.Tensor]
@@ -24,14 +26,14 @@ def support_stats(u: torch.Tensor, tau: torch.Tensor, d: torch.Tensor, quadratic
     """[u − τ]_+ (in place in ``d[0]``; ``d[1]`` is scratch); returns Σd, Σd² (if ``quadratic``), |{d > 0}|.
 
     Every full-size intermediate lives in the two preallocated buffers: fresh allocations of this
-    size cost page faults that would dominate the solver's time.
+    size cost page faults that would dominate the solver's time. Σd² is a fused norm reduction (a
+    dot product of d with itself would first write the full product).
     """
     d, e = d[0], d[1]
-    torch.sub(u, tau, out=d)
-    d.clamp_(min=0)
+    torch.sub(u, tau, out=d).clamp_(min=0)
     s1 = d.sum(-1, keepdim=True)
     count = torch.sign(d, out=e).sum(-1, keepdim=True)
-    s2 = torch.linalg.vecdot(d, d).unsqueeze(-1) if quadratic else None
+    s2 = torch.linalg.vector_norm(d, 2, -1, keepdim=True).square_() if quadratic else None
     return s1, s2, count
 
 
@@ -91,17 +93,39 @@ def support_pass(
 def _iterate_support(u: torch.Tensor, d: torch.Tensor, quadratic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Support passes from τ₀ = −1 until every row settles; returns (τ, settled mask) for all rows.
 
-    Most rows settle in two or three passes while a few need more, so once at least half of the rows
-    still iterated have settled, their thresholds are stored and the passes go on with the others
-    only.
+    The first ``FIXED_SUPPORT_PASSES`` passes run on every row without reading anything back to the
+    host (a settled row keeps its threshold, so further passes leave it unchanged); most rows have
+    settled by then. One test follows, and the few rows left go on alone (:func:`_iterate_rows`).
     """
     tau = torch.full_like(u[:, :1], -1.0)
     state = initial_state(tau)
+    settled = state[1]
+    for _ in range(FIXED_SUPPORT_PASSES):
+        settled, tau, state = support_pass(u, tau, state, d, quadratic)
+    if bool(settled.all()):
+        return tau, settled
+    keep = (~settled).squeeze(-1).nonzero().squeeze(-1)
+    rest = (state[0].index_select(0, keep), state[1].index_select(0, keep))
+    tau_rest, done_rest = _iterate_rows(u.index_select(0, keep), tau.index_select(0, keep), rest, d, quadratic)
+    tau[keep] = tau_rest
+    settled[keep] = done_rest
+    return tau, settled
+
+
+def _iterate_rows(
+    u: torch.Tensor, tau: torch.Tensor, state: SupportState, d: torch.Tensor, quadratic: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Support passes on rows ``u`` from thresholds ``tau`` (with their ``state``) until every row
+    settles or ``MAX_SUPPORT_ITER`` passes have run; returns (τ, settled mask).
+
+    Rows settle at different passes, so once at least half of the rows still iterated have settled,
+    their thresholds are stored and the passes go on with the others only.
+    """
     result = tau.clone()
     done = torch.zeros_like(tau, dtype=torch.bool)
     idx: torch.Tensor | None = None  # rows of u still iterated (None: all)
     cur = u
-    for _ in range(MAX_SUPPORT_ITER):
+    for _ in range(MAX_SUPPORT_ITER - FIXED_SUPPORT_PASSES):
         settled, new_tau, state = support_pass(cur, tau, state, d[:, : cur.shape[0]], quadratic)
         n_settled = int(settled.sum())
         if 2 * n_settled >= cur.shape[0]:
