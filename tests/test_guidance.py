@@ -529,3 +529,58 @@ def test_layer_alphas_errors_are_named(unet):
         GuidanceConfig(rule="ladder", layer_alphas={"*": 1.5})
     with pytest.raises(TypeError, match="layer_alphas must be a mapping"):
         GuidanceConfig(layer_alphas=[1.5])  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------ fused attention
+
+
+def test_the_lean_default_gag_kernel_equals_the_public_gag_including_a_zero_reference():
+    from hopfield_aa.guidance.rules import gag_parallel, gag_rule
+
+    g = torch.Generator().manual_seed(11)
+    dense, sparse = torch.randn(2, 3, 20, 8, generator=g), torch.randn(2, 3, 20, 8, generator=g)
+    sparse[0, 0, 0] = 0.0  # no reference direction: no parallel part, G = S
+    sparse[0, 0, 1] = 1e-9 * sparse[0, 0, 1]  # negligible against |r|_∞ (float32)
+    dense[0, 0, 2] = sparse[0, 0, 2]  # r = 0
+    for scale in (0.0, 1.0, 2.5):
+        expected = gag(dense, sparse, scale)
+        torch.testing.assert_close(gag_parallel(dense, sparse, scale), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gag_rule([dense, sparse], scale), expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(gag_parallel(dense, sparse, scale)[0, 0, :3], expected[0, 0, :3])
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_guided_attention_equals_the_rules_of_explicit_retrievals_on_short_and_long_rows(batch):
+    """Both entmax kernels the fused routine picks (sort on few entries, the support passes on many)."""
+    from hopfield_aa.guidance.attention import guided_attention
+
+    g = torch.Generator().manual_seed(12)
+    for n_queries, n_keys in ((16, 12), (64, 77)):
+        q = torch.randn(batch, 4, n_queries, 16, generator=g)
+        k, v = torch.randn(batch, 4, n_keys, 16, generator=g), torch.randn(batch, 4, n_keys, 16, generator=g)
+        scores = q @ k.transpose(-1, -2) / 4.0
+        for rule, kwargs in RULE_CASES:
+            spec = RULES[rule]
+            options = {**spec.options, **{key: kwargs[key] for key in spec.options if key in kwargs}}
+            alphas = alphas_of(rule, kwargs)
+            expected = oracle_rule(rule, kwargs, [oracle_entmax(scores, a) @ v for a in alphas])
+            out = guided_attention(
+                q,
+                k,
+                v,
+                lambda r, f=spec.function, o=options, s=kwargs["scale"]: f(r, s, **o),
+                alphas,
+                scale=0.25,
+            )
+            torch.testing.assert_close(out, expected, rtol=1e-4, atol=atol_of(rule))
+
+
+def test_guided_attention_on_some_rows_leaves_the_others_to_the_stock_kernel():
+    from hopfield_aa.guidance.attention import guided_attention
+
+    g = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(4, 2, n, 8, generator=g) for n in (10, 6, 6))
+    stock = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    out = guided_attention(q, k, v, lambda r: r[1], (1.0, 1.5), scale=8**-0.5, rows=slice(2, 4))
+    assert torch.equal(out[:2], stock[:2])
+    torch.testing.assert_close(out[2:], entmax15(q[2:] @ k[2:].transpose(-1, -2) / 8**0.5, dim=-1) @ v[2:])

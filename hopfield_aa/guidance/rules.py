@@ -185,7 +185,33 @@ def gag_rule(
     keeps only the orthogonal part.
     """
     dense, sparse = retrievals
+    if zeta == 0.0 and eta == math.inf and reference == "sparse":
+        return gag_parallel(dense, sparse, scale)
     return _gag(dense, sparse, scale, zeta, eta, reference)
+
+
+# A reference of norm at most this multiple of eps · |r|_∞ has no parallel part (geometry._ZERO_FACTOR).
+_ZERO_FACTOR = 16.0
+
+
+def gag_parallel(dense: torch.Tensor, sparse: torch.Tensor, scale: float) -> torch.Tensor:
+    r"""GAG with its default options (ζ = 0, η = ∞, reference S) in a handful of dispatches.
+
+    :math:`G = S + \lambda\, c\, S` with :math:`c = \langle r, S\rangle / \lVert S\rVert^2`, r = S - D:
+    the parallel part of the residual along the sparse retrieval is a multiple of S itself, so the rule
+    is one coefficient per head and query token. Equal to ``geometry.gag(dense, sparse, scale)`` up to
+    float rounding, with its convention that a reference of negligible norm
+    (``‖S‖ ≤ 16 eps max(|S|_∞, |r|_∞)``) has no parallel part; without ``geometry``'s rescaling by
+    ``|S|_∞``, so for retrievals whose squared norm over- or underflows (``|S| ≳ 1e19`` in float32; never
+    an attention output of a working model) it is not the same.
+    """
+    residual = sparse - dense
+    along = torch.linalg.vecdot(residual, sparse).unsqueeze_(-1)
+    norm_sq = torch.linalg.vecdot(sparse, sparse).unsqueeze_(-1)
+    # ‖S‖ ≥ |S|_∞, so the |S|_∞ term of the convention only matters for S = 0, where ‖S‖² = 0 anyway
+    floor = residual.abs().amax(-1, keepdim=True).mul_(_ZERO_FACTOR * torch.finfo(sparse.dtype).eps).square_()
+    coefficient = along.div_(norm_sq).masked_fill_(norm_sq <= floor, 0.0)
+    return torch.addcmul(sparse, coefficient, sparse, value=scale)
 
 
 def _check_gag(options: Mapping[str, Any]) -> None:
