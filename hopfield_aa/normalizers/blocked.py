@@ -51,7 +51,7 @@ def _solve_compact(
         quadratic = alpha == 1.5
         if quadratic and not scaled:
             u = u.mul_(0.5)
-        if scratch is None:
+        if scratch is None or scratch.numel() < 2 * u.numel():
             scratch = u.new_empty(2 * u.numel())
         tau = exact.threshold(u, quadratic, scratch[: 2 * u.numel()].view(2, *u.shape))
         return exact.probs_from_threshold(u, tau, quadratic)
@@ -159,7 +159,8 @@ def _forward_blocks(rows: torch.Tensor, alpha: Alpha, size: int) -> tuple[torch.
     block = max(1, size // max(n, 1))
     block = min(block, n_rows)
     buf = torch.empty_like(rows[:block])
-    scratch = rows.new_empty(2 * block * n)
+    exact_alpha = not isinstance(alpha, torch.Tensor) and alpha in (1.5, 2.0)
+    scratch = rows.new_empty(2 * block * n if exact_alpha else 0)
     for start in range(0, n_rows, block):
         stop = min(start + block, n_rows)
         a = alpha[start:stop] if isinstance(alpha, torch.Tensor) else alpha

@@ -106,7 +106,8 @@ def _iterate_support(u: torch.Tensor, d: torch.Tensor, quadratic: bool) -> tuple
         return tau, settled
     keep = (~settled).squeeze(-1).nonzero().squeeze(-1)
     rest = (state[0].index_select(0, keep), state[1].index_select(0, keep))
-    tau_rest, done_rest = _iterate_rows(u.index_select(0, keep), tau.index_select(0, keep), rest, d, quadratic)
+    u_rest, tau_rest = u.index_select(0, keep), tau.index_select(0, keep)
+    tau_rest, done_rest = _iterate_rows(u_rest, tau_rest, rest, d, quadratic)
     tau[keep] = tau_rest
     settled[keep] = done_rest
     return tau, settled
