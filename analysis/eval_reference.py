@@ -45,6 +45,7 @@ from hopfield_aa.reference import (
     scene_from_attributes,
 )
 from hopfield_aa.reference.cli import sample_grid, save_grid
+from hopfield_aa.reference.metrics import Estimate
 from hopfield_aa.reference.train import to_pixels
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -255,13 +256,35 @@ def plot_alignment_vs_fd(results: dict, path: Path, fd_floor: float) -> None:
         )
     ax.axvline(fd_floor, color="grey", ls=":", label="real vs real, same n (floor)")
     ax.set_xscale("log")
-    ax.set_ylim(-0.02, 1.02)
+    lowest = min(results[s]["cells"][c]["whole"].low for s in scales for c in results[s]["cells"])
+    ax.set_ylim(max(-0.02, lowest - 0.05), 1.02)
     ax.set_xlabel("Fréchet distance to real renders (reader features, log scale)")
     ax.set_ylabel("whole-caption accuracy (95 % CI)")
     ax.set_title("reference pipeline: one point per CFG scale s", fontsize=10)
-    ax.legend(fontsize=8, loc="center right")
+    ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def replot(path: Path) -> None:
+    """Redraw the alignment-vs-FD figure from a written ``reference_eval.json`` (no sampling)."""
+
+    def est(d: dict) -> Estimate:
+        return Estimate(d["value"], d["low"], d["high"])
+
+    data = json.loads(path.read_text(encoding="utf-8"))
+    results = {
+        float(s): {
+            "fd": est(r["fd"]),
+            "heldout": est(r["heldout"]),
+            "cells": {
+                tuple(key.split("/")): {a: est(e) for a, e in row.items()} for key, row in r["cells"].items()
+            },
+        }
+        for s, r in data["scales"].items()
+    }
+    floor = data.get("fd_real_floor_matched", {}).get("value", data["fd_real_floor"])
+    plot_alignment_vs_fd(results, FIGURES / "reference_alignment_vs_fd.png", floor)
 
 
 def plot_progress(history: list[dict], path: Path) -> None:
@@ -323,7 +346,13 @@ def main() -> int:
     )
     parser.add_argument("--progress", default=None, help="append the quick result to this JSON list")
     parser.add_argument("--out", default=str(RESULTS / "reference_eval.md"))
+    parser.add_argument(
+        "--replot", action="store_true", help="redraw the alignment-vs-FD figure from the JSON of --out"
+    )
     args = parser.parse_args()
+    if args.replot:
+        replot(Path(args.out).with_suffix(".json"))
+        return 0
     torch.set_num_threads(args.threads)
     if args.quick:
         args.per_cell, args.scales, args.n_boot = min(args.per_cell, 64), [1.0, 3.0, 5.0], 200
