@@ -169,6 +169,20 @@ def _run_dask(
     return outcomes, executor
 
 
+
+def _display_path(path: str) -> str:
+    """A traces path as the report shows it: the bundled folder by its place in the package, a folder
+    below the working directory relative to it, anything else as given (no machine-specific prefix)."""
+    from hopfield_aa.checks.traces import BUNDLED_TRACES
+
+    resolved = Path(path).resolve()
+    if resolved == BUNDLED_TRACES.resolve():
+        return "hopfield_aa/data/traces (bundled)"
+    try:
+        return resolved.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
 def run_verification(
     config: VerifyConfig, out: str | os.PathLike[str], *, client: Any = None
 ) -> dict[str, Any]:
@@ -213,7 +227,7 @@ def run_verification(
         cases = [o.case for o in outcomes]
     traces_note = "none"
     if config.traces is not None:
-        traces_note = f"{config.traces} ({len(cases) - n_synthetic} head cases)"
+        traces_note = f"{_display_path(config.traces)} ({len(cases) - n_synthetic} head cases)"
     # counter-examples displaced by worse ones of the same claim are gone: drop their paths
     kept = store.paths()
     for outcome in outcomes:
