@@ -455,7 +455,11 @@ def _combine(gamma: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 
 def _norm(v: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(v, dim=-1)
+    """‖v‖ along the last axis, accumulated in float64 for narrower dtypes: a float32 residual of 3e-30
+    per entry squares to 1e-59, below float32's range, and its norm would be 0 (a false convergence)."""
+    if v.dtype == torch.float64:
+        return torch.linalg.vector_norm(v, dim=-1)
+    return torch.linalg.vector_norm(v, dim=-1, dtype=torch.float64).to(v.dtype)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -73,10 +73,11 @@ def _norm_cap(vector: torch.Tensor, eta: float) -> torch.Tensor:
     unit_norm = torch.linalg.vector_norm(
         vector / torch.where(top > 0, top, torch.ones_like(top)), dim=-1, keepdim=True
     )
-    # min(1, eta / ||v||), exactly 1 (v unchanged) when ||v|| <= eta, never 0/0
+    # v unchanged when ||v|| <= eta; otherwise the unit direction (v / |v|_inf) / ||v / |v|_inf|| times
+    # eta, so that neither eta / ||v|| (which underflows for eta = 1e-35, ||v|| = 1e30) nor 0/0 is formed
     within = top * unit_norm <= eta
-    shrink = eta / torch.clamp(top, min=torch.finfo(vector.dtype).tiny) / unit_norm.clamp(min=1.0)
-    return torch.where(within, vector, vector * torch.clamp(shrink, max=1.0))
+    direction = vector / torch.where(top > 0, top, torch.ones_like(top))
+    return torch.where(within, vector, direction * (eta / unit_norm.clamp(min=1.0)))
 
 
 def _reference_vector(

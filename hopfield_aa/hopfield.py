@@ -62,6 +62,7 @@ def _jacobian(state: torch.Tensor, patterns: torch.Tensor, beta: float, alpha: A
     probs = _entmax_tensor(_scores(state, patterns, beta), alpha, -1)
     s = jacobian_weights(probs, alpha.detach() if isinstance(alpha, torch.Tensor) else alpha)  # (..., N)
     weighted = (s.unsqueeze(-1) * patterns).mT @ patterns  # (..., d, d)
+    weighted = 0.5 * (weighted + weighted.mT)  # symmetric exactly, not only up to the product's rounding
     mean = (s.unsqueeze(-2) @ patterns).squeeze(-2)  # (..., d) = Xᵀ s
     total = s.sum(-1).clamp(min=torch.finfo(s.dtype).tiny)
     return beta * (weighted - mean.unsqueeze(-1) * mean.unsqueeze(-2) / total[..., None, None])
