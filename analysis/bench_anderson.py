@@ -8,15 +8,14 @@ analysis/results/bench_anderson.md.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import _bench as bench
 import numpy as np
 import scipy
 import scipy.optimize
@@ -210,8 +209,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small batch, m in {1, 5}, one repeat")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_anderson.md"))
+    bench.add_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    load = bench.start(args, own_threads=1)
     batch = 32 if args.quick else 256
     depths = [1, 5] if args.quick else [1, 3, 5, 10]
     repeats = 1 if args.quick else 3
@@ -226,8 +227,7 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, torch {torch.__version__} (1 thread), "
         f"scipy {scipy.__version__}, float64, CPU; the machine's 2 cores are shared with other jobs, so "
         "times are process CPU time (time.process_time), "
-        f"medians of {repeats} interleaved repeats and the spread (max−min)/median is shown. "
-        f"Load average (1 min) at the start: {os.getloadavg()[0]:.1f} on 2 cores.",
+        f"medians of {repeats} interleaved repeats and the spread (max−min)/median is shown.",
         "",
         f"Batch {batch} rows. Hopfield: N = 64 random unit-norm patterns in d = 32, "
         "T(ξ) = Xᵀ softmax(β X ξ), each state started at a stored pattern plus Gaussian noise of norm ≈ 0.5. "
@@ -346,15 +346,9 @@ def main() -> None:
         + ", ".join(f"{name}: {r:.2f}x" for name, r in ratios.items())
         + " (target 1.1x)"
     )
-    lines.append(f"- load average (1 min) at the end: {os.getloadavg()[0]:.1f} on 2 cores")
     lines.append("")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as fh:
-        fh.write(text)
-    os.replace(fh.name, out)
+    bench.stop(load)
+    bench.write_table(args.out, "\n".join(lines) + "\n", load, args)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from hopfield_aa._arrays import (
     ArrayLike,
     Kind,
     as_tensor,
+    check_alpha,
     check_scalar,
     promote,
     restore,
@@ -109,6 +110,8 @@ def _memory_inputs(
     beta_value = check_scalar(beta, "beta", positive=True)
     if math.isinf(beta_value):
         raise ValueError("beta must be finite, got inf")
+    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+        check_alpha(alpha)  # a plain α is named before the scores are formed (which may overflow)
     xi, memory = promote(xi, memory)
     scores = _check_finite_result(_scores(xi, memory, beta_value), "the scores beta * patterns @ state")
     # one α, or a tensor broadcastable to the state's leading shape (e.g. (H, 1) for states (B, H, L, d))

@@ -208,3 +208,18 @@ def test_a_quick_evaluation_writes_tables_claims_and_figures(pipe, tmp_path):
     ):
         assert heading in text
     assert all(m.name in text for m in methods)
+
+
+def test_a_baseline_at_the_accuracy_ceiling_is_named_as_one_that_only_harm_can_be_measured_against():
+    from types import SimpleNamespace
+
+    from hopfield_aa.evaluation.report import _ceiling_note
+
+    def result(whole: list[float]) -> SimpleNamespace:
+        return SimpleNamespace(alignment=SimpleNamespace(whole=np.array(whole)))
+
+    table = {"CFG s=3": result([1.0] * 100), "CFG s=1.5": result([1.0] * 90 + [0.0] * 10)}
+    ev = SimpleNamespace(result=table.__getitem__)
+    note = _ceiling_note(ev, {"CFG s=3", "CFG s=1.5"})
+    assert "CFG s=3 (1.000)" in note and "CFG s=1.5" not in note and "harm, not benefit" in note
+    assert _ceiling_note(ev, {"CFG s=1.5"}) == ""

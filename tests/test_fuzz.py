@@ -582,6 +582,13 @@ HOPFIELD: dict[str, Callable[..., Any]] = {
      10.0),
     fn='retrieval_jacobian',
 ).via('discovered failure')
+@example(
+    case=(torch.tensor([1.0003e+30], dtype=torch.bfloat16),
+     torch.tensor([[1.0003e+30]], dtype=torch.bfloat16),
+     0.001,
+     0.5),
+    fn='energy',  # or any other generated value
+).via('discovered failure')
 def test_hopfield_maps(case: tuple, fn: str) -> None:
     """Finite; T_α(ξ) in the patterns' box; DT_α symmetric; ‖DT_α‖ ≥ 0; dtype promoted."""
     state, patterns, beta, alpha = case

@@ -288,9 +288,30 @@ def cfg_claim(ev: Evaluation) -> tuple[str, str]:
     for c in rows:
         counts[c.verdict] = counts.get(c.verdict, 0) + 1
     tally = ", ".join(f"{v}: {n}" for v, n in counts.items())
-    return _comparison_table(
-        rows
-    ), f"Rules and peers on top of CFG, against CFG alone at the same scale ({tally})."
+    text = f"Rules and peers on top of CFG, against CFG alone at the same scale ({tally})."
+    return _comparison_table(rows), text + _ceiling_note(ev, {c.baseline for c in rows})
+
+
+CEILING = 0.99
+"""Whole-caption accuracy from which a baseline leaves no room to improve on (the metric's ceiling)."""
+
+
+def _ceiling_note(ev: Evaluation, baselines: set[str]) -> str:
+    """A sentence naming the baselines already at the metric's ceiling, where "worse or equal" is all a
+    comparison against them can show: those rows measure harm, not benefit."""
+    full = sorted(
+        (name, float(ev.result(name).alignment.whole.mean()))
+        for name in baselines
+        if float(ev.result(name).alignment.whole.mean()) >= CEILING
+    )
+    if not full:
+        return ""
+    named = ", ".join(f"{name} ({value:.3f})" for name, value in full)
+    return (
+        f" Ceiling: {named} already read{'s' if len(full) == 1 else ''} at least {CEILING:g} of the "
+        "captions whole on this test set, so a method on top of it can only match or lose accuracy: "
+        "these rows measure harm, not benefit; a benefit needs captions the baseline gets wrong."
+    )
 
 
 def calibrated_claim(ev: Evaluation) -> tuple[str, str]:
