@@ -7,8 +7,6 @@ Usage: python analysis/docs_figures.py [--quick] [--out docs/figures]
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +17,14 @@ import matplotlib.pyplot as plt
 import torch
 
 import hopfield_aa as ha
+from hopfield_aa._io import save_figure
 from hopfield_aa.anderson import anderson  # the function (the package attribute can be the submodule)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
-    """Atomic write: a temporary file in the same folder, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=130, bbox_inches="tight")
-    os.replace(tmp, path)
-    plt.close(fig)
+    save_figure(fig, path, dpi=130, bbox_inches="tight")
 
 
 def _memory(seed: int, n: int = 64, d: int = 16, states: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

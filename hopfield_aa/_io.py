@@ -106,13 +106,16 @@ def write_safetensors(
     return atomic_write(path, lambda tmp: save_file(contiguous, tmp, metadata=metadata))
 
 
-def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120) -> Path:
-    """Save a matplotlib figure to ``path`` atomically (format from the suffix) and close it."""
+def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120, **options: Any) -> Path:
+    """Save a matplotlib figure to ``path`` atomically (format from the suffix) and close it; ``options``
+    go to ``fig.savefig`` (e.g. ``bbox_inches="tight"``)."""
     import matplotlib.pyplot as plt
 
     target = Path(path)
     try:
-        return atomic_write(target, lambda tmp: fig.savefig(tmp, dpi=dpi, format=target.suffix.lstrip(".")))
+        return atomic_write(
+            target, lambda tmp: fig.savefig(tmp, dpi=dpi, format=target.suffix.lstrip("."), **options)
+        )
     finally:
         plt.close(fig)
 
