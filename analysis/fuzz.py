@@ -172,14 +172,15 @@ def markdown(data: dict, seconds: float, rc: int, tail: str, examples: int) -> s
         "`spectral_radius` on an empty batch raised reshape errors; a state of dimension 0 reached "
         "`eigvalsh`.",
         "",
-        "## The capture side",
+        "## The capture and diffusers side",
         "",
         f"`tests/test_traces_kill.py` kills a running capture (SIGKILL) at {kill_points()} random moments "
-        "per run "
-        "and checks that the trace set still loads with every reported shard; the diffusers-side fuzz "
-        "(`enable_gag` with fp16 weights, masks, batches, interrupted forwards) belongs to the guidance "
-        "layer "
-        "and is not part of this harness.",
+        "per run and checks that the trace set still loads with every reported shard. The diffusers side "
+        "is `tests/test_guidance_robust.py` (part of every test run): masked text tokens guide exactly as "
+        "deleted ones for every rule, a batch of one equals the same row in a batch, float16 pipelines with "
+        "and without CFG give finite images, and a forward interrupted by an exception or "
+        "KeyboardInterrupt leaves the stock processors in place; `tests/test_adapters.py` checks every "
+        "adapted processor against the stock one bit for bit.",
         "",
     ]
     if rc != 0:
