@@ -115,7 +115,11 @@ def test_each_adapted_processor_is_the_stock_processor_bit_for_bit(name: str, ki
 
 
 @pytest.mark.parametrize("name", ["unet", "unet-masked"])
-def test_unet_guidance_at_scale_zero_is_the_stock_processor_bit_for_bit(name: str) -> None:
+def test_unet_guidance_at_scale_zero_is_the_stock_processor_to_rounding(name: str) -> None:
+    """Extrapolation at λ = 0 is the dense retrieval D. Guided attention computes D from the score matrix
+    it shares with the sparse retrievals (one Q Kᵀ, no separate SDPA pass), so D equals SDPA's output to
+    float32 rounding, not bit for bit; the projection and output halves around the kernel are the stock
+    ones bit for bit (the adapted-processor tests above)."""
     make, inputs_of = MODELS[name]
     model = make()
     inputs = inputs_of(model)
@@ -123,7 +127,7 @@ def test_unet_guidance_at_scale_zero_is_the_stock_processor_bit_for_bit(name: st
     with gag_guidance(model, "extrapolate", scale=0.0, layers=["*attn1", "*attn2"]) as handle:
         assert {layer.rsplit(".", 1)[-1] for layer in handle.layers} == {"attn1", "attn2"}
         guided = _forward(model, inputs)
-    assert torch.equal(guided, stock)
+    torch.testing.assert_close(guided, stock, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["sd3", "flux"])
