@@ -374,6 +374,7 @@ def _anderson_step(
     return mixed_x + mixing * mixed_f, gamma
 
 
+_COMMON_PATH = True  # take the whole-batch step while every row is in the common case (tests turn it off)
 _STALL_LIMIT = 3  # safeguard rejections without halving the residual before an escape phase
 _ESCAPE_MIN_STEPS = 5  # plain steps an escape phase takes at least
 
@@ -704,6 +705,7 @@ class AndersonState:
     plain_only: torch.Tensor  # too many of those: plain iteration from now on
     rho: torch.Tensor | None  # estimated spectral radius at a converged row (stability_check)
     residual_norms: list[torch.Tensor]  # ‖f‖ of every row after each iteration
+    common: bool = False  # every row active, none escaping or restarting, one shared history length
 
 
 class AndersonSolver:
@@ -734,6 +736,7 @@ class AndersonSolver:
         self.safeguard, self.cond = safeguard, restart_cond
         self.stability_check = stability_check
         self.max_stability_restarts, self.stability_iters = max_stability_restarts, stability_iters
+        self._pads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # the common step's padding, by k
 
     def converged(self, f_norm: torch.Tensor, g_x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The convergence criterion, per row: ‖f‖ ≤ tol ‖f_0‖ (``target``) or at the rounding floor."""
@@ -775,6 +778,7 @@ class AndersonSolver:
             plain_only=torch.zeros_like(failed),
             rho=torch.full_like(f_norm, math.nan) if self.stability_check else None,
             residual_norms=[f_norm.clone()],
+            common=_COMMON_PATH and x.shape[0] > 0 and not bool((converged | failed).any()),
         )
 
     def terminate(self, state: AndersonState) -> bool:
@@ -783,25 +787,150 @@ class AndersonSolver:
 
     def step(self, state: AndersonState) -> AndersonState:
         """One iteration on every active row (converged rows are frozen); updates ``state`` in place."""
-        m, b, diffs = self.m, self.b, state.differences
+        if state.common and self._step_common(state):
+            return state
         rows = state.active.nonzero().squeeze(-1)
         # with every row active, slices give views instead of gathered copies
         sel = slice(None) if rows.numel() == state.x.shape[0] else rows
-        x, f, g_x, f_norm = state.x[sel], state.f[sel], state.g_x[sel], state.f_norm[sel]
-        slot = state.k % m if m > 0 else 0
+        current = state.x[sel], state.f[sel], state.g_x[sel], state.f_norm[sel]
+        plain, x_new, restart, filled = self._propose(state, sel, current)
+        g_new = self.fmap(x_new, rows, base=state.x)
+        self._finish(state, rows, sel, current, plain, x_new, g_new, restart, filled)
+        return state
+
+    def _propose(
+        self,
+        state: AndersonState,
+        sel: slice | torch.Tensor,
+        current: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The plain step, the mixed step x_new, the rows whose history restarts (ill-conditioned) and the
+        history length each row's step used, for the rows ``sel``."""
+        x, f, g_x, f_norm = current
+        m, b, diffs = self.m, self.b, state.differences
         # the plain step x + b f; with b = 1 it is g(x) itself, bit for bit
         plain = x_new = g_x.clone() if b == 1.0 else x + b * f
         restart = torch.zeros_like(f_norm, dtype=torch.bool)
         filled = diffs.filled[sel]
         if m > 0:
             usable = torch.where(state.plain_only[sel] | state.escapes.active[sel], 0, filled)
-            gamma, restart = diffs.coefficients(sel, f, usable, slot, self.lam, self.cond)
+            gamma, restart = diffs.coefficients(sel, f, usable, state.k % m, self.lam, self.cond)
             filled = torch.where(restart, 0, usable)
             x_new = plain - _combine(gamma, diffs.d_step[sel])
-        mixed = filled > 0
-        g_new = self.fmap(x_new, rows, base=state.x)
+        return plain, x_new, restart, filled
+
+    def _step_common(self, state: AndersonState) -> bool:
+        """The iteration while every row is in the common case (all active, one shared history length k,
+        no escape, restart or failure): whole buffers instead of gathers, masks and scatters, and one host
+        synchronisation. It computes the numbers of the general step, op for op (the tests check it bit
+        for bit); when some row leaves the common case, this iteration is finished by the general rules
+        and the general step runs until every row is back in it. Returns True (the iteration is taken)."""
+        m, b, diffs = self.m, self.b, state.differences
+        k = min(state.k, m)  # every row's history length (the common case restarts only with k = m)
+        x, f, g_x, f_norm = state.x, state.f, state.g_x, state.f_norm
+        # the plain step; a copy where it becomes the new iterate (x must not share g_x's memory)
+        plain = x_new = (g_x if k > 0 else g_x.clone()) if b == 1.0 else x + b * f
+        use_row = None
+        if k > 0:
+            gamma, use_row = self._common_gamma(diffs, f, k)
+            x_new = plain - _combine(gamma, diffs.d_step)
+        g_new = self.fmap(x_new)
         f_new = g_new - x_new
-        fn_new = _finite_or_inf(_norm(f_new))
+        fn_new = _norm(f_new)
+        # the common case: not converged, finite, accepted by the safeguard, well conditioned
+        good = fn_new > torch.maximum(state.target, 16 * torch.finfo(g_new.dtype).eps * _norm(g_new))
+        good &= (fn_new <= f_norm) if self.safeguard and k > 0 else torch.isfinite(fn_new)
+        if use_row is not None:
+            good &= use_row
+        if m > 0:
+            slot = state.k % m
+            d_x, d_f = x_new - x, f_new - f
+            diffs.push(slice(None), slot, d_x, d_f, g_new - g_x if b == 1.0 else d_x + b * d_f)
+            # the new column must be usable by the next solve: positive, finite norm
+            square = diffs.gram[:, slot, slot]
+            good &= (square > 0) & (square < math.inf)
+        if bool(good.all()):
+            state.x, state.f, state.f_norm = x_new, f_new, fn_new
+            state.g_x.copy_(g_new)  # g may return memory it keeps (or x_new itself)
+            state.n_iter += 1
+            escapes = state.escapes  # no rejection here: a stall count can only reset
+            progressed = fn_new <= 0.5 * escapes.reference
+            escapes.reference = torch.where(progressed, fn_new, escapes.reference)
+            escapes.stall = torch.where(progressed, 0, escapes.stall)
+            if m > k:
+                diffs.filled.fill_(k + 1)
+            state.residual_norms.append(fn_new)
+            state.k += 1
+            return True
+        # some row leaves the common case: finish this iteration by the general rules
+        state.common = False
+        rows = torch.arange(state.x.shape[0], device=x.device)
+        if use_row is None:
+            restart, filled = torch.zeros_like(good), torch.zeros_like(diffs.filled)
+        else:
+            restart = ~use_row
+            filled = torch.where(restart, 0, torch.full_like(diffs.filled, k))
+        current = x, f, g_x, f_norm
+        self._finish(
+            state,
+            rows,
+            slice(None),
+            current,
+            plain,
+            x_new,
+            g_new,
+            restart,
+            filled,
+            f_new,
+            _finite_or_inf(fn_new),
+        )
+        return True
+
+    def _common_gamma(
+        self, diffs: _Differences, f: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """γ of every row from its k newest columns (slots 0..k−1 while k < m) as :func:`_solve_gamma`
+        computes it for well-conditioned rows, without its masks; and which rows are well conditioned."""
+        if k not in self._pads:
+            # what _solve_gamma adds for k valid columns: unit scale and a unit diagonal (+ λ) for the
+            # unused ones, λ on the used ones
+            unused = (torch.arange(self.m, device=f.device) >= k).to(f.dtype)
+            self._pads[k] = (unused, torch.diag_embed(self.lam + unused))
+        unused, pad = self._pads[k]
+        norms = diffs.gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+        scale = norms + unused if k < self.m else norms
+        rhs = (diffs.d_f @ f[..., None])[..., 0] / scale
+        chol, info = torch.linalg.cholesky_ex(diffs.gram / (scale[..., :, None] * scale[..., None, :]) + pad)
+        gamma = torch.cholesky_solve(rhs[..., None], chol)[..., 0] / scale
+        pivots = chol.diagonal(dim1=-2, dim2=-1)[:, :k].square().amin(-1) >= 1.0 / self.cond
+        well = pivots & (info == 0) & torch.isfinite(gamma).all(-1)
+        return torch.where(well[:, None], gamma, 0.0), well
+
+    def _finish(
+        self,
+        state: AndersonState,
+        rows: torch.Tensor,
+        sel: slice | torch.Tensor,
+        current: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        plain: torch.Tensor,
+        x_new: torch.Tensor,
+        g_new: torch.Tensor,
+        restart: torch.Tensor,
+        filled: torch.Tensor,
+        f_new: torch.Tensor | None = None,
+        fn_new: torch.Tensor | None = None,
+    ) -> None:
+        """The general rules after g(x_new): the safeguard (plain step where the mixed one is rejected),
+        the history, escape phases, convergence and the stability test, for the rows ``sel``."""
+        m, b, diffs = self.m, self.b, state.differences
+        x, f, g_x, f_norm = current
+        if state.f_norm is state.residual_norms[-1]:  # the common step's norms are in the history
+            state.f_norm = state.f_norm.clone()
+        slot = state.k % m if m > 0 else 0
+        if f_new is None or fn_new is None:
+            f_new = g_new - x_new
+            fn_new = _finite_or_inf(_norm(f_new))
+        mixed = filled > 0
         reject = mixed & ~(fn_new <= f_norm) if self.safeguard else mixed & ~torch.isfinite(fn_new)
         if bool(reject.any()):  # those rows take the plain step instead (one more evaluation)
             sub = reject.nonzero().squeeze(-1)
@@ -835,7 +964,14 @@ class AndersonSolver:
         state.active[sel] = ~done & ok
         state.residual_norms.append(state.f_norm.clone())
         state.k += 1
-        return state
+        if _COMMON_PATH and rows.numel() == state.x.shape[0]:
+            # back in the common case (e.g. m steps after a rejection: every history full again, every
+            # column usable)? Then the common step takes over again.
+            common = state.active.all() & ~(state.escapes.active | state.plain_only | state.converged).any()
+            if m > 0:
+                square = diffs.gram.diagonal(dim1=-2, dim2=-1)
+                common &= (diffs.filled == m).all() & ((square > 0) & (square < math.inf)).all()
+            state.common = bool(common)
 
     def _leave_unstable(self, state: AndersonState, rows: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
         """Test the rows that have just converged for stability; restart the unstable ones from x* + δ v
@@ -957,9 +1093,11 @@ def anderson(
 
     **Cost per iteration.** ΔFᵀΔF is kept up to date one column per step, and the step is taken as
     x_{k+1} = (x_k + b f_k) − (ΔX + b ΔF) γ with the step directions ΔX + b ΔF (ΔG for b = 1) kept
-    in their own ring buffer. While every row is active an iteration works on views of the buffers
-    (no gathered copies). The loop is :class:`AndersonSolver`: ``init`` at x0, ``step`` until
-    ``terminate``, then ``result``.
+    in their own ring buffer. While every row is in the common case (active, one shared history length,
+    no rejection, restart, escape or failure) an iteration works on whole buffers with one host
+    synchronisation; from the first iteration where a row departs from it, the general per-row step
+    (gathers, masks, scatters) runs until every row is back. Both compute the same numbers, bit for bit.
+    The loop is :class:`AndersonSolver`: ``init`` at x0, ``step`` until ``terminate``, then ``result``.
 
     **Depth convention.** ``m`` counts difference columns, so AA(m) mixes m + 1 iterates and m = 0 is
     plain damped iteration x_{k+1} = x_k + b f_k (Walker & Ni's depth m). Some peers count stored
