@@ -47,12 +47,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration-samples", type=int, default=32, help="samples per guidance magnitude")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="one setting per rule (smoke run)")
+    parser.add_argument(
+        "--split",
+        choices=("train", "heldout"),
+        default="train",
+        help="prompts from seen colour-shape combinations (guidance_eval.*) or held-out ones "
+        "(guidance_eval_heldout.*, figures guidance_heldout_*)",
+    )
     parser.add_argument("--no-paper", action="store_true", help="do not rewrite papers/reproduction.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     weights = Path(args.weights) if args.weights else BUNDLED_PIPELINE
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else best_cfg_scale()
     command = "python analysis/eval_guidance.py" + "".join(f" {a}" for a in (argv or sys.argv[1:]))
+    name = "guidance_eval" if args.split == "train" else f"guidance_eval_{args.split}"
     load = os.getloadavg()[0]
     evaluate_and_report(
         weights,
@@ -62,12 +70,19 @@ def main(argv: list[str] | None = None) -> int:
         quick=args.quick,
         cfg_scale=cfg_scale,
         calibration_samples=args.calibration_samples,
+        split=args.split,
+        name=name,
         results_dir=ROOT / "analysis/results",
         figures_dir=ROOT / "analysis/figures",
-        extra_markdown=() if args.no_paper else (ROOT / "papers/reproduction.md",),
+        extra_markdown=()
+        if args.no_paper
+        else (
+            ROOT
+            / ("papers/reproduction.md" if args.split == "train" else f"papers/reproduction_{args.split}.md"),
+        ),
         command=command,
     )
-    print((ROOT / "analysis/results/guidance_eval.md").read_text(encoding="utf-8"))
+    print((ROOT / f"analysis/results/{name}.md").read_text(encoding="utf-8"))
     print(f"load average {load:.2f} before, {os.getloadavg()[0]:.2f} after")
     return 0
 

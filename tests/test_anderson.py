@@ -539,7 +539,8 @@ def test_tol_means_one_thing_in_anderson_and_in_plain_and_accelerated_iterate(ac
 
 
 def _result_fields(res) -> dict:  # type: ignore[no-untyped-def]
-    names = ("x", "g_x", "nit", "converged", "residual_norms", "n_evals", "n_rejected", "n_restarts", "failed")
+    names = ("x", "g_x", "nit", "converged", "residual_norms", "n_evals", "n_rejected", "n_restarts")
+    names += ("failed",)
     fields = {name: getattr(res, name) for name in names}
     if res.spectral_radius is not None:
         fields["spectral_radius"] = res.spectral_radius

@@ -53,6 +53,25 @@ def test_evaluation_prompts_are_seeded_half_single_half_pair():
         evaluation_prompts(1)
 
 
+def test_heldout_prompts_are_all_unseen_combinations_covering_each_one_evenly():
+    """Every held-out prompt contains a colour-shape combination never seen in training; the 16 held-out
+    single-object combinations are used in turn (each once per round) when more prompts are asked for."""
+    from collections import Counter
+
+    from hopfield_aa.reference.dataset import caption_combinations, split_of
+
+    prompts = evaluation_prompts(64, split="heldout")
+    assert len(prompts) == 64 and all(split_of(parse_caption(p)) == "heldout" for p in prompts)
+    assert all(split_of(parse_caption(p)) == "train" for p in evaluation_prompts(64))
+    single = Counter(p for p in prompts if parse_caption(p)["count"] == 1)
+    assert len(single) == len(caption_combinations("heldout", "single")) == 16
+    assert set(single.values()) == {2}  # 32 single-object prompts: every combination twice
+    pair = [p for p in prompts if parse_caption(p)["count"] == 2]
+    assert len(pair) == 32 and len(set(pair)) == 32  # 68 pair combinations: drawn without replacement
+    with pytest.raises(ValueError, match="split"):
+        evaluation_prompts(8, split="test")
+
+
 def test_initial_noise_is_seed_major_and_reproducible(pipe):
     noise = initial_noise(pipe, 3, [5, 7])
     assert noise.shape == (6, 4, 8, 8)

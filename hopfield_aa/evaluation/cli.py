@@ -38,6 +38,12 @@ def add_parsers(subparsers: Any) -> None:
         default=32,
         help="samples per guidance magnitude (0: no calibration)",
     )
+    parser.add_argument(
+        "--split",
+        choices=("train", "heldout"),
+        default="train",
+        help="colour-shape combinations of the prompts: seen in training, or held out",
+    )
     parser.add_argument("--quick", action="store_true", help="one setting per rule (a smoke run)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", default="guidance_eval", help="output folder")
@@ -55,12 +61,15 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     evaluate_and_report(
         args.weights,
-        **options(args, "seeds", "steps", "quick", "cfg_scale", "calibration_samples", n_prompts="prompts"),
+        **options(
+            args, "seeds", "steps", "quick", "cfg_scale", "calibration_samples", "split", n_prompts="prompts"
+        ),
         results_dir=out,
         figures_dir=out / "figures",
         command=(
             f"hopfield-aa evaluate --prompts {args.prompts} --seeds {' '.join(map(str, args.seeds))} "
-            f"--steps {args.steps} --cfg-scale {args.cfg_scale:g}{' --quick' if args.quick else ''}"
+            f"--steps {args.steps} --cfg-scale {args.cfg_scale:g} --split {args.split}"
+            f"{' --quick' if args.quick else ''}"
         ),
     )
     print(f"wrote {out / 'guidance_eval.md'}")

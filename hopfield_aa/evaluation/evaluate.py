@@ -16,7 +16,13 @@ import torch
 from hopfield_aa.geometry import _decompose
 from hopfield_aa.guidance.api import GuidanceConfig, enable_config
 from hopfield_aa.guidance.rules import RULES, register_rule
-from hopfield_aa.reference.dataset import caption_combinations, caption_of, render, scene_from_attributes
+from hopfield_aa.reference.dataset import (
+    SPLITS,
+    caption_combinations,
+    caption_of,
+    render,
+    scene_from_attributes,
+)
 from hopfield_aa.reference.metrics import (
     Alignment,
     Estimate,
@@ -143,17 +149,26 @@ def default_methods(eta: float, *, cfg_scale: float = 3.0, quick: bool = False) 
     return methods
 
 
-def evaluation_prompts(n_prompts: int, seed: int = 0) -> list[str]:
-    """``n_prompts`` captions of the training grammar, half single-object and half two-object, drawn
-    without replacement by a seeded generator (the same list for every rule)."""
+def evaluation_prompts(n_prompts: int, seed: int = 0, split: str = "train") -> list[str]:
+    """``n_prompts`` captions of the training grammar, half single-object and half two-object, from the
+    colour–shape combinations of ``split`` (``"train"``, seen in training, or ``"heldout"``, never seen),
+    drawn by a seeded generator (the same list for every rule): without replacement, or, where a kind has
+    fewer combinations than asked for (16 held-out single-object ones), every combination in turn in a
+    fresh random order each round."""
     if n_prompts < 2:
         raise ValueError(f"n_prompts must be >= 2, got {n_prompts}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     rng = np.random.default_rng(seed)
     out = []
     for kind, count in (("single", n_prompts // 2), ("pair", n_prompts - n_prompts // 2)):
-        records = caption_combinations("train", kind)
-        for index in rng.choice(len(records), size=count, replace=False):
-            out.append(caption_of(records[int(index)]))
+        records = caption_combinations(split, kind)
+        if count <= len(records):
+            order = rng.choice(len(records), size=count, replace=False)
+        else:
+            rounds = -(-count // len(records))
+            order = np.concatenate([rng.permutation(len(records)) for _ in range(rounds)])[:count]
+        out.extend(caption_of(records[int(index)]) for index in order)
     return out
 
 
@@ -323,6 +338,7 @@ class Evaluation:
     magnitudes: dict[str, float] = field(default_factory=dict)
     matched: dict[str, str] = field(default_factory=dict)
     n_resamples: int = 500
+    split: str = "train"  # the colour-shape combinations the prompts come from
     _cache: dict[tuple[str, ...], Any] = field(default_factory=dict)
 
     def result(self, name: str) -> MethodResult:
@@ -426,6 +442,7 @@ class Evaluation:
         return {
             "model": self.model,
             "n_prompts": self.n_prompts,
+            "split": self.split,
             "seeds": self.seeds,
             "samples_per_method": len(self.captions),
             "steps": self.steps,
@@ -450,6 +467,7 @@ def evaluate(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     calibration_samples: int = 0,
+    split: str = "train",
 ) -> Evaluation:
     """Sample every method on the same captions and initial noise and score the images.
 
@@ -471,6 +489,8 @@ def evaluate(
         Real renders per distinct caption for the Fréchet distance.
     calibration_samples : int, default 0
         Samples used to measure guidance magnitudes (0: no calibrated comparison).
+    split : {"train", "heldout"}
+        Which colour–shape combinations the captions come from (recorded in the report).
     """
     from tqdm.auto import tqdm
 
@@ -518,5 +538,6 @@ def evaluate(
         eta=eta,
         model=model,
         magnitudes=magnitudes,
+        split=split,
         matched=matched,
     )

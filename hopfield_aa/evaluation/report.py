@@ -548,6 +548,12 @@ def write_figures(ev: Evaluation, folder: str | os.PathLike[str], prefix: str = 
 # --------------------------------------------------------------------------------------------- report
 
 
+_SPLIT_WORDS = {
+    "train": "colour–shape combinations seen in training",
+    "heldout": "held-out colour–shape combinations, never seen in training",
+}
+
+
 def markdown_report(ev: Evaluation, *, figures: dict[str, str] | None = None, command: str = "") -> str:
     """The full evaluation in Markdown: set-up, tables, the claims with their verdicts, figure links."""
     figures = figures or {}
@@ -563,7 +569,8 @@ def markdown_report(ev: Evaluation, *, figures: dict[str, str] | None = None, co
         "## Set-up",
         "",
         f"- model: {ev.model}",
-        f"- {ev.n_prompts} prompts (half one object, half two objects) × {len(ev.seeds)} noise seeds "
+        f"- {ev.n_prompts} prompts (half one object, half two objects; {_SPLIT_WORDS[ev.split]}) × "
+        f"{len(ev.seeds)} noise seeds "
         f"{ev.seeds} = {len(ev.captions)} samples per method; the same prompts and initial noise for every "
         f"method; DDIM, {ev.steps} steps",
         f"- Fréchet distance: reader features of the samples against {ev.real_features.shape[0]} real "
@@ -663,6 +670,7 @@ def evaluate_and_report(
     quick: bool = False,
     cfg_scale: float = 3.0,
     calibration_samples: int = 32,
+    split: str = "train",
     results_dir: str | os.PathLike[str],
     figures_dir: str | os.PathLike[str],
     name: str = "guidance_eval",
@@ -672,7 +680,9 @@ def evaluate_and_report(
 ) -> Evaluation:
     """Load the reference model, calibrate η, evaluate :func:`default_methods` (rules on top of CFG at
     ``cfg_scale``; guidance magnitudes on ``calibration_samples`` samples for the calibrated comparison),
-    and write the report.
+    and write the report. ``split`` chooses the prompts' colour–shape combinations
+    (:func:`evaluation_prompts`): ``"heldout"`` ones leave a model that is at the accuracy ceiling on
+    seen ones room to improve.
 
     Writes ``results_dir/<name>.md`` and ``<name>.json`` and the figures under ``figures_dir``; each path
     in ``extra_markdown`` gets the same Markdown (e.g. ``papers/reproduction.md``) under its own title.
@@ -691,7 +701,7 @@ def evaluate_and_report(
 
     folder = Path(weights) if weights is not None else BUNDLED_PIPELINE
     pipe = load_pipeline(folder)
-    prompts = evaluation_prompts(n_prompts)
+    prompts = evaluation_prompts(n_prompts, split=split)
     captions = [c for _ in seeds for c in prompts]
     with torch.no_grad():
         n_calibration = min(8, n_prompts)
@@ -710,8 +720,9 @@ def evaluate_and_report(
         model=describe_weights(folder),
         progress=progress,
         calibration_samples=calibration_samples,
+        split=split,
     )
-    figures = write_figures(ev, figures_dir)
+    figures = write_figures(ev, figures_dir, prefix="guidance_" if split == "train" else f"guidance_{split}_")
     results = Path(results_dir)
 
     def body_for(markdown_path: Path) -> str:
