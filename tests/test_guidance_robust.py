@@ -46,11 +46,12 @@ def test_masked_text_tokens_guide_exactly_as_if_they_were_removed(unet, rule, kw
     assert (masked - unmasked).abs().max() > 1e-4  # the mask did act
 
 
-def test_the_unregularised_ladder_turns_one_ulp_of_softmax_rounding_into_percent_changes(unet):
-    """Masking instead of deleting text tokens changes the dense retrieval by one float32 ulp (6e-8). The
-    ladder's Anderson least squares over nearly collinear rungs (γ ≈ 10 here) turns that into a change of a
-    few percent of the guidance effect; Tikhonov regularisation (the rule's ``regularization``) bounds it.
-    This is the rule's conditioning, documented in its docstring, not a masking error."""
+def test_the_unregularised_ladder_amplifies_one_ulp_of_softmax_rounding_ten_thousandfold(unet):
+    """Masking instead of deleting text tokens changes the dense retrieval by one float32 ulp (6e-8
+    relative). The ladder's Anderson least squares over nearly collinear rungs (γ ≈ 10 here) turns that
+    into a change of more than 0.1 % of the guidance effect (0.4 % with the sort kernel of small 1.5-entmax
+    tensors, a few percent with the blocked one); Tikhonov regularisation (the rule's ``regularization``)
+    bounds it. This is the rule's conditioning, documented in its docstring, not a masking error."""
     inputs = unet_inputs()
     mask = torch.zeros(2, 5)
     mask[:, :3] = 1.0
@@ -62,7 +63,7 @@ def test_the_unregularised_ladder_turns_one_ulp_of_softmax_rounding_into_percent
             removed = run(unet, {**inputs, "encoder_hidden_states": inputs["encoder_hidden_states"][:, :3]})
             effects[reg] = float((run(unet, inputs) - stock).abs().max())
         gaps[reg] = float((masked - removed).abs().max())
-    assert gaps[0.0] > 1e-3 * effects[0.0] * 10  # more than 1 % of the guidance effect
+    assert gaps[0.0] > 1e-3 * effects[0.0]  # more than 0.1 % of the guidance effect: > 1e4 ulp
     assert gaps[1e-2] < 1e-4 * effects[1e-2]
     assert gaps[1e-2] * 100 < gaps[0.0]
 

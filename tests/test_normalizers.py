@@ -35,6 +35,7 @@ from hopfield_aa.normalizers import (
 )
 from hopfield_aa.normalizers import compiled as compiled_backend
 from hopfield_aa.normalizers.blocked import forward as forward_eager
+from hopfield_aa.normalizers.exact import entmax15_sort_rows as exact_sort_rows
 from tests._oracles import entmax15_sort as _entmax15_sort
 from tests._oracles import entmax_bisect as _entmax_bisect
 from tests._oracles import sparsemax_sort as _sparsemax_sort
@@ -522,6 +523,39 @@ def _exact_reference(z: torch.Tensor, alpha: float) -> torch.Tensor:
     return _entmax_bisect(z64, alpha)
 
 
+@pytest.mark.parametrize("n", [2, 3, 12, 77, 300])
+def test_small_tensors_take_the_sort_kernel_which_agrees_with_the_blocked_one_and_the_exact_reference(
+    n: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1.5-entmax of a small tensor (≤ 2^15 entries) is computed by sorting, a fixed number of dispatches;
+    on adversarial float32 rows (ties, masked tails, huge logits, a row of only −inf) it has the blocked
+    kernel's support, and both are within 1e-6 of the float64 reference, thresholds included."""
+    from hopfield_aa.normalizers import blocked
+
+    z = _adversarial_float32(n, seed=21)
+    z = torch.cat([z[: min(599, (1 << 15) // n - 1)], z[-1:]])  # the last row: only -inf
+    assert z.numel() <= blocked._SORT_MAX_ENTRIES
+    calls = []
+    monkeypatch.setattr(
+        blocked.exact, "entmax15_sort_rows", lambda *a: calls.append(1) or exact_sort_rows(*a)
+    )
+    live = z[torch.isfinite(z.amax(-1))]  # every row with a finite maximum: the sort kernel
+    p_sort, lam_sort = blocked.forward(live, 1.5, -1)
+    assert calls, "the sort kernel was not used on a small tensor"
+    monkeypatch.setattr(blocked, "_SORT_MAX_ENTRIES", 0)
+    p_blocked, lam_blocked = blocked.forward(live, 1.5, -1)
+    reference = _exact_reference(live, 1.5).float()
+    assert torch.equal(p_sort > 0, p_blocked > 0)
+    torch.testing.assert_close(p_sort, reference, atol=1e-6, rtol=0)
+    torch.testing.assert_close(p_blocked, reference, atol=1e-6, rtol=0)
+    finite = torch.isfinite(lam_blocked)
+    torch.testing.assert_close(lam_sort[finite], lam_blocked[finite], atol=1e-5, rtol=1e-6)
+    # a row of only -inf leaves the sort kernel: zeros from the blocked one
+    monkeypatch.setattr(blocked, "_SORT_MAX_ENTRIES", 1 << 15)
+    calls.clear()
+    assert torch.equal(blocked.forward(z, 1.5, -1)[0][-1], torch.zeros(n)) and not calls
+
+
 @pytest.fixture
 def fresh_compiled_state(monkeypatch: pytest.MonkeyPatch) -> None:
     """Isolate the backend switch and the compile-failure flag of one test."""
@@ -681,5 +715,7 @@ def test_rows_failing_the_fused_exactness_test_are_solved_by_the_eager_kernel(
     with entmax_backend("compiled"):
         mixed = _entmax_tensor(z, alpha)
     redo = torch.arange(z.shape[0]) % 50 % 3 == 0  # each block of 50 rows restarts the pattern
-    assert torch.equal(mixed[redo], eager[redo])
+    # (the eager solve of those rows alone: for α = 1.5 that tensor is small enough for the sort kernel)
+    assert torch.equal(mixed[redo], _entmax_tensor(z[redo], alpha))
+    torch.testing.assert_close(mixed[redo], eager[redo], atol=1e-6, rtol=0)
     assert bool((mixed[~redo] == -7.0).all())

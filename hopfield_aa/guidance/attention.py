@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from hopfield_aa.normalizers import entmax15_sort, entmax_tensor
+from hopfield_aa.normalizers import entmax_tensor
 
 Combine = Callable[[Sequence[torch.Tensor]], torch.Tensor]
 """The configured rule: retrievals (dense first) -> guided output, per head and query token."""
@@ -34,8 +34,6 @@ def retrievals(
     value: torch.Tensor,
     alphas: Sequence[float | torch.Tensor],
     dense: torch.Tensor | None = None,
-    *,
-    masked: bool = True,
 ) -> list[torch.Tensor]:
     r"""The retrievals :math:`\mathrm{entmax}_{\alpha_i}(Z)\,V` for an α ladder (α_0 = 1: softmax).
 
@@ -51,14 +49,12 @@ def retrievals(
         The ladder, ``alphas[0] == 1``; an entry may be a tensor of shape (heads, 1, 1): one α per head.
     dense : tensor, shape (batch, heads, queries, d), optional
         The α = 1 retrieval when already computed.
-    masked : bool, default True
-        Whether ``scores`` may hold ``-inf`` (False: all finite, which allows the sort kernel).
 
     Returns
     -------
     list of tensors of shape (batch, heads, queries, d), one per α.
     """
-    sparse = [_entmax(scores, alpha, masked) @ value for alpha in alphas[1:]]
+    sparse = [entmax_tensor(scores, _on(alpha, scores), -1) @ value for alpha in alphas[1:]]
     if dense is None:
         dense = torch.softmax(scores, dim=-1) @ value
     return [dense, *sparse]
@@ -69,20 +65,6 @@ def _on(alpha: float | torch.Tensor, scores: torch.Tensor) -> float | torch.Tens
     if isinstance(alpha, torch.Tensor):
         return alpha.to(device=scores.device, dtype=scores.dtype)
     return alpha
-
-
-# 1.5-entmax by sorting costs a fixed ~20 dispatches where the general kernel's support passes cost
-# hundreds, but more arithmetic per entry: it wins on score tensors of up to about this many entries
-# (measured on the reference model's cross-attention, 16 text keys, one CPU thread)
-_SORT_MAX_ENTRIES = 1 << 15
-
-
-def _entmax(scores: torch.Tensor, alpha: float | torch.Tensor, masked: bool) -> torch.Tensor:
-    """α-entmax of ``scores`` along the last axis (``masked``: they may hold ``-inf``)."""
-    if not masked and isinstance(alpha, float) and alpha == 1.5 and 0 < scores.numel() <= _SORT_MAX_ENTRIES:
-        # (the sort kernel would give NaN on a row of all -inf; unmasked scores have none)
-        return entmax15_sort(scores, -1)
-    return entmax_tensor(scores, _on(alpha, scores), -1)
 
 
 def guided_attention(
@@ -154,7 +136,7 @@ def _guided(
     scores = query.float() @ (key.float() * scale).transpose(-1, -2)
     if mask is not None:
         scores = scores.add_(mask)
-    return combine(retrievals(scores, value.float(), alphas, masked=mask is not None))
+    return combine(retrievals(scores, value.float(), alphas))
 
 
 def guided_joint_attention(
@@ -225,7 +207,7 @@ def guided_joint_attention(
     mask = _mask_block(attention_mask, image, text)
     if mask is not None:
         scores = scores + (mask[rows] if mask.shape[0] > 1 else mask)
-    text_retrievals = retrievals(scores, v_txt, alphas, masked=mask is not None)
+    text_retrievals = retrievals(scores, v_txt, alphas)
     correction = text_mass[rows, :, image].float() * (combine(text_retrievals) - text_retrievals[0])
     output = output.clone()
     output[rows, :, image] = (output[rows, :, image].float() + correction).to(output.dtype)

@@ -208,6 +208,15 @@ def entmax15_threshold_sort(u: torch.Tensor) -> torch.Tensor:
     return tau.gather(-1, support - 1)
 
 
+def entmax15_sort_rows(z: torch.Tensor, z_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p, λ) of 1.5-entmax of rows ``z`` (n, k) by sorting, given their maxima ``z_max`` (n, 1), each
+    finite (−inf entries are fine, a row of only −inf is not). A fixed ~20 dispatches whatever the rows:
+    the fast kernel for small score tensors (:func:`.blocked.forward` decides)."""
+    u = (z - z_max).mul_(0.5)
+    p, lam = probs_from_threshold(u, entmax15_threshold_sort(u), True)
+    return p, lam.add_(z_max)
+
+
 def entmax15_sort(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """1.5-entmax of whole rows by sorting (the sort-based baseline that analysis/ times; tests use it
     as an exact reference)."""
