@@ -528,8 +528,9 @@ def test_small_tensors_take_the_sort_kernel_which_agrees_with_the_blocked_one_an
     n: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """1.5-entmax of a small tensor (≤ 2^15 entries) is computed by sorting, a fixed number of dispatches;
-    on adversarial float32 rows (ties, masked tails, huge logits, a row of only −inf) it has the blocked
-    kernel's support, and both are within 1e-6 of the float64 reference, thresholds included."""
+    on adversarial float32 rows (ties, masked tails, huge logits) it has the blocked
+    kernel's support, and both are within 1e-6 of the float64 reference, thresholds included; a row of
+    only −inf gets zeros and λ = −inf from it, as from the blocked kernel."""
     from hopfield_aa.normalizers import blocked
 
     z = _adversarial_float32(n, seed=21)
@@ -550,10 +551,12 @@ def test_small_tensors_take_the_sort_kernel_which_agrees_with_the_blocked_one_an
     torch.testing.assert_close(p_blocked, reference, atol=1e-6, rtol=0)
     finite = torch.isfinite(lam_blocked)
     torch.testing.assert_close(lam_sort[finite], lam_blocked[finite], atol=1e-5, rtol=1e-6)
-    # a row of only -inf leaves the sort kernel: zeros from the blocked one
+    # a row of only -inf: zeros and λ = -inf from either kernel
     monkeypatch.setattr(blocked, "_SORT_MAX_ENTRIES", 1 << 15)
     calls.clear()
-    assert torch.equal(blocked.forward(z, 1.5, -1)[0][-1], torch.zeros(n)) and not calls
+    p_all, lam_all = blocked.forward(z, 1.5, -1)
+    assert calls and torch.equal(p_all[-1], torch.zeros(n)) and float(lam_all[-1]) == -math.inf
+    assert torch.equal(p_all[:-1][torch.isfinite(z[:-1].amax(-1))], p_sort)
 
 
 @pytest.fixture

@@ -212,13 +212,10 @@ def forward(
 
 def _forward_small(rows: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(p, λ) by the sort kernel where it is the faster one (α = 1.5, at most ``_SORT_MAX_ENTRIES``
-    entries, every row with a finite maximum); None elsewhere."""
+    entries); None elsewhere."""
     if alpha != 1.5 or rows.numel() > _SORT_MAX_ENTRIES:
         return None
-    z_max = rows.amax(-1, keepdim=True)
-    if not bool(torch.isfinite(z_max).all()):  # a row of only -inf: the blocked kernel gives it p = 0
-        return None
-    return exact.entmax15_sort_rows(rows, z_max)
+    return exact.entmax15_sort_rows(rows)
 
 
 def softmax_rows(z: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ by counting the support; a row that does not settle is repaired by the sort algo
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -204,17 +205,22 @@ def entmax15_threshold_sort(u: torch.Tensor) -> torch.Tensor:
     mean_sq = (finite * finite).cumsum(-1) / k
     delta = (1 - k * (mean_sq - mean * mean)) / k
     tau = mean - delta.clamp(min=0).sqrt()
-    support = (tau <= srt).sum(-1, keepdim=True)
+    # at least 1 (a row of only -inf has none: its τ is then finite junk, and p = [-inf - τ]_+ = 0)
+    support = (tau <= srt).sum(-1, keepdim=True).clamp_(min=1)
     return tau.gather(-1, support - 1)
 
 
-def entmax15_sort_rows(z: torch.Tensor, z_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(p, λ) of 1.5-entmax of rows ``z`` (n, k) by sorting, given their maxima ``z_max`` (n, 1), each
-    finite (−inf entries are fine, a row of only −inf is not). A fixed ~20 dispatches whatever the rows:
-    the fast kernel for small score tensors (:func:`.blocked.forward` decides)."""
+def entmax15_sort_rows(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p, λ) of 1.5-entmax of rows ``z`` (n, k) by sorting: a fixed ~20 dispatches whatever the rows, and
+    no host synchronisation (the fast kernel for small score tensors: :func:`.blocked.forward` decides).
+    −inf entries get p = 0; a row of only −inf gets p = 0 and λ = −inf, as from the blocked kernel."""
+    z_max = z.amax(-1, keepdim=True)
+    live = torch.isfinite(z_max)
+    z_max = torch.where(live, z_max, 0.0)
+    # u of a row of only -inf is -inf everywhere: its threshold is finite and p = [-inf - τ]_+² = 0
     u = (z - z_max).mul_(0.5)
     p, lam = probs_from_threshold(u, entmax15_threshold_sort(u), True)
-    return p, lam.add_(z_max)
+    return p, torch.where(live, lam.add_(z_max), -math.inf)
 
 
 def entmax15_sort(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
