@@ -43,6 +43,7 @@ CONFIGS: dict[str, dict] = {
     "stock": {},
     "extrapolate λ=2": {"rule": "extrapolate", "scale": 2.0},
     "GAG ζ=0 (default)": {"rule": "gag"},
+    "GAG ζ=0, compiled (opt-in)": {"rule": "gag", "compile": True},
     "GAG ζ=0, η cap": {"rule": "gag", "eta": 0.01},
     "GAG ζ=1 (full)": {"rule": "gag", "zeta": 1.0},
     "GAG cond-only": {"rule": "gag", "apply_to": "cond"},

@@ -166,3 +166,45 @@ def test_float16_pipeline_with_gag_gives_finite_images_and_restores_its_processo
     np.testing.assert_array_equal(
         generate(half_pipe, prompts, latents, num_inference_steps=3, guidance_scale=guidance_scale), stock
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("rule", "kwargs"), [("gag", {}), ("extrapolate", {}), ("gag", {"eta": 0.3})])
+def test_compiled_guided_attention_computes_the_eager_output(unet, rule, kwargs):
+    """``compile=True`` runs the same guided attention through torch.compile: with masks or without, the
+    UNet's guided output equals the eager one to float32 rounding (compiles at first use: slow)."""
+    inputs = unet_inputs()
+    mask = torch.zeros(2, 5)
+    mask[:, :3] = 1.0
+    for extra in ({}, {"encoder_attention_mask": mask}):
+        with gag_guidance(unet, rule, **kwargs):
+            eager = run(unet, {**inputs, **extra})
+        with gag_guidance(unet, rule, compile=True, **kwargs):
+            compiled = run(unet, {**inputs, **extra})
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+        assert not torch.equal(eager, run(unet, {**inputs, **extra}))  # guidance did act
+
+
+def test_a_failing_compiler_warns_once_and_the_eager_path_guides(unet, monkeypatch):
+    """If torch.compile fails, compile=True warns once and guides exactly as the eager path does."""
+    from hopfield_aa.guidance import attention
+
+    def broken(fn, **kwargs):
+        def call(*args, **kw):
+            raise RuntimeError("no compiler here")
+
+        return call
+
+    monkeypatch.setattr(attention, "_compiled", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    inputs = unet_inputs()
+    with gag_guidance(unet, "gag"):
+        eager = run(unet, inputs)
+    warned = pytest.warns(RuntimeWarning, match="no compiler here")
+    with gag_guidance(unet, "gag", compile=True), warned as seen:
+        first = run(unet, inputs)
+        second = run(unet, inputs)
+    assert len([w for w in seen if "torch.compile" in str(w.message)]) == 1
+    assert torch.equal(first, eager) and torch.equal(second, eager)
+    with pytest.raises(TypeError, match="compile"):
+        enable_gag(unet, "gag", compile="yes")

@@ -134,6 +134,12 @@ class GuidanceConfig:
         head (a sequence, NumPy array or 1-d tensor of the layer's head count). The first matching
         pattern wins; other layers use ``alphas[1]``. Rules with one sparse retrieval only (gag,
         extrapolate); each pattern must match a guided layer (checked when guidance is enabled).
+    compile : bool, default False
+        Opt-in: UNet guided attention (scores, both normalisations, both retrievals and the rule) runs as
+        one ``torch.compile``'d function. Its first call at a new shape compiles (tens of seconds on CPU;
+        inductor's on-disk cache makes later processes fast); it agrees with the eager path to float32
+        rounding. If compilation fails, a warning is issued once and the eager path runs. Joint
+        (SD3, FLUX) attention always runs eagerly.
     """
 
     rule: str = "gag"
@@ -146,6 +152,7 @@ class GuidanceConfig:
     apply_to: str = "both"
     cfg_batch: bool | None = None
     layer_alphas: Mapping[str, Any] | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         rule = get_rule(self.rule)
@@ -180,6 +187,8 @@ class GuidanceConfig:
             raise ValueError(f"apply_to must be one of {APPLY_TO}, got {self.apply_to!r}")
         if self.cfg_batch is not None and not isinstance(self.cfg_batch, bool):
             raise TypeError(f"cfg_batch must be True, False or None, got {self.cfg_batch!r}")
+        if not isinstance(self.compile, bool):
+            raise TypeError(f"compile must be True or False, got {self.compile!r}")
         if self.layer_alphas is not None:
             if len(self.alphas) != 2:  # type: ignore[arg-type]
                 raise ValueError(
@@ -264,6 +273,7 @@ class GuidanceHandle:
         self._options = dict(config.options)
         self.active = True
         self.text_tokens: int | None = None
+        self.compile = config.compile
         self._cfg = bool(config.cfg_batch)
         self._step = -1
         self._last_timestep: float | None = None
@@ -449,6 +459,7 @@ def enable_gag(
     steps: Sequence[float] | None = None,
     apply_to: str = "both",
     cfg_batch: bool | None = None,
+    compile: bool = False,
     scheduler: Any = None,
     **options: Any,
 ) -> GuidanceHandle:
@@ -483,8 +494,8 @@ def enable_gag(
         is one α per head on every guided layer.
     alphas : sequence of float, optional
         The α ladder, dense first (the ladder rule's default is ``(1, 1.25, 1.5, 2)``).
-    layers, timesteps, steps, apply_to, cfg_batch
-        See :class:`GuidanceConfig`.
+    layers, timesteps, steps, apply_to, cfg_batch, compile
+        See :class:`GuidanceConfig` (``compile=True``: the opt-in ``torch.compile``'d guided attention).
     scheduler : diffusers scheduler, optional
         For ``steps`` with a bare model (a pipeline's own scheduler is used otherwise).
     **options
@@ -531,6 +542,7 @@ def enable_gag(
         apply_to=apply_to,
         cfg_batch=cfg_batch,
         layer_alphas=layer_alphas,
+        compile=compile,
     )
     return enable_config(pipe_or_model, config, scheduler=scheduler)
 

@@ -4,7 +4,9 @@ matrix, the rule applied per head and query token, and the text-key block of joi
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +79,7 @@ def guided_attention(
     scale: float,
     attention_mask: torch.Tensor | None = None,
     rows: slice = ALL_ROWS,
+    compiled: bool = False,
 ) -> torch.Tensor:
     r"""Attention whose output is a guidance rule of its dense and sparse retrievals.
 
@@ -101,22 +104,59 @@ def guided_attention(
         Additive (or boolean: True attends) mask broadcastable to (batch, heads, queries, keys).
     rows : slice
         The batch rows the rule acts on (all by default; the conditional half of a CFG batch).
+    compiled : bool, default False
+        Run the guided part as one ``torch.compile``'d function (see :class:`~.api.GuidanceConfig`'s
+        ``compile``); the eager path if compilation fails (warned once).
 
     Returns
     -------
     tensor, shape (batch, heads, queries, d), dtype of ``query``.
     """
     mask = _mask_block(attention_mask, ALL_ROWS, ALL_ROWS)
+    guided = _compiled_guided if compiled else _guided
     if rows == ALL_ROWS or rows == slice(0, query.shape[0]):
-        return _guided(query, key, value, combine, alphas, scale, mask).to(query.dtype)
+        return guided(query, key, value, combine, alphas, scale, mask).to(query.dtype)
     # the other rows: the stock kernel, as the stock processor computes them
     output = F.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=scale
     )
     if mask is not None and mask.shape[0] > 1:
         mask = mask[rows]
-    output[rows] = _guided(query[rows], key[rows], value[rows], combine, alphas, scale, mask).to(output.dtype)
+    output[rows] = guided(query[rows], key[rows], value[rows], combine, alphas, scale, mask).to(output.dtype)
     return output
+
+
+_compiled: dict[str, Any] = {}  # the torch.compile'd _guided, built on first use
+
+
+def _compiled_guided(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    combine: Combine,
+    alphas: Sequence[float | torch.Tensor],
+    scale: float,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`_guided` through ``torch.compile`` (one graph: under compilation 1.5-entmax takes the sort
+    kernel at every size, which has no data-dependent branch); :func:`_guided` itself once compiling has
+    failed."""
+    if _compiled.get("failed"):
+        return _guided(query, key, value, combine, alphas, scale, mask)
+    if "guided" not in _compiled:
+        _compiled["guided"] = torch.compile(_guided, dynamic=None)
+    try:
+        out: torch.Tensor = _compiled["guided"](query, key, value, combine, alphas, scale, mask)
+        return out
+    except Exception as error:  # the compiler's failures are not one exception type
+        _compiled["failed"] = True
+        warnings.warn(
+            f"torch.compile of guided attention failed ({type(error).__name__}: {error}); "
+            "using the eager path",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return _guided(query, key, value, combine, alphas, scale, mask)
 
 
 def _guided(

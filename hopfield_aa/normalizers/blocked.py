@@ -212,8 +212,9 @@ def forward(
 
 def _forward_small(rows: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(p, λ) by the sort kernel where it is the faster one (α = 1.5, at most ``_SORT_MAX_ENTRIES``
-    entries); None elsewhere."""
-    if alpha != 1.5 or rows.numel() > _SORT_MAX_ENTRIES:
+    entries) or under ``torch.compile`` (α = 1.5, any size: one graph, no data-dependent branch); None
+    elsewhere."""
+    if alpha != 1.5 or (rows.numel() > _SORT_MAX_ENTRIES and not torch.compiler.is_compiling()):
         return None
     return exact.entmax15_sort_rows(rows)
 
