@@ -129,24 +129,16 @@ def guided_attention(
 _compiled: dict[str, Any] = {}  # the torch.compile'd _guided, built on first use
 
 
-def _compiled_guided(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    combine: Combine,
-    alphas: Sequence[float | torch.Tensor],
-    scale: float,
-    mask: torch.Tensor | None,
-) -> torch.Tensor:
+def _compiled_guided(*args: Any) -> torch.Tensor:
     """:func:`_guided` through ``torch.compile`` (one graph: under compilation 1.5-entmax takes the sort
     kernel at every size, which has no data-dependent branch); :func:`_guided` itself once compiling has
     failed."""
     if _compiled.get("failed"):
-        return _guided(query, key, value, combine, alphas, scale, mask)
+        return _guided(*args)
     if "guided" not in _compiled:
         _compiled["guided"] = torch.compile(_guided, dynamic=None)
     try:
-        out: torch.Tensor = _compiled["guided"](query, key, value, combine, alphas, scale, mask)
+        out: torch.Tensor = _compiled["guided"](*args)
         return out
     except Exception as error:  # the compiler's failures are not one exception type
         _compiled["failed"] = True
@@ -156,7 +148,7 @@ def _compiled_guided(
             RuntimeWarning,
             stacklevel=2,
         )
-        return _guided(query, key, value, combine, alphas, scale, mask)
+        return _guided(*args)
 
 
 def _guided(
