@@ -146,6 +146,30 @@ def test_bootstrap_interval_brackets_the_estimate_and_shrinks_with_more_data() -
     assert bootstrap_ci(with_nan).value == pytest.approx(2 / 3)
 
 
+def test_basic_bootstrap_reflects_the_percentile_interval_about_a_biased_fd() -> None:
+    """Resampling with replacement duplicates rows, which biases a Fréchet distance upwards: its percentile
+    interval lies above the estimate θ. The basic interval [2θ − q_hi, 2θ − q_lo] is that interval
+    reflected about θ, so it moves down by as much (towards the population FD, below the biased θ);
+    ``minimum`` clips it at 0."""
+    rng = np.random.default_rng(1)
+    real, fake = rng.normal(size=(400, 6)), rng.normal(size=(200, 6))
+
+    def fd(f: np.ndarray) -> float:
+        return frechet_distance(real, f)
+
+    percentile = bootstrap_ci(fake, statistic=fd, n_resamples=200)
+    basic = bootstrap_ci(fake, statistic=fd, n_resamples=200, method="basic")
+    assert percentile.low > percentile.value  # the bias this corrects
+    assert basic.value == percentile.value
+    assert basic.low == pytest.approx(2 * basic.value - percentile.high)
+    assert basic.high == pytest.approx(2 * basic.value - percentile.low)
+    assert basic.high < basic.value  # here the bias exceeds the spread: the interval lies below θ
+    clipped = bootstrap_ci(fake, statistic=fd, n_resamples=200, method="basic", minimum=0.0)
+    assert clipped.low == max(0.0, basic.low) and clipped.high == basic.high
+    with pytest.raises(ValueError, match="method"):
+        bootstrap_ci(fake, statistic=fd, method="bca")
+
+
 # --- tokenizer, networks, pipeline folder ----------------------------------------------------------
 
 

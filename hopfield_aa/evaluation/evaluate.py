@@ -371,7 +371,8 @@ class Evaluation:
         return self._cache[key]
 
     def fd(self, name: str) -> Estimate:
-        """Fréchet distance to the real renders, with a bootstrap 95% interval (both sets resampled)."""
+        """Fréchet distance to the real renders, with a basic bootstrap 95% interval (both sets resampled;
+        an interval for the population FD, corrected for the finite-sample bias that resampling shows)."""
         key = ("fd", name)
         if key not in self._cache:
             self._cache[key] = bootstrap_ci(
@@ -379,6 +380,8 @@ class Evaluation:
                 self.real_features,
                 statistic=frechet_distance,
                 n_resamples=self.n_resamples // 2,
+                method="basic",
+                minimum=0.0,
             )
         return self._cache[key]
 

@@ -578,7 +578,9 @@ def markdown_report(ev: Evaluation, *, figures: dict[str, str] | None = None, co
         "(no learned judge); *attribute score* = per image, the share of the caption's stated attributes "
         "(count, colours, shapes, size, position or relation) read correctly, a finer score than the "
         "whole caption",
-        f"- intervals: percentile bootstrap, 95%, {ev.n_resamples} resamples (FD: {ev.n_resamples // 2}); "
+        f"- intervals: percentile bootstrap, 95%, {ev.n_resamples} resamples (FD: basic bootstrap, "
+        f"{ev.n_resamples // 2} resamples: an interval for the population FD, corrected for the upward "
+        "finite-sample bias that resampling shows, so it may lie below the point estimate); "
         "Δ columns resample prompts and seeds jointly (paired)",
         f"- η of the capped GAG: {ev.eta:.4g} (the median ‖r_∥‖ of the reference model's cross-attention "
         "under stock sampling)",

@@ -308,13 +308,20 @@ def bootstrap_ci(
     confidence: float = 0.95,
     paired: bool = False,
     seed: int = 0,
+    method: str = "percentile",
+    minimum: float | None = None,
 ) -> Estimate:
-    """Percentile bootstrap interval of ``statistic(*samples)``.
+    """Bootstrap interval of ``statistic(*samples)``: percentile (default) or basic.
 
     Each sample (rows along axis 0) is resampled with replacement, independently, or with shared row
-    indices when ``paired`` (same prompts and seeds under two rules); the interval is the
-    ``(1 ± confidence) / 2`` quantiles of the statistic over ``n_resamples`` resamples. NaN rows of a 1-D
-    sample (attributes a caption does not state) are dropped first.
+    indices when ``paired`` (same prompts and seeds under two rules). With q_lo, q_hi the
+    ``(1 ± confidence) / 2`` quantiles of the statistic over ``n_resamples`` resamples and θ̂ its value
+    on the samples, the *percentile* interval is [q_lo, q_hi] and the *basic* (reverse percentile) one
+    [2θ̂ − q_hi, 2θ̂ − q_lo]: it corrects for a bias of the statistic that resampling reproduces, such as
+    the upward bias of a Fréchet distance from finite samples (a resample's duplicated rows add more of
+    it, so the percentile interval can lie wholly above θ̂, and the basic one, an interval for the
+    population value, below it). ``minimum`` clips the interval from below (0 for a distance). NaN rows
+    of a 1-D sample (attributes a caption does not state) are dropped first.
 
     Examples
     --------
@@ -326,6 +333,8 @@ def bootstrap_ci(
         raise ValueError("samples must hold one array at least")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    if method not in ("percentile", "basic"):
+        raise ValueError(f"method must be 'percentile' or 'basic', got {method!r}")
     arrays = []
     for k, s in enumerate(samples):
         arr = np.asarray(s, dtype=np.float64)
@@ -347,6 +356,10 @@ def bootstrap_ci(
             stats[r] = statistic(*(a[rng.integers(0, a.shape[0], a.shape[0])] for a in arrays))
     tail = (1.0 - confidence) / 2.0
     low, high = np.quantile(stats, [tail, 1.0 - tail])
+    if method == "basic":
+        low, high = 2.0 * value - high, 2.0 * value - low
+    if minimum is not None:
+        low, high = max(low, minimum), max(high, minimum)
     return Estimate(value, float(low), float(high))
 
 
