@@ -160,7 +160,7 @@ def evaluation_prompts(n_prompts: int, seed: int = 0, split: str = "train") -> l
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     rng = np.random.default_rng(seed)
-    out = []
+    out: list[str] = []
     for kind, count in (("single", n_prompts // 2), ("pair", n_prompts - n_prompts // 2)):
         records = caption_combinations(split, kind)
         if count <= len(records):
