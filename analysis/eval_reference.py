@@ -89,14 +89,31 @@ def reader_validation(pipe: Any, n: int, seed: int) -> list[tuple[str, dict[str,
         ("blur 0.5 + noise 0.1", 0.5, 0.1),
     ]:
         rows.append((name, alignment(degrade(clean, blur, noise, seed=seed), captions).accuracy()))
+    rows.append(("autoencoder reconstruction", alignment(reconstruct(pipe, clean), captions).accuracy()))
+    return rows
+
+
+def fd_estimate(features: np.ndarray, real_features: np.ndarray, seed: int) -> Any:
+    """FD of ``features`` to the reference set with its basic bootstrap interval (200 resamples of the
+    generated side), the one estimator every FD of this evaluation uses."""
+    return bootstrap_ci(
+        features,
+        statistic=lambda f: frechet_distance(real_features, f),
+        n_resamples=200,
+        seed=seed,
+        method="basic",
+        minimum=0.0,
+    )
+
+
+def reconstruct(pipe: Any, images: np.ndarray) -> np.ndarray:
+    """The autoencoder's reconstructions (encode to the latent mean, decode) of renders ``(B, H, W, 3)``."""
     with torch.no_grad():
         recon = []
-        for chunk in to_pixels(clean).split(256):
+        for chunk in to_pixels(images).split(256):
             z = pipe.vae.encode(chunk.to(pipe.vae.dtype)).latent_dist.mean
             recon.append(pipe.vae.decode(z).sample.float())
-    reconstructed = ((torch.cat(recon).clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
-    rows.append(("autoencoder reconstruction", alignment(reconstructed, captions).accuracy()))
-    return rows
+    return ((torch.cat(recon).clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
 
 
 def fmt(est: Any) -> str:
@@ -126,14 +143,7 @@ def evaluate_scales(
         generated[scale] = images
         score = alignment(images, all_prompts)
         feats = image_features(images)
-        fd = bootstrap_ci(
-            feats,
-            statistic=lambda f: frechet_distance(real_features, f),
-            n_resamples=200,
-            seed=seed,
-            method="basic",
-            minimum=0.0,
-        )
+        fd = fd_estimate(feats, real_features, seed)
         cells = {}
         for c, (split, kind) in enumerate(CELLS):
             mask = cell_of == c
@@ -213,8 +223,11 @@ def targets(
     return best, rows
 
 
-def plot_alignment_vs_fd(results: dict, path: Path, fd_floor: float) -> None:
-    """Whole-caption accuracy against FD, one point per CFG scale; ``fd_floor`` is the matched floor."""
+def plot_alignment_vs_fd(
+    results: dict, path: Path, fd_floor: float, fd_autoencoder: float | None = None
+) -> None:
+    """Whole-caption accuracy against FD, one point per CFG scale; ``fd_floor`` is the matched floor and
+    ``fd_autoencoder`` the FD of the autoencoder's reconstructions of the same renders."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,13 +247,12 @@ def plot_alignment_vs_fd(results: dict, path: Path, fd_floor: float) -> None:
                 for s in scales
             ]
         )
-        # basic FD intervals may lie below the (biased) point estimate: error bars then only reach it
-        xerr = np.clip([fd[:, 0] - fd[:, 1], fd[:, 2] - fd[:, 0]], 0.0, None)
+        # no x error bars: FD's basic intervals (for the population FD, below the biased point estimate)
+        # are in the table; drawn here they would span most of the axis
         yerr = np.clip([acc[:, 0] - acc[:, 1], acc[:, 2] - acc[:, 0]], 0.0, None)
         ax.errorbar(
             fd[:, 0],
             acc[:, 0],
-            xerr=xerr,
             yerr=yerr,
             marker=marker,
             capsize=3,
@@ -260,6 +272,8 @@ def plot_alignment_vs_fd(results: dict, path: Path, fd_floor: float) -> None:
             color="tab:green",
         )
     ax.axvline(fd_floor, color="grey", ls=":", label="real vs real, same n (floor)")
+    if fd_autoencoder is not None:
+        ax.axvline(fd_autoencoder, color="grey", ls="--", label="autoencoder reconstructions, same n")
     ax.set_xscale("log")
     lowest = min(results[s]["cells"][c]["whole"].low for s in scales for c in results[s]["cells"])
     ax.set_ylim(max(-0.02, lowest - 0.05), 1.02)
@@ -289,12 +303,14 @@ def replot(path: Path) -> None:
         for s, r in data["scales"].items()
     }
     floor = data.get("fd_real_floor_matched", {}).get("value", data["fd_real_floor"])
-    plot_alignment_vs_fd(results, FIGURES / "reference_alignment_vs_fd.png", floor)
+    autoencoder = data.get("fd_autoencoder_floor", {}).get("value")
+    plot_alignment_vs_fd(results, FIGURES / "reference_alignment_vs_fd.png", floor, autoencoder)
 
 
 def plot_progress(history: list[dict], path: Path) -> None:
-    """Whole-caption accuracy (seen single, seen pair) and position accuracy against training samples seen,
-    one line per CFG scale, from the quick evaluations of successive checkpoints."""
+    """Whole-caption accuracy (seen single, seen pair, held-out), position accuracy and FD against training
+    samples seen, one line per CFG scale, from the quick evaluations of successive checkpoints (all at the
+    same number of prompts, so their FDs carry the same small-sample bias)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -303,30 +319,44 @@ def plot_progress(history: list[dict], path: Path) -> None:
     samples = [h["samples_seen"] for h in history]
     scales = sorted({s for h in history for s in h["scales"]}, key=float)
     panels = [
-        ("train/single", "whole", "seen single: whole caption"),
-        ("train/pair", "whole", "seen pair: whole caption"),
-        ("train/single", "position", "seen single: position"),
+        (("cells", "train/single", "whole"), "seen single: whole caption"),
+        (("cells", "train/pair", "whole"), "seen pair: whole caption"),
+        (("heldout",), "held-out combinations: whole caption"),
+        (("cells", "train/single", "position"), "seen single: position"),
+        (("fd",), "FD to real renders (same n)"),
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
-    for ax, (cell, attr, title) in zip(axes, panels, strict=True):
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
+    for ax, (keys, title) in zip(axes, panels, strict=True):
         for scale in scales:
-            rows = [
-                (n, h["scales"][scale]["cells"][cell][attr])
-                for n, h in zip(samples, history, strict=True)
-                if scale in h["scales"]
-            ]
+            rows = []
+            for n, h in zip(samples, history, strict=True):
+                if scale in h["scales"]:
+                    entry = h["scales"][scale]
+                    for key in keys:
+                        entry = entry[key]
+                    rows.append((n, entry))
             x = [n for n, _ in rows]
-            y = [e["value"] for _, e in rows]
-            lo = [e["low"] for _, e in rows]
-            hi = [e["high"] for _, e in rows]
-            ax.plot(x, y, marker="o", label=f"CFG s={scale}")
-            ax.fill_between(x, lo, hi, alpha=0.15)
+            ax.plot(x, [e["value"] for _, e in rows], marker="o", label=f"CFG s={scale}")
+            if keys != ("fd",):  # FD intervals changed method along the way (percentile, then basic)
+                ax.fill_between(x, [e["low"] for _, e in rows], [e["high"] for _, e in rows], alpha=0.15)
+        if keys == ("fd",):
+            floors = [
+                (n, h["fd_real_floor_matched"]["value"])
+                for n, h in zip(samples, history, strict=True)
+                if "fd_real_floor_matched" in h
+            ]
+            if floors:
+                ax.axhline(floors[-1][1], color="grey", ls=":", label="real renders, same n (floor)")
+                ax.axhline(2 * floors[-1][1], color="grey", ls="--", label="2 × floor (target)")
+            ax.set_yscale("log")
+            ax.set_ylabel("Fréchet distance")
+        else:
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_ylabel("accuracy (95 % CI)")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("training samples seen (denoiser)")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("accuracy (95 % CI)")
-    axes[0].set_ylim(-0.02, 1.02)
-    axes[-1].legend(fontsize=8)
+    axes[-1].legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -352,11 +382,17 @@ def main() -> int:
     parser.add_argument("--progress", default=None, help="append the quick result to this JSON list")
     parser.add_argument("--out", default=str(RESULTS / "reference_eval.md"))
     parser.add_argument(
-        "--replot", action="store_true", help="redraw the alignment-vs-FD figure from the JSON of --out"
+        "--replot",
+        action="store_true",
+        help="redraw the alignment-vs-FD figure from the JSON of --out (and the curve of --progress)",
     )
     args = parser.parse_args()
     if args.replot:
         replot(Path(args.out).with_suffix(".json"))
+        if args.progress:
+            plot_progress(
+                json.loads(Path(args.progress).read_text()), Path(args.progress).with_suffix(".png")
+            )
         return 0
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -381,15 +417,10 @@ def main() -> int:
     fd_floor = frechet_distance(real_features, real_other)
     # the floor under the model's own estimator: a perfect generator's images (real renders of the very
     # prompts evaluated, one each) against the same reference set, bootstrapped the same way
-    matched = image_features(render([scene_from_attributes(parse_caption(p), rng) for p in all_prompts]))
-    fd_floor_matched = bootstrap_ci(
-        matched,
-        statistic=lambda f: frechet_distance(real_features, f),
-        n_resamples=200,
-        seed=args.seed,
-        method="basic",
-        minimum=0.0,
-    )
+    matched_images = render([scene_from_attributes(parse_caption(p), rng) for p in all_prompts])
+    fd_floor_matched = fd_estimate(image_features(matched_images), real_features, args.seed)
+    # the floor of any sampler in this autoencoder's latent space: those renders encoded and decoded
+    fd_autoencoder = fd_estimate(image_features(reconstruct(pipe, matched_images)), real_features, args.seed)
 
     results, _ = evaluate_scales(
         pipe, prompts, args.scales, args.steps, args.batch, args.seed, args.n_boot, real_features
@@ -403,6 +434,7 @@ def main() -> int:
             "per_cell": args.per_cell,
             "fd_real_floor": fd_floor,
             "fd_real_floor_matched": vars(fd_floor_matched),
+            "fd_autoencoder_floor": vars(fd_autoencoder),
             "best_scale": best,
             "scales": {
                 f"{s:g}": {
@@ -431,6 +463,7 @@ def main() -> int:
     if args.quick:
         print("\n".join(table))
         print(f"FD floor (real renders of the same prompts, same n): {fmt(fd_floor_matched)}")
+        print(f"FD of the autoencoder's reconstructions of those renders: {fmt(fd_autoencoder)}")
         if args.progress:
             path = Path(args.progress)
             history = json.loads(path.read_text()) if path.is_file() else []
@@ -455,7 +488,9 @@ def main() -> int:
                 [f"seed {s}" for s in grid_seeds],
                 title=f"{SPLIT_NAME[split]} {kind} captions, CFG scale {scale:g}, {args.steps} DDIM steps",
             )
-    plot_alignment_vs_fd(results, FIGURES / "reference_alignment_vs_fd.png", fd_floor_matched.value)
+    plot_alignment_vs_fd(
+        results, FIGURES / "reference_alignment_vs_fd.png", fd_floor_matched.value, fd_autoencoder.value
+    )
 
     n_params = {
         name: sum(p.numel() for p in getattr(pipe, name).parameters())
@@ -496,7 +531,10 @@ def main() -> int:
         f"prompts (a perfect generator) against the same {args.n_real} real reference renders: "
         f"{fmt(fd_floor_matched)}. Between two independent sets of {args.n_real} real renders: "
         f"{fd_floor:.4f} (FD's small-sample bias grows like 1/n, so only the first is comparable with the "
-        "model's FD). Compare FD values with the matched floor, which carries the same small-sample bias.",
+        "model's FD). Compare FD values with the matched floor, which carries the same small-sample bias. "
+        f"The same renders encoded and decoded by the pipeline's autoencoder: {fmt(fd_autoencoder)}, the FD "
+        "that a perfect sampler in this latent space would get, so the part of the model's FD that more "
+        "denoiser training can remove is the part above it.",
         "",
         "![alignment vs FD](../figures/reference_alignment_vs_fd.png)",
         "",
