@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from hopfield_aa.evaluation.report import evaluate_and_report
+from hopfield_aa.reference.dataset import SPLITS
 from hopfield_aa.reference.pipeline import BUNDLED_PIPELINE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one setting per rule (smoke run)")
     parser.add_argument(
         "--split",
-        choices=("train", "heldout"),
+        choices=SPLITS,
         default="train",
         help="prompts from seen colour-shape combinations (guidance_eval.*) or held-out ones "
         "(guidance_eval_heldout.*, figures guidance_heldout_*)",

@@ -787,7 +787,8 @@ class AndersonSolver:
 
     def step(self, state: AndersonState) -> AndersonState:
         """One iteration on every active row (converged rows are frozen); updates ``state`` in place."""
-        if state.common and self._step_common(state):
+        if state.common:
+            self._step_common(state)
             return state
         rows = state.active.nonzero().squeeze(-1)
         # with every row active, slices give views instead of gathered copies
@@ -819,12 +820,12 @@ class AndersonSolver:
             x_new = plain - _combine(gamma, diffs.d_step[sel])
         return plain, x_new, restart, filled
 
-    def _step_common(self, state: AndersonState) -> bool:
+    def _step_common(self, state: AndersonState) -> None:
         """The iteration while every row is in the common case (all active, one shared history length k,
         no escape, restart or failure): whole buffers instead of gathers, masks and scatters, and one host
         synchronisation. It computes the numbers of the general step, op for op (the tests check it bit
         for bit); when some row leaves the common case, this iteration is finished by the general rules
-        and the general step runs until every row is back in it. Returns True (the iteration is taken)."""
+        and the general step runs until every row is back in it."""
         m, b, diffs = self.m, self.b, state.differences
         k = min(state.k, m)  # every row's history length (the common case restarts only with k = m)
         x, f, g_x, f_norm = state.x, state.f, state.g_x, state.f_norm
@@ -838,7 +839,7 @@ class AndersonSolver:
         f_new = g_new - x_new
         fn_new = _norm(f_new)
         # the common case: not converged, finite, accepted by the safeguard, well conditioned
-        good = fn_new > torch.maximum(state.target, 16 * torch.finfo(g_new.dtype).eps * _norm(g_new))
+        good = ~self.converged(fn_new, g_new, state.target)
         good &= (fn_new <= f_norm) if self.safeguard and k > 0 else torch.isfinite(fn_new)
         if use_row is not None:
             good &= use_row
@@ -861,7 +862,7 @@ class AndersonSolver:
                 diffs.filled.fill_(k + 1)
             state.residual_norms.append(fn_new)
             state.k += 1
-            return True
+            return
         # some row leaves the common case: finish this iteration by the general rules
         state.common = False
         rows = torch.arange(state.x.shape[0], device=x.device)
@@ -884,7 +885,6 @@ class AndersonSolver:
             f_new,
             _finite_or_inf(fn_new),
         )
-        return True
 
     def _common_gamma(
         self, diffs: _Differences, f: torch.Tensor, k: int

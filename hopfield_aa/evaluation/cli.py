@@ -40,7 +40,7 @@ def add_parsers(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--split",
-        choices=("train", "heldout"),
+        choices=("train", "heldout"),  # reference.dataset.SPLITS, not imported here: CLI start-up
         default="train",
         help="colour-shape combinations of the prompts: seen in training, or held out",
     )
