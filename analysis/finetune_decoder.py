@@ -42,9 +42,11 @@ def main() -> int:
         raise SystemExit("--out must be a new folder, not the pipeline it starts from")
     torch.set_num_threads(args.threads)
     from diffusers import AutoencoderKL
+    from safetensors import safe_open
 
-    vae = AutoencoderKL.from_pretrained(source / "vae", local_files_only=True, torch_dtype=torch.float32)
-    dtype = next(AutoencoderKL.from_pretrained(source / "vae", local_files_only=True).parameters()).dtype
+    with safe_open(source / "vae" / "diffusion_pytorch_model.safetensors", "pt") as stored:
+        dtype = stored.get_tensor(next(iter(stored.keys()))).dtype  # float16 in the shipped pipeline
+    vae = AutoencoderKL.from_pretrained(source / "vae", local_files_only=True)  # loads as float32
     vae.requires_grad_(False)
     vae.decoder.requires_grad_(True)
     if vae.post_quant_conv is not None:
