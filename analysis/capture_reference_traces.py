@@ -706,7 +706,7 @@ def _header(
         "(memory = the head's keys, starting states = its queries, β = the recorded scale), "
         f"{'–'.join(map(str, states[:: max(1, len(states) - 1)]))} states per case; compute dtype "
         f"{doc['settings'].get('dtype')}; checks' wall time {_number(doc['seconds']):.0f} s on "
-        f"{doc['environment']['threads']} thread(s). Form tested: {trace_cases[0]['form']}.",
+        f"{doc['environment']['threads']} thread(s){_load_text(doc)}. Form tested: {trace_cases[0]['form']}.",
         "",
         f"Step buckets of the {n_steps}-step run: "
         + ", ".join(f"{b} = steps {r[0]}–{r[-1]}" for b, r in ranges.items() if r)
@@ -800,10 +800,17 @@ def _cell_tables(digest: _Digest) -> list[str]:
     return lines
 
 
+def _load_text(doc: dict) -> str:
+    """The load average a verify run recorded at its end, as the verify report states it ("" if none)."""
+    load = doc.get("environment", {}).get("load_average")
+    return f" (load average {load[0]:.2f} at the end)" if load else ""
+
+
 def _default_run(default_results: Path, wall_seconds: float | None) -> list[str]:
     ddoc = json.loads(default_results.read_text(encoding="utf-8"))
     rows = from_jsonable([r for r in ddoc["summary"] if str(r["data"]).startswith("trace:")])
     timing = f"checks' wall time {_number(ddoc['seconds']):.0f} s (synthetic families and traces)"
+    timing += _load_text(ddoc)
     if wall_seconds is not None:
         timing += f", command wall time {wall_seconds:.0f} s"
     return [
