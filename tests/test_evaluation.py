@@ -227,6 +227,8 @@ def test_a_quick_evaluation_writes_tables_claims_and_figures(pipe, tmp_path):
     ):
         assert heading in text
     assert all(m.name in text for m in methods)
+    # the report says under what load its time column was taken
+    assert len(data["load_average"]) == 2 and "load average" in text
 
 
 def test_a_baseline_at_the_accuracy_ceiling_is_named_as_one_that_only_harm_can_be_measured_against():

@@ -5,6 +5,7 @@ exact text alignment and Fréchet distance to real renders with bootstrap interv
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -331,6 +332,7 @@ class Evaluation:
     matched: dict[str, str] = field(default_factory=dict)
     n_resamples: int = 500
     split: str = "train"  # the colour-shape combinations the prompts come from
+    load_average: tuple[float, float] | None = None  # 1-min load before and after sampling (its times)
     _cache: dict[tuple[str, ...], Any] = field(default_factory=dict)
 
     def result(self, name: str) -> MethodResult:
@@ -438,6 +440,7 @@ class Evaluation:
             "model": self.model,
             "n_prompts": self.n_prompts,
             "split": self.split,
+            "load_average": self.load_average,
             "seeds": self.seeds,
             "samples_per_method": len(self.captions),
             "steps": self.steps,
@@ -489,6 +492,7 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
+    load_before = os.getloadavg()[0]
     latents = initial_noise(pipe, n_prompts, seeds)
     if latents.shape[0] != len(captions):
         raise ValueError(f"captions must hold len(seeds) * n_prompts = {latents.shape[0]} entries")
@@ -535,4 +539,5 @@ def evaluate(
         magnitudes=magnitudes,
         split=split,
         matched=matched,
+        load_average=(load_before, os.getloadavg()[0]),
     )

@@ -572,7 +572,13 @@ def markdown_report(ev: Evaluation, *, figures: dict[str, str] | None = None, co
         f"- {ev.n_prompts} prompts (half one object, half two objects; {_SPLIT_WORDS[ev.split]}) × "
         f"{len(ev.seeds)} noise seeds "
         f"{ev.seeds} = {len(ev.captions)} samples per method; the same prompts and initial noise for every "
-        f"method; DDIM, {ev.steps} steps",
+        f"method; DDIM, {ev.steps} steps"
+        + (
+            f"; time (s) is wall time, 1-min load average {ev.load_average[0]:.2f} before sampling and "
+            f"{ev.load_average[1]:.2f} after, on {os.cpu_count()} cores"
+            if ev.load_average is not None
+            else ""
+        ),
         f"- Fréchet distance: reader features of the samples against {ev.real_features.shape[0]} real "
         "renders of the same captions (random jitter); alignment read exactly from the pixels "
         "(no learned judge); *attribute score* = per image, the share of the caption's stated attributes "
