@@ -342,11 +342,34 @@ def test_resume_from_committed_ema_weights_alone_restarts_the_warmup(tmp_path) -
     assert resumed.lr_at(2) == pytest.approx(resumed.config.lr / resumed.config.warmup_steps)
 
 
+def test_learning_rate_warms_up_holds_then_decays_by_half_cosine_to_lr_final(tmp_path) -> None:
+    config = TrainConfig.from_dict(
+        {**TINY_TRAIN, "out_dir": str(tmp_path), "steps": 100, "warmup_steps": 10, "lr": 1e-3,
+         "lr_decay_steps": 40, "lr_final": 1e-4}
+    )
+    trainer = Trainer(config)
+    assert trainer.lr_at(0) == pytest.approx(1e-4)  # warm-up: (step + 1) / warmup_steps of lr
+    assert trainer.lr_at(9) == pytest.approx(1e-3)
+    assert trainer.lr_at(60) == pytest.approx(1e-3)  # constant until steps - lr_decay_steps
+    assert trainer.lr_at(80) == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # half-way down the cosine
+    assert trainer.lr_at(100) == pytest.approx(1e-4)
+    lrs = [trainer.lr_at(s) for s in range(10, 101)]
+    assert all(b <= a for a, b in zip(lrs, lrs[1:], strict=False))
+    constant = Trainer(
+        TrainConfig.from_dict({**TINY_TRAIN, "out_dir": str(tmp_path / "c"), "steps": 100, "warmup_steps": 1})
+    )
+    assert constant.lr_at(99) == constant.config.lr  # lr_decay_steps = 0: no decay
+
+
 def test_train_config_names_bad_fields() -> None:
     with pytest.raises(ValueError, match="unknown training config keys"):
         TrainConfig.from_dict({"stepz": 3})
     with pytest.raises(ValueError, match="caption_dropout"):
         TrainConfig.from_dict({"caption_dropout": 1.5})
+    with pytest.raises(ValueError, match="lr_decay_steps"):
+        TrainConfig.from_dict({"steps": 10, "lr_decay_steps": 11})
+    with pytest.raises(ValueError, match="lr_final"):
+        TrainConfig.from_dict({"lr": 1e-3, "lr_final": 2e-3})
     with pytest.raises(ValueError, match="unknown model config keys"):
         TrainConfig.from_dict({"model": {"block_out_channels": [8]}})
 

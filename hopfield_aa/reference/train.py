@@ -49,6 +49,8 @@ class TrainConfig:
     lr: float = 4e-4
     weight_decay: float = 0.01
     warmup_steps: int = 300
+    lr_decay_steps: int = 0
+    lr_final: float = 0.0
     grad_clip: float = 1.0
     caption_dropout: float = 0.1
     snr_gamma: float = 5.0
@@ -80,6 +82,10 @@ class TrainConfig:
             raise ValueError(f"caption_dropout must lie in [0, 1), got {config.caption_dropout}")
         if not 0.0 < config.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in (0, 1), got {config.ema_decay}")
+        if not 0 <= config.lr_decay_steps <= config.steps:
+            raise ValueError(f"lr_decay_steps must lie in [0, steps = {config.steps}], got {config.lr_decay_steps}")
+        if not 0.0 <= config.lr_final <= config.lr:
+            raise ValueError(f"lr_final must lie in [0, lr = {config.lr}], got {config.lr_final}")
         config.model_config()  # validates the model section
         return config
 
@@ -228,9 +234,15 @@ class Trainer:
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up to ``lr`` over ``warmup_steps`` (again after a resume from EMA weights only),
-        then constant: the EMA does the averaging."""
-        warm = max(self.config.warmup_steps, 1)
-        return self.config.lr * min(1.0, (step - self.warmup_from + 1) / warm)
+        then constant (the EMA does the averaging) until the last ``lr_decay_steps`` of ``steps``, over
+        which it follows a half cosine down to ``lr_final``."""
+        cfg = self.config
+        warm = min(1.0, (step - self.warmup_from + 1) / max(cfg.warmup_steps, 1))
+        lr = cfg.lr
+        if cfg.lr_decay_steps > 0:
+            t = min(max((step - (cfg.steps - cfg.lr_decay_steps)) / cfg.lr_decay_steps, 0.0), 1.0)
+            lr = cfg.lr_final + (cfg.lr - cfg.lr_final) * 0.5 * (1.0 + math.cos(math.pi * t))
+        return lr * warm
 
     def train_step(self) -> float:
         """One optimiser step on batch ``self.step``; returns its loss."""
