@@ -35,6 +35,7 @@ from hopfield_aa.normalizers import (
 )
 from hopfield_aa.normalizers import compiled as compiled_backend
 from hopfield_aa.normalizers.blocked import forward as forward_eager
+from hopfield_aa.normalizers.exact import entmax15_sort_probs as exact_sort_probs
 from hopfield_aa.normalizers.exact import entmax15_sort_rows as exact_sort_rows
 from tests._oracles import entmax15_sort as _entmax15_sort
 from tests._oracles import entmax_bisect as _entmax_bisect
@@ -557,6 +558,35 @@ def test_small_tensors_take_the_sort_kernel_which_agrees_with_the_blocked_one_an
     p_all, lam_all = blocked.forward(z, 1.5, -1)
     assert calls and torch.equal(p_all[-1], torch.zeros(n)) and float(lam_all[-1]) == -math.inf
     assert torch.equal(p_all[:-1][torch.isfinite(z[:-1].amax(-1))], p_sort)
+
+
+@pytest.mark.parametrize("n", [2, 3, 12, 77, 300])
+def test_probabilities_alone_of_small_tensors_are_the_sort_kernel_p_exact_and_zero_on_masked_rows(
+    n: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """entmax_tensor at α = 1.5 on a small tensor (the attention hot path) takes the probabilities-only
+    sort kernel: bit for bit the p of the (p, λ) sort kernel, within 1e-6 of the float64 reference on
+    adversarial rows (ties, masked tails, huge logits), 0 on −inf entries and on rows of only −inf, on
+    any axis; larger tensors keep the blocked kernel."""
+    from hopfield_aa.normalizers import blocked
+
+    z = _adversarial_float32(n, seed=22)
+    z = torch.cat([z[: min(599, (1 << 15) // n - 1)], z[-1:]])  # the last row: only -inf
+    calls = []
+    monkeypatch.setattr(
+        blocked.exact, "entmax15_sort_probs", lambda *a: calls.append(1) or exact_sort_probs(*a)
+    )
+    p = _entmax_tensor(z, 1.5)
+    assert calls, "the probabilities-only sort kernel was not used on a small tensor"
+    assert torch.equal(p, exact_sort_rows(z)[0])
+    live = torch.isfinite(z.amax(-1))
+    torch.testing.assert_close(p[live], _exact_reference(z[live], 1.5).float(), atol=1e-6, rtol=0)
+    assert torch.equal(p[~live], torch.zeros_like(p[~live])) and bool((p[torch.isinf(z)] == 0).all())
+    assert torch.equal(_entmax_tensor(z.T.contiguous(), 1.5, 0), p.T)
+    calls.clear()
+    monkeypatch.setattr(blocked, "_SORT_MAX_ENTRIES", 0)
+    torch.testing.assert_close(_entmax_tensor(z, 1.5), p, atol=1e-6, rtol=0)
+    assert not calls
 
 
 @pytest.fixture

@@ -259,7 +259,7 @@ def entmax_tensor(scores: torch.Tensor, alpha: float | torch.Tensor, dim: int = 
     if scores.requires_grad and torch.is_grad_enabled():
         out: torch.Tensor = _EntmaxFunction.apply(scores, alpha, dim)
         return out
-    return blocked.forward(scores, alpha, dim)[0]
+    return blocked.probs(scores, alpha, dim)
 
 
 def lambda_tensor(

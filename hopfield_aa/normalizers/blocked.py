@@ -210,6 +210,25 @@ def forward(
     return probs, lam
 
 
+def probs(scores: torch.Tensor, alpha: float, dim: int) -> torch.Tensor:
+    """α-entmax of ``scores`` along ``dim`` (α > 1), the probabilities alone: :func:`forward`'s, except
+    that small float32/float64 tensors at α = 1.5 (at most ``_SORT_MAX_ENTRIES`` entries, eager, no
+    compiled backend selected) take :func:`.exact.entmax15_sort_probs`, which skips λ and the row
+    reshapes (about 22 dispatches instead of about 50: at attention's short text rows the dispatches,
+    not the arithmetic, set the time)."""
+    if (
+        alpha == 1.5
+        and scores.dtype in (torch.float32, torch.float64)
+        and 0 < scores.numel() <= _SORT_MAX_ENTRIES
+        and compiled.get_backend() != "compiled"
+        and not torch.compiler.is_compiling()
+    ):
+        if dim in (-1, scores.ndim - 1):
+            return exact.entmax15_sort_probs(scores)
+        return exact.entmax15_sort_probs(scores.movedim(dim, -1)).movedim(-1, dim)
+    return forward(scores, alpha, dim)[0]
+
+
 def _forward_small(rows: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(p, λ) by the sort kernel where it is the faster one (α = 1.5, at most ``_SORT_MAX_ENTRIES``
     entries) or under ``torch.compile`` (α = 1.5, any size: one graph, no data-dependent branch); None

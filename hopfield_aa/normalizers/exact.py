@@ -210,17 +210,61 @@ def entmax15_threshold_sort(u: torch.Tensor) -> torch.Tensor:
     return tau.gather(-1, support - 1)
 
 
+_INVERSE_RANKS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _inverse_ranks(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """1/k for k = 1..n (cached per length, dtype and device: one tensor fewer to build per call)."""
+    key = (n, dtype, device)
+    ranks = _INVERSE_RANKS.get(key)
+    if ranks is None:
+        ranks = torch.arange(1, n + 1, dtype=dtype, device=device).reciprocal_()
+        if len(_INVERSE_RANKS) < 64:
+            _INVERSE_RANKS[key] = ranks
+    return ranks
+
+
+def _entmax15_sort_parts(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(p, τ, top) of 1.5-entmax of the rows of ``z`` (last axis) by sorting: top = max z / 2 (the
+    lowest finite value for a row of only −inf) and τ the threshold of u = z/2 − top.
+
+    The threshold is :func:`entmax15_threshold_sort`'s (the support is the number of ranks k with
+    τ_k ≤ u_(k)), computed on sorted rows whose −inf entries are clamped to the dtype's lowest finite
+    value: their τ_k is NaN or above u_(k), so they never count, and a row of only −inf gets a finite
+    threshold. p is then taken from the unclamped, shifted scores, so −inf entries (and rows of only −inf)
+    get p = 0. ``z`` must be free of NaN and +inf.
+    """
+    half = z.mul(0.5)
+    srt = torch.sort(half, dim=-1, descending=True)[0].clamp_(min=torch.finfo(z.dtype).min)
+    top = srt[..., :1]
+    shifted = srt - top  # not in place: ``top`` is a view of ``srt``
+    inv_k = _inverse_ranks(z.shape[-1], z.dtype, z.device)
+    mean = shifted.cumsum(-1).mul_(inv_k)
+    # τ_k = mean_k − √(1/k − (mean of squares_k − mean_k²))
+    delta = torch.addcmul(inv_k, mean, mean).sub_(shifted.square().cumsum(-1).mul_(inv_k))
+    tau = mean.sub_(delta.clamp_(min=0).sqrt_())
+    support = (tau <= shifted).sum(-1, keepdim=True)
+    tau = tau.gather(-1, support.sub_(1))
+    # p from the shifted scores (a threshold in unshifted units would round away at |z| ≳ 1e8)
+    return half.sub_(top).sub_(tau).clamp_(min=0).square_(), tau, top
+
+
+def entmax15_sort_probs(z: torch.Tensor) -> torch.Tensor:
+    """1.5-entmax probabilities of the rows of ``z`` (last axis) by sorting, in about 22 dispatches and
+    no host synchronisation: the kernel of small score tensors in the attention hot path
+    (:func:`.blocked.probs`). −inf entries get p = 0, and so does a row of only −inf; ``z`` must be free
+    of NaN and +inf."""
+    return _entmax15_sort_parts(z)[0]
+
+
 def entmax15_sort_rows(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(p, λ) of 1.5-entmax of rows ``z`` (n, k) by sorting: a fixed ~20 dispatches whatever the rows, and
-    no host synchronisation (the fast kernel for small score tensors: :func:`.blocked.forward` decides).
-    −inf entries get p = 0; a row of only −inf gets p = 0 and λ = −inf, as from the blocked kernel."""
-    z_max = z.amax(-1, keepdim=True)
-    live = torch.isfinite(z_max)
-    z_max = torch.where(live, z_max, 0.0)
-    # u of a row of only -inf is -inf everywhere: its threshold is finite and p = [-inf - τ]_+² = 0
-    u = (z - z_max).mul_(0.5)
-    p, lam = probs_from_threshold(u, entmax15_threshold_sort(u), True)
-    return p, torch.where(live, lam.add_(z_max), -math.inf)
+    """(p, λ) of 1.5-entmax of rows ``z`` (n, k) by sorting, λ in score units: the same kernel as
+    :func:`entmax15_sort_probs` (no host synchronisation), for :func:`.blocked.forward` on small tensors
+    and under compilation. A row of only −inf gets p = 0 and λ = −inf, as from the blocked kernel."""
+    p, tau, top = _entmax15_sort_parts(z)
+    # p_i = [u_i − τ]_+² with u = z/2 − top and λ = 2(τ + 1) + max z (the convention of .newton)
+    lam = torch.where(top > torch.finfo(z.dtype).min, (tau + top + 1.0).mul_(2.0), -math.inf)
+    return p, lam
 
 
 def entmax15_sort(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
