@@ -35,7 +35,6 @@ from hopfield_aa.normalizers import (
 )
 from hopfield_aa.normalizers import compiled as compiled_backend
 from hopfield_aa.normalizers.blocked import forward as forward_eager
-from hopfield_aa.normalizers.exact import entmax15_sort_probs as exact_sort_probs
 from hopfield_aa.normalizers.exact import entmax15_sort_rows as exact_sort_rows
 from tests._oracles import entmax15_sort as _entmax15_sort
 from tests._oracles import entmax_bisect as _entmax_bisect
@@ -538,9 +537,7 @@ def test_small_tensors_take_the_sort_kernel_which_agrees_with_the_blocked_one_an
     z = torch.cat([z[: min(599, (1 << 15) // n - 1)], z[-1:]])  # the last row: only -inf
     assert z.numel() <= blocked._SORT_MAX_ENTRIES
     calls = []
-    monkeypatch.setattr(
-        blocked.exact, "entmax15_sort_rows", lambda *a: calls.append(1) or exact_sort_rows(*a)
-    )
+    monkeypatch.setitem(blocked._SORT_ROWS_KERNELS, 1.5, lambda *a: calls.append(1) or exact_sort_rows(*a))
     live = z[torch.isfinite(z.amax(-1))]  # every row with a finite maximum: the sort kernel
     p_sort, lam_sort = blocked.forward(live, 1.5, -1)
     assert calls, "the sort kernel was not used on a small tensor"
@@ -560,32 +557,38 @@ def test_small_tensors_take_the_sort_kernel_which_agrees_with_the_blocked_one_an
     assert torch.equal(p_all[:-1][torch.isfinite(z[:-1].amax(-1))], p_sort)
 
 
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
 @pytest.mark.parametrize("n", [2, 3, 12, 77, 300])
 def test_probabilities_alone_of_small_tensors_are_the_sort_kernel_p_exact_and_zero_on_masked_rows(
-    n: int, monkeypatch: pytest.MonkeyPatch
+    n: int, alpha: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """entmax_tensor at α = 1.5 on a small tensor (the attention hot path) takes the probabilities-only
-    sort kernel: bit for bit the p of the (p, λ) sort kernel, within 1e-6 of the float64 reference on
-    adversarial rows (ties, masked tails, huge logits), 0 on −inf entries and on rows of only −inf, on
-    any axis; larger tensors keep the blocked kernel."""
-    from hopfield_aa.normalizers import blocked
+    """entmax_tensor at α = 1.5 and 2 on a small tensor (the attention hot path) takes the
+    probabilities-only sort kernel: bit for bit the p of the (p, λ) sort kernel, within 1e-6 of the
+    float64 reference on adversarial rows (ties, masked tails, huge logits), 0 on −inf entries and on
+    rows of only −inf, on any axis; the (p, λ) kernel's λ is the blocked kernel's; larger tensors keep
+    the blocked kernel."""
+    from hopfield_aa.normalizers import blocked, exact
 
+    name = {1.5: "entmax15", 2.0: "sparsemax"}[alpha]
+    probs_kernel, rows_kernel = getattr(exact, f"{name}_sort_probs"), getattr(exact, f"{name}_sort_rows")
     z = _adversarial_float32(n, seed=22)
     z = torch.cat([z[: min(599, (1 << 15) // n - 1)], z[-1:]])  # the last row: only -inf
     calls = []
-    monkeypatch.setattr(
-        blocked.exact, "entmax15_sort_probs", lambda *a: calls.append(1) or exact_sort_probs(*a)
-    )
-    p = _entmax_tensor(z, 1.5)
+    monkeypatch.setitem(blocked._SORT_KERNELS, alpha, lambda *a: calls.append(1) or probs_kernel(*a))
+    p = _entmax_tensor(z, alpha)
     assert calls, "the probabilities-only sort kernel was not used on a small tensor"
-    assert torch.equal(p, exact_sort_rows(z)[0])
+    p_rows, lam_rows = rows_kernel(z)
+    assert torch.equal(p, p_rows)
     live = torch.isfinite(z.amax(-1))
-    torch.testing.assert_close(p[live], _exact_reference(z[live], 1.5).float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(p[live], _exact_reference(z[live], alpha).float(), atol=1e-6, rtol=0)
     assert torch.equal(p[~live], torch.zeros_like(p[~live])) and bool((p[torch.isinf(z)] == 0).all())
-    assert torch.equal(_entmax_tensor(z.T.contiguous(), 1.5, 0), p.T)
+    assert torch.equal(_entmax_tensor(z.T.contiguous(), alpha, 0), p.T)
+    _, lam_blocked = blocked._forward_blocks(z, alpha, blocked._BLOCK_ELEMENTS)
+    assert torch.equal(torch.isfinite(lam_rows), live.unsqueeze(-1))
+    torch.testing.assert_close(lam_rows[live], lam_blocked[live], atol=1e-5, rtol=1e-6)
     calls.clear()
     monkeypatch.setattr(blocked, "_SORT_MAX_ENTRIES", 0)
-    torch.testing.assert_close(_entmax_tensor(z, 1.5), p, atol=1e-6, rtol=0)
+    torch.testing.assert_close(_entmax_tensor(z, alpha), p, atol=1e-6, rtol=0)
     assert not calls
 
 

@@ -212,30 +212,41 @@ def forward(
 
 def probs(scores: torch.Tensor, alpha: float, dim: int) -> torch.Tensor:
     """α-entmax of ``scores`` along ``dim`` (α > 1), the probabilities alone: :func:`forward`'s, except
-    that small float32/float64 tensors at α = 1.5 (at most ``_SORT_MAX_ENTRIES`` entries, eager, no
-    compiled backend selected) take :func:`.exact.entmax15_sort_probs`, which skips λ and the row
-    reshapes (about 22 dispatches instead of about 50: at attention's short text rows the dispatches,
-    not the arithmetic, set the time)."""
+    that small float32/float64 tensors at α = 1.5 and 2 (at most ``_SORT_MAX_ENTRIES`` entries, eager, no
+    compiled backend selected) take the probabilities-only sort kernels
+    (:func:`.exact.entmax15_sort_probs`, :func:`.exact.sparsemax_sort_probs`), which skip λ and the row
+    reshapes (about 22 and 14 dispatches instead of about 50 and 100: at attention's short text rows
+    the dispatches, not the arithmetic, set the time)."""
     if (
-        alpha == 1.5
+        alpha in _SORT_KERNELS
         and scores.dtype in (torch.float32, torch.float64)
         and 0 < scores.numel() <= _SORT_MAX_ENTRIES
         and compiled.get_backend() != "compiled"
         and not torch.compiler.is_compiling()
     ):
+        kernel = _SORT_KERNELS[alpha]
         if dim in (-1, scores.ndim - 1):
-            return exact.entmax15_sort_probs(scores)
-        return exact.entmax15_sort_probs(scores.movedim(dim, -1)).movedim(-1, dim)
+            return kernel(scores)
+        return kernel(scores.movedim(dim, -1)).movedim(-1, dim)
     return forward(scores, alpha, dim)[0]
 
 
+_SORT_KERNELS = {1.5: exact.entmax15_sort_probs, 2.0: exact.sparsemax_sort_probs}
+
+
 def _forward_small(rows: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(p, λ) by the sort kernel where it is the faster one (α = 1.5, at most ``_SORT_MAX_ENTRIES``
-    entries) or under ``torch.compile`` (α = 1.5, any size: one graph, no data-dependent branch); None
-    elsewhere."""
-    if alpha != 1.5 or (rows.numel() > _SORT_MAX_ENTRIES and not torch.compiler.is_compiling()):
+    """(p, λ) by the sort kernel where it is the faster one (α = 1.5 and 2, at most
+    ``_SORT_MAX_ENTRIES`` entries) or under ``torch.compile`` (α = 1.5, any size: one graph, no
+    data-dependent branch); None elsewhere."""
+    kernel = _SORT_ROWS_KERNELS.get(alpha)
+    if kernel is None:
         return None
-    return exact.entmax15_sort_rows(rows)
+    if rows.numel() <= _SORT_MAX_ENTRIES or (alpha == 1.5 and torch.compiler.is_compiling()):
+        return kernel(rows)
+    return None
+
+
+_SORT_ROWS_KERNELS = {1.5: exact.entmax15_sort_rows, 2.0: exact.sparsemax_sort_rows}
 
 
 def softmax_rows(z: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
