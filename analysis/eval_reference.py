@@ -16,6 +16,7 @@ Writes ``analysis/results/reference_eval.md`` / ``.json`` and ``analysis/figures
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -162,20 +163,18 @@ def evaluate_scales(
 def targets(
     results: dict[float, dict], fd_floor: float, fd_floor_matched: Any
 ) -> tuple[float, list[tuple[str, str, str]]]:
-    """The best scale (highest mean whole-caption accuracy over the seen cells) and a verdict per target.
+    """The best scale and a verdict per target.
+
+    The best scale is the operating point a practitioner would pick: among the scales whose seen-cell
+    alignment is statistically tied with the highest (:func:`best_scale`), the one with the lowest FD.
 
     The FD target is judged against ``fd_floor_matched``: the FD that a perfect generator gets under the same
     estimator (real renders of the very prompts evaluated, as many as the generated images, against the same
     real reference set), so that FD's small-sample bias, which grows like 1/n, is the same on both sides.
     ``fd_floor`` (two sets of ``n_real`` real renders) is reported beside it."""
 
-    def seen(s: float) -> float:
-        return (
-            results[s]["cells"][("train", "single")]["whole"].value
-            + results[s]["cells"][("train", "pair")]["whole"].value
-        ) / 2
-
-    best = max(results, key=seen)
+    seen = functools.partial(seen_accuracy, results)
+    best, top = best_scale(results)
     r = results[best]["cells"]
     rows = []
 
@@ -217,10 +216,32 @@ def targets(
             "FD at the best s within 2× the real-vs-real floor (same n, same prompts)",
             f"≤ {2 * floor:.3f}",
             f"{fd_best:.3f} (floor {fmt(fd_floor_matched)}; {fd_best / floor:.1f}× the floor; "
-            f"two full real sets: {fd_floor:.4f}) → {'met' if fd_best <= 2 * floor else 'missed'}",
+            f"two full real sets: {fd_floor:.4f}; at the highest-alignment s = {top:g}: "
+            f"{results[top]['fd'].value:.3f}) → {'met' if fd_best <= 2 * floor else 'missed'}",
         )
     )
     return best, rows
+
+
+SEEN_CELLS = (("train", "single"), ("train", "pair"))
+
+
+def seen_accuracy(results: dict[float, dict], s: float) -> float:
+    """Mean whole-caption accuracy over the seen cells at scale ``s``."""
+    return sum(results[s]["cells"][cell]["whole"].value for cell in SEEN_CELLS) / len(SEEN_CELLS)
+
+
+def best_scale(results: dict[float, dict]) -> tuple[float, float]:
+    """(best, top): ``top`` has the highest mean seen whole-caption accuracy; the scales tied with it are
+    those whose 95 % interval contains ``top``'s accuracy on both seen cells (at the ceiling one prompt in
+    256 is within sampling noise), and ``best`` is the tied scale with the lowest FD."""
+    top = max(results, key=lambda s: seen_accuracy(results, s))
+
+    def within(s: float, cell: tuple[str, str]) -> bool:
+        return results[s]["cells"][cell]["whole"].high >= results[top]["cells"][cell]["whole"].value
+
+    tied = [s for s in results if all(within(s, cell) for cell in SEEN_CELLS)]
+    return min(tied, key=lambda s: (results[s]["fd"].value, s)), top
 
 
 def plot_alignment_vs_fd(
@@ -513,7 +534,8 @@ def main() -> int:
         + (f" --weights {args.weights}" if args.weights else "")
         + f" --per-cell {args.per_cell} --scales {' '.join(f'{s:g}' for s in args.scales)}`",
         "",
-        f"## Targets (best scale s = {best:g}: highest mean whole-caption accuracy over the seen cells)",
+        f"## Targets (best scale s = {best:g}: the lowest FD among the scales whose seen-cell accuracy is "
+        "tied with the highest, i.e. the highest lies inside their 95 % intervals)",
         "",
         "| target | goal | measured |",
         "|---|---|---|",
