@@ -513,6 +513,16 @@ def _adversarial_float32(n: int, seed: int) -> torch.Tensor:
     return z
 
 
+def _sort_sized_rows(n: int) -> int:
+    """Rows of ``n`` entries (at most 599) that, with one more, the sort kernels still take."""
+    from hopfield_aa.normalizers import blocked
+
+    rows = 599
+    while not blocked._sort_is_faster((rows + 1) * n, n):
+        rows -= 1
+    return rows
+
+
 def _exact_reference(z: torch.Tensor, alpha: float) -> torch.Tensor:
     """Sort-based (α = 1.5, 2) or 200-halving bisection (other α) in float64 on the live rows."""
     z64 = z.double()
@@ -527,15 +537,15 @@ def _exact_reference(z: torch.Tensor, alpha: float) -> torch.Tensor:
 def test_small_tensors_take_the_sort_kernel_which_agrees_with_the_blocked_one_and_the_exact_reference(
     n: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """1.5-entmax of a small tensor (≤ 2^15 entries) is computed by sorting, a fixed number of dispatches;
-    on adversarial float32 rows (ties, masked tails, huge logits) it has the blocked
+    """1.5-entmax of a small tensor (blocked._sort_is_faster) is computed by sorting, a fixed number of
+    dispatches; on adversarial float32 rows (ties, masked tails, huge logits) it has the blocked
     kernel's support, and both are within 1e-6 of the float64 reference, thresholds included; a row of
     only −inf gets zeros and λ = −inf from it, as from the blocked kernel."""
     from hopfield_aa.normalizers import blocked
 
     z = _adversarial_float32(n, seed=21)
-    z = torch.cat([z[: min(599, (1 << 15) // n - 1)], z[-1:]])  # the last row: only -inf
-    assert z.numel() <= blocked._SORT_MAX_ENTRIES
+    z = torch.cat([z[: _sort_sized_rows(n)], z[-1:]])  # the last row: only -inf
+    assert blocked._sort_is_faster(z.numel(), n)
     calls = []
     monkeypatch.setitem(blocked._SORT_ROWS_KERNELS, 1.5, lambda *a: calls.append(1) or exact_sort_rows(*a))
     live = z[torch.isfinite(z.amax(-1))]  # every row with a finite maximum: the sort kernel
@@ -572,7 +582,7 @@ def test_probabilities_alone_of_small_tensors_are_the_sort_kernel_p_exact_and_ze
     name = {1.5: "entmax15", 2.0: "sparsemax"}[alpha]
     probs_kernel, rows_kernel = getattr(exact, f"{name}_sort_probs"), getattr(exact, f"{name}_sort_rows")
     z = _adversarial_float32(n, seed=22)
-    z = torch.cat([z[: min(599, (1 << 15) // n - 1)], z[-1:]])  # the last row: only -inf
+    z = torch.cat([z[: _sort_sized_rows(n)], z[-1:]])  # the last row: only -inf
     calls = []
     monkeypatch.setitem(blocked._SORT_KERNELS, alpha, lambda *a: calls.append(1) or probs_kernel(*a))
     p = _entmax_tensor(z, alpha)

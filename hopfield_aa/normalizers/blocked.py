@@ -23,10 +23,19 @@ _BLOCK_ELEMENTS = 1 << 20
 _BLOCK_ELEMENTS_GENERAL = 1 << 17
 _SPLIT = 4  # a second, wider candidate group when some row has 4× the typical count
 _COMPACT_MIN_N = 512  # α = 1.5 and 2 compact rows of at least this length (general α: always)
-# 1.5-entmax by sorting costs a fixed ~20 dispatches where the support passes of the blocked kernel cost
-# hundreds, but more arithmetic per entry: it is the faster kernel on tensors of up to about this many
-# entries (measured on the reference model's cross-attention scores, 16 text keys, one CPU thread)
+# 1.5-entmax and sparsemax by sorting cost a fixed ~15-22 dispatches where the support passes of the
+# blocked kernel cost hundreds, but more arithmetic per entry: the sort kernels are the faster ones on
+# tensors of up to about this many entries when rows are at most 16 long, and on proportionally fewer
+# (∝ 1/√n) for longer rows n (measured, one CPU thread: equal times at 32k entries for n = 16 and at
+# about 16k for n = 77; the blocked kernel 3.7× and 8× faster at 262k entries)
 _SORT_MAX_ENTRIES = 1 << 15
+
+
+def _sort_is_faster(numel: int, n: int) -> bool:
+    """Whether the sort kernels beat the blocked one on ``numel`` entries in rows of ``n``."""
+    return 0 < numel <= _SORT_MAX_ENTRIES * min(1.0, (16 / max(n, 1)) ** 0.5)
+
+
 # Rows sharing one of at most this many distinct α values are solved by the float-α kernels (exact
 # 1.5 and 2, compaction); more distinct values go to the batched Newton kernel with α per row.
 _MAX_ALPHA_GROUPS = 16
@@ -212,15 +221,15 @@ def forward(
 
 def probs(scores: torch.Tensor, alpha: float, dim: int) -> torch.Tensor:
     """α-entmax of ``scores`` along ``dim`` (α > 1), the probabilities alone: :func:`forward`'s, except
-    that small float32/float64 tensors at α = 1.5 and 2 (at most ``_SORT_MAX_ENTRIES`` entries, eager, no
-    compiled backend selected) take the probabilities-only sort kernels
+    that small float32/float64 tensors at α = 1.5 and 2 (:func:`_sort_is_faster`, eager, no compiled
+    backend selected) take the probabilities-only sort kernels
     (:func:`.exact.entmax15_sort_probs`, :func:`.exact.sparsemax_sort_probs`), which skip λ and the row
     reshapes (about 22 and 14 dispatches instead of about 50 and 100: at attention's short text rows
     the dispatches, not the arithmetic, set the time)."""
     if (
         alpha in _SORT_KERNELS
         and scores.dtype in (torch.float32, torch.float64)
-        and 0 < scores.numel() <= _SORT_MAX_ENTRIES
+        and _sort_is_faster(scores.numel(), scores.shape[dim])
         and compiled.get_backend() != "compiled"
         and not torch.compiler.is_compiling()
     ):
@@ -235,13 +244,13 @@ _SORT_KERNELS = {1.5: exact.entmax15_sort_probs, 2.0: exact.sparsemax_sort_probs
 
 
 def _forward_small(rows: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(p, λ) by the sort kernel where it is the faster one (α = 1.5 and 2, at most
-    ``_SORT_MAX_ENTRIES`` entries) or under ``torch.compile`` (α = 1.5, any size: one graph, no
+    """(p, λ) by the sort kernel where it is the faster one (α = 1.5 and 2, :func:`_sort_is_faster`) or
+    under ``torch.compile`` (α = 1.5, any size: one graph, no
     data-dependent branch); None elsewhere."""
     kernel = _SORT_ROWS_KERNELS.get(alpha)
     if kernel is None:
         return None
-    if rows.numel() <= _SORT_MAX_ENTRIES or (alpha == 1.5 and torch.compiler.is_compiling()):
+    if _sort_is_faster(rows.numel(), rows.shape[-1]) or (alpha == 1.5 and torch.compiler.is_compiling()):
         return kernel(rows)
     return None
 
