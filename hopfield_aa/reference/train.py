@@ -83,7 +83,9 @@ class TrainConfig:
         if not 0.0 < config.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in (0, 1), got {config.ema_decay}")
         if not 0 <= config.lr_decay_steps <= config.steps:
-            raise ValueError(f"lr_decay_steps must lie in [0, steps = {config.steps}], got {config.lr_decay_steps}")
+            raise ValueError(
+                f"lr_decay_steps must lie in [0, steps = {config.steps}], got {config.lr_decay_steps}"
+            )
         if not 0.0 <= config.lr_final <= config.lr:
             raise ValueError(f"lr_final must lie in [0, lr = {config.lr}], got {config.lr_final}")
         config.model_config()  # validates the model section
