@@ -378,6 +378,74 @@ def plot_progress(history: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+HISTORY = RESULTS / "reference_eval_history.json"
+"""One line per full evaluation of a shipped pipeline (same prompts, noises and estimator each time)."""
+
+
+def history_entry(summary: dict) -> dict:
+    """The part of a full evaluation's summary that the FD-against-training curve reads."""
+    keep = ("step", "samples_seen", "per_cell", "best_scale", "fd_real_floor_matched", "fd_autoencoder_floor")
+    entry = {k: summary[k] for k in keep if k in summary}
+    entry["scales"] = {
+        s: {
+            "fd": r["fd"],
+            "seen": (
+                r["cells"]["train/single"]["whole"]["value"] + r["cells"]["train/pair"]["whole"]["value"]
+            )
+            / 2,
+            "heldout": r["heldout"]["value"],
+        }
+        for s, r in summary["scales"].items()
+    }
+    return entry
+
+
+def record_history(summary: dict, path: Path = HISTORY) -> list[dict]:
+    """Add ``summary``'s entry to the history at ``path`` (replacing one of the same step); returns it."""
+    history = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+    entry = history_entry(summary)
+    history = [h for h in history if h.get("step") != entry.get("step")] + [entry]
+    history.sort(key=lambda h: h.get("samples_seen") or 0)
+    write_json(path, history)
+    return history
+
+
+def plot_fd_history(history: list[dict], path: Path) -> None:
+    """FD of the full evaluations against training samples seen, one line per CFG scale, with the matched
+    floor and the 2× target: whether more training of this model still lowers FD."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    scales = sorted({s for h in history for s in h["scales"]}, key=float)
+    for scale in scales:
+        rows = [
+            (h["samples_seen"], h["scales"][scale]["fd"]["value"]) for h in history if scale in h["scales"]
+        ]
+        ax.plot([n / 1e6 for n, _ in rows], [v for _, v in rows], marker="o", label=f"CFG s={scale}")
+    floor = history[-1]["fd_real_floor_matched"]["value"]
+    ax.axhline(floor, color="grey", ls=":", label="real renders, same n (floor)")
+    ax.axhline(2 * floor, color="grey", ls="--", label="2 × floor (target)")
+    if "fd_autoencoder_floor" in history[-1]:
+        ax.axhline(
+            history[-1]["fd_autoencoder_floor"]["value"],
+            color="black",
+            ls="-.",
+            lw=0.8,
+            label="autoencoder reconstructions",
+        )
+    ax.set_yscale("log")
+    ax.set_xlabel("training samples seen by the denoiser (millions)")
+    ax.set_ylabel("Fréchet distance (256 prompts per cell)")
+    ax.set_title("reference pipeline: FD of each full evaluation", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -406,6 +474,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.replot:
         replot(Path(args.out).with_suffix(".json"))
+        if HISTORY.is_file():
+            plot_fd_history(json.loads(HISTORY.read_text()), FIGURES / "reference_fd_vs_samples.png")
         if args.progress:
             plot_progress(
                 json.loads(Path(args.progress).read_text()), Path(args.progress).with_suffix(".png")
@@ -582,6 +652,8 @@ def main() -> int:
         "",
         "Figures: `analysis/figures/reference_grid_*.png` (rows: prompts, columns: seeds; at s = 1 and "
         "the best s), `analysis/figures/reference_alignment_vs_fd.png`, "
+        "`analysis/figures/reference_fd_vs_samples.png` (FD of every full evaluation of the shipped pipeline "
+        "against training samples seen, from `analysis/results/reference_eval_history.json`), "
         "`analysis/training/reference/loss.png`.",
         f"Wall time: {time.time() - t_start:.0f} s on {args.threads} CPU thread(s); load average "
         f"{load_before:.2f} before, {load_after:.2f} after.",
@@ -590,6 +662,8 @@ def main() -> int:
     out = Path(args.out)
     write_text(out, "\n".join(lines))
     write_json(out.with_suffix(".json"), summary_json())
+    if args.weights is None and args.per_cell == 256:  # the shipped pipeline under the full protocol
+        plot_fd_history(record_history(summary_json()), FIGURES / "reference_fd_vs_samples.png")
     print("\n".join(lines))
     return 0
 

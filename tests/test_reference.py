@@ -552,3 +552,35 @@ def test_best_cfg_scale_is_the_lowest_fd_among_scales_statistically_tied_with_th
     assert module.best_scale(results) == (2.0, 5.0)
     results[2.0]["cells"][("train", "pair")]["whole"] = Estimate(0.95, 0.93, 0.97)  # no longer tied
     assert module.best_scale(results) == (3.0, 5.0)
+
+
+def test_full_evaluations_form_a_history_one_entry_per_step_in_order_of_samples_seen(tmp_path) -> None:
+    """eval_reference's history (the FD-against-training curve): an evaluation of a step already recorded
+    replaces it, entries stay ordered by samples seen, and each keeps FD and the seen/held-out accuracy."""
+    module = _eval_reference_module()
+
+    def summary(step: int, fd: float) -> dict:
+        est = {"value": fd, "low": 0.0, "high": fd}
+        cells = {
+            c: {"whole": {"value": 1.0, "low": 1.0, "high": 1.0}} for c in ("train/single", "train/pair")
+        }
+        return {
+            "step": step,
+            "samples_seen": 64 * step,
+            "per_cell": 256,
+            "fd_real_floor_matched": {"value": 0.005, "low": 0.0, "high": 0.002},
+            "scales": {"2": {"fd": est, "heldout": {"value": 0.9}, "cells": cells}},
+        }
+
+    path = tmp_path / "history.json"
+    module.record_history(summary(200, 0.02), path)
+    module.record_history(summary(100, 0.03), path)
+    history = module.record_history(summary(200, 0.01), path)
+    assert [h["step"] for h in history] == [100, 200]
+    assert history[1]["scales"]["2"] == {
+        "fd": {"value": 0.01, "low": 0.0, "high": 0.01},
+        "seen": 1.0,
+        "heldout": 0.9,
+    }
+    module.plot_fd_history(history, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 0
