@@ -208,3 +208,24 @@ def test_a_failing_compiler_warns_once_and_the_eager_path_guides(unet, monkeypat
     assert torch.equal(first, eager) and torch.equal(second, eager)
     with pytest.raises(TypeError, match="compile"):
         enable_gag(unet, "gag", compile="yes")
+
+
+@pytest.mark.slow
+def test_the_prepared_gpu_benchmark_runs_end_to_end_on_a_cpu(tmp_path) -> None:
+    """analysis/bench_gpu.py (the one-shot run for a lent GPU) on a CPU with --quick: every section is
+    written (entmax against softmax and the package, guided attention against SDPA, Anderson), so a GPU
+    session only has to run it."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "analysis" / "bench_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "bench_gpu.md"
+    assert module.main(["--device", "cpu", "--quick", "--out", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    for heading in ("### α-entmax forward, float32", "### Guided attention", "### Anderson acceleration"):
+        assert heading in text
+    assert "Rows converged at β = 7.5, m = 5: 32/32." in text
