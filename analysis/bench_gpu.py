@@ -9,8 +9,8 @@ Run it as one script on a GPU machine (it needs nothing but this checkout and an
 
 Times are CUDA-event times (median of ``--repeats`` calls after warm-up, each call synchronised); peak
 memory is ``torch.cuda.max_memory_allocated`` above the inputs. Every ratio is measured side by side in
-this one run. Where no GPU has been available, ``bench_gpu.md`` does not exist and the GPU table is owed
-(``analysis/results/guidance_overhead.md`` says so).
+this one run, and the load average is recorded around it as in every benchmark (``_bench``). Where no
+GPU has been available, ``bench_gpu.md`` does not exist and the GPU table is owed.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import _bench as bench
 import torch
 import torch.nn.functional as F
 
-from hopfield_aa._io import write_text
 from hopfield_aa.anderson import anderson
 from hopfield_aa.guidance.attention import guided_attention
 from hopfield_aa.guidance.rules import extrapolate_rule, gag_rule
@@ -159,7 +159,9 @@ def attention_section(timer: Timer, batch: int, heads: int, queries: int, keys: 
 
 
 def anderson_section(timer: Timer, batch: int, beta: float = 7.5) -> list[str]:
-    """Anderson's time per iteration (all rows active) against one evaluation of the Hopfield map."""
+    """Anderson's time per iteration (all rows active) against one evaluation of the Hopfield map: the
+    problem of ``bench_anderson.hopfield_problem``, built here on the device (that module imports scipy
+    and torchdeq, which this run does not need)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     patterns = torch.randn(64, 32, generator=gen, dtype=torch.float64)
     patterns = (patterns / patterns.norm(dim=1, keepdim=True)).to(timer.device)
@@ -194,11 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="small shapes, 3 repeats: a smoke run")
     parser.add_argument("--out", default=str(ROOT / "analysis/results/bench_gpu.md"))
+    bench.add_arguments(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available (use --device cpu for a smoke run)")
     timer = Timer(device, 3 if args.quick else args.repeats)
+    load = bench.start(args, own_threads=1)
     shapes = [(256, 77), (64, 256)] if args.quick else ENTMAX_SHAPES
     attention = (1, 2, 256, 77, 64) if args.quick else (2, 10, 4096, 77, 64)
     start = time.perf_counter()
@@ -216,9 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     sections += ["", *attention_section(timer, *attention)]
     sections += ["", *anderson_section(timer, 32 if args.quick else 256)]
     sections += ["", f"Wall time of the whole run: {time.perf_counter() - start:.0f} s."]
-    text = "\n".join(sections) + "\n"
-    print(text)
-    write_text(Path(args.out), text)
+    bench.stop(load)
+    bench.write_table(args.out, "\n".join(sections) + "\n", load, args)
     return 0
 
 

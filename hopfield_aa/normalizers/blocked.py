@@ -245,8 +245,7 @@ _SORT_KERNELS = {1.5: exact.entmax15_sort_probs, 2.0: exact.sparsemax_sort_probs
 
 def _forward_small(rows: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(p, λ) by the sort kernel where it is the faster one (α = 1.5 and 2, :func:`_sort_is_faster`) or
-    under ``torch.compile`` (α = 1.5, any size: one graph, no
-    data-dependent branch); None elsewhere."""
+    under ``torch.compile`` (α = 1.5, any size: one graph, no data-dependent branch); None elsewhere."""
     kernel = _SORT_ROWS_KERNELS.get(alpha)
     if kernel is None:
         return None
