@@ -389,10 +389,7 @@ def history_entry(summary: dict) -> dict:
     entry["scales"] = {
         s: {
             "fd": r["fd"],
-            "seen": (
-                r["cells"]["train/single"]["whole"]["value"] + r["cells"]["train/pair"]["whole"]["value"]
-            )
-            / 2,
+            "seen": sum(r["cells"]["/".join(c)]["whole"]["value"] for c in SEEN_CELLS) / len(SEEN_CELLS),
             "heldout": r["heldout"]["value"],
         }
         for s, r in summary["scales"].items()
@@ -400,12 +397,12 @@ def history_entry(summary: dict) -> dict:
     return entry
 
 
-def record_history(summary: dict, path: Path = HISTORY) -> list[dict]:
-    """Add ``summary``'s entry to the history at ``path`` (replacing one of the same step); returns it."""
+def record_history(entry: dict, path: Path = HISTORY) -> list[dict]:
+    """Add ``entry`` to the JSON list at ``path`` (replacing one of the same training step), in order of
+    step; returns the list. The evaluation history and the quick training curve both grow this way."""
     history = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
-    entry = history_entry(summary)
     history = [h for h in history if h.get("step") != entry.get("step")] + [entry]
-    history.sort(key=lambda h: h.get("samples_seen") or 0)
+    history.sort(key=lambda h: h.get("step") or 0)
     write_json(path, history)
     return history
 
@@ -553,11 +550,7 @@ def main() -> int:
         print(f"FD of the autoencoder's reconstructions of those renders: {fmt(fd_autoencoder)}")
         if args.progress:
             path = Path(args.progress)
-            history = json.loads(path.read_text()) if path.is_file() else []
-            history = [h for h in history if h.get("step") != training.get("step")] + [summary_json()]
-            history = sorted(history, key=lambda h: h.get("step") or 0)
-            write_json(path, history)
-            plot_progress(history, path.with_suffix(".png"))
+            plot_progress(record_history(summary_json(), path), path.with_suffix(".png"))
         return 0
 
     write_json(Path(args.out).with_suffix(".json"), summary_json())
@@ -661,9 +654,10 @@ def main() -> int:
     ]
     out = Path(args.out)
     write_text(out, "\n".join(lines))
-    write_json(out.with_suffix(".json"), summary_json())
+    summary = summary_json()
+    write_json(out.with_suffix(".json"), summary)
     if args.weights is None and args.per_cell == 256:  # the shipped pipeline under the full protocol
-        plot_fd_history(record_history(summary_json()), FIGURES / "reference_fd_vs_samples.png")
+        plot_fd_history(record_history(history_entry(summary)), FIGURES / "reference_fd_vs_samples.png")
     print("\n".join(lines))
     return 0
 

@@ -556,7 +556,7 @@ def test_best_cfg_scale_is_the_lowest_fd_among_scales_statistically_tied_with_th
 
 def test_full_evaluations_form_a_history_one_entry_per_step_in_order_of_samples_seen(tmp_path) -> None:
     """eval_reference's history (the FD-against-training curve): an evaluation of a step already recorded
-    replaces it, entries stay ordered by samples seen, and each keeps FD and the seen/held-out accuracy."""
+    replaces it, entries stay ordered by training step, and each keeps FD and the seen/held-out accuracy."""
     module = _eval_reference_module()
 
     def summary(step: int, fd: float) -> dict:
@@ -573,9 +573,9 @@ def test_full_evaluations_form_a_history_one_entry_per_step_in_order_of_samples_
         }
 
     path = tmp_path / "history.json"
-    module.record_history(summary(200, 0.02), path)
-    module.record_history(summary(100, 0.03), path)
-    history = module.record_history(summary(200, 0.01), path)
+    module.record_history(module.history_entry(summary(200, 0.02)), path)
+    module.record_history(module.history_entry(summary(100, 0.03)), path)
+    history = module.record_history(module.history_entry(summary(200, 0.01)), path)
     assert [h["step"] for h in history] == [100, 200]
     assert history[1]["scales"]["2"] == {
         "fd": {"value": 0.01, "low": 0.0, "high": 0.01},
