@@ -271,8 +271,9 @@ def in_loop_costs(pipe: ReferencePipeline, prompts: list[str], steps: int, repea
         f"({min(times['processors, stock kernel']) / min(times['stock']):.3f}×): the processors themselves "
         "cost little, the guided kernel is the overhead.",
         "",
-        "| call | calls | median in the sampling loop (µs) | median repeated alone (µs) | ratio |",
-        "|---|---:|---:|---:|---:|",
+        "| call | calls | median in the sampling loop (µs) | median repeated alone (µs) | ratio "
+        "| ops per call |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     with torch.no_grad():
         for key, values in in_loop.items():
@@ -286,15 +287,15 @@ def in_loop_costs(pipe: ReferencePipeline, prompts: list[str], steps: int, repea
                 fn(*a, **k)
                 alone.append(time.perf_counter() - start)
             inside, hot = statistics.median(values) * 1e6, statistics.median(alone) * 1e6
-            lines.append(f"| {key} | {len(values)} | {inside:.0f} | {hot:.0f} | {inside / hot:.1f}× |")
+            ops = ops_per_call(lambda fn=fn, a=a, k=k: fn(*a, **k))
+            lines.append(
+                f"| {key} | {len(values)} | {inside:.0f} | {hot:.0f} | {inside / hot:.1f}× | {ops} |"
+            )
     return "\n".join(lines)
 
 
 def op_counts(shape: tuple[int, int, int, int, int]) -> dict[str, int]:
     """Aten ops dispatched by one call of each stage at ``shape`` (batch, heads, queries, keys, dim)."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
     from hopfield_aa.geometry import _gag
     from hopfield_aa.normalizers import _entmax15_sort, _entmax_tensor
 
@@ -314,12 +315,17 @@ def op_counts(shape: tuple[int, int, int, int, int]) -> dict[str, int]:
         ),
         "GAG rule (geometry._gag)": lambda: _gag(dense, sparse, 1.0),
     }
-    counts = {}
-    for name, fn in calls.items():
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            fn()
-        counts[name] = sum(e.count for e in prof.key_averages())
-    return counts
+    return {name: ops_per_call(fn) for name, fn in calls.items()}
+
+
+def ops_per_call(fn: Callable[[], object]) -> int:
+    """Ops that one call of ``fn`` dispatches (torch.profiler events)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -454,8 +460,8 @@ def main(argv: list[str] | None = None) -> int:
             "",
             "Between two attention calls the UNet's convolutions evict the caches, so a guided call costs "
             "more in the loop than repeated alone (the ratio column); at batch 1 the overhead is set by how "
-            "many dispatches the guided call makes (about 55 eagerly, against one for stock attention), not "
-            "by its arithmetic.",
+            "many ops the guided call dispatches (the last column, counted as in the op table above: compare "
+            "stock SDPA there), not by its arithmetic.",
             "",
             f"### torch.profiler, GAG default, batch {batch}, {args.steps} steps",
             "",
