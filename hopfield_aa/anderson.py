@@ -448,11 +448,13 @@ class _Map:
 
 
 def _combine(gamma: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """Σ_j γ_j d_j for γ (b, k) and columns d (b, k, n): a broadcast product and sum for short
-    rows, where a batched matrix product of (1 × k)(k × n) blocks costs more, bmm otherwise."""
-    if d.shape[-1] <= 64:
-        return (gamma[:, :, None] * d).sum(1)
-    return (gamma[:, None, :] @ d)[:, 0]
+    """Σ_j γ_j d_j for γ (b, k) and columns d (b, k, n), one multiply-add per column: no (b, k, n)
+    temporary (a broadcast product and sum allocates one) and no per-row loop (a batched matrix product
+    of (1 × k)(k × n) blocks runs one)."""
+    out = gamma[:, :1] * d[:, 0]
+    for j in range(1, d.shape[1]):
+        out.addcmul_(gamma[:, j : j + 1], d[:, j])
+    return out
 
 
 def _norm(v: torch.Tensor) -> torch.Tensor:
@@ -633,11 +635,17 @@ class _Differences:
         self, sel: slice | torch.Tensor, slot: int, d_x: torch.Tensor, d_f: torch.Tensor, d_step: torch.Tensor
     ) -> None:
         self.d_x[sel, slot] = d_x
-        self.d_f[sel, slot] = d_f
         self.d_step[sel, slot] = d_step
+        self.push_f(sel, slot, d_f)
+
+    def push_f(self, sel: slice | torch.Tensor, slot: int, d_f: torch.Tensor) -> torch.Tensor:
+        """Write the ΔF column ``d_f`` of the rows ``sel`` at ``slot`` and its row and column of ΔFᵀΔF,
+        which it returns (its entry ``slot`` is ‖d_f‖²)."""
+        self.d_f[sel, slot] = d_f
         new_col = (self.d_f[sel] @ d_f[:, :, None])[:, :, 0]
         self.gram[sel, slot, :] = new_col
         self.gram[sel, :, slot] = new_col
+        return new_col
 
 
 @dataclass
@@ -736,11 +744,16 @@ class AndersonSolver:
         self.safeguard, self.cond = safeguard, restart_cond
         self.stability_check = stability_check
         self.max_stability_restarts, self.stability_iters = max_stability_restarts, stability_iters
-        self._pads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # the common step's padding, by k
+        self._pads: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # the common padding, by k
 
     def converged(self, f_norm: torch.Tensor, g_x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The convergence criterion, per row: ‖f‖ ≤ tol ‖f_0‖ (``target``) or at the rounding floor."""
-        return (f_norm <= target) | (f_norm <= 16 * torch.finfo(g_x.dtype).eps * _norm(g_x))
+        return (f_norm <= target) | (f_norm <= self._floor(g_x))
+
+    @staticmethod
+    def _floor(g_x: torch.Tensor) -> torch.Tensor:
+        """The rounding floor of the criterion, 16 ε ‖g(x)‖ per row."""
+        return 16 * torch.finfo(g_x.dtype).eps * _norm(g_x)
 
     def init(self, x0: torch.Tensor) -> AndersonState:
         """The state at the starting rows x0 (B, n): g(x0) evaluated once (not at all for B = 0)."""
@@ -838,18 +851,25 @@ class AndersonSolver:
         g_new = self.fmap(x_new)
         f_new = g_new - x_new
         fn_new = _norm(f_new)
-        # the common case: not converged, finite, accepted by the safeguard, well conditioned
-        good = ~self.converged(fn_new, g_new, state.target)
-        good &= (fn_new <= f_norm) if self.safeguard and k > 0 else torch.isfinite(fn_new)
+        # the common case: not converged (above both bounds of the criterion, which NaN is not), finite
+        # (a norm below inf), accepted by the safeguard, well conditioned
+        good = fn_new > torch.maximum(state.target, self._floor(g_new))
+        good &= (fn_new <= f_norm) if self.safeguard and k > 0 else (fn_new < math.inf)
         if use_row is not None:
             good &= use_row
         if m > 0:
             slot = state.k % m
-            d_x, d_f = x_new - x, f_new - f
-            diffs.push(slice(None), slot, d_x, d_f, g_new - g_x if b == 1.0 else d_x + b * d_f)
+            d_f = f_new - f
+            # ΔX and the step directions go straight into their ring buffers (ΔF is also needed whole)
+            d_x = torch.sub(x_new, x, out=diffs.d_x[:, slot])
+            if b == 1.0:
+                torch.sub(g_new, g_x, out=diffs.d_step[:, slot])
+            else:
+                diffs.d_step[:, slot] = d_x + b * d_f
+            square = diffs.push_f(slice(None), slot, d_f)[:, slot]
             # the new column must be usable by the next solve: positive, finite norm
-            square = diffs.gram[:, slot, slot]
-            good &= (square > 0) & (square < math.inf)
+            good &= square > 0
+            good &= square < math.inf
         if bool(good.all()):
             state.x, state.f, state.f_norm = x_new, f_new, fn_new
             state.g_x.copy_(g_new)  # g may return memory it keeps (or x_new itself)
@@ -857,7 +877,7 @@ class AndersonSolver:
             escapes = state.escapes  # no rejection here: a stall count can only reset
             progressed = fn_new <= 0.5 * escapes.reference
             escapes.reference = torch.where(progressed, fn_new, escapes.reference)
-            escapes.stall = torch.where(progressed, 0, escapes.stall)
+            escapes.stall.masked_fill_(progressed, 0)
             if m > k:
                 diffs.filled.fill_(k + 1)
             state.residual_norms.append(fn_new)
@@ -893,17 +913,22 @@ class AndersonSolver:
         computes it for well-conditioned rows, without its masks; and which rows are well conditioned."""
         if k not in self._pads:
             # what _solve_gamma adds for k valid columns: unit scale and a unit diagonal (+ λ) for the
-            # unused ones, λ on the used ones
+            # unused ones, λ on the used ones (nothing once every column is used and λ = 0)
             unused = (torch.arange(self.m, device=f.device) >= k).to(f.dtype)
-            self._pads[k] = (unused, torch.diag_embed(self.lam + unused))
+            pad = torch.diag_embed(self.lam + unused) if k < self.m or self.lam != 0 else None
+            self._pads[k] = (unused, pad)
         unused, pad = self._pads[k]
-        norms = diffs.gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+        # the diagonal is a sum of squares (never negative: no clamp needed), positive in the common case
+        norms = diffs.gram.diagonal(dim1=-2, dim2=-1).sqrt()
         scale = norms + unused if k < self.m else norms
         rhs = (diffs.d_f @ f[..., None])[..., 0] / scale
-        chol, info = torch.linalg.cholesky_ex(diffs.gram / (scale[..., :, None] * scale[..., None, :]) + pad)
+        gram = diffs.gram / (scale[..., :, None] * scale[..., None, :])
+        chol, info = torch.linalg.cholesky_ex(gram if pad is None else gram + pad)
         gamma = torch.cholesky_solve(rhs[..., None], chol)[..., 0] / scale
-        pivots = chol.diagonal(dim1=-2, dim2=-1)[:, :k].square().amin(-1) >= 1.0 / self.cond
-        well = pivots & (info == 0) & torch.isfinite(gamma).all(-1)
+        # unused columns have pivot √(1 + λ) ≥ 1: every pivot can be tested; x − x = 0 tests finiteness
+        well = chol.diagonal(dim1=-2, dim2=-1).square().amin(-1) >= 1.0 / self.cond
+        well &= info == 0
+        well &= ((gamma - gamma) == 0).all(-1)
         return torch.where(well[:, None], gamma, 0.0), well
 
     def _finish(
