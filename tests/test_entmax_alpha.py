@@ -250,3 +250,30 @@ def test_alpha_near_one_is_softmax_to_first_order(scores: np.ndarray, eps: float
     weights = torch.linspace(-1, 1, z.shape[1], dtype=_f64)
     (grad,) = torch.autograd.grad((p * weights).sum(), alpha)
     assert torch.allclose(grad, (limit * weights).sum(-1), rtol=0, atol=10 * eps + 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("alpha", [1.1, 1.3, 1.75])
+def test_newton_mass_is_exactly_zero_off_the_support_and_the_plain_formula_within_two_tiny_on_it(
+    dtype: torch.dtype, alpha: float
+) -> None:
+    """``newton._mass`` clamps its exponent at log(tiny) + 1/2 (exp's slow path is never taken): entries
+    with x = −1 (off the support) are exact zeros, and every entry differs from the plain
+    exp(log1p(x)/(α−1)) by at most 2 exp(log(tiny) + 1/2), far below one ulp of any normal p."""
+    from hopfield_aa.normalizers import newton
+
+    gen = torch.Generator().manual_seed(3)
+    z = (4 * torch.randn(64, 77, generator=gen, dtype=dtype)).sub_(4.0)
+    z[:, -3:] = -math.inf
+    z = z - z.amax(-1, keepdim=True)
+    am1 = alpha - 1.0
+    lam = torch.full_like(z[:, :1], 0.5)
+    p, x, q = torch.empty_like(z), torch.empty_like(z), torch.empty_like(z)
+    mass = newton._mass(z * am1, lam, am1, p, x, q)
+    plain = torch.exp(torch.log1p(x) * (1.0 / am1))  # the same x = max((α−1)(z − λ), −1)
+    off = x == -1.0
+    assert bool(off.any()) and bool((~off).any())
+    assert bool((p[off] == 0).all())
+    floor = math.log(torch.finfo(dtype).tiny) + 0.5
+    assert (p - plain).abs().max().item() <= 2 * math.exp(floor)
+    torch.testing.assert_close(mass, plain.sum(-1, keepdim=True), rtol=4 * torch.finfo(dtype).eps, atol=0)

@@ -628,6 +628,51 @@ def test_fused_kernels_run_without_the_compiler_give_the_eager_result_on_the_row
     torch.testing.assert_close(lam[settled], lam_eager[settled], atol=1e-9, rtol=1e-12)
 
 
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+@pytest.mark.parametrize("passes", [1, 2, 3])
+def test_fused_support_rows_settled_by_the_mass_certificate_are_within_its_tolerance_of_exact_entmax(
+    alpha: float, passes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row the fused support passes call settled, by a reproduced support or by |Σp − 1| ≤ 8 eps, has
+    p within 8 eps (float32: 9.5e-7) of the exact α-entmax: F(τ) = Σ[u − τ]_+^k is strictly decreasing
+    where positive and each p_i moves by at most |F − 1| on the way to the root. Checked after 1 to 3
+    passes, when many rows are settled by the certificate alone (plain functions, no compilation)."""
+    monkeypatch.setattr(compiled_backend, "_FUSED_SUPPORT_PASSES", passes)
+    z = _adversarial_float32(77, seed=21)[:-1]
+    out = torch.empty_like(z)
+    _, settled = compiled_backend._fused_support(z, out, alpha == 1.5)
+    assert int(settled.sum()) > 0
+    error = (out[settled].double() - _exact_reference(z[settled], alpha)).abs().max().item()
+    assert error <= 8 * torch.finfo(torch.float32).eps
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+def test_support_passes_hand_the_few_rows_left_to_the_sort_algorithm_and_stay_exact(
+    alpha: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows still unsettled after the fixed passes, once they hold at most ``sort_below`` entries, are
+    solved by sorting (counted) instead of more passes: the threshold is the same as with passes only."""
+    from hopfield_aa.normalizers import exact
+
+    quadratic = alpha == 1.5
+    z = _adversarial_float32(77, seed=22)[:-1].double()
+    u = (z - z.amax(-1, keepdim=True)) * (0.5 if quadratic else 1.0)
+    u = u[torch.isfinite(u).any(-1)].contiguous()
+    passes_only = exact.threshold(u, quadratic, torch.empty(2, *u.shape, dtype=u.dtype))
+    name = "entmax15_threshold_sort" if quadratic else "sparsemax_threshold_sort"
+    sort_fn = getattr(exact, name)
+    sorted_rows: list[int] = []
+
+    def counting(rows: torch.Tensor) -> torch.Tensor:
+        sorted_rows.append(rows.shape[0])
+        return sort_fn(rows)
+
+    monkeypatch.setattr(exact, name, counting)
+    mixed = exact.threshold(u, quadratic, torch.empty(2, *u.shape, dtype=u.dtype), sort_below=u.numel())
+    assert sorted_rows and 0 < sorted_rows[0] < u.shape[0]  # the rows left after the fixed passes
+    torch.testing.assert_close(mixed, passes_only, atol=1e-12, rtol=0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])
 @pytest.mark.parametrize("n", [77, 300])

@@ -20,7 +20,7 @@ HALF = (torch.float16, torch.bfloat16)
 # Rows are processed in blocks of about this many entries (α = 1.5 and 2; general α: the smaller
 # size, whose Newton passes run until the slowest row of the block has converged). Measured.
 _BLOCK_ELEMENTS = 1 << 20
-_BLOCK_ELEMENTS_GENERAL = 1 << 17
+_BLOCK_ELEMENTS_GENERAL = 1 << 19
 _SPLIT = 4  # a second, wider candidate group when some row has 4× the typical count
 _COMPACT_MIN_N = 512  # α = 1.5 and 2 compact rows of at least this length (general α: always)
 # 1.5-entmax and sparsemax by sorting cost a fixed ~15-22 dispatches where the support passes of the
@@ -31,9 +31,14 @@ _COMPACT_MIN_N = 512  # α = 1.5 and 2 compact rows of at least this length (gen
 _SORT_MAX_ENTRIES = 1 << 15
 
 
+def _sort_entries(n: int) -> int:
+    """Up to how many entries in rows of ``n`` the sort kernels beat the support passes."""
+    return int(_SORT_MAX_ENTRIES * min(1.0, (16 / max(n, 1)) ** 0.5))
+
+
 def _sort_is_faster(numel: int, n: int) -> bool:
     """Whether the sort kernels beat the blocked one on ``numel`` entries in rows of ``n``."""
-    return 0 < numel <= _SORT_MAX_ENTRIES * min(1.0, (16 / max(n, 1)) ** 0.5)
+    return 0 < numel <= _sort_entries(n)
 
 
 # Rows sharing one of at most this many distinct α values are solved by the float-α kernels (exact
@@ -66,7 +71,8 @@ def _solve_compact(
             u = u.mul_(0.5)
         if scratch is None or scratch.numel() < 2 * u.numel():
             scratch = u.new_empty(2 * u.numel())
-        tau = exact.threshold(u, quadratic, scratch[: 2 * u.numel()].view(2, *u.shape))
+        view = scratch[: 2 * u.numel()].view(2, *u.shape)
+        tau = exact.threshold(u, quadratic, view, sort_below=_sort_entries(u.shape[-1]))
         return exact.probs_from_threshold(u, tau, quadratic)
     big = bool((alpha > 2.0).any()) if isinstance(alpha, torch.Tensor) else alpha > 2.0
     if big and u.dtype != torch.float64:
@@ -82,14 +88,16 @@ def _solve_compact(
 def _forward_block(
     zb: torch.Tensor, alpha: Alpha, pb: torch.Tensor, buf: torch.Tensor, scratch: torch.Tensor
 ) -> torch.Tensor:
-    """α-entmax of the contiguous rows ``zb`` into ``pb`` (zero-filled); returns λ (score units, keepdim).
+    """α-entmax of the contiguous rows ``zb`` into ``pb``; returns λ (score units, keepdim).
 
     Only the candidates z_i > max z − 1/(α−1) can be in the support (:func:`_candidate_reach`); in
     attention rows they are a small share of the entries, so the threshold solvers run on a compacted
     (rows, K) matrix of the candidates (padded with −inf) instead of the full rows, and the result is
     scattered back. Rows with many more candidates than typical form a second, wider group so that a
-    few flat rows do not widen the whole block. ``buf`` is float scratch of the shape of ``zb``,
-    ``scratch`` flat float scratch of twice its size (the exact solvers' buffers).
+    few flat rows do not widen the whole block. ``pb`` must be zero-filled, except for short rows
+    (fewer than ``_COMPACT_MIN_N`` entries) at α = 1.5 and 2, which are solved in place in it. ``buf``
+    is float scratch of the shape of ``zb``, ``scratch`` flat float scratch of twice its size (the
+    exact solvers' buffers).
     """
     n_rows, n = zb.shape
     top = zb.amax(-1, keepdim=True)
@@ -167,12 +175,14 @@ def _forward_blocks(rows: torch.Tensor, alpha: Alpha, size: int) -> tuple[torch.
     A tensor ``alpha`` is one α per row, shape (R, 1).
     """
     n_rows, n = rows.shape
-    probs = torch.zeros_like(rows)
+    exact_alpha = not isinstance(alpha, torch.Tensor) and alpha in (1.5, 2.0)
+    # short rows at α = 1.5 and 2 are solved in place in their block of ``probs`` (every entry written);
+    # the compacted path scatters the support into zeros
+    probs = torch.empty_like(rows) if exact_alpha and n < _COMPACT_MIN_N else torch.zeros_like(rows)
     lam = torch.empty_like(rows[:, :1])
     block = max(1, size // max(n, 1))
     block = min(block, n_rows)
     buf = torch.empty_like(rows[:block])
-    exact_alpha = not isinstance(alpha, torch.Tensor) and alpha in (1.5, 2.0)
     scratch = rows.new_empty(2 * block * n if exact_alpha else 0)
     for start in range(0, n_rows, block):
         stop = min(start + block, n_rows)

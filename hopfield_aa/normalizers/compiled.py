@@ -29,9 +29,11 @@ if _backend not in _BACKENDS:
     _backend = "eager"
 _compiled_kernels: dict[str, Any] = {}
 _compile_failed = False
-_FUSED_SUPPORT_PASSES = 6  # α = 1.5 and 2: support passes inside the compiled function
+_FUSED_SUPPORT_PASSES = 4  # α = 1.5 and 2: support passes inside the compiled function (measured: 4 leave
+# ≲ 0.1 % of attention-like rows to the eager repair, each further pass costs a read of every entry)
+_MASS_TOL_EPS = 8  # α = 1.5 and 2: |Σp − 1| that settles a row (bounds the error of p)
 _FUSED_NEWTON_PASSES = 6  # other α in (1, 2): Newton passes inside the compiled function
-_FUSED_BLOCK_ELEMENTS = 1 << 18  # rows per compiled call: about this many entries (measured)
+_FUSED_BLOCK_ELEMENTS = 1 << 20  # rows per compiled call: about this many entries (measured)
 
 
 def set_backend(name: str) -> None:
@@ -107,21 +109,27 @@ def entmax_backend(name: str) -> Iterator[None]:
 def _fused_support(z: torch.Tensor, out: torch.Tensor, quadratic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``_FUSED_SUPPORT_PASSES`` support passes of α = 1.5 (``quadratic``) or α = 2 on rows ``z``.
 
-    Writes p into ``out``; returns (λ in score units, settled), settled marking the rows whose support
-    reproduced itself in the last pass (their threshold is exact).
+    Writes p into ``out``; returns (λ in score units, settled). A row is settled when its support
+    reproduced itself (the threshold is exact) or when the mass of p from the last threshold is 1 to
+    within ``_MASS_TOL_EPS`` eps: the mass F(τ) = Σ[u − τ]_+^k is strictly decreasing where positive,
+    and every p_i moves by at most |F − 1| when τ moves to the root (Δp_i = ΔF·d_i/Σd for α = 1.5,
+    ΔF/|S| for α = 2), so that test bounds the error of p by the tolerance, one pass sooner.
     """
     top = z.amax(-1, keepdim=True)
     u = z - top
     if quadratic:
         u = u * 0.5
-    scratch = u.new_empty((2, *u.shape))
     tau = torch.full_like(top, -1.0)
     state = exact.initial_state(tau)
     settled = state[1]
+    update = exact.entmax15_update if quadratic else exact.sparsemax_update
     for _ in range(_FUSED_SUPPORT_PASSES):
-        settled, tau, state = exact.support_pass(u, tau, state, scratch, quadratic)
+        s1, s2, count = exact.support_sums(u, tau, quadratic)
+        settled, tau, state = update(tau, s1, s2, count, state)
     p, lam = exact.probs_from_threshold(u, tau, quadratic)
     out.copy_(p)
+    mass = p.sum(-1, keepdim=True)
+    settled = settled | ((mass - 1).abs() <= _MASS_TOL_EPS * torch.finfo(z.dtype).eps)
     settled = settled & (top > -math.inf)  # all −inf rows (NaN here) are left to the eager kernel
     return lam + top, settled.squeeze(-1)
 

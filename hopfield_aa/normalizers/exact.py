@@ -38,6 +38,19 @@ def support_stats(u: torch.Tensor, tau: torch.Tensor, d: torch.Tensor, quadratic
     return s1, s2, count
 
 
+def support_sums(u: torch.Tensor, tau: torch.Tensor, quadratic: bool) -> tuple[Any, ...]:
+    """Σd, Σd² (if ``quadratic``) and |{d > 0}| of d = [u − τ]_+, as fresh tensors: the form of
+    :func:`support_stats` that ``torch.compile`` fuses into one loop over the entries per pass (no
+    scratch buffers; the count is summed in the float dtype, which vectorises where an integer sum
+    does not).
+    """
+    d = (u - tau).clamp(min=0)
+    s1 = d.sum(-1, keepdim=True)
+    s2 = (d * d).sum(-1, keepdim=True) if quadratic else None
+    count = (d > 0).to(u.dtype).sum(-1, keepdim=True)
+    return s1, s2, count
+
+
 def sparsemax_update(
     tau: torch.Tensor, s1: torch.Tensor, s2: Any, count: torch.Tensor, state: SupportState
 ) -> tuple[torch.Tensor, torch.Tensor, SupportState]:
@@ -91,12 +104,15 @@ def support_pass(
     return update(tau, s1, s2, count, state)
 
 
-def _iterate_support(u: torch.Tensor, d: torch.Tensor, quadratic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _iterate_support(
+    u: torch.Tensor, d: torch.Tensor, quadratic: bool, sort_below: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Support passes from τ₀ = −1 until every row settles; returns (τ, settled mask) for all rows.
 
     The first ``FIXED_SUPPORT_PASSES`` passes run on every row without reading anything back to the
     host (a settled row keeps its threshold, so further passes leave it unchanged); most rows have
-    settled by then. One test follows, and the few rows left go on alone (:func:`_iterate_rows`).
+    settled by then. One test follows, and the few rows left go on alone (:func:`_iterate_rows`) until
+    they hold at most ``sort_below`` entries, which are left unsettled for the sort algorithm.
     """
     tau = torch.full_like(u[:, :1], -1.0)
     state = initial_state(tau)
@@ -108,17 +124,24 @@ def _iterate_support(u: torch.Tensor, d: torch.Tensor, quadratic: bool) -> tuple
     keep = (~settled).squeeze(-1).nonzero().squeeze(-1)
     rest = (state[0].index_select(0, keep), state[1].index_select(0, keep))
     u_rest, tau_rest = u.index_select(0, keep), tau.index_select(0, keep)
-    tau_rest, done_rest = _iterate_rows(u_rest, tau_rest, rest, d, quadratic)
+    tau_rest, done_rest = _iterate_rows(u_rest, tau_rest, rest, d, quadratic, sort_below)
     tau[keep] = tau_rest
     settled[keep] = done_rest
     return tau, settled
 
 
 def _iterate_rows(
-    u: torch.Tensor, tau: torch.Tensor, state: SupportState, d: torch.Tensor, quadratic: bool
+    u: torch.Tensor,
+    tau: torch.Tensor,
+    state: SupportState,
+    d: torch.Tensor,
+    quadratic: bool,
+    sort_below: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Support passes on rows ``u`` from thresholds ``tau`` (with their ``state``) until every row
-    settles or ``MAX_SUPPORT_ITER`` passes have run; returns (τ, settled mask).
+    settles, ``MAX_SUPPORT_ITER`` passes have run, or the rows still iterated hold at most
+    ``sort_below`` entries (a pass costs a fixed ~20 dispatches; the sort algorithm solves so few
+    entries for about as many); returns (τ, settled mask).
 
     Rows settle at different passes, so once at least half of the rows still iterated have settled,
     their thresholds are stored and the passes go on with the others only.
@@ -128,6 +151,8 @@ def _iterate_rows(
     idx: torch.Tensor | None = None  # rows of u still iterated (None: all)
     cur = u
     for _ in range(MAX_SUPPORT_ITER - FIXED_SUPPORT_PASSES):
+        if cur.numel() <= sort_below:
+            break
         settled, new_tau, state = support_pass(cur, tau, state, d[:, : cur.shape[0]], quadratic)
         n_settled = int(settled.sum())
         if 2 * n_settled >= cur.shape[0]:
@@ -152,13 +177,14 @@ def _iterate_rows(
     return result, done
 
 
-def threshold(u: torch.Tensor, quadratic: bool, scratch: torch.Tensor) -> torch.Tensor:
+def threshold(u: torch.Tensor, quadratic: bool, scratch: torch.Tensor, sort_below: int = 0) -> torch.Tensor:
     """Exact threshold τ of rows ``u`` (max 0) for α = 1.5 (``quadratic``) or α = 2 (keepdim).
 
     Support passes (:func:`support_pass`); a row that does not settle within ``MAX_SUPPORT_ITER``
-    passes is solved by the sort algorithm. ``scratch`` is float scratch of shape (2, *u.shape).
+    passes, and the rows left after ``FIXED_SUPPORT_PASSES`` once they hold at most ``sort_below``
+    entries, are solved by the sort algorithm. ``scratch`` is float scratch of shape (2, *u.shape).
     """
-    tau, settled = _iterate_support(u, scratch, quadratic)
+    tau, settled = _iterate_support(u, scratch, quadratic, sort_below)
     if not bool(settled.all()):
         rows = (~settled).squeeze(-1).nonzero().squeeze(-1)
         sort_fn = entmax15_threshold_sort if quadratic else sparsemax_threshold_sort
