@@ -183,6 +183,9 @@ def test_compiled_guided_attention_computes_the_eager_output(unet, rule, kwargs)
             compiled = run(unet, {**inputs, **extra})
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
         assert not torch.equal(eager, run(unet, {**inputs, **extra}))  # guidance did act
+    from hopfield_aa.guidance import attention
+
+    assert not attention._compiled.get("failed")  # a silent fallback to eager would make this vacuous
 
 
 def test_a_failing_compiler_warns_once_and_the_eager_path_guides(unet, monkeypatch):

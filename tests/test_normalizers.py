@@ -674,6 +674,33 @@ def test_support_passes_hand_the_few_rows_left_to_the_sort_algorithm_and_stay_ex
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+def test_entmax_inside_a_compiled_graph_is_exact_and_sorts_only_when_a_row_is_not_certified(
+    alpha: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under torch.compile, α = 1.5 and 2 run certified support passes with the sort kernel as a
+    torch.cond branch: rows all certified give the exact entmax without running the branch (here the
+    sort kernel is replaced by one returning garbage, and the output is still exact); an all −inf row
+    is never certified, so that call takes the branch (the garbage shows)."""
+    from hopfield_aa.normalizers import blocked
+
+    torch._dynamo.reset()
+
+    def garbage(rows: torch.Tensor, ranks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.full_like(rows, 7.0), torch.full_like(rows[..., :1], 7.0)
+
+    monkeypatch.setitem(blocked._SORT_ROWS_KERNELS, alpha, garbage)
+    kernel = torch.compile(lambda z: _entmax_tensor(z, alpha), dynamic=False)
+    z = _adversarial_float32(77, seed=23)[120:-1]  # random rows: certified within the passes
+    out = kernel(z)
+    assert (out.double() - _exact_reference(z, alpha)).abs().max().item() <= 1e-6
+    dead = z.clone()
+    dead[0] = -math.inf
+    assert bool((kernel(dead) == 7.0).all())  # the sort branch ran for the whole call
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])
 @pytest.mark.parametrize("n", [77, 300])
 def test_compiled_backend_agrees_with_eager_and_exact_references(

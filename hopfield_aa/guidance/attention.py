@@ -130,13 +130,17 @@ _compiled: dict[str, Any] = {}  # the torch.compile'd _guided, built on first us
 
 
 def _compiled_guided(*args: Any) -> torch.Tensor:
-    """:func:`_guided` through ``torch.compile`` (one graph: under compilation 1.5-entmax takes the sort
-    kernel at every size, which has no data-dependent branch); :func:`_guided` itself once compiling has
-    failed."""
+    """:func:`_guided` through ``torch.compile``; :func:`_guided` itself once compiling has failed.
+
+    One graph per shape: under compilation α = 1.5 and 2 take certified support passes, with the sort
+    kernel as a ``torch.cond`` branch run only when some row is not certified
+    (:func:`.normalizers.blocked._in_graph`); static shapes, because inductor (torch 2.13) fails to
+    generate a ``torch.cond`` whose operands have symbolic sizes. A UNet has a few attention shapes
+    per batch size, each compiled once (and cached on disk by inductor)."""
     if _compiled.get("failed"):
         return _guided(*args)
     if "guided" not in _compiled:
-        _compiled["guided"] = torch.compile(_guided, dynamic=None)
+        _compiled["guided"] = torch.compile(_guided, dynamic=False)
     try:
         out: torch.Tensor = _compiled["guided"](*args)
         return out

@@ -254,14 +254,48 @@ _SORT_KERNELS = {1.5: exact.entmax15_sort_probs, 2.0: exact.sparsemax_sort_probs
 
 
 def _forward_small(rows: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(p, λ) by the sort kernel where it is the faster one (α = 1.5 and 2, :func:`_sort_is_faster`) or
-    under ``torch.compile`` (α = 1.5, any size: one graph, no data-dependent branch); None elsewhere."""
+    """(p, λ) by the sort kernel where it is the faster one (α = 1.5 and 2, :func:`_sort_is_faster`), or
+    under ``torch.compile`` by :func:`_in_graph` (α = 1.5 and 2, any size); None elsewhere."""
     kernel = _SORT_ROWS_KERNELS.get(alpha)
     if kernel is None:
         return None
-    if _sort_is_faster(rows.numel(), rows.shape[-1]) or (alpha == 1.5 and torch.compiler.is_compiling()):
+    if torch.compiler.is_compiling():
+        return _in_graph(rows, alpha)
+    if _sort_is_faster(rows.numel(), rows.shape[-1]):
         return kernel(rows)
     return None
+
+
+# Support passes α-entmax runs inside a compiled graph before its certificate (measured on attention
+# scores: with 5, the sort fallback of the whole call is rare; each pass costs one read of the scores)
+_GRAPH_SUPPORT_PASSES = 5
+
+
+def _in_graph(rows: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p, λ) of α = 1.5 or 2 inside a ``torch.compile``'d graph, with no graph break: a fixed number of
+    certified support passes (:func:`.exact.certified_passes`, fused by the compiler into a few loops),
+    and, only when some row is not certified (an all −inf row, or one whose support needs more passes),
+    the sort kernel on every row instead (``torch.cond``: the branch not taken is not run). Exact to the
+    certificate's tolerance (8 eps) either way."""
+    quadratic = alpha == 1.5
+    top = rows.amax(-1, keepdim=True)
+    u = rows - top
+    if quadratic:
+        u = u * 0.5
+    p, lam, certified = exact.certified_passes(u, quadratic, _GRAPH_SUPPORT_PASSES, compiled.MASS_TOL_EPS)
+    certified = certified & (top > -math.inf)  # an all −inf row (NaN here) is for the sort kernel
+    ranks = exact._ranks(rows.shape[-1], rows.dtype, rows.device, inverse=quadratic)
+    sort_rows = _SORT_ROWS_KERNELS[alpha]
+    Pair = tuple[torch.Tensor, torch.Tensor]
+
+    def passes(rows: torch.Tensor, p: torch.Tensor, lam: torch.Tensor, ranks: torch.Tensor) -> Pair:
+        return p.clone(), lam.clone()
+
+    def by_sorting(rows: torch.Tensor, p: torch.Tensor, lam: torch.Tensor, ranks: torch.Tensor) -> Pair:
+        return sort_rows(rows, ranks)
+
+    result: Pair = torch.cond(certified.all(), passes, by_sorting, (rows, p, lam + top, ranks))
+    return result
 
 
 _SORT_ROWS_KERNELS = {1.5: exact.entmax15_sort_rows, 2.0: exact.sparsemax_sort_rows}

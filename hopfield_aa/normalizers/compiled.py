@@ -31,7 +31,7 @@ _compiled_kernels: dict[str, Any] = {}
 _compile_failed = False
 _FUSED_SUPPORT_PASSES = 4  # α = 1.5 and 2: support passes inside the compiled function (measured: 4 leave
 # ≲ 0.1 % of attention-like rows to the eager repair, each further pass costs a read of every entry)
-_MASS_TOL_EPS = 8  # α = 1.5 and 2: |Σp − 1| that settles a row (bounds the error of p)
+MASS_TOL_EPS = 8  # α = 1.5 and 2: |Σp − 1| that settles a row (bounds the error of p)
 _FUSED_NEWTON_PASSES = 6  # other α in (1, 2): Newton passes inside the compiled function
 _FUSED_BLOCK_ELEMENTS = 1 << 20  # rows per compiled call: about this many entries (measured)
 
@@ -107,29 +107,18 @@ def entmax_backend(name: str) -> Iterator[None]:
 
 
 def _fused_support(z: torch.Tensor, out: torch.Tensor, quadratic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_FUSED_SUPPORT_PASSES`` support passes of α = 1.5 (``quadratic``) or α = 2 on rows ``z``.
+    """``_FUSED_SUPPORT_PASSES`` support passes of α = 1.5 (``quadratic``) or α = 2 on rows ``z``
+    (:func:`.exact.certified_passes`).
 
-    Writes p into ``out``; returns (λ in score units, settled). A row is settled when its support
-    reproduced itself (the threshold is exact) or when the mass of p from the last threshold is 1 to
-    within ``_MASS_TOL_EPS`` eps: the mass F(τ) = Σ[u − τ]_+^k is strictly decreasing where positive,
-    and every p_i moves by at most |F − 1| when τ moves to the root (Δp_i = ΔF·d_i/Σd for α = 1.5,
-    ΔF/|S| for α = 2), so that test bounds the error of p by the tolerance, one pass sooner.
+    Writes p into ``out``; returns (λ in score units, settled), settled marking the rows whose threshold
+    is certified (exact, or p within ``MASS_TOL_EPS`` eps of the exact p).
     """
     top = z.amax(-1, keepdim=True)
     u = z - top
     if quadratic:
         u = u * 0.5
-    tau = torch.full_like(top, -1.0)
-    state = exact.initial_state(tau)
-    settled = state[1]
-    update = exact.entmax15_update if quadratic else exact.sparsemax_update
-    for _ in range(_FUSED_SUPPORT_PASSES):
-        s1, s2, count = exact.support_sums(u, tau, quadratic)
-        settled, tau, state = update(tau, s1, s2, count, state)
-    p, lam = exact.probs_from_threshold(u, tau, quadratic)
+    p, lam, settled = exact.certified_passes(u, quadratic, _FUSED_SUPPORT_PASSES, MASS_TOL_EPS)
     out.copy_(p)
-    mass = p.sum(-1, keepdim=True)
-    settled = settled | ((mass - 1).abs() <= _MASS_TOL_EPS * torch.finfo(z.dtype).eps)
     settled = settled & (top > -math.inf)  # all −inf rows (NaN here) are left to the eager kernel
     return lam + top, settled.squeeze(-1)
 

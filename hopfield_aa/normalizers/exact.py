@@ -51,6 +51,33 @@ def support_sums(u: torch.Tensor, tau: torch.Tensor, quadratic: bool) -> tuple[A
     return s1, s2, count
 
 
+def certified_passes(
+    u: torch.Tensor, quadratic: bool, passes: int, tol_eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``passes`` support passes of α = 1.5 (``quadratic``) or α = 2 on rows ``u`` (max 0, overwritten by p)
+    from τ₀ = −1, without reading anything back to the host: (p, λ − max z, certified).
+
+    A row is certified when its support reproduced itself (τ exact) or when the mass of p from the last
+    threshold is 1 to within ``tol_eps`` eps: F(τ) = Σ[u − τ]_+^k is strictly decreasing where positive
+    and every p_i moves by at most |F − 1| on the way to the root (Δp_i = ΔF·d_i/Σd for α = 1.5, ΔF/|S|
+    for α = 2), so the test bounds the error of p by the tolerance, one pass sooner. A row of NaN (an
+    all −inf row shifted by its maximum) can pass the support test at α = 2: callers exclude such rows
+    by their maximum. The fused kernels (the compiled backend,
+    guided attention under ``torch.compile``) run this.
+    """
+    tau = torch.full_like(u[..., :1], -1.0)
+    state = initial_state(tau)
+    settled = state[1]
+    update = entmax15_update if quadratic else sparsemax_update
+    for _ in range(passes):
+        s1, s2, count = support_sums(u, tau, quadratic)
+        settled, tau, state = update(tau, s1, s2, count, state)
+    p, lam = probs_from_threshold(u, tau, quadratic)
+    mass = p.sum(-1, keepdim=True)
+    certified = settled | ((mass - 1).abs() <= tol_eps * torch.finfo(u.dtype).eps)
+    return p, lam, certified
+
+
 def sparsemax_update(
     tau: torch.Tensor, s1: torch.Tensor, s2: Any, count: torch.Tensor, state: SupportState
 ) -> tuple[torch.Tensor, torch.Tensor, SupportState]:
@@ -252,7 +279,9 @@ def _ranks(n: int, dtype: torch.dtype, device: torch.device, inverse: bool = Fal
     return ranks
 
 
-def _entmax15_sort_parts(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _entmax15_sort_parts(
+    z: torch.Tensor, inv_k: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(p, τ, top) of 1.5-entmax of the rows of ``z`` (last axis) by sorting: top = max z / 2 (the
     lowest finite value for a row of only −inf) and τ the threshold of u = z/2 − top.
 
@@ -260,13 +289,15 @@ def _entmax15_sort_parts(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     τ_k ≤ u_(k)), computed on sorted rows whose −inf entries are clamped to the dtype's lowest finite
     value: their τ_k is NaN or above u_(k), so they never count, and a row of only −inf gets a finite
     threshold. p is then taken from the unclamped, shifted scores, so −inf entries (and rows of only −inf)
-    get p = 0. ``z`` must be free of NaN and +inf.
+    get p = 0. ``z`` must be free of NaN and +inf. ``inv_k``: 1/k for k = 1..n (:func:`_ranks`) when the
+    caller has it (inside ``torch.cond`` the cache may not be written).
     """
     half = z.mul(0.5)
     srt = torch.sort(half, dim=-1, descending=True)[0].clamp_(min=torch.finfo(z.dtype).min)
     top = srt[..., :1]
     shifted = srt - top  # not in place: ``top`` is a view of ``srt``
-    inv_k = _ranks(z.shape[-1], z.dtype, z.device, inverse=True)
+    if inv_k is None:
+        inv_k = _ranks(z.shape[-1], z.dtype, z.device, inverse=True)
     mean = shifted.cumsum(-1).mul_(inv_k)
     # τ_k = mean_k − √(1/k − (mean of squares_k − mean_k²))
     delta = torch.addcmul(inv_k, mean, mean).sub_(shifted.square().cumsum(-1).mul_(inv_k))
@@ -285,17 +316,22 @@ def entmax15_sort_probs(z: torch.Tensor) -> torch.Tensor:
     return _entmax15_sort_parts(z)[0]
 
 
-def entmax15_sort_rows(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def entmax15_sort_rows(
+    z: torch.Tensor, ranks: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(p, λ) of 1.5-entmax of rows ``z`` (n, k) by sorting, λ in score units: the same kernel as
     :func:`entmax15_sort_probs` (no host synchronisation), for :func:`.blocked.forward` on small tensors
-    and under compilation. A row of only −inf gets p = 0 and λ = −inf, as from the blocked kernel."""
-    p, tau, top = _entmax15_sort_parts(z)
+    and under compilation. A row of only −inf gets p = 0 and λ = −inf, as from the blocked kernel.
+    ``ranks``: :func:`_ranks` ``(n, inverse=True)``, if the caller has it."""
+    p, tau, top = _entmax15_sort_parts(z, ranks)
     # p_i = [u_i − τ]_+² with u = z/2 − top and λ = 2(τ + 1) + max z (the convention of .newton)
     lam = torch.where(top > torch.finfo(z.dtype).min, (tau + top + 1.0).mul_(2.0), -math.inf)
     return p, lam
 
 
-def _sparsemax_sort_parts(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sparsemax_sort_parts(
+    z: torch.Tensor, ranks: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(p, τ, top) of sparsemax of the rows of ``z`` (last axis) by sorting: top = max z (the lowest
     finite value for a row of only −inf) and τ the threshold of u = z − top, p = [u − τ]_+.
 
@@ -307,7 +343,8 @@ def _sparsemax_sort_parts(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     top = srt[..., :1]
     shifted = srt - top  # not in place: ``top`` is a view of ``srt``
     cum = shifted.cumsum(-1).sub_(1)
-    ranks = _ranks(z.shape[-1], z.dtype, z.device)
+    if ranks is None:
+        ranks = _ranks(z.shape[-1], z.dtype, z.device)
     support = (ranks.mul(shifted) > cum).sum(-1, keepdim=True)
     tau = cum.gather(-1, support.sub(1)).div_(support)
     return (z - top).sub_(tau).clamp_(min=0), tau, top
@@ -320,10 +357,13 @@ def sparsemax_sort_probs(z: torch.Tensor) -> torch.Tensor:
     return _sparsemax_sort_parts(z)[0]
 
 
-def sparsemax_sort_rows(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sparsemax_sort_rows(
+    z: torch.Tensor, ranks: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(p, λ) of sparsemax of rows ``z`` by sorting, λ = τ + 1 + max z in score units (the convention of
-    :mod:`.newton`); a row of only −inf gets p = 0 and λ = −inf, as from the blocked kernel."""
-    p, tau, top = _sparsemax_sort_parts(z)
+    :mod:`.newton`); a row of only −inf gets p = 0 and λ = −inf, as from the blocked kernel. ``ranks``:
+    :func:`_ranks` ``(n)``, if the caller has it."""
+    p, tau, top = _sparsemax_sort_parts(z, ranks)
     return p, torch.where(top > torch.finfo(z.dtype).min, (tau + top).add_(1.0), -math.inf)
 
 
