@@ -7,6 +7,13 @@ Each benchmark wraps its timed work in :func:`quiet_machine`, which
 3. decides whether the table may be published: the load of *other* jobs (the load average minus the
    benchmark's own busy threads, which the kernel counts too) must stay at or below 0.5 per core.
 
+:func:`start` also makes the allocator steadier (:func:`steady_allocator`): with glibc's defaults a buffer
+of 32 MiB or more is mapped fresh from the OS on every allocation and page-faulted in on first touch (about
+2 µs per 4 KiB page on this VM), so ``torch.softmax`` on 8192×1024 float32 took 22–23 ms per call, and
+5.2–5.8 ms with mmap off (three processes each, quiet machine). Smaller buffers can still fault in either
+mode, depending on the process's allocation history (32768×77: 2.4 or 7.1–7.4 ms), so a ratio is only
+read between calls timed interleaved in one process.
+
 :func:`write_table` then writes the table atomically, or refuses (exit status 3, the table printed but not
 written) when the machine was loaded; ``--allow-load`` writes it anyway under a red banner, so a loaded
 table can never pass for a quiet one.
@@ -41,6 +48,7 @@ class LoadRecord:
 
     own_threads: int
     cores: int = field(default_factory=lambda: os.cpu_count() or 1)
+    allocator: str = "default"
     before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     after: tuple[float, float, float] = (0.0, 0.0, 0.0)
     waited_s: float = 0.0
@@ -64,7 +72,8 @@ class LoadRecord:
         out = [
             f"- load average (1/5/15 min) before {_fmt(self.before)}, after {_fmt(self.after)} on "
             f"{self.cores} cores; the benchmark's own {self.own_threads} thread(s) counted out of 'after': "
-            f"{verdict}"
+            f"{verdict}",
+            f"- allocator: {self.allocator}",
         ]
         if not self.quiet:
             out.insert(
@@ -105,9 +114,30 @@ def wait_until_quiet(timeout_s: float, cores: int | None = None, poll_s: float =
     return time.monotonic() - start
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters (glibc malloc.h)
+
+
+def steady_allocator() -> str:
+    """Serve every allocation from the heap and never give it back (glibc ``mallopt``: no mmap, no trim),
+    so that buffers of 32 MiB and more are not mapped and page-faulted in per call; a description for the
+    table. Elsewhere than glibc, nothing is changed and the description says so."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
+    except (OSError, AttributeError):
+        ok = False
+    if ok:
+        return "glibc malloc without mmap or trimming (buffers of ≥ 32 MiB are not mapped afresh per call)"
+    return "the platform's default (no glibc mallopt): large buffers may be mapped afresh per call"
+
+
 def start(args: argparse.Namespace, own_threads: int = 1) -> LoadRecord:
-    """Wait for a quiet machine (``--wait-quiet``), then record the load average before the timed work."""
-    record = LoadRecord(own_threads=own_threads)
+    """Make the allocator steady, wait for a quiet machine (``--wait-quiet``), then record the load
+    average before the timed work."""
+    record = LoadRecord(own_threads=own_threads, allocator=steady_allocator())
     record.waited_s = wait_until_quiet(getattr(args, "wait_quiet", 0.0), record.cores)
     record.before = os.getloadavg()
     return record

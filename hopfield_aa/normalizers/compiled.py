@@ -1,9 +1,11 @@
-"""The opt-in compiled forward of α-entmax and the backend switch: a fixed number of the support passes
-(:func:`.exact.support_pass`, α = 1.5 and 2) or Newton steps (:func:`.newton.newton_threshold`,
-1 < α < 2) fused by ``torch.compile``, then the eager solver's exactness test.
+"""The opt-in compiled forward of α-entmax and the backend switch: a fixed number of certified support
+passes (:func:`.exact.certified_passes`, α = 1.5 and 2) or Newton steps
+(:func:`.newton.newton_threshold`, 1 < α < 2) fused by ``torch.compile``, then a test per row.
 
 The caller (:func:`.blocked.forward`) solves again with the eager kernel every row that fails the test
-(and every all −inf row), so the result is exact either way.
+(and every all −inf row): a row passes when its threshold is exact (α = 1.5, 2: its support reproduced
+itself), when its p is within ``MASS_TOL_EPS`` eps of the exact one (α = 1.5, 2: the mass certificate),
+or when it meets the eager Newton solver's own stopping test (other α).
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ def set_backend(name: str) -> None:
 
     ``"compiled"`` runs the forward of α = 1.5, α = 2 and 1 < α < 2 on float32 (and half precision,
     computed in float32) through one ``torch.compile``'d function per family: a fixed number of the
-    eager solver's own exact support passes (α = 1.5, 2) or Newton steps on the threshold (other α),
-    then its exactness test; rows that fail it are solved again by the eager kernel, so the result is
-    exact either way. The first call compiles (tens of seconds); if compilation fails a warning is
+    eager solver's own support passes (α = 1.5, 2) or Newton steps on the threshold (other α), then a
+    test per row (α = 1.5, 2: the support reproduced itself, or |Σp − 1| ≤ 8 eps, which bounds the error
+    of every p_i by 8 eps; other α: the eager stopping test); rows that fail it are solved again by the
+    eager kernel. The first call compiles (tens of seconds); if compilation fails a warning is
     issued once and the eager kernel is used. The backward is the closed-form Jacobian product in both
     cases. The environment variable ``HOPFIELD_AA_ENTMAX_BACKEND`` sets the initial value.
 
