@@ -1,11 +1,12 @@
-"""The opt-in compiled forward of α-entmax and the backend switch: a fixed number of certified support
-passes (:func:`.exact.certified_passes`, α = 1.5 and 2) or Newton steps
-(:func:`.newton.newton_threshold`, 1 < α < 2) fused by ``torch.compile``, then a test per row.
+"""The opt-in compiled forward of α-entmax and the backend switch: for α = 1.5 and 2, a fixed number of
+certified support passes (:func:`.exact.certified_passes`) fused by ``torch.compile``, then a test per row.
 
 The caller (:func:`.blocked.forward`) solves again with the eager kernel every row that fails the test
-(and every all −inf row): a row passes when its threshold is exact (α = 1.5, 2: its support reproduced
-itself), when its p is within ``MASS_TOL_EPS`` eps of the exact one (α = 1.5, 2: the mass certificate),
-or when it meets the eager Newton solver's own stopping test (other α).
+(and every all −inf row): a row passes when its threshold is exact (its support reproduced itself) or
+when its p is within ``MASS_TOL_EPS`` eps of the exact one (the mass certificate). Other α run eagerly:
+their fixed Newton passes, compiled, were slower than the eager kernel, which compacts the candidates
+(``analysis/results/bench_entmax.md`` before this change: 27× softmax against 22× at 32768×77, 33×
+against 14× at 8192×1024).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from hopfield_aa.normalizers import exact, newton
+from hopfield_aa.normalizers import exact
 
 _BACKENDS = ("eager", "compiled")
 _ENV_BACKEND = "HOPFIELD_AA_ENTMAX_BACKEND"
@@ -34,21 +35,20 @@ _compile_failed = False
 _FUSED_SUPPORT_PASSES = 4  # α = 1.5 and 2: support passes inside the compiled function (measured: 4 leave
 # ≲ 0.1 % of attention-like rows to the eager repair, each further pass costs a read of every entry)
 MASS_TOL_EPS = 8  # α = 1.5 and 2: |Σp − 1| that settles a row (bounds the error of p)
-_FUSED_NEWTON_PASSES = 6  # other α in (1, 2): Newton passes inside the compiled function
 _FUSED_BLOCK_ELEMENTS = 1 << 20  # rows per compiled call: about this many entries (measured)
 
 
 def set_backend(name: str) -> None:
     """Select the forward kernel of α-entmax: ``"eager"`` (default) or ``"compiled"``.
 
-    ``"compiled"`` runs the forward of α = 1.5, α = 2 and 1 < α < 2 on float32 (and half precision,
-    computed in float32) through one ``torch.compile``'d function per family: a fixed number of the
-    eager solver's own support passes (α = 1.5, 2) or Newton steps on the threshold (other α), then a
-    test per row (α = 1.5, 2: the support reproduced itself, or |Σp − 1| ≤ 8 eps, which bounds the error
-    of every p_i by 8 eps; other α: the eager stopping test); rows that fail it are solved again by the
-    eager kernel. The first call compiles (tens of seconds); if compilation fails a warning is
-    issued once and the eager kernel is used. The backward is the closed-form Jacobian product in both
-    cases. The environment variable ``HOPFIELD_AA_ENTMAX_BACKEND`` sets the initial value.
+    ``"compiled"`` runs the forward of α = 1.5 and α = 2 on float32 (and half precision, computed in
+    float32) through one ``torch.compile``'d function: a fixed number of the eager solver's own support
+    passes, then a test per row (the support reproduced itself, or |Σp − 1| ≤ 8 eps, which bounds the
+    error of every p_i by 8 eps); rows that fail it are solved again by the eager kernel. Other α run
+    eagerly (compiled, their Newton passes were slower than the eager kernel). The first call compiles
+    (seconds); if compilation fails a warning is issued once and the eager kernel is used. The backward
+    is the closed-form Jacobian product in both cases. The environment variable
+    ``HOPFIELD_AA_ENTMAX_BACKEND`` sets the initial value.
 
     Parameters
     ----------
@@ -126,59 +126,38 @@ def _fused_support(z: torch.Tensor, out: torch.Tensor, quadratic: bool) -> tuple
     return lam + top, settled.squeeze(-1)
 
 
-def _fused_general(
-    z: torch.Tensor, out: torch.Tensor, alpha: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_FUSED_NEWTON_PASSES`` Newton steps on λ for 1 < α < 2 (``alpha`` a 0-d tensor) on rows ``z``.
-
-    Writes p (normalised) into ``out``; returns (λ, settled), settled marking the rows that pass the
-    eager stopping test after the last step.
-    """
-    top = z.amax(-1, keepdim=True)
-    p = torch.empty_like(z)
-    lam, settled = newton.newton_threshold(
-        z - top, alpha, p, max_iter=_FUSED_NEWTON_PASSES + 1, stop_early=False
-    )
-    out.copy_(p / p.sum(-1, keepdim=True))
-    settled = settled & (top > -math.inf)  # all −inf rows (NaN here) are left to the eager kernel
-    return lam + top, settled.squeeze(-1)
-
-
-def _fused_kernel(kind: str) -> Any:
-    """The compiled function of ``kind`` ("support" or "general"), compiled once (dynamic shapes)."""
-    if kind not in _compiled_kernels:
-        fn = _fused_support if kind == "support" else _fused_general
-        _compiled_kernels[kind] = torch.compile(fn, dynamic=True)
-    return _compiled_kernels[kind]
+def _fused_kernel() -> Any:
+    """The compiled :func:`_fused_support`, compiled once (dynamic shapes)."""
+    if "support" not in _compiled_kernels:
+        _compiled_kernels["support"] = torch.compile(_fused_support, dynamic=True)
+    return _compiled_kernels["support"]
 
 
 def applies(rows: torch.Tensor, alpha: float) -> bool:
-    """Whether the compiled backend is selected, available and covers these rows (float32, 1 < α ≤ 2)."""
+    """Whether the compiled backend is selected, available and covers these rows (float32, α = 1.5 or 2)."""
     return (
         _backend == "compiled"
         and not _compile_failed
         and rows.dtype == torch.float32
         and rows.numel() > 0
-        and 1.0 < alpha <= 2.0
+        and alpha in (1.5, 2.0)
     )
 
 
 def forward(rows: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """(p, λ, settled) of α-entmax of the contiguous float32 rows (R, N); None if compilation failed.
+    """(p, λ, settled) of α-entmax (α = 1.5 or 2) of the contiguous float32 rows (R, N); None if
+    compilation failed.
 
     Rows not settled (and all −inf rows) must be solved again by the eager kernel.
     """
     global _compile_failed
     n_rows, n = rows.shape
-    extra: tuple[Any, ...]
     try:
-        if alpha in (1.5, 2.0):
-            kernel, extra = _fused_kernel("support"), (alpha == 1.5,)
-        else:
-            kernel, extra = _fused_kernel("general"), (torch.tensor(alpha, dtype=rows.dtype),)
+        kernel, quadratic = _fused_kernel(), alpha == 1.5
         probs = torch.empty_like(rows)
         block = max(1, _FUSED_BLOCK_ELEMENTS // n)
-        parts = [kernel(rows[s : s + block], probs[s : s + block], *extra) for s in range(0, n_rows, block)]
+        starts = range(0, n_rows, block)
+        parts = [kernel(rows[i : i + block], probs[i : i + block], quadratic) for i in starts]
     except Exception as exc:  # any compiler failure falls back to the eager kernel
         _compile_failed = True
         warnings.warn(
