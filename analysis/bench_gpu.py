@@ -9,8 +9,8 @@ Run it as one script on a GPU machine (it needs nothing but this checkout and an
 
 Times are CUDA-event times (median of ``--repeats`` calls after warm-up, each call synchronised); peak
 memory is ``torch.cuda.max_memory_allocated`` above the inputs. Every ratio is measured side by side in
-this one run, and the load average is recorded around it as in every benchmark (``_bench``). Where no
-GPU has been available, ``bench_gpu.md`` does not exist and the GPU table is owed.
+this one run, and the load average is recorded around it as in every benchmark (``_bench``). Until a
+GPU has been available, ``bench_gpu.md`` says that the GPU table is owed and what it will hold.
 """
 
 from __future__ import annotations
