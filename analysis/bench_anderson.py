@@ -14,6 +14,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import _bench as bench
 import numpy as np
@@ -89,8 +90,10 @@ def run_ours(prob: Problem, m: int, stability: bool) -> tuple[torch.Tensor, torc
     t = time.process_time()
     res = anderson(prob.g, prob.x0, m=m, tol=TOL, max_iter=2000, stability_check=stability)
     wall = time.process_time() - t
-    nan = torch.full(res.n_evals.shape, float("nan"), dtype=F64)
-    return res.x, torch.where(res.converged, res.n_evals.double(), nan), wall, {"calls": res.n_calls}
+    # the result's arrays are of the kind of x0: tensors here
+    x, converged, n_evals = (cast(torch.Tensor, a) for a in (res.x, res.converged, res.n_evals))
+    nan = torch.full(n_evals.shape, float("nan"), dtype=F64)
+    return x, torch.where(converged, n_evals.double(), nan), wall, {"calls": res.n_calls}
 
 
 def run_plain(prob: Problem, max_iter: int = 5000) -> tuple[torch.Tensor, torch.Tensor, float, dict]:
@@ -165,6 +168,7 @@ def run_scipy(prob: Problem, m: int, rows: int) -> tuple[torch.Tensor, torch.Ten
 
 def summarise(prob: Problem, x: torch.Tensor, evals: torch.Tensor) -> dict:
     rows = x.shape[0]
+    assert prob.reference is not None  # every problem sets it
     ref = prob.reference[:rows]
     finite = torch.isfinite(x).all(1)
     any_hit = bool(torch.isfinite(evals).any())

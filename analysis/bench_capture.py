@@ -12,7 +12,9 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import _bench as bench
 import diffusers
@@ -21,7 +23,8 @@ import torch
 from hopfield_aa.traces import Selection, TraceCapture, TraceSet, attention_call_shapes, estimate_capture
 from hopfield_aa.traces.testing import flux_inputs, sd3_inputs, tiny_flux, tiny_sd3, tiny_unet, unet_inputs
 
-MODELS = {
+# name: (tiny model factory, its keyword inputs)
+MODELS: dict[str, tuple[Callable[[], Any], Callable[[Any], dict[str, Any]]]] = {
     "UNet2DConditionModel": (tiny_unet, unet_inputs),
     "SD3Transformer2DModel": (tiny_sd3, sd3_inputs),
     "FluxTransformer2DModel": (tiny_flux, flux_inputs),
@@ -113,7 +116,9 @@ def time_overhead(repeats: int) -> list[dict[str, object]]:
 
 
 def sdxl_estimates() -> tuple[list[dict[str, object]], dict[str, object]]:
-    from diffusers import UNet2DConditionModel
+    # the same class as diffusers.UNet2DConditionModel; type checkers read that name as the placeholder
+    # diffusers defines for installs without torch (not a torch.nn.Module)
+    from diffusers.models import UNet2DConditionModel
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SDXL_UNET)

@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import _bench as bench
 import numpy as np
@@ -36,6 +36,9 @@ from hopfield_aa.reference.pipeline import (
     load_pipeline,
     read_model_config,
 )
+
+if TYPE_CHECKING:
+    from diffusers.models.attention_processor import Attention
 
 ReferencePipeline = Any
 
@@ -159,13 +162,15 @@ def cross_attention_shapes(
     pipe: ReferencePipeline, prompts: list[str]
 ) -> list[tuple[int, int, int, int, int]]:
     """(batch, heads, queries, keys, head_dim) of every cross-attention call in one UNet forward."""
-    shapes = []
+    shapes: list[tuple[int, int, int, int, int]] = []
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        attn = cast("Attention", module)  # the hooks go on the UNet's attn2 layers
         hidden = args[0] if args else kwargs["hidden_states"]
         context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        heads = module.heads
-        shapes.append((hidden.shape[0], heads, hidden.shape[1], context.shape[1], module.inner_dim // heads))
+        assert context is not None  # cross-attention: the text embeddings
+        heads = attn.heads
+        shapes.append((hidden.shape[0], heads, hidden.shape[1], context.shape[1], attn.inner_dim // heads))
 
     handles = [
         m.register_forward_pre_hook(hook, with_kwargs=True)
@@ -339,8 +344,12 @@ def op_counts(shape: tuple[int, int, int, int, int]) -> dict[str, int]:
     return {name: ops_per_call(fn) for name, fn in calls.items()}
 
 
-def ops_per_call(fn: Callable[[], object]) -> int:
-    """Ops that one call of ``fn`` dispatches (torch.profiler events)."""
+def ops_per_call(fn: Callable[..., object]) -> int:
+    """Ops that one call of ``fn`` (without arguments) dispatches (torch.profiler events).
+
+    ``Callable[..., object]``: a caller's lambda binds loop variables as defaults, which mypy cannot infer
+    against ``Callable[[], object]``.
+    """
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -384,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     load = bench.start(args, own_threads=args.threads)
     for batch in args.batch:
         prompts = [prompt_pool[i % 2] for i in range(batch)]
-        jobs: list[tuple[str, Callable[[], float]]] = [
+        # Callable[..., float]: each job is called without arguments; its lambda binds the loop's values
+        # as defaults, which mypy cannot infer against Callable[[], float]
+        jobs: list[tuple[str, Callable[..., float]]] = [
             (name, lambda o=options, p=prompts: time_call(pipe, o, p, args.steps, 1.0, clock))
             for name, options in CONFIGS.items()
         ]

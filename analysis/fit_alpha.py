@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -48,7 +49,8 @@ def load(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 def overlap(scores: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """Mean over records and queries of Σ min(entmax_α, softmax), per head: shape (H,)."""
-    sparse = entmax(scores, alpha.view(-1, 1))  # one α per head: (H, 1) against (R, H, L_q)
+    # one α per head: (H, 1) against (R, H, L_q); a tensor in, a tensor out
+    sparse = cast(torch.Tensor, entmax(scores, alpha.view(-1, 1)))
     dense = torch.softmax(scores, -1)
     return torch.minimum(sparse, dense).sum(-1).mean(dim=(0, 2))
 

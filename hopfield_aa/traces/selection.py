@@ -7,9 +7,9 @@ from __future__ import annotations
 import fnmatch
 import re
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -68,6 +68,20 @@ class Selection:
     max_query_tokens: int | None = None
     batch_indices: tuple[int, ...] | None = None
     query_seed: int = 0
+
+    if TYPE_CHECKING:
+        # What the constructor accepts (lists, ranges, a bare pattern string); ``__post_init__`` stores each
+        # as the tuple its field says. At run time the dataclass's own ``__init__`` is used.
+        def __init__(
+            self,
+            layers: str | Sequence[str] | None = None,
+            kinds: str | Sequence[str] | None = None,
+            steps: Iterable[int] | None = None,
+            heads: Iterable[int] | None = None,
+            max_query_tokens: int | None = None,
+            batch_indices: Iterable[int] | None = None,
+            query_seed: int = 0,
+        ) -> None: ...
 
     def __post_init__(self) -> None:
         if self.layers is not None:
