@@ -25,7 +25,7 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,3 +181,21 @@ def write_table(
         raise SystemExit(3)
     write_text(Path(path), text if text.endswith("\n") else text + "\n")
     return True
+
+
+def peak_allocated(fn: Callable[[], object]) -> int:
+    """Peak bytes of CPU tensor memory alive during one call of ``fn``, above what was alive before it.
+
+    From torch.profiler's memory events in time order (each op's own allocations less its frees, and
+    the frees between ops); a temporary that one ATen op allocates and frees inside itself is not seen,
+    so this is a lower bound of the allocator's peak, exact for chains of ops that do not.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak

@@ -20,3 +20,23 @@ def test_a_table_is_refused_when_other_jobs_loaded_the_machine(monkeypatch: pyte
     assert "quiet" in quiet.lines()[0] and "LOADED" in loaded.lines()[1]
     assert "color:red" in loaded.lines()[0]
     assert all(any(line.startswith("- allocator: ") for line in r.lines()) for r in (quiet, loaded))
+
+
+def test_peak_allocated_follows_allocations_and_frees_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three 1 MiB tensors alive at once, then two freed and one more made: the peak is 3 MiB."""
+    monkeypatch.syspath_prepend(str(ANALYSIS))
+    import _bench
+    import torch
+
+    mib = 1 << 20
+
+    def steps() -> None:
+        a = torch.ones(mib // 4)
+        b = a * 2
+        c = b + 1
+        del a, b
+        d = c.exp()
+        del c, d
+
+    peak = _bench.peak_allocated(steps)
+    assert 3 * mib <= peak < 3 * mib + 4096

@@ -584,3 +584,35 @@ def test_guided_attention_on_some_rows_leaves_the_others_to_the_stock_kernel():
     out = guided_attention(q, k, v, lambda r: r[1], (1.0, 1.5), scale=8**-0.5, rows=slice(2, 4))
     assert torch.equal(out[:2], stock[:2])
     torch.testing.assert_close(out[2:], entmax15(q[2:] @ k[2:].transpose(-1, -2) / 8**0.5, dim=-1) @ v[2:])
+
+
+@pytest.mark.parametrize("rule", ["gag", "extrapolate"])
+def test_guided_attention_keeps_at_most_two_score_sized_buffers_alive(rule):
+    """One guided call holds the scores and one probability matrix at a time, plus entmax's buffers of
+    one row block (2^20 entries at most: its scratch, and the rows still unsettled after the fixed
+    passes) and tensors of the output's size: its peak memory stays below 2 score buffers + 2 blocks +
+    6 outputs (measured with torch.profiler's memory events). At this shape the bound leaves about 2.5 MB
+    of room and a third score-sized buffer would be 10 MB."""
+    import sys
+    from pathlib import Path
+
+    from hopfield_aa.guidance.attention import guided_attention
+    from hopfield_aa.guidance.rules import get_rule
+    from hopfield_aa.normalizers import blocked
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "analysis"))
+    import _bench
+
+    batch, heads, queries, keys, dim = 1, 4, 8192, 77, 4
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, n, dim, generator=gen) for n in (queries, keys, keys))
+    rule_spec = get_rule(rule)
+    combine = lambda retrievals: rule_spec.function(retrievals, rule_spec.scale)  # noqa: E731
+    score_bytes = batch * heads * queries * keys * 4
+    output_bytes = batch * heads * queries * dim * 4
+    block_bytes = min(blocked._BLOCK_ELEMENTS // keys * keys, heads * queries * keys) * 4
+    with torch.no_grad():
+        peak = _bench.peak_allocated(
+            lambda: guided_attention(q, k, v, combine, rule_spec.alphas, scale=dim**-0.5)
+        )
+    assert score_bytes < peak <= 2 * score_bytes + 2 * block_bytes + 6 * output_bytes

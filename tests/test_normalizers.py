@@ -655,7 +655,7 @@ def test_support_passes_hand_the_few_rows_left_to_the_sort_algorithm_and_stay_ex
     z = _adversarial_float32(77, seed=22)[:-1].double()
     u = (z - z.amax(-1, keepdim=True)) * (0.5 if quadratic else 1.0)
     u = u[torch.isfinite(u).any(-1)].contiguous()
-    passes_only = exact.threshold(u, quadratic, torch.empty(2, *u.shape, dtype=u.dtype))
+    passes_only = exact.threshold(u, quadratic, torch.empty_like(u))
     name = "entmax15_threshold_sort" if quadratic else "sparsemax_threshold_sort"
     sort_fn = getattr(exact, name)
     sorted_rows: list[int] = []
@@ -665,7 +665,7 @@ def test_support_passes_hand_the_few_rows_left_to_the_sort_algorithm_and_stay_ex
         return sort_fn(rows)
 
     monkeypatch.setattr(exact, name, counting)
-    mixed = exact.threshold(u, quadratic, torch.empty(2, *u.shape, dtype=u.dtype), sort_below=u.numel())
+    mixed = exact.threshold(u, quadratic, torch.empty_like(u), sort_below=u.numel())
     assert sorted_rows and 0 < sorted_rows[0] < u.shape[0]  # the rows left after the fixed passes
     torch.testing.assert_close(mixed, passes_only, atol=1e-12, rtol=0)
 

@@ -172,7 +172,9 @@ def _guided(
     scores = query.float() @ (key.float() * scale).transpose(-1, -2)
     if mask is not None:
         scores = scores.add_(mask)
-    return combine(retrievals(scores, value.float(), alphas))
+    outputs = retrievals(scores, value.float(), alphas)
+    del scores  # not alive while the rule runs: its temporaries are the call's peak
+    return combine(outputs)
 
 
 def guided_joint_attention(

@@ -61,17 +61,17 @@ def _solve_compact(
     """α-entmax of the compacted candidate rows ``u`` (shifted scores, max 0, padding −inf).
 
     Returns (p of the same shape, λ relative to the row maximum). A tensor ``alpha`` (rows, 1) is one
-    α > 1 per row (the Newton kernel). ``scratch`` is flat float scratch of at least twice the size of
-    ``u`` (α = 1.5 and 2; allocated if None); ``scaled``: ``u`` is already (α−1)(z − max z).
+    α > 1 per row (the Newton kernel). ``scratch`` is flat float scratch of at least the size of ``u``
+    (α = 1.5 and 2; allocated if None); ``scaled``: ``u`` is already (α−1)(z − max z).
     """
     if not isinstance(alpha, torch.Tensor) and alpha in (1.5, 2.0):
         # u = (α−1)(z − max z), then p = [u − τ]_+^{1/(α−1)}
         quadratic = alpha == 1.5
         if quadratic and not scaled:
             u = u.mul_(0.5)
-        if scratch is None or scratch.numel() < 2 * u.numel():
-            scratch = u.new_empty(2 * u.numel())
-        view = scratch[: 2 * u.numel()].view(2, *u.shape)
+        if scratch is None or scratch.numel() < u.numel():
+            scratch = u.new_empty(u.numel())
+        view = scratch[: u.numel()].view(u.shape)
         tau = exact.threshold(u, quadratic, view, sort_below=_sort_entries(u.shape[-1]))
         return exact.probs_from_threshold(u, tau, quadratic)
     big = bool((alpha > 2.0).any()) if isinstance(alpha, torch.Tensor) else alpha > 2.0
@@ -96,7 +96,7 @@ def _forward_block(
     scattered back. Rows with many more candidates than typical form a second, wider group so that a
     few flat rows do not widen the whole block. ``pb`` must be zero-filled, except for short rows
     (fewer than ``_COMPACT_MIN_N`` entries) at α = 1.5 and 2, which are solved in place in it. ``buf``
-    is float scratch of the shape of ``zb``, ``scratch`` flat float scratch of twice its size (the
+    is float scratch of the shape of ``zb``, ``scratch`` flat float scratch of its size (the
     exact solvers' buffers).
     """
     n_rows, n = zb.shape
@@ -182,8 +182,10 @@ def _forward_blocks(rows: torch.Tensor, alpha: Alpha, size: int) -> tuple[torch.
     lam = torch.empty_like(rows[:, :1])
     block = max(1, size // max(n, 1))
     block = min(block, n_rows)
-    buf = torch.empty_like(rows[:block])
-    scratch = rows.new_empty(2 * block * n if exact_alpha else 0)
+    # the candidate buffer serves the compacted path only (short rows at α = 1.5 and 2 solve in place)
+    compact = not exact_alpha or n >= _COMPACT_MIN_N
+    buf = torch.empty_like(rows[:block]) if compact else rows.new_empty((0, n))
+    scratch = rows.new_empty(block * n if exact_alpha else 0)
     for start in range(0, n_rows, block):
         stop = min(start + block, n_rows)
         a = alpha[start:stop] if isinstance(alpha, torch.Tensor) else alpha

@@ -24,17 +24,19 @@ SupportState = tuple[torch.Tensor, torch.Tensor]
 
 
 def support_stats(u: torch.Tensor, tau: torch.Tensor, d: torch.Tensor, quadratic: bool) -> tuple[Any, ...]:
-    """[u − τ]_+ (in place in ``d[0]``; ``d[1]`` is scratch); returns Σd, Σd² (if ``quadratic``), |{d > 0}|.
+    """Σd, Σd² (if ``quadratic``) and |{d > 0}| of d = [u − τ]_+, with ``d`` a buffer of the shape of ``u``
+    (overwritten).
 
-    Every full-size intermediate lives in the two preallocated buffers: fresh allocations of this
-    size cost page faults that would dominate the solver's time. Σd² is a fused norm reduction (a
-    dot product of d with itself would first write the full product).
+    The one full-size intermediate lives in that preallocated buffer: fresh allocations of this size
+    cost page faults that would dominate the solver's time, and a second buffer would be one more
+    score-sized allocation per call. d is first summed and its norm taken (Σd² as a fused norm
+    reduction: a dot product of d with itself would first write the full product), then turned into
+    its signs in place and summed again (the support count).
     """
-    d, e = d[0], d[1]
     torch.sub(u, tau, out=d).clamp_(min=0)
     s1 = d.sum(-1, keepdim=True)
-    count = torch.sign(d, out=e).sum(-1, keepdim=True)
     s2 = torch.linalg.vector_norm(d, 2, -1, keepdim=True).square_() if quadratic else None
+    count = d.sign_().sum(-1, keepdim=True)
     return s1, s2, count
 
 
@@ -180,7 +182,7 @@ def _iterate_rows(
     for _ in range(MAX_SUPPORT_ITER - FIXED_SUPPORT_PASSES):
         if cur.numel() <= sort_below:
             break
-        settled, new_tau, state = support_pass(cur, tau, state, d[:, : cur.shape[0]], quadratic)
+        settled, new_tau, state = support_pass(cur, tau, state, d[: cur.shape[0]], quadratic)
         n_settled = int(settled.sum())
         if 2 * n_settled >= cur.shape[0]:
             rows_s = settled.squeeze(-1)
@@ -209,7 +211,7 @@ def threshold(u: torch.Tensor, quadratic: bool, scratch: torch.Tensor, sort_belo
 
     Support passes (:func:`support_pass`); a row that does not settle within ``MAX_SUPPORT_ITER``
     passes, and the rows left after ``FIXED_SUPPORT_PASSES`` once they hold at most ``sort_below``
-    entries, are solved by the sort algorithm. ``scratch`` is float scratch of shape (2, *u.shape).
+    entries, are solved by the sort algorithm. ``scratch`` is float scratch of the shape of ``u``.
     """
     tau, settled = _iterate_support(u, scratch, quadratic, sort_below)
     if not bool(settled.all()):
