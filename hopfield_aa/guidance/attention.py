@@ -88,7 +88,8 @@ def guided_attention(
     and the output for the batch rows ``rows`` is ``combine([Y_0, Y_1, …])`` (per head and query token),
     computed in float32 and cast back to ``query``'s dtype. Other rows get the stock attention
     (``F.scaled_dot_product_attention`` in ``query``'s dtype, as the stock processor computes it).
-    A call allocates two score-sized buffers at a time: ``Z`` and one rung's probabilities.
+    A call keeps at most two score-sized buffers alive: ``Z`` and one rung's probabilities (plus
+    α-entmax's buffers of one row block and tensors of the output's size; ``tests/test_guidance.py``).
 
     Parameters
     ----------
