@@ -209,9 +209,9 @@ def gag_parallel(dense: torch.Tensor, sparse: torch.Tensor, scale: float) -> tor
     along = torch.linalg.vecdot(residual, sparse).unsqueeze_(-1)
     norm_sq = torch.linalg.vecdot(sparse, sparse).unsqueeze_(-1)
     # ‖S‖ ≥ |S|_∞, so the |S|_∞ term of the convention only matters for S = 0, where ‖S‖² = 0 anyway
-    # |r|_∞ as a norm reduction: no |r| temporary of the retrievals' size
-    top = torch.linalg.vector_norm(residual, ord=math.inf, dim=-1, keepdim=True)
-    floor = top.mul_(_ZERO_FACTOR * torch.finfo(sparse.dtype).eps).square_()
+    # |r|_∞ by abs then amax: torch.linalg.vector_norm(ord=inf) avoids the |r| temporary but is 4-13×
+    # slower on CPU (measured, one thread, at attention output shapes)
+    floor = residual.abs().amax(-1, keepdim=True).mul_(_ZERO_FACTOR * torch.finfo(sparse.dtype).eps).square_()
     coefficient = along.div_(norm_sq).masked_fill_(norm_sq <= floor, 0.0)
     return torch.addcmul(sparse, coefficient, sparse, value=scale)
 
