@@ -698,6 +698,27 @@ def test_entmax_inside_a_compiled_graph_is_exact_and_sorts_only_when_a_row_is_no
 
 
 @pytest.mark.slow
+def test_guided_attention_compiles_with_automatic_dynamic_shapes_and_equals_eager() -> None:
+    """torch.compile's automatic dynamic shapes (a second and third attention shape make the sizes
+    symbolic, as in a UNet at several batch sizes) compile the in-graph entmax and its torch.cond sort
+    branch, and every shape equals the eager guided attention to float32 rounding. (Inductor generates a
+    torch.cond branch only when each size symbol is some operand's dimension: the branches take the
+    scores' own shape, not the flattened rows.)"""
+    from hopfield_aa.guidance.attention import _guided
+    from hopfield_aa.guidance.rules import gag_rule
+
+    torch._dynamo.reset()
+    guided = torch.compile(_guided, dynamic=None)
+    gen = torch.Generator().manual_seed(25)
+    for batch, heads, queries, keys, dim in [(1, 4, 64, 16, 16), (1, 4, 16, 16, 32), (3, 4, 64, 16, 16)]:
+        q = torch.randn(batch, heads, queries, dim, generator=gen)
+        k, v = (torch.randn(batch, heads, keys, dim, generator=gen) for _ in range(2))
+        args = (q, k, v, lambda r: gag_rule(r, 1.0), (1.0, 1.5), dim**-0.5, None)
+        torch.testing.assert_close(guided(*args), _guided(*args), rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("alpha", [1.5, 2.0])
 @pytest.mark.parametrize("n", [77, 300])
 def test_compiled_backend_agrees_with_eager_and_exact_references(

@@ -133,15 +133,13 @@ _compiled: dict[str, Any] = {}  # the torch.compile'd _guided, built on first us
 def _compiled_guided(*args: Any) -> torch.Tensor:
     """:func:`_guided` through ``torch.compile``; :func:`_guided` itself once compiling has failed.
 
-    One graph per shape: under compilation α = 1.5 and 2 take certified support passes, with the sort
-    kernel as a ``torch.cond`` branch run only when some row is not certified
-    (:func:`.normalizers.blocked._in_graph`); static shapes, because inductor (torch 2.13) fails to
-    generate a ``torch.cond`` whose operands have symbolic sizes. A UNet has a few attention shapes
-    per batch size, each compiled once (and cached on disk by inductor)."""
+    Under compilation α = 1.5 and 2 take certified support passes, with the sort kernel as a
+    ``torch.cond`` branch run only when some row is not certified (:func:`.normalizers.blocked._in_graph`);
+    shapes become symbolic once a second shape is seen (torch.compile's automatic dynamic shapes)."""
     if _compiled.get("failed"):
         return _guided(*args)
     if "guided" not in _compiled:
-        _compiled["guided"] = torch.compile(_guided, dynamic=False)
+        _compiled["guided"] = torch.compile(_guided, dynamic=None)
     try:
         out: torch.Tensor = _compiled["guided"](*args)
         return out

@@ -216,7 +216,7 @@ def forward(
         if redo.numel() > 0:
             probs[redo], lam[redo] = forward(rows.index_select(0, redo), alpha, -1, eager=True)
     elif rows.numel() > 0:
-        small = _forward_small(rows, alpha)
+        small = _forward_small(rows, alpha, shape)
         if small is not None:
             probs, lam = small
         else:
@@ -255,14 +255,17 @@ def probs(scores: torch.Tensor, alpha: float, dim: int) -> torch.Tensor:
 _SORT_KERNELS = {1.5: exact.entmax15_sort_probs, 2.0: exact.sparsemax_sort_probs}
 
 
-def _forward_small(rows: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _forward_small(
+    rows: torch.Tensor, alpha: float, shape: torch.Size | None = None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(p, λ) by the sort kernel where it is the faster one (α = 1.5 and 2, :func:`_sort_is_faster`), or
-    under ``torch.compile`` by :func:`_in_graph` (α = 1.5 and 2, any size); None elsewhere."""
+    under ``torch.compile`` by :func:`_in_graph` (α = 1.5 and 2, any size; ``shape``: the rows' shape
+    before flattening, (…, n)); None elsewhere."""
     kernel = _SORT_ROWS_KERNELS.get(alpha)
     if kernel is None:
         return None
     if torch.compiler.is_compiling():
-        return _in_graph(rows, alpha)
+        return _in_graph(rows, alpha, rows.shape if shape is None else shape)
     if _sort_is_faster(rows.numel(), rows.shape[-1]):
         return kernel(rows)
     return None
@@ -273,12 +276,17 @@ def _forward_small(rows: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torc
 _GRAPH_SUPPORT_PASSES = 5
 
 
-def _in_graph(rows: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(p, λ) of α = 1.5 or 2 inside a ``torch.compile``'d graph, with no graph break: a fixed number of
-    certified support passes (:func:`.exact.certified_passes`, fused by the compiler into a few loops),
-    and, only when some row is not certified (an all −inf row, or one whose support needs more passes),
-    the sort kernel on every row instead (``torch.cond``: the branch not taken is not run). Exact to the
-    certificate's tolerance (8 eps) either way."""
+def _in_graph(rows: torch.Tensor, alpha: float, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p, λ) of α = 1.5 or 2 of rows (R, n) inside a ``torch.compile``'d graph, with no graph break: a
+    fixed number of certified support passes (:func:`.exact.certified_passes`, fused by the compiler into
+    a few loops), and, only when some row is not certified (an all −inf row, or one whose support needs
+    more passes), the sort kernel on every row instead (``torch.cond``: the branch not taken is not run).
+    Exact to the certificate's tolerance (8 eps) either way.
+
+    The branches take their operands in the scores' own shape ``shape`` (…, n), not flattened: with
+    symbolic sizes, inductor (torch 2.13) generates a branch only when each size symbol is the size of
+    some operand dimension (R = 4·s0·s1 alone leaves s0 and s1 unbound).
+    """
     quadratic = alpha == 1.5
     top = rows.amax(-1, keepdim=True)
     u = rows - top
@@ -290,14 +298,16 @@ def _in_graph(rows: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Ten
     sort_rows = _SORT_ROWS_KERNELS[alpha]
     Pair = tuple[torch.Tensor, torch.Tensor]
 
-    def passes(rows: torch.Tensor, p: torch.Tensor, lam: torch.Tensor, ranks: torch.Tensor) -> Pair:
+    def passes(z: torch.Tensor, p: torch.Tensor, lam: torch.Tensor, ranks: torch.Tensor) -> Pair:
         return p.clone(), lam.clone()
 
-    def by_sorting(rows: torch.Tensor, p: torch.Tensor, lam: torch.Tensor, ranks: torch.Tensor) -> Pair:
-        return sort_rows(rows, ranks)
+    def by_sorting(z: torch.Tensor, p: torch.Tensor, lam: torch.Tensor, ranks: torch.Tensor) -> Pair:
+        return sort_rows(z, ranks)
 
-    result: Pair = torch.cond(certified.all(), passes, by_sorting, (rows, p, lam + top, ranks))
-    return result
+    lam_shape = (*shape[:-1], 1)
+    operands = (rows.view(shape), p.view(shape), (lam + top).view(lam_shape), ranks)
+    p_out, lam_out = torch.cond(certified.all(), passes, by_sorting, operands)
+    return p_out.reshape(rows.shape), lam_out.reshape(-1, 1)
 
 
 _SORT_ROWS_KERNELS = {1.5: exact.entmax15_sort_rows, 2.0: exact.sparsemax_sort_rows}
