@@ -643,33 +643,6 @@ def test_fused_support_rows_settled_by_the_mass_certificate_are_within_its_toler
     assert error <= 8 * torch.finfo(torch.float32).eps
 
 
-@pytest.mark.parametrize("alpha", [1.5, 2.0])
-def test_support_passes_hand_the_few_rows_left_to_the_sort_algorithm_and_stay_exact(
-    alpha: float, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Rows still unsettled after the fixed passes, once they hold at most ``sort_below`` entries, are
-    solved by sorting (counted) instead of more passes: the threshold is the same as with passes only."""
-    from hopfield_aa.normalizers import exact
-
-    quadratic = alpha == 1.5
-    z = _adversarial_float32(77, seed=22)[:-1].double()
-    u = (z - z.amax(-1, keepdim=True)) * (0.5 if quadratic else 1.0)
-    u = u[torch.isfinite(u).any(-1)].contiguous()
-    passes_only = exact.threshold(u, quadratic, torch.empty_like(u))
-    name = "entmax15_threshold_sort" if quadratic else "sparsemax_threshold_sort"
-    sort_fn = getattr(exact, name)
-    sorted_rows: list[int] = []
-
-    def counting(rows: torch.Tensor) -> torch.Tensor:
-        sorted_rows.append(rows.shape[0])
-        return sort_fn(rows)
-
-    monkeypatch.setattr(exact, name, counting)
-    mixed = exact.threshold(u, quadratic, torch.empty_like(u), sort_below=u.numel())
-    assert sorted_rows and 0 < sorted_rows[0] < u.shape[0]  # the rows left after the fixed passes
-    torch.testing.assert_close(mixed, passes_only, atol=1e-12, rtol=0)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("alpha", [1.5, 2.0])
 def test_entmax_inside_a_compiled_graph_is_exact_and_sorts_only_when_a_row_is_not_certified(

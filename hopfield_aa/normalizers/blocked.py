@@ -31,14 +31,9 @@ _COMPACT_MIN_N = 512  # α = 1.5 and 2 compact rows of at least this length (gen
 _SORT_MAX_ENTRIES = 1 << 15
 
 
-def _sort_entries(n: int) -> int:
-    """Up to how many entries in rows of ``n`` the sort kernels beat the support passes."""
-    return int(_SORT_MAX_ENTRIES * min(1.0, (16 / max(n, 1)) ** 0.5))
-
-
 def _sort_is_faster(numel: int, n: int) -> bool:
     """Whether the sort kernels beat the blocked one on ``numel`` entries in rows of ``n``."""
-    return 0 < numel <= _sort_entries(n)
+    return 0 < numel <= _SORT_MAX_ENTRIES * min(1.0, (16 / max(n, 1)) ** 0.5)
 
 
 # Rows sharing one of at most this many distinct α values are solved by the float-α kernels (exact
@@ -72,7 +67,7 @@ def _solve_compact(
         if scratch is None or scratch.numel() < u.numel():
             scratch = u.new_empty(u.numel())
         view = scratch[: u.numel()].view(u.shape)
-        tau = exact.threshold(u, quadratic, view, sort_below=_sort_entries(u.shape[-1]))
+        tau = exact.threshold(u, quadratic, view)
         return exact.probs_from_threshold(u, tau, quadratic)
     big = bool((alpha > 2.0).any()) if isinstance(alpha, torch.Tensor) else alpha > 2.0
     if big and u.dtype != torch.float64:

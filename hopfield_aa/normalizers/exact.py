@@ -133,15 +133,14 @@ def support_pass(
     return update(tau, s1, s2, count, state)
 
 
-def _iterate_support(
-    u: torch.Tensor, d: torch.Tensor, quadratic: bool, sort_below: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _iterate_support(u: torch.Tensor, d: torch.Tensor, quadratic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Support passes from τ₀ = −1 until every row settles; returns (τ, settled mask) for all rows.
 
     The first ``FIXED_SUPPORT_PASSES`` passes run on every row without reading anything back to the
     host (a settled row keeps its threshold, so further passes leave it unchanged); most rows have
-    settled by then. One test follows, and the few rows left go on alone (:func:`_iterate_rows`) until
-    they hold at most ``sort_below`` entries, which are left unsettled for the sort algorithm.
+    settled by then. One test follows, and the few rows left go on alone (:func:`_iterate_rows`).
+    (Handing those rows to the sort algorithm instead, once few, was measured slower: sorting a thousand
+    rows of 16 costs more than the two or three passes they still need.)
     """
     tau = torch.full_like(u[:, :1], -1.0)
     state = initial_state(tau)
@@ -153,24 +152,17 @@ def _iterate_support(
     keep = (~settled).squeeze(-1).nonzero().squeeze(-1)
     rest = (state[0].index_select(0, keep), state[1].index_select(0, keep))
     u_rest, tau_rest = u.index_select(0, keep), tau.index_select(0, keep)
-    tau_rest, done_rest = _iterate_rows(u_rest, tau_rest, rest, d, quadratic, sort_below)
+    tau_rest, done_rest = _iterate_rows(u_rest, tau_rest, rest, d, quadratic)
     tau[keep] = tau_rest
     settled[keep] = done_rest
     return tau, settled
 
 
 def _iterate_rows(
-    u: torch.Tensor,
-    tau: torch.Tensor,
-    state: SupportState,
-    d: torch.Tensor,
-    quadratic: bool,
-    sort_below: int = 0,
+    u: torch.Tensor, tau: torch.Tensor, state: SupportState, d: torch.Tensor, quadratic: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Support passes on rows ``u`` from thresholds ``tau`` (with their ``state``) until every row
-    settles, ``MAX_SUPPORT_ITER`` passes have run, or the rows still iterated hold at most
-    ``sort_below`` entries (a pass costs a fixed ~20 dispatches; the sort algorithm solves so few
-    entries for about as many); returns (τ, settled mask).
+    settles or ``MAX_SUPPORT_ITER`` passes have run; returns (τ, settled mask).
 
     Rows settle at different passes, so once at least half of the rows still iterated have settled,
     their thresholds are stored and the passes go on with the others only.
@@ -180,8 +172,6 @@ def _iterate_rows(
     idx: torch.Tensor | None = None  # rows of u still iterated (None: all)
     cur = u
     for _ in range(MAX_SUPPORT_ITER - FIXED_SUPPORT_PASSES):
-        if cur.numel() <= sort_below:
-            break
         settled, new_tau, state = support_pass(cur, tau, state, d[: cur.shape[0]], quadratic)
         n_settled = int(settled.sum())
         if 2 * n_settled >= cur.shape[0]:
@@ -206,14 +196,13 @@ def _iterate_rows(
     return result, done
 
 
-def threshold(u: torch.Tensor, quadratic: bool, scratch: torch.Tensor, sort_below: int = 0) -> torch.Tensor:
+def threshold(u: torch.Tensor, quadratic: bool, scratch: torch.Tensor) -> torch.Tensor:
     """Exact threshold τ of rows ``u`` (max 0) for α = 1.5 (``quadratic``) or α = 2 (keepdim).
 
     Support passes (:func:`support_pass`); a row that does not settle within ``MAX_SUPPORT_ITER``
-    passes, and the rows left after ``FIXED_SUPPORT_PASSES`` once they hold at most ``sort_below``
-    entries, are solved by the sort algorithm. ``scratch`` is float scratch of the shape of ``u``.
+    passes is solved by the sort algorithm. ``scratch`` is float scratch of the shape of ``u``.
     """
-    tau, settled = _iterate_support(u, scratch, quadratic, sort_below)
+    tau, settled = _iterate_support(u, scratch, quadratic)
     if not bool(settled.all()):
         rows = (~settled).squeeze(-1).nonzero().squeeze(-1)
         sort_fn = entmax15_threshold_sort if quadratic else sparsemax_threshold_sort
