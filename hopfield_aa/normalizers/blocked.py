@@ -283,12 +283,7 @@ def _in_graph(rows: torch.Tensor, alpha: float, shape: torch.Size) -> tuple[torc
     some operand dimension (R = 4·s0·s1 alone leaves s0 and s1 unbound).
     """
     quadratic = alpha == 1.5
-    top = rows.amax(-1, keepdim=True)
-    u = rows - top
-    if quadratic:
-        u = u * 0.5
-    p, lam, certified = exact.certified_passes(u, quadratic, _GRAPH_SUPPORT_PASSES, compiled.MASS_TOL_EPS)
-    certified = certified & (top > -math.inf)  # an all −inf row (NaN here) is for the sort kernel
+    p, lam, certified = exact.certified_passes(rows, quadratic, _GRAPH_SUPPORT_PASSES, compiled.MASS_TOL_EPS)
     ranks = exact._ranks(rows.shape[-1], rows.dtype, rows.device, inverse=quadratic)
     sort_rows = _SORT_ROWS_KERNELS[alpha]
     Pair = tuple[torch.Tensor, torch.Tensor]
@@ -300,7 +295,7 @@ def _in_graph(rows: torch.Tensor, alpha: float, shape: torch.Size) -> tuple[torc
         return sort_rows(z, ranks)
 
     lam_shape = (*shape[:-1], 1)
-    operands = (rows.view(shape), p.view(shape), (lam + top).view(lam_shape), ranks)
+    operands = (rows.view(shape), p.view(shape), lam.view(lam_shape), ranks)
     p_out, lam_out = torch.cond(certified.all(), passes, by_sorting, operands)
     return p_out.reshape(rows.shape), lam_out.reshape(-1, 1)
 

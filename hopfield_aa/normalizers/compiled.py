@@ -12,7 +12,6 @@ against 14× at 8192×1024).
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -116,14 +115,9 @@ def _fused_support(z: torch.Tensor, out: torch.Tensor, quadratic: bool) -> tuple
     Writes p into ``out``; returns (λ in score units, settled), settled marking the rows whose threshold
     is certified (exact, or p within ``MASS_TOL_EPS`` eps of the exact p).
     """
-    top = z.amax(-1, keepdim=True)
-    u = z - top
-    if quadratic:
-        u = u * 0.5
-    p, lam, settled = exact.certified_passes(u, quadratic, _FUSED_SUPPORT_PASSES, MASS_TOL_EPS)
+    p, lam, settled = exact.certified_passes(z, quadratic, _FUSED_SUPPORT_PASSES, MASS_TOL_EPS)
     out.copy_(p)
-    settled = settled & (top > -math.inf)  # all −inf rows (NaN here) are left to the eager kernel
-    return lam + top, settled.squeeze(-1)
+    return lam, settled.squeeze(-1)  # unsettled rows (all −inf ones among them) go to the eager kernel
 
 
 def _fused_kernel() -> Any:

@@ -54,20 +54,23 @@ def support_sums(u: torch.Tensor, tau: torch.Tensor, quadratic: bool) -> tuple[A
 
 
 def certified_passes(
-    u: torch.Tensor, quadratic: bool, passes: int, tol_eps: float
+    z: torch.Tensor, quadratic: bool, passes: int, tol_eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``passes`` support passes of α = 1.5 (``quadratic``) or α = 2 on rows ``u`` (max 0, overwritten by p)
-    from τ₀ = −1, without reading anything back to the host: (p, λ − max z, certified).
+    """``passes`` support passes of α = 1.5 (``quadratic``) or α = 2 on rows ``z`` (scores, last axis)
+    from τ₀ = −1, without reading anything back to the host: (p, λ in score units, certified).
 
     A row is certified when its support reproduced itself (τ exact) or when the mass of p from the last
     threshold is 1 to within ``tol_eps`` eps: F(τ) = Σ[u − τ]_+^k is strictly decreasing where positive
     and every p_i moves by at most |F − 1| on the way to the root (Δp_i = ΔF·d_i/Σd for α = 1.5, ΔF/|S|
-    for α = 2), so the test bounds the error of p by the tolerance, one pass sooner. A row of NaN (an
-    all −inf row shifted by its maximum) can pass the support test at α = 2: callers exclude such rows
-    by their maximum. The fused kernels (the compiled backend,
-    guided attention under ``torch.compile``) run this.
+    for α = 2), so the test bounds the error of p by the tolerance, one pass sooner. A row of only −inf
+    is never certified (shifted by its maximum it is NaN, which can pass the support test at α = 2).
+    The fused kernels (the compiled backend, α-entmax under ``torch.compile``) run this.
     """
-    tau = torch.full_like(u[..., :1], -1.0)
+    top = z.amax(-1, keepdim=True)
+    u = z - top
+    if quadratic:
+        u = u * 0.5
+    tau = torch.full_like(top, -1.0)
     state = initial_state(tau)
     settled = state[1]
     update = entmax15_update if quadratic else sparsemax_update
@@ -76,8 +79,8 @@ def certified_passes(
         settled, tau, state = update(tau, s1, s2, count, state)
     p, lam = probs_from_threshold(u, tau, quadratic)
     mass = p.sum(-1, keepdim=True)
-    certified = settled | ((mass - 1).abs() <= tol_eps * torch.finfo(u.dtype).eps)
-    return p, lam, certified
+    certified = settled | ((mass - 1).abs() <= tol_eps * torch.finfo(z.dtype).eps)
+    return p, lam + top, certified & (top > -math.inf)
 
 
 def sparsemax_update(
