@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 QUIET_PER_CORE = 0.5
 """Most load of other jobs per core under which a timing is published."""
@@ -199,3 +200,18 @@ def peak_allocated(fn: Callable[[], object]) -> int:
         live += event.self_cpu_memory_usage
         peak = max(peak, live)
     return peak
+
+
+def top_ops_table(events: Any, per: float = 1.0, label: str = "call", top: int = 12) -> list[str]:
+    """Markdown rows of the ``top`` ops by self CPU time in torch.profiler's ``key_averages()``
+    ``events``: calls and self CPU µs per ``label`` (the run held ``per`` of them) and the share of all
+    self CPU time. The profiler adds its own cost to every op, so the shares are the reading."""
+    ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ranked) or 1.0
+    lines = [f"| op | calls per {label} | self CPU µs per {label} | share |", "|---|---:|---:|---:|"]
+    for e in ranked[:top]:
+        lines.append(
+            f"| `{e.key}` | {e.count / per:.3g} | {e.self_cpu_time_total / per:.0f} "
+            f"| {e.self_cpu_time_total / total:.1%} |"
+        )
+    return lines

@@ -220,7 +220,7 @@ def iteration_profile(prob: Problem, m: int = 5, iterations: int = 20, top: int 
     with profile(activities=[ProfilerActivity.CPU]) as map_prof:
         for _ in range(res.n_calls):
             prob.g(prob.x0)
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     map_total = sum(e.self_cpu_time_total for e in map_prof.key_averages())
     ops = sum(e.count for e in events) / res.n_calls
@@ -232,14 +232,8 @@ def iteration_profile(prob: Problem, m: int = 5, iterations: int = 20, top: int 
         f"(the map alone: {map_ops:.0f} ops, {map_total / res.n_calls:.0f} µs; the profiler adds its own "
         "cost to every op, so the shares are the reading).",
         "",
-        "| op | calls per map call | self CPU µs per map call | share |",
-        "|---|---:|---:|---:|",
+        *bench.top_ops_table(events, per=res.n_calls, label="map call", top=top),
     ]
-    for e in events[:top]:
-        lines.append(
-            f"| `{e.key}` | {e.count / res.n_calls:.1f} | {e.self_cpu_time_total / res.n_calls:.0f} "
-            f"| {e.self_cpu_time_total / total:.1%} |"
-        )
     return [*lines, ""]
 
 

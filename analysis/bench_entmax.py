@@ -21,7 +21,7 @@ import _bench as bench
 import entmax as entmax_pkg
 import torch
 
-from hopfield_aa.normalizers import _entmax_tensor, entmax_backend
+from hopfield_aa.normalizers import _entmax_tensor, compiled, entmax_backend
 
 OUT = Path(__file__).resolve().parent / "results" / "bench_entmax.md"
 SHAPES = [(32768, 77), (8192, 1024), (16384, 256)]
@@ -62,7 +62,7 @@ BACKENDS = ("eager", "compiled")
 
 def backends(alpha: float) -> tuple[str, ...]:
     """The backends that differ at ``alpha``: the compiled one covers α = 1.5 and 2 only."""
-    return BACKENDS if alpha in (1.5, 2.0) else ("eager",)
+    return BACKENDS if alpha in compiled.ALPHAS else ("eager",)
 
 # kernel family -> (wall s, process CPU s) of its first compiled call
 COMPILE_COST: dict[str, tuple[float, float]] = {}
@@ -79,7 +79,7 @@ def ours_fn(alpha: float, backend: str) -> Callable[[torch.Tensor], torch.Tensor
 def compile_once(z: torch.Tensor, alpha: float) -> None:
     """First compiled call of the kernel family of ``alpha`` (compilation), timed once and excluded."""
     family = f"α = {alpha:g}"
-    if family in COMPILE_COST or alpha not in (1.5, 2.0):
+    if family in COMPILE_COST or alpha not in compiled.ALPHAS:
         return
     wall, cpu = time.perf_counter(), time.process_time()
     ours_fn(alpha, "compiled")(z[:64])
@@ -204,13 +204,10 @@ def profile_lines(alphas: list[float], top: int = 10) -> list[str]:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(5):
                 fn(z)
-        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-        total = sum(e.self_cpu_time_total for e in events)
+        events = prof.key_averages()
         calls = sum(e.count for e in events) / 5
         lines += ["", f"α = {alpha:g}: {calls:.0f} profiler-counted ops per call", ""]
-        lines += ["| op | calls per forward | self CPU share |", "|---|---:|---:|"]
-        for e in events[:top]:
-            lines.append(f"| `{e.key}` | {e.count / 5:.0f} | {e.self_cpu_time_total / total:.1%} |")
+        lines += bench.top_ops_table(events, per=5, label="forward", top=top)
     return lines
 
 
@@ -298,7 +295,7 @@ def dtype_table(n_rows: int) -> list[str]:
             if alpha in (1.5, 2.0):
                 ref = package_fn(alpha)(zh.double())
             ours = _entmax_tensor(zh, alpha, -1).double()
-            fused = ours_fn(alpha, "compiled")(zh).double() if alpha in (1.5, 2.0) else None
+            fused = ours_fn(alpha, "compiled")(zh).double() if alpha in compiled.ALPHAS else None
             try:
                 pkg = package_fn(alpha)(zh).double()
                 pkg_nan = str(int(torch.isnan(pkg).any(-1).sum()))

@@ -146,16 +146,7 @@ def profile(pipe: ReferencePipeline, options: dict, prompts: list[str], steps: i
     run()  # warm-up
     with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
         run()
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
-    lines = ["| op | calls | self CPU (ms) | share |", "|---|---:|---:|---:|"]
-    for e in rows:
-        lines.append(
-            f"| `{e.key}` | {e.count} | {e.self_cpu_time_total / 1e3:.1f} "
-            f"| {e.self_cpu_time_total / total:.1%} |"
-        )
-    return "\n".join(lines)
+    return "\n".join(bench.top_ops_table(prof.key_averages(), label="sampling call", top=top))
 
 
 def cross_attention_shapes(

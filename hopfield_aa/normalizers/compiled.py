@@ -29,6 +29,7 @@ if _backend not in _BACKENDS:
         f"{_ENV_BACKEND}={_backend!r} is not one of {_BACKENDS}; using 'eager'", RuntimeWarning, stacklevel=1
     )
     _backend = "eager"
+ALPHAS = (1.5, 2.0)  # the α the compiled backend covers (other α run eagerly)
 _compiled_kernels: dict[str, Any] = {}
 _compile_failed = False
 _FUSED_SUPPORT_PASSES = 4  # α = 1.5 and 2: support passes inside the compiled function (measured: 4 leave
@@ -134,7 +135,7 @@ def applies(rows: torch.Tensor, alpha: float) -> bool:
         and not _compile_failed
         and rows.dtype == torch.float32
         and rows.numel() > 0
-        and alpha in (1.5, 2.0)
+        and alpha in ALPHAS
     )
 
 
