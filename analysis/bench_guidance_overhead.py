@@ -55,9 +55,13 @@ CONFIGS: dict[str, dict] = {
 }
 
 
+BUNDLED = (BUNDLED_PIPELINE / "reference_model.json").is_file()
+"""Whether the trained reference pipeline is bundled with the package (else random weights are timed)."""
+
+
 def model_config() -> ModelConfig:
     """The reference pipeline's architecture: the bundled pipeline's, else the default configuration."""
-    if (BUNDLED_PIPELINE / "reference_model.json").is_file():
+    if BUNDLED:
         return read_model_config(BUNDLED_PIPELINE)
     return ModelConfig()
 
@@ -66,7 +70,7 @@ def pipeline(config: ModelConfig) -> ReferencePipeline:
     """The bundled (trained) reference pipeline; random weights of the same architecture where it is not
     bundled. The weights matter: α-entmax's support, and with it the work of its kernels, depends on the
     attention scores (random weights give near-uniform rows whose support is every text key)."""
-    if (BUNDLED_PIPELINE / "reference_model.json").is_file():
+    if BUNDLED:
         pipe = load_pipeline(BUNDLED_PIPELINE)
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -487,8 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     target = "met" if all(r <= g for r, g in zip(gag_ratios, goals, strict=True)) else "not met"
     ratio_text = ", ".join(f"{r:.3f} at batch {b}" for r, b in zip(gag_ratios, args.batch, strict=True))
     install_ms = install_cost(pipe) * 1e3
-    trained = (BUNDLED_PIPELINE / "reference_model.json").is_file()
-    weights = "The bundled reference pipeline, trained" if trained else "Its architecture, random weights"
+    weights = "The bundled reference pipeline, trained" if BUNDLED else "Its architecture, random weights"
     text = "\n".join(
         [
             "# Guidance overhead: sampling time with and without each rule",

@@ -748,12 +748,7 @@ class AndersonSolver:
 
     def converged(self, f_norm: torch.Tensor, g_x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The convergence criterion, per row: ‖f‖ ≤ tol ‖f_0‖ (``target``) or at the rounding floor."""
-        return (f_norm <= target) | (f_norm <= self._floor(g_x))
-
-    @staticmethod
-    def _floor(g_x: torch.Tensor) -> torch.Tensor:
-        """The rounding floor of the criterion, 16 ε ‖g(x)‖ per row."""
-        return 16 * torch.finfo(g_x.dtype).eps * _norm(g_x)
+        return (f_norm <= target) | (f_norm <= 16 * torch.finfo(g_x.dtype).eps * _norm(g_x))
 
     def init(self, x0: torch.Tensor) -> AndersonState:
         """The state at the starting rows x0 (B, n): g(x0) evaluated once (not at all for B = 0)."""
@@ -851,9 +846,9 @@ class AndersonSolver:
         g_new = self.fmap(x_new)
         f_new = g_new - x_new
         fn_new = _norm(f_new)
-        # the common case: not converged (above both bounds of the criterion, which NaN is not), finite
-        # (a norm below inf), accepted by the safeguard, well conditioned
-        good = fn_new > torch.maximum(state.target, self._floor(g_new))
+        # the common case: not converged, finite (a norm below inf; a NaN norm fails either test),
+        # accepted by the safeguard, well conditioned
+        good = ~self.converged(fn_new, g_new, state.target)
         good &= (fn_new <= f_norm) if self.safeguard and k > 0 else (fn_new < math.inf)
         if use_row is not None:
             good &= use_row
