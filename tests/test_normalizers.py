@@ -455,8 +455,28 @@ def test_all_masked_row_in_fast_kernel_gives_zeros_not_nan() -> None:
 # ------------------------------------------------------------------------- fast-kernel code paths
 
 
+@pytest.fixture
+def tensor_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run α = 1.5 and 2 on the tensor kernels of .blocked and .exact (the CUDA path), not the CPU
+    native kernels that take them on CPU by default (tests/test_native.py)."""
+    from hopfield_aa.normalizers import native
+
+    monkeypatch.setattr(native, "_enabled", False)
+
+
+@pytest.fixture(params=["native", "tensor"])
+def either_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both CPU kernels of α = 1.5 and 2 in turn: the native one (default) and the tensor one."""
+    from hopfield_aa.normalizers import native
+
+    monkeypatch.setattr(native, "_enabled", request.param == "native")
+    return str(request.param)
+
+
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3, 2.5])
-def test_candidate_compaction_with_wide_and_masked_rows_matches_sort_and_bisection(alpha: float) -> None:
+def test_candidate_compaction_with_wide_and_masked_rows_matches_sort_and_bisection(
+    alpha: float, either_kernel: str
+) -> None:
     """Rows of 300 entries (compacted candidates): peaked rows, a few flat rows with every entry a
     candidate (the second, wider group) and an all −inf row, against the exact references."""
     gen = torch.Generator().manual_seed(3)
@@ -479,7 +499,9 @@ def test_candidate_compaction_with_wide_and_masked_rows_matches_sort_and_bisecti
 
 
 @pytest.mark.parametrize("alpha", [1.5, 2.0])
-def test_row_shrinking_support_passes_agree_with_sort_on_many_short_rows(alpha: float) -> None:
+def test_row_shrinking_support_passes_agree_with_sort_on_many_short_rows(
+    alpha: float, either_kernel: str
+) -> None:
     """Thousands of 77-entry rows (full-width path; the passes continue on the unsettled rows only)."""
     gen = torch.Generator().manual_seed(4)
     z = 2 * torch.randn(5000, 77, generator=gen, dtype=F64)
@@ -535,7 +557,7 @@ def _exact_reference(z: torch.Tensor, alpha: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("n", [2, 3, 12, 77, 300])
 def test_small_tensors_take_the_sort_kernel_which_agrees_with_the_blocked_one_and_the_exact_reference(
-    n: int, monkeypatch: pytest.MonkeyPatch
+    n: int, monkeypatch: pytest.MonkeyPatch, tensor_kernels: None
 ) -> None:
     """1.5-entmax of a small tensor (blocked._sort_is_faster) is computed by sorting, a fixed number of
     dispatches; on adversarial float32 rows (ties, masked tails, huge logits) it has the blocked
@@ -570,7 +592,7 @@ def test_small_tensors_take_the_sort_kernel_which_agrees_with_the_blocked_one_an
 @pytest.mark.parametrize("alpha", [1.5, 2.0])
 @pytest.mark.parametrize("n", [2, 3, 12, 77, 300])
 def test_probabilities_alone_of_small_tensors_are_the_sort_kernel_p_exact_and_zero_on_masked_rows(
-    n: int, alpha: float, monkeypatch: pytest.MonkeyPatch
+    n: int, alpha: float, monkeypatch: pytest.MonkeyPatch, tensor_kernels: None
 ) -> None:
     """entmax_tensor at α = 1.5 and 2 on a small tensor (the attention hot path) takes the
     probabilities-only sort kernel: bit for bit the p of the (p, λ) sort kernel, within 1e-6 of the

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from hopfield_aa.normalizers import compiled, exact
+from hopfield_aa.normalizers import compiled, exact, native
 from hopfield_aa.normalizers.newton import Alpha, newton_entmax
 
 HALF = (torch.float16, torch.bfloat16)
@@ -205,7 +205,9 @@ def forward(
     n = shape[-1]
     rows = z.reshape(-1, n).contiguous()
     fused = None if eager or not compiled.applies(rows, alpha) else compiled.forward(rows, alpha)
-    if fused is not None:
+    if fused is None and native.applies(rows, alpha):
+        probs, lam = native.forward(rows, alpha)
+    elif fused is not None:
         probs, lam, settled = fused
         redo = (~settled).nonzero().squeeze(-1)
         if redo.numel() > 0:
@@ -233,6 +235,8 @@ def probs(scores: torch.Tensor, alpha: float, dim: int) -> torch.Tensor:
     (:func:`.exact.entmax15_sort_probs`, :func:`.exact.sparsemax_sort_probs`), which skip λ and the row
     reshapes (about 22 and 14 dispatches instead of about 50 and 100: at attention's short text rows
     the dispatches, not the arithmetic, set the time)."""
+    if compiled.get_backend() != "compiled" and native.applies(scores, alpha):
+        return forward(scores, alpha, dim)[0]
     if (
         alpha in _SORT_KERNELS
         and scores.dtype in (torch.float32, torch.float64)

@@ -41,6 +41,9 @@ _FUSED_BLOCK_ELEMENTS = 1 << 20  # rows per compiled call: about this many entri
 def set_backend(name: str) -> None:
     """Select the forward kernel of α-entmax: ``"eager"`` (default) or ``"compiled"``.
 
+    ``"eager"`` runs α = 1.5 and 2 on CPU float32/float64 by the native row kernels
+    (:mod:`.native`, numba) and elsewhere by the tensor kernels of :mod:`.exact` and :mod:`.blocked`.
+
     ``"compiled"`` runs the forward of α = 1.5 and α = 2 on float32 (and half precision, computed in
     float32) through one ``torch.compile``'d function: a fixed number of the eager solver's own support
     passes, then a test per row (the support reproduced itself, or |Σp − 1| ≤ 8 eps, which bounds the

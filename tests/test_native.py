@@ -1,0 +1,141 @@
+"""The CPU native kernels of 1.5-entmax and sparsemax (hopfield_aa.normalizers.native): exact against
+the sort-based references on adversarial rows, in either dtype, with the sort fallback, across threads,
+and out of the way wherever they do not apply."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from hopfield_aa.normalizers import _entmax_tensor, blocked, native
+from tests._oracles import entmax15_sort, sparsemax_sort
+
+pytestmark = pytest.mark.skipif(native._compiled() is None, reason="numba is not installed")
+
+ORACLES = {1.5: entmax15_sort, 2.0: sparsemax_sort}
+
+
+@st.composite
+def rows(draw: st.DrawFn) -> np.ndarray:
+    """Rows (B, n) in float64: ties, near-ties, huge and tiny scales, masked entries, all −inf rows."""
+    n = draw(st.integers(1, 40))
+    b = draw(st.integers(1, 4))
+    scale = draw(st.sampled_from([1e-6, 1.0, 10.0, 1e4, 1e8]))
+    z = draw(hnp.arrays(np.float64, (b, n), elements=st.floats(-3.0, 3.0))) * scale
+    mode = draw(st.sampled_from(["plain", "tie", "constant", "masked", "dead_row"]))
+    if mode == "tie" and n > 1:
+        z[:, -1] = z[:, 0]
+    elif mode == "constant":
+        z[:] = z[0, 0]
+    elif mode == "masked" and n > 1:
+        z[:, draw(st.integers(0, n - 1))] = -np.inf
+        z[:, 0] = 0.0
+    elif mode == "dead_row":
+        z[0] = -np.inf
+    return z
+
+
+def _tensor_kernel(z: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    with native.disabled():
+        return blocked.forward(z, alpha, -1)
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+@given(z=rows())
+def test_native_kernel_is_exact_entmax_and_its_threshold_in_float64(alpha: float, z: np.ndarray) -> None:
+    """p agrees with the sort algorithm to 1e-12 (float64) on every row with a finite entry, λ with the
+    tensor kernel's; a row of only −inf gets p = 0 and λ = −inf."""
+    zt = torch.from_numpy(z)
+    assert native.applies(zt, alpha)
+    p, lam = native.forward(zt, alpha)
+    _, lam_ref = _tensor_kernel(zt, alpha)
+    live = torch.isfinite(zt.amax(-1))
+    if bool(live.any()):
+        torch.testing.assert_close(p[live], ORACLES[alpha](zt[live]), atol=1e-12, rtol=0)
+        torch.testing.assert_close(lam[live], lam_ref[live], atol=1e-9, rtol=1e-12)
+    assert bool((p[~live] == 0).all()) and bool((lam[~live] == -math.inf).all())
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+@pytest.mark.parametrize("n", [1, 7, 16, 77, 300, 1030])
+def test_native_float32_rows_are_within_1e_6_of_float64_and_have_the_tensor_kernels_support(
+    alpha: float, n: int
+) -> None:
+    """float32: within 1e-6 of the float64 reference, the same support as the tensor kernel in float32,
+    and the same output whether a row is solved by the support passes or by sorting (max_passes = 0)."""
+    gen = torch.Generator().manual_seed(n)
+    z = 2 * torch.randn(400, n, generator=gen)
+    z[1:40] *= 1e4
+    z[40:60] *= 1e-3
+    if n > 2:
+        z[60:80, n // 2 :] = -math.inf
+    z[80] = -math.inf
+    p, lam = native.forward(z, alpha)
+    p_sorted, lam_sorted = native.forward(z, alpha, max_passes=0)
+    p_ref, _ = _tensor_kernel(z, alpha)
+    live = torch.isfinite(z.amax(-1))
+    torch.testing.assert_close(p[live], ORACLES[alpha](z[live].double()).float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(p_sorted, p, atol=1e-6, rtol=0)
+    torch.testing.assert_close(lam_sorted[live], lam[live], atol=1e-5, rtol=1e-6)
+    assert torch.equal(p > 0, p_ref > 0)
+    assert p.dtype == lam.dtype == torch.float32 and lam.shape == (400, 1)
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+def test_rows_split_across_threads_give_the_single_thread_result_bit_for_bit(alpha: float) -> None:
+    z = 2 * torch.randn(3 * native._MIN_ROWS_PER_THREAD, 33, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.forward(z, alpha)
+        torch.set_num_threads(3)
+        split = native.forward(z, alpha)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], split[0]) and torch.equal(one[1], split[1])
+
+
+def test_the_default_cpu_path_is_native_and_the_others_are_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    """entmax_tensor at α = 1.5 and 2 on CPU float32/float64 (and half, computed in float32) calls the
+    native kernel, for tensors of any size, and so do rows sharing α = 1.5 in an α per row; other α and
+    the kernels switched off do not."""
+    calls: list[tuple[int, ...]] = []
+    kernel = native.forward
+    monkeypatch.setattr(native, "forward", lambda z, a: calls.append(tuple(z.shape)) or kernel(z, a))
+    z = torch.randn(5, 9)
+    for alpha, x in [(1.5, z), (2.0, z.double()), (1.5, z.half()), (2.0, torch.randn(3000, 77))]:
+        p = _entmax_tensor(x, alpha)
+        assert calls and p.dtype == x.dtype
+        calls.clear()
+    torch.testing.assert_close(
+        _entmax_tensor(z.half(), 1.5).float(), _entmax_tensor(z, 1.5), atol=1e-3, rtol=0
+    )
+    calls.clear()
+    _entmax_tensor(z, torch.tensor([[1.5], [1.5], [1.3], [1.5], [1.3]]))
+    assert calls == [(3, 9)]
+    calls.clear()
+    _entmax_tensor(z, 1.3)
+    with native.disabled():
+        assert not native.applies(z, 1.5)
+        _entmax_tensor(z, 1.5)
+    assert not calls and native.applies(z, 1.5)
+
+
+def test_without_numba_the_tensor_kernel_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    z = 2 * torch.randn(64, 20, generator=torch.Generator().manual_seed(1))
+    expected = _entmax_tensor(z, 1.5)
+    monkeypatch.setattr(native, "_kernel", None)
+    monkeypatch.setattr(native, "_import_failed", True)
+    assert not native.applies(z, 1.5)
+    torch.testing.assert_close(_entmax_tensor(z, 1.5), expected, atol=1e-6, rtol=0)
+
+
+def test_gradients_through_the_native_forward_are_the_closed_form_jacobian_product() -> None:
+    z = torch.randn(6, 11, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: _entmax_tensor(x, 1.5), (z,))
