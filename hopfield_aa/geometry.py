@@ -155,7 +155,9 @@ def _guided_map(
     return guided
 
 
-def _extrapolate(dense: torch.Tensor, sparse: torch.Tensor, scale: float) -> torch.Tensor:
+def _extrapolate(dense: torch.Tensor, sparse: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    if isinstance(scale, float | int) and dense.shape == sparse.shape and dense.dtype == sparse.dtype:
+        return torch.lerp(dense, sparse, float(scale))  # D + λ(S − D) in one op (the attention hot path)
     return dense + scale * (sparse - dense)
 
 

@@ -534,19 +534,37 @@ def test_layer_alphas_errors_are_named(unet):
 # ------------------------------------------------------------------------------------------ fused attention
 
 
-def test_the_lean_default_gag_kernel_equals_the_public_gag_including_a_zero_reference():
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_lean_default_gag_kernel_equals_the_public_gag_including_a_zero_reference(
+    native, dtype, monkeypatch
+):
+    """Both forms of the lean kernel (one native call on CPU, the tensor ops elsewhere), on contiguous and
+    strided retrievals; exactly S where the reference is zero or negligible or r = 0."""
+    from hopfield_aa import _jit
+    from hopfield_aa.guidance import rules
     from hopfield_aa.guidance.rules import gag_parallel, gag_rule
 
+    monkeypatch.setattr(_jit, "_enabled", native)
+    calls = []
+    kernel = rules._gag_parallel_native
+    monkeypatch.setattr(rules, "_gag_parallel_native", lambda *a: calls.append(1) or kernel(*a))
     g = torch.Generator().manual_seed(11)
-    dense, sparse = torch.randn(2, 3, 20, 8, generator=g), torch.randn(2, 3, 20, 8, generator=g)
+    dense = torch.randn(2, 3, 20, 8, generator=g, dtype=dtype)
+    sparse = torch.randn(2, 3, 20, 8, generator=g, dtype=dtype)
     sparse[0, 0, 0] = 0.0  # no reference direction: no parallel part, G = S
-    sparse[0, 0, 1] = 1e-9 * sparse[0, 0, 1]  # negligible against |r|_∞ (float32)
+    tiny = 1e-9 if dtype == torch.float32 else 1e-20
+    sparse[0, 0, 1] = tiny * sparse[0, 0, 1]  # negligible against |r|_∞
     dense[0, 0, 2] = sparse[0, 0, 2]  # r = 0
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for d, s in ((dense, sparse), (dense.transpose(1, 2), sparse.transpose(1, 2))):
+        for scale in (0.0, 1.0, 2.5):
+            expected = gag(d, s, scale)
+            torch.testing.assert_close(gag_parallel(d, s, scale), expected, rtol=tol, atol=tol)
+            torch.testing.assert_close(gag_rule([d, s], scale), expected, rtol=tol, atol=tol)
     for scale in (0.0, 1.0, 2.5):
-        expected = gag(dense, sparse, scale)
-        torch.testing.assert_close(gag_parallel(dense, sparse, scale), expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(gag_rule([dense, sparse], scale), expected, rtol=1e-5, atol=1e-5)
-        assert torch.equal(gag_parallel(dense, sparse, scale)[0, 0, :3], expected[0, 0, :3])
+        assert torch.equal(gag_parallel(dense, sparse, scale)[0, 0, :3], sparse[0, 0, :3])
+    assert bool(calls) == native
 
 
 @pytest.mark.parametrize("batch", [1, 16])

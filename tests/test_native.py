@@ -13,10 +13,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from hopfield_aa import _jit
 from hopfield_aa.normalizers import _entmax_tensor, blocked, native
 from tests._oracles import entmax15_sort, sparsemax_sort
 
-pytestmark = pytest.mark.skipif(native._compiled() is None, reason="numba is not installed")
+pytestmark = pytest.mark.skipif(not _jit.enabled(), reason="numba is not installed")
 
 ORACLES = {1.5: entmax15_sort, 2.0: sparsemax_sort}
 
@@ -42,7 +43,7 @@ def rows(draw: st.DrawFn) -> np.ndarray:
 
 
 def _tensor_kernel(z: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    with native.disabled():
+    with _jit.disabled():
         return blocked.forward(z, alpha, -1)
 
 
@@ -106,8 +107,8 @@ def test_the_default_cpu_path_is_native_and_the_others_are_not(monkeypatch: pyte
     native kernel, for tensors of any size, and so do rows sharing α = 1.5 in an α per row; other α and
     the kernels switched off do not."""
     calls: list[tuple[int, ...]] = []
-    kernel = native.forward
-    monkeypatch.setattr(native, "forward", lambda z, a: calls.append(tuple(z.shape)) or kernel(z, a))
+    solve = native._solve
+    monkeypatch.setattr(native, "_solve", lambda z, *rest: calls.append(z.shape) or solve(z, *rest))
     z = torch.randn(5, 9)
     for alpha, x in [(1.5, z), (2.0, z.double()), (1.5, z.half()), (2.0, torch.randn(3000, 77))]:
         p = _entmax_tensor(x, alpha)
@@ -121,7 +122,7 @@ def test_the_default_cpu_path_is_native_and_the_others_are_not(monkeypatch: pyte
     assert calls == [(3, 9)]
     calls.clear()
     _entmax_tensor(z, 1.3)
-    with native.disabled():
+    with _jit.disabled():
         assert not native.applies(z, 1.5)
         _entmax_tensor(z, 1.5)
     assert not calls and native.applies(z, 1.5)
@@ -130,8 +131,9 @@ def test_the_default_cpu_path_is_native_and_the_others_are_not(monkeypatch: pyte
 def test_without_numba_the_tensor_kernel_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     z = 2 * torch.randn(64, 20, generator=torch.Generator().manual_seed(1))
     expected = _entmax_tensor(z, 1.5)
-    monkeypatch.setattr(native, "_kernel", None)
-    monkeypatch.setattr(native, "_import_failed", True)
+    monkeypatch.setattr(_jit, "_numba", None)
+    monkeypatch.setattr(_jit, "_import_failed", True)
+    monkeypatch.setattr(native._KERNEL, "_compiled", None)
     assert not native.applies(z, 1.5)
     torch.testing.assert_close(_entmax_tensor(z, 1.5), expected, atol=1e-6, rtol=0)
 

@@ -459,17 +459,17 @@ def test_all_masked_row_in_fast_kernel_gives_zeros_not_nan() -> None:
 def tensor_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     """Run α = 1.5 and 2 on the tensor kernels of .blocked and .exact (the CUDA path), not the CPU
     native kernels that take them on CPU by default (tests/test_native.py)."""
-    from hopfield_aa.normalizers import native
+    from hopfield_aa import _jit
 
-    monkeypatch.setattr(native, "_enabled", False)
+    monkeypatch.setattr(_jit, "_enabled", False)
 
 
 @pytest.fixture(params=["native", "tensor"])
 def either_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Both CPU kernels of α = 1.5 and 2 in turn: the native one (default) and the tensor one."""
-    from hopfield_aa.normalizers import native
+    from hopfield_aa import _jit
 
-    monkeypatch.setattr(native, "_enabled", request.param == "native")
+    monkeypatch.setattr(_jit, "_enabled", request.param == "native")
     return str(request.param)
 
 

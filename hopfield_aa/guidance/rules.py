@@ -14,8 +14,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
+from hopfield_aa import _jit
 from hopfield_aa._arrays import check_alpha, check_scalar
 from hopfield_aa.geometry import _extrapolate, _gag, _ladder_extrapolate
 
@@ -205,6 +207,8 @@ def gag_parallel(dense: torch.Tensor, sparse: torch.Tensor, scale: float) -> tor
     ``|S|_∞``, so for retrievals whose squared norm over- or underflows (``|S| ≳ 1e19`` in float32; never
     an attention output of a working model) it is not the same.
     """
+    if _native_applies(dense, sparse):
+        return _gag_parallel_native(dense, sparse, scale)
     residual = sparse - dense
     along = torch.linalg.vecdot(residual, sparse).unsqueeze_(-1)
     norm_sq = torch.linalg.vecdot(sparse, sparse).unsqueeze_(-1)
@@ -214,6 +218,63 @@ def gag_parallel(dense: torch.Tensor, sparse: torch.Tensor, scale: float) -> tor
     floor = residual.abs().amax(-1, keepdim=True).mul_(_ZERO_FACTOR * torch.finfo(sparse.dtype).eps).square_()
     coefficient = along.div_(norm_sq).masked_fill_(norm_sq <= floor, 0.0)
     return torch.addcmul(sparse, coefficient, sparse, value=scale)
+
+
+def _gag_parallel_rows(
+    dense: Any, sparse: Any, out: Any, scale: float, zero_factor: float
+) -> None:  # pragma: no cover - compiled by numba
+    """:func:`gag_parallel` on rows (R, d): one pass for ⟨r, S⟩, ‖S‖² and |r|_∞ (summed in float64), one
+    for the output."""
+    for row in range(dense.shape[0]):
+        along = 0.0
+        norm_sq = 0.0
+        top = 0.0
+        for j in range(dense.shape[1]):
+            s = sparse[row, j]
+            r = s - dense[row, j]
+            along += r * s
+            norm_sq += s * s
+            top = max(top, abs(r))
+        floor = top * zero_factor
+        c = scale * along / norm_sq if norm_sq > floor * floor else 0.0
+        for j in range(dense.shape[1]):
+            out[row, j] = sparse[row, j] + c * sparse[row, j]
+
+
+_GAG_PARALLEL = _jit.Kernel(_gag_parallel_rows)
+
+
+def _native_applies(dense: torch.Tensor, sparse: torch.Tensor) -> bool:
+    """Whether :func:`gag_parallel` runs as one native call: CPU float32/float64 retrievals of one shape
+    and dtype, no gradient to record, not being traced, native kernels on (:mod:`hopfield_aa._jit`)."""
+    return (
+        dense.device.type == "cpu"
+        and sparse.device.type == "cpu"
+        and dense.dtype == sparse.dtype
+        and dense.dtype in (torch.float32, torch.float64)
+        and dense.shape == sparse.shape
+        and dense.ndim >= 1
+        and dense.numel() > 0
+        and not (torch.is_grad_enabled() and (dense.requires_grad or sparse.requires_grad))
+        and not torch.compiler.is_compiling()
+        and _jit.enabled()
+    )
+
+
+def _gag_parallel_native(dense: torch.Tensor, sparse: torch.Tensor, scale: float) -> torch.Tensor:
+    kernel = _GAG_PARALLEL.get()
+    assert kernel is not None
+    d, s = dense.detach().contiguous(), sparse.detach().contiguous()
+    out = torch.empty_like(s)
+    n = s.shape[-1]
+    kernel(
+        d.numpy().reshape(-1, n),
+        s.numpy().reshape(-1, n),
+        out.numpy().reshape(-1, n),
+        float(scale),
+        _ZERO_FACTOR * float(np.finfo(s.numpy().dtype).eps),
+    )
+    return out
 
 
 def _check_gag(options: Mapping[str, Any]) -> None:

@@ -236,7 +236,7 @@ def probs(scores: torch.Tensor, alpha: float, dim: int) -> torch.Tensor:
     reshapes (about 22 and 14 dispatches instead of about 50 and 100: at attention's short text rows
     the dispatches, not the arithmetic, set the time)."""
     if compiled.get_backend() != "compiled" and native.applies(scores, alpha):
-        return forward(scores, alpha, dim)[0]
+        return native.probs(scores, alpha, dim)
     if (
         alpha in _SORT_KERNELS
         and scores.dtype in (torch.float32, torch.float64)

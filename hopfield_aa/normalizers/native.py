@@ -14,24 +14,22 @@ Each row is solved while it sits in the cache, in three steps:
    same rounding as the tensor kernels.
 
 A row of only −inf gets p = 0 and λ = −inf. The inputs must be free of NaN and +inf (the contract of
-:func:`.api.entmax_tensor`). numba is imported on first use, and the kernels compile on their first
-call per dtype (about a second, cached on disk by numba across processes); where numba cannot be
-imported, :func:`applies` is False and the tensor kernels run instead.
+:func:`.api.entmax_tensor`). The kernel compiles on its first call per dtype (:mod:`hopfield_aa._jit`);
+where numba cannot be imported or native kernels are switched off, :func:`applies` is False and the
+tensor kernels run instead.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
-import os
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 
+from hopfield_aa import _jit
 from hopfield_aa.normalizers.exact import MAX_SUPPORT_ITER
 
 ALPHAS = (1.5, 2.0)
@@ -39,11 +37,6 @@ DTYPES = (torch.float32, torch.float64)
 # rows per thread below which a call runs on one thread (measured: splitting smaller inputs costs more
 # in hand-offs than it saves)
 _MIN_ROWS_PER_THREAD = 2048
-_ENV_DISABLE = "HOPFIELD_AA_NATIVE"  # "0" turns the kernels off (the tensor kernels run everywhere)
-
-_kernel: Callable[..., None] | None = None
-_import_failed = False
-_enabled = os.environ.get(_ENV_DISABLE, "1").strip() != "0"
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -149,32 +142,20 @@ def _rows(z: Any, p: Any, lam: Any, quadratic: bool, max_passes: int) -> None:  
             lam[r] = tau + 1.0 + m
 
 
-def _compiled() -> Callable[..., None] | None:
-    """The numba-compiled :func:`_rows` (compiled lazily per dtype), or None where numba is missing."""
-    global _kernel, _import_failed
-    if _kernel is None and not _import_failed:
-        try:
-            import numba
-        except ImportError:
-            _import_failed = True
-            return None
-        # no fast-math: −inf entries must keep their IEEE meaning
-        _kernel = numba.njit(cache=True, nogil=True, error_model="numpy")(_rows)
-    return _kernel
+_KERNEL = _jit.Kernel(_rows)
 
 
 def applies(rows: torch.Tensor, alpha: object) -> bool:
     """Whether the native kernels solve ``rows``: CPU float32/float64, α = 1.5 or 2, not being traced,
-    numba importable and the kernels not turned off (:func:`disabled`, ``HOPFIELD_AA_NATIVE=0``)."""
+    numba importable and native kernels not switched off (:func:`.._jit.disabled`)."""
     return (
-        _enabled
-        and not isinstance(alpha, torch.Tensor)
+        not isinstance(alpha, torch.Tensor)
         and alpha in ALPHAS
         and rows.device.type == "cpu"
         and rows.dtype in DTYPES
         and rows.numel() > 0
         and not torch.compiler.is_compiling()
-        and _compiled() is not None
+        and _jit.enabled()
     )
 
 
@@ -184,29 +165,45 @@ def forward(
     """(p, λ) of α = 1.5 or 2 on the rows (R, n) of a CPU float32/float64 tensor, λ in score units (R, 1).
 
     Call only where :func:`applies`. Rows not settled after ``max_passes`` support passes are solved by
-    sorting (0: every row). Large inputs are split across ``torch.get_num_threads()`` threads (the
-    kernel releases the GIL).
+    sorting (0: every row).
     """
-    kernel = _compiled()
-    assert kernel is not None, "native.forward called where native.applies is False"
     z = rows.detach().contiguous()
     probs = torch.empty_like(z)
-    lam = z.new_empty(z.shape[0])
-    quadratic = alpha == 1.5
-    zn, pn, ln = z.numpy(), probs.numpy(), lam.numpy()
+    lam = z.new_empty((z.shape[0], 1))
+    _solve(z.numpy(), probs.numpy(), lam.numpy()[:, 0], alpha == 1.5, max_passes)
+    return probs, lam
+
+
+def probs(scores: torch.Tensor, alpha: float, dim: int) -> torch.Tensor:
+    """α = 1.5 or 2 of ``scores`` along ``dim``, the probabilities alone, in about two tensor ops (the
+    attention hot path, where each op's fixed cost adds up). Call only where :func:`applies`."""
+    last = dim in (-1, scores.ndim - 1)
+    z = (scores if last else scores.movedim(dim, -1)).contiguous()
+    if z.requires_grad:
+        z = z.detach()
+    out = torch.empty_like(z)
+    n = z.shape[-1]
+    zn, pn = z.numpy().reshape(-1, n), out.numpy().reshape(-1, n)
+    _solve(zn, pn, np.empty(zn.shape[0], zn.dtype), alpha == 1.5, MAX_SUPPORT_ITER)
+    return out if last else out.movedim(-1, dim)
+
+
+def _solve(z: np.ndarray, p: np.ndarray, lam: np.ndarray, quadratic: bool, max_passes: int) -> None:
+    """The kernel on the rows of ``z`` (R, n) into ``p`` and ``lam`` (R,); large inputs split across
+    ``torch.get_num_threads()`` threads (the kernel releases the GIL)."""
+    kernel = _KERNEL.get()
+    assert kernel is not None, "native kernels called where native.applies is False"
     threads = min(torch.get_num_threads(), z.shape[0] // _MIN_ROWS_PER_THREAD)
     if threads <= 1:
-        kernel(zn, pn, ln, quadratic, max_passes)
-    else:
-        bounds = np.linspace(0, z.shape[0], threads + 1).astype(int)
-        parts = [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+        kernel(z, p, lam, quadratic, max_passes)
+        return
+    bounds = np.linspace(0, z.shape[0], threads + 1).astype(int)
 
-        def run(part: tuple[int, int]) -> None:
-            a, b = part
-            kernel(zn[a:b], pn[a:b], ln[a:b], quadratic, max_passes)
+    def run(part: tuple[int, int]) -> None:
+        a, b = part
+        kernel(z[a:b], p[a:b], lam[a:b], quadratic, max_passes)
 
-        list(_thread_pool().map(run, parts))
-    return probs, lam.unsqueeze(-1)
+    list(_thread_pool().map(run, [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]))
 
 
 def _thread_pool() -> ThreadPoolExecutor:
@@ -214,16 +211,3 @@ def _thread_pool() -> ThreadPoolExecutor:
     if _pool is None:
         _pool = ThreadPoolExecutor(thread_name_prefix="hopfield_aa-entmax")
     return _pool
-
-
-@contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """Turn the native kernels off inside the block (the tensor kernels then run on CPU too): for
-    comparisons and tests of the tensor kernels."""
-    global _enabled
-    previous = _enabled
-    _enabled = False
-    try:
-        yield
-    finally:
-        _enabled = previous

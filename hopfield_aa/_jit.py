@@ -1,0 +1,74 @@
+"""CPU kernels compiled by numba on first use: the one home of the compilation, its disk cache and the
+switch that turns every such kernel off.
+
+A kernel is a plain Python function over NumPy arrays (:class:`Kernel`); numba is imported, and the
+function compiled, on its first call per argument types (about a second; numba caches the machine code
+on disk, so later processes load it). Where numba cannot be imported, or the kernels are switched off
+(:func:`disabled`, or ``HOPFIELD_AA_NATIVE=0`` in the environment), :meth:`Kernel.get` returns None and
+the callers run their tensor code instead: every kernel has a tensor twin, which is also what runs on
+other devices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+ENV_SWITCH = "HOPFIELD_AA_NATIVE"  # "0": every native kernel off
+
+_enabled = os.environ.get(ENV_SWITCH, "1").strip() != "0"
+_numba: Any = None
+_import_failed = False
+
+
+def _numba_module() -> Any:
+    """numba, imported on first use; None where it cannot be imported."""
+    global _numba, _import_failed
+    if _numba is None and not _import_failed:
+        try:
+            import numba
+        except ImportError:
+            _import_failed = True
+        else:
+            _numba = numba
+    return _numba
+
+
+class Kernel:
+    """A function compiled by numba on first use (``njit``: no Python objects inside, the GIL released,
+    NumPy's division semantics, no fast-math so that −inf keeps its IEEE meaning)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self._compiled: Callable[..., Any] | None = None
+
+    def get(self) -> Callable[..., Any] | None:
+        """The compiled function, or None where native kernels are off or numba is missing."""
+        if not _enabled:
+            return None
+        if self._compiled is None:
+            numba = _numba_module()
+            if numba is None:
+                return None
+            self._compiled = numba.njit(cache=True, nogil=True, error_model="numpy")(self.fn)
+        return self._compiled
+
+
+def enabled() -> bool:
+    """Whether native kernels may run (switched on and numba importable)."""
+    return _enabled and _numba_module() is not None
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Turn every native kernel off inside the block (their tensor twins run instead): for comparisons
+    and for tests of the tensor code."""
+    global _enabled
+    previous = _enabled
+    _enabled = False
+    try:
+        yield
+    finally:
+        _enabled = previous
