@@ -37,12 +37,18 @@ DTYPES = (torch.float32, torch.float64)
 # rows per thread below which a call runs on one thread (measured: splitting smaller inputs costs more
 # in hand-offs than it saves)
 _MIN_ROWS_PER_THREAD = 2048
+_GROUP = 8  # rows whose support passes are interleaved (:func:`_rows`), fewer for long rows: a group's
+_GROUP_ENTRIES = 2048  # entries stay in the cache until its output is written (measured)
 _pool: ThreadPoolExecutor | None = None
 
 
 def _rows(z: Any, p: Any, lam: Any, quadratic: bool, max_passes: int) -> None:  # pragma: no cover - numba
     """1.5-entmax (``quadratic``) or sparsemax of the rows of ``z`` (R, n) into ``p``, λ into ``lam`` (R,);
-    rows not settled after ``max_passes`` support passes are solved by sorting."""
+    rows not settled after ``max_passes`` support passes are solved by sorting.
+
+    Rows go in groups of up to ``_GROUP``: the support passes of one row form a chain (each waits on the last
+    one's square root and division), and stepping the rows of a group in turn lets the chains overlap.
+    """
     n_rows, n = z.shape
     reach = 2.0 if quadratic else 1.0
     scale = 0.5 if quadratic else 1.0
@@ -50,96 +56,116 @@ def _rows(z: Any, p: Any, lam: Any, quadratic: bool, max_passes: int) -> None:  
     typed[0] = scale
     typed[1] = 0.0
     zero = typed[1]
-    collected = np.empty(n, z.dtype)
-    u = np.empty(n, np.float64)
-    for r in range(n_rows):
-        # the row maximum as eight independent running maxima, so that the compares pipeline
-        m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = z[r, 0]
-        j = 0
-        while j + 8 <= n:
-            m0 = z[r, j] if z[r, j] > m0 else m0
-            m1 = z[r, j + 1] if z[r, j + 1] > m1 else m1
-            m2 = z[r, j + 2] if z[r, j + 2] > m2 else m2
-            m3 = z[r, j + 3] if z[r, j + 3] > m3 else m3
-            m4 = z[r, j + 4] if z[r, j + 4] > m4 else m4
-            m5 = z[r, j + 5] if z[r, j + 5] > m5 else m5
-            m6 = z[r, j + 6] if z[r, j + 6] > m6 else m6
-            m7 = z[r, j + 7] if z[r, j + 7] > m7 else m7
-            j += 8
-        for i in range(j, n):
-            m0 = z[r, i] if z[r, i] > m0 else m0
-        m = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
-        k = 0
-        for j in range(n):  # branch-free: always store, advance past the entries kept
-            v = z[r, j]
-            collected[k] = v
-            k += v - m > -reach
-        if m == -np.inf:
-            for j in range(n):
-                p[r, j] = zero
-            lam[r] = -np.inf
-            continue
-        for i in range(k):
-            u[i] = np.float64(collected[i] - m) * scale
-        tau = -1.0
-        count_prev = -1.0
-        exact_prev = False
-        settled = False
+    half = typed[0]
+    u = np.empty((_GROUP, n), np.float64)  # the collected entries of each row, (z − max)·scale
+    size = np.empty(_GROUP, np.int64)
+    top = np.empty(_GROUP, z.dtype)
+    tau = np.empty(_GROUP, np.float64)
+    count_prev = np.empty(_GROUP, np.float64)
+    exact_prev = np.empty(_GROUP, np.bool_)
+    active = np.empty(_GROUP, np.bool_)
+    taus = np.empty(n, np.float64)
+    group = min(_GROUP, max(1, _GROUP_ENTRIES // n))
+    for r0 in range(0, n_rows, group):
+        rows = min(group, n_rows - r0)
+        for g in range(rows):
+            r = r0 + g
+            # the row maximum as eight independent running maxima, so that the compares pipeline
+            m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = z[r, 0]
+            j = 0
+            while j + 8 <= n:
+                m0 = z[r, j] if z[r, j] > m0 else m0
+                m1 = z[r, j + 1] if z[r, j + 1] > m1 else m1
+                m2 = z[r, j + 2] if z[r, j + 2] > m2 else m2
+                m3 = z[r, j + 3] if z[r, j + 3] > m3 else m3
+                m4 = z[r, j + 4] if z[r, j + 4] > m4 else m4
+                m5 = z[r, j + 5] if z[r, j + 5] > m5 else m5
+                m6 = z[r, j + 6] if z[r, j + 6] > m6 else m6
+                m7 = z[r, j + 7] if z[r, j + 7] > m7 else m7
+                j += 8
+            for i in range(j, n):
+                m0 = z[r, i] if z[r, i] > m0 else m0
+            m = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+            top[g] = m
+            k = 0
+            for j in range(n):  # branch-free: always store, advance past the entries kept
+                d = z[r, j] - m
+                u[g, k] = np.float64(d) * scale
+                k += d > -reach
+            size[g] = k
+            tau[g] = -1.0
+            count_prev[g] = -1.0
+            exact_prev[g] = False
+            active[g] = m != -np.inf
         for _ in range(max_passes):
-            s1 = 0.0
-            s2 = 0.0
-            count = 0.0
-            for i in range(k):  # branch-free: the support is not predictable entry by entry
-                d = max(u[i] - tau, 0.0)
-                s1 += d
-                s2 += d * d
-                count += d > 0.0
-            if count == count_prev and (exact_prev or not quadratic):
-                settled = True
-                break
-            if quadratic:
-                excess = s2 - 1.0
-                disc = s1 * s1 - count * excess
-                if disc >= 0.0:
-                    tau = tau + excess / (s1 + math.sqrt(disc))
-                    exact_prev = True
-                else:
-                    norm = math.sqrt(s2)
-                    tau = tau + norm * (norm - 1.0) / s1
-                    exact_prev = False
-            else:
-                tau = tau + (s1 - 1.0) / count
-            count_prev = count
-        if not settled:
-            srt = np.sort(u[:k])[::-1]
-            total = 0.0
-            total_sq = 0.0
-            for i in range(k):
-                total += srt[i]
-                total_sq += srt[i] * srt[i]
-                kk = i + 1.0
+            left = 0
+            for g in range(rows):
+                if not active[g]:
+                    continue
+                t = tau[g]
+                s1 = 0.0
+                s2 = 0.0
+                count = 0.0
+                for i in range(size[g]):  # branch-free: the support is not predictable entry by entry
+                    d = max(u[g, i] - t, 0.0)
+                    s1 += d
+                    s2 += d * d
+                    count += d > 0.0
+                if count == count_prev[g] and (exact_prev[g] or not quadratic):
+                    active[g] = False
+                    continue
+                left += 1
                 if quadratic:
-                    mean = total / kk
-                    delta = (1.0 - kk * (total_sq / kk - mean * mean)) / kk
-                    cand = mean - math.sqrt(max(delta, 0.0))
+                    excess = s2 - 1.0
+                    disc = s1 * s1 - count * excess
+                    exact_prev[g] = disc >= 0.0
+                    if disc >= 0.0:
+                        tau[g] = t + excess / (s1 + math.sqrt(disc))
+                    else:
+                        norm = math.sqrt(s2)
+                        tau[g] = t + norm * (norm - 1.0) / s1
                 else:
-                    cand = (total - 1.0) / kk
-                if i == 0 or cand < srt[i] or (quadratic and cand == srt[i]):
-                    tau = cand
-        typed[1] = tau
-        t = typed[1]
-        typed[1] = 0.0
-        half = typed[0]
-        if quadratic:
-            for j in range(n):
-                d = (z[r, j] - m) * half - t
-                d = max(d, zero)
-                p[r, j] = d * d
-            lam[r] = 2.0 * (tau + 1.0) + m
-        else:
-            for j in range(n):
-                p[r, j] = max(z[r, j] - m - t, zero)
-            lam[r] = tau + 1.0 + m
+                    tau[g] = t + (s1 - 1.0) / count
+                count_prev[g] = count
+            if left == 0:
+                break
+        for g in range(rows):
+            r = r0 + g
+            m = top[g]
+            if m == -np.inf:
+                for j in range(n):
+                    p[r, j] = zero
+                lam[r] = -np.inf
+                continue
+            if active[g]:  # not settled: the sort algorithm on the collected entries
+                k = size[g]
+                srt = np.sort(u[g, :k])[::-1]
+                total = 0.0
+                total_sq = 0.0
+                support = 0
+                for i in range(k):
+                    total += srt[i]
+                    kk = i + 1.0
+                    if quadratic:  # τ_i = mean − √((1 − Σu² + Σu · mean)/i) over the i largest
+                        total_sq += srt[i] * srt[i]
+                        mean = total / kk
+                        taus[i] = mean - math.sqrt(max((1.0 - total_sq + total * mean) / kk, 0.0))
+                        support += taus[i] <= srt[i]
+                    else:
+                        taus[i] = (total - 1.0) / kk
+                        support += taus[i] < srt[i]
+                tau[g] = taus[max(support, 1) - 1]
+            typed[1] = tau[g]
+            t_typed = typed[1]
+            if quadratic:
+                for j in range(n):
+                    d = max((z[r, j] - m) * half - t_typed, zero)
+                    p[r, j] = d * d
+                lam[r] = 2.0 * (tau[g] + 1.0) + m
+            else:
+                for j in range(n):
+                    p[r, j] = max(z[r, j] - m - t_typed, zero)
+                lam[r] = tau[g] + 1.0 + m
 
 
 _KERNEL = _jit.Kernel(_rows)
