@@ -141,3 +141,30 @@ def test_without_numba_the_tensor_kernel_runs(monkeypatch: pytest.MonkeyPatch) -
 def test_gradients_through_the_native_forward_are_the_closed_form_jacobian_product() -> None:
     z = torch.randn(6, 11, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: _entmax_tensor(x, 1.5), (z,))
+
+
+@pytest.mark.parametrize("alpha", [1.1, 1.3, 1.75, 2.5, 4.0])
+@pytest.mark.parametrize("n_rows", [50, 9000])
+def test_compacted_forward_of_any_alpha_equals_the_tensor_kernel_and_bisection(
+    alpha: float, n_rows: int
+) -> None:
+    """Any α: the candidates gathered and scattered natively (in groups of similar counts once there are
+    many rows), solved by the tensor Newton kernel; equal to the tensor kernel's compaction within
+    rounding, within 1e-6 of 200-halving bisection in float64, zeros and λ = −inf on a row of only −inf."""
+    from tests._oracles import entmax_bisect
+
+    gen = torch.Generator().manual_seed(int(alpha * 10) + n_rows)
+    z = 2 * torch.randn(n_rows, 77, generator=gen)
+    z[0] = 0.0  # every entry a candidate
+    z[1, 5:] = -math.inf
+    z[2] = -math.inf
+    z[3:20] *= 0.01  # wide rows: the widest group
+    assert native.applies(z, alpha, any_alpha=True) and not native.applies(z, alpha)
+    p, lam = blocked.forward(z, alpha, -1)
+    p_ref, lam_ref = _tensor_kernel(z, alpha)
+    live = torch.isfinite(z.amax(-1))
+    torch.testing.assert_close(p, p_ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(lam[live], lam_ref[live], atol=1e-5, rtol=1e-6)
+    sample = live.nonzero().squeeze(-1)[:200]
+    torch.testing.assert_close(p[sample], entmax_bisect(z[sample].double(), alpha).float(), atol=1e-6, rtol=0)
+    assert bool((p[2] == 0).all()) and float(lam[2]) == -math.inf

@@ -171,12 +171,113 @@ def _rows(z: Any, p: Any, lam: Any, quadratic: bool, max_passes: int) -> None:  
 _KERNEL = _jit.Kernel(_rows)
 
 
-def applies(rows: torch.Tensor, alpha: object) -> bool:
-    """Whether the native kernels solve ``rows``: CPU float32/float64, α = 1.5 or 2, not being traced,
-    numba importable and native kernels not switched off (:func:`.._jit.disabled`)."""
+def _collect(z: Any, reach: float, top: Any, count: Any) -> None:  # pragma: no cover - numba
+    """Row maxima into ``top`` and the number of candidates z_j − max > −``reach`` into ``count``."""
+    for r in range(z.shape[0]):
+        m = z[r, 0]
+        for j in range(z.shape[1]):
+            m = z[r, j] if z[r, j] > m else m
+        top[r] = m
+        k = 0
+        for j in range(z.shape[1]):
+            k += z[r, j] - m > -reach
+        count[r] = k
+
+
+def _gather(
+    z: Any, rows: Any, top: Any, reach: float, u: Any, cols: Any
+) -> None:  # pragma: no cover - numba
+    """The candidates of rows ``rows`` of ``z``, shifted by their maxima, into the rows of ``u`` (padded
+    with −inf) and their column indices into ``cols`` (padded with 0), in column order."""
+    width = u.shape[1]
+    for g in range(rows.shape[0]):
+        r = rows[g]
+        m = top[r]
+        k = 0
+        for j in range(z.shape[1]):
+            d = z[r, j] - m
+            if d > -reach:
+                u[g, k] = d
+                cols[g, k] = j
+                k += 1
+        for i in range(k, width):
+            u[g, i] = -np.inf
+            cols[g, i] = 0
+
+
+def _scatter(p_compact: Any, cols: Any, rows: Any, count: Any, p: Any) -> None:  # pragma: no cover - numba
+    """Rows ``rows`` of ``p``: zeros, and the first ``count`` entries of each row of ``p_compact`` at
+    their columns ``cols``."""
+    for g in range(rows.shape[0]):
+        r = rows[g]
+        for j in range(p.shape[1]):
+            p[r, j] = 0.0
+        for i in range(count[r]):
+            p[r, cols[g, i]] = p_compact[g, i]
+
+
+_COLLECT = _jit.Kernel(_collect)
+_GATHER = _jit.Kernel(_gather)
+_SCATTER = _jit.Kernel(_scatter)
+# rows of similar candidate counts are solved together, in groups split at these quantiles of the counts
+# (each group is padded to its widest row; a group costs a fixed number of tensor ops per Newton step)
+_GROUP_QUANTILES = (0.6, 0.95)
+_GROUPED_MIN_ROWS = 8192  # fewer rows: one group (the fixed cost of a group outweighs its padding)
+
+
+def compacted_forward(
+    rows: torch.Tensor, alpha: float, solve: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p, λ) of α-entmax on the rows (R, n) of a CPU float32/float64 tensor, λ in score units (R, 1), by
+    ``solve`` (the compacted-row solver of :mod:`.blocked`: ``solve(u, alpha) -> (p, λ − max)``) on the
+    candidates z_j > max z − 1/(α−1) of each row only.
+
+    The candidates are gathered and scattered back by native kernels (one pass over the scores each),
+    in a few groups of rows of similar candidate counts, so that padding every row to the widest one
+    does not multiply the solver's work.
+    """
+    collect, gather, scatter = _COLLECT.get(), _GATHER.get(), _SCATTER.get()
+    assert collect is not None and gather is not None and scatter is not None
+    z = rows.detach().contiguous()
+    zn = z.numpy()
+    n_rows = zn.shape[0]
+    reach = 1.0 / (alpha - 1.0)
+    top = np.empty(n_rows, zn.dtype)
+    count = np.empty(n_rows, np.int64)
+    collect(zn, reach, top, count)
+    probs = torch.empty_like(z)
+    lam = torch.empty((n_rows, 1), dtype=z.dtype)
+    pn, ln = probs.numpy(), lam.numpy()[:, 0]
+    live = count > 0  # a row of only −inf has no candidate: p = 0, λ = −inf
+    if not live.all():
+        pn[~live] = 0.0
+        ln[~live] = -math.inf
+    quantiles = _GROUP_QUANTILES if n_rows >= _GROUPED_MIN_ROWS else ()
+    bounds = sorted({int(np.quantile(count[live], q)) for q in quantiles} | {int(count.max())})
+    lower = 0
+    for width in bounds:
+        if width <= lower:
+            continue
+        members = np.flatnonzero((count > lower) & (count <= width))
+        lower = width
+        if members.size == 0:
+            continue
+        u = np.empty((members.size, width), zn.dtype)
+        cols = np.empty((members.size, width), np.int64)
+        gather(zn, members, top, reach, u, cols)
+        p_c, lam_c = solve(torch.from_numpy(u), alpha)
+        scatter(np.ascontiguousarray(p_c.numpy()), cols, members, count, pn)
+        ln[members] = lam_c.numpy()[:, 0] + top[members]
+    return probs, lam
+
+
+def applies(rows: torch.Tensor, alpha: object, any_alpha: bool = False) -> bool:
+    """Whether the native kernels solve ``rows``: CPU float32/float64, α = 1.5 or 2 (any float α > 1 with
+    ``any_alpha``: :func:`compacted_forward`), not being traced, numba importable and native kernels not
+    switched off (:func:`.._jit.disabled`)."""
     return (
         not isinstance(alpha, torch.Tensor)
-        and alpha in ALPHAS
+        and (alpha in ALPHAS or (any_alpha and isinstance(alpha, float) and alpha > 1.0))
         and rows.device.type == "cpu"
         and rows.dtype in DTYPES
         and rows.numel() > 0
