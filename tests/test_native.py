@@ -168,3 +168,23 @@ def test_compacted_forward_of_any_alpha_equals_the_tensor_kernel_and_bisection(
     sample = live.nonzero().squeeze(-1)[:200]
     torch.testing.assert_close(p[sample], entmax_bisect(z[sample].double(), alpha).float(), atol=1e-6, rtol=0)
     assert bool((p[2] == 0).all()) and float(lam[2]) == -math.inf
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+def test_inside_a_compiled_graph_the_native_kernel_is_one_custom_op_without_graph_breaks(
+    alpha: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fullgraph=True compiles (no graph break), the native kernel runs at call time as the op
+    hopfield_aa::entmax_rows, and the result is the eager one bit for bit."""
+    calls: list[int] = []
+    kernel = native.forward
+    monkeypatch.setattr(native, "forward", lambda z, a: calls.append(1) or kernel(z, a))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda z: _entmax_tensor(z, alpha), fullgraph=True)
+    z = 2 * torch.randn(300, 77, generator=torch.Generator().manual_seed(5))
+    z[7] = -math.inf
+    out = compiled(z)
+    assert calls
+    assert torch.equal(out, _entmax_tensor(z, alpha))
+    torch._dynamo.reset()

@@ -668,7 +668,7 @@ def test_fused_support_rows_settled_by_the_mass_certificate_are_within_its_toler
 @pytest.mark.slow
 @pytest.mark.parametrize("alpha", [1.5, 2.0])
 def test_entmax_inside_a_compiled_graph_is_exact_and_sorts_only_when_a_row_is_not_certified(
-    alpha: float, monkeypatch: pytest.MonkeyPatch
+    alpha: float, monkeypatch: pytest.MonkeyPatch, tensor_kernels: None
 ) -> None:
     """Under torch.compile, α = 1.5 and 2 run certified support passes with the sort kernel as a
     torch.cond branch: rows all certified give the exact entmax without running the branch (here the
@@ -693,10 +693,11 @@ def test_entmax_inside_a_compiled_graph_is_exact_and_sorts_only_when_a_row_is_no
 
 
 @pytest.mark.slow
-def test_guided_attention_compiles_with_automatic_dynamic_shapes_and_equals_eager() -> None:
+def test_guided_attention_compiles_with_automatic_dynamic_shapes_and_equals_eager(either_kernel: str) -> None:
     """torch.compile's automatic dynamic shapes (a second and third attention shape make the sizes
-    symbolic, as in a UNet at several batch sizes) compile the in-graph entmax and its torch.cond sort
-    branch, and every shape equals the eager guided attention to float32 rounding. (Inductor generates a
+    symbolic, as in a UNet at several batch sizes) compile the in-graph entmax (the native kernel as a
+    custom op on CPU; elsewhere the certified passes and their torch.cond sort branch), and every shape
+    equals the eager guided attention to float32 rounding. (Inductor generates a
     torch.cond branch only when each size symbol is some operand's dimension: the branches take the
     scores' own shape, not the flattened rows.)"""
     from hopfield_aa.guidance.attention import _guided

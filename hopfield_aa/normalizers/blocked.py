@@ -260,12 +260,16 @@ def _forward_small(
     rows: torch.Tensor, alpha: float, shape: torch.Size | None = None
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(p, λ) by the sort kernel where it is the faster one (α = 1.5 and 2, :func:`_sort_is_faster`), or
-    under ``torch.compile`` by :func:`_in_graph` (α = 1.5 and 2, any size; ``shape``: the rows' shape
-    before flattening, (…, n)); None elsewhere."""
+    under ``torch.compile`` by the native kernel as a custom op on CPU (:func:`.native.in_graph`) and by
+    :func:`_in_graph` elsewhere (α = 1.5 and 2, any size; ``shape``: the rows' shape before flattening,
+    (…, n)); None elsewhere."""
     kernel = _SORT_ROWS_KERNELS.get(alpha)
     if kernel is None:
         return None
     if torch.compiler.is_compiling():
+        native_rows = native.in_graph(rows, alpha)
+        if native_rows is not None:
+            return native_rows
         return _in_graph(rows, alpha, rows.shape if shape is None else shape)
     if _sort_is_faster(rows.numel(), rows.shape[-1]):
         return kernel(rows)

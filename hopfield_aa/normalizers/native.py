@@ -184,9 +184,7 @@ def _collect(z: Any, reach: float, top: Any, count: Any) -> None:  # pragma: no 
         count[r] = k
 
 
-def _gather(
-    z: Any, rows: Any, top: Any, reach: float, u: Any, cols: Any
-) -> None:  # pragma: no cover - numba
+def _gather(z: Any, rows: Any, top: Any, reach: float, u: Any, cols: Any) -> None:  # pragma: no cover - numba
     """The candidates of rows ``rows`` of ``z``, shifted by their maxima, into the rows of ``u`` (padded
     with −inf) and their column indices into ``cols`` (padded with 0), in column order."""
     width = u.shape[1]
@@ -225,9 +223,7 @@ _GROUP_QUANTILES = (0.6, 0.95)
 _GROUPED_MIN_ROWS = 8192  # fewer rows: one group (the fixed cost of a group outweighs its padding)
 
 
-def compacted_forward(
-    rows: torch.Tensor, alpha: float, solve: Any
-) -> tuple[torch.Tensor, torch.Tensor]:
+def compacted_forward(rows: torch.Tensor, alpha: float, solve: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(p, λ) of α-entmax on the rows (R, n) of a CPU float32/float64 tensor, λ in score units (R, 1), by
     ``solve`` (the compacted-row solver of :mod:`.blocked`: ``solve(u, alpha) -> (p, λ − max)``) on the
     candidates z_j > max z − 1/(α−1) of each row only.
@@ -338,3 +334,30 @@ def _thread_pool() -> ThreadPoolExecutor:
     if _pool is None:
         _pool = ThreadPoolExecutor(thread_name_prefix="hopfield_aa-entmax")
     return _pool
+
+
+@torch.library.custom_op("hopfield_aa::entmax_rows", mutates_args=())
+def _entmax_rows_op(rows: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`forward` as one opaque op of a ``torch.compile``'d graph (no graph break, no tracing into
+    numba)."""
+    return forward(rows, alpha)
+
+
+@_entmax_rows_op.register_fake
+def _(rows: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(rows), rows.new_empty((rows.shape[0], 1))
+
+
+def in_graph(rows: torch.Tensor, alpha: object) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(p, λ) of the rows (R, n) by the native kernel as a custom op, inside a ``torch.compile``'d graph,
+    where it applies (CPU float32/float64, α = 1.5 or 2, native kernels on); None elsewhere."""
+    if (
+        isinstance(alpha, float)
+        and alpha in ALPHAS
+        and rows.device.type == "cpu"
+        and rows.dtype in DTYPES
+        and _jit.enabled()
+    ):
+        p, lam = torch.ops.hopfield_aa.entmax_rows(rows, alpha)
+        return p, lam
+    return None
