@@ -38,10 +38,16 @@ def _numba_module() -> Any:
 
 class Kernel:
     """A function compiled by numba on first use (``njit``: no Python objects inside, the GIL released,
-    NumPy's division semantics, no fast-math so that −inf keeps its IEEE meaning)."""
+    NumPy's division semantics, no fast-math so that −inf keeps its IEEE meaning).
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    ``helpers`` are the functions of the same module the kernel calls: they are compiled first and bound
+    in the module under their own names (numba resolves a kernel's globals when it compiles it); the
+    compiled helpers remain callable from Python with the same results.
+    """
+
+    def __init__(self, fn: Callable[..., Any], helpers: tuple[Callable[..., Any], ...] = ()) -> None:
         self.fn = fn
+        self.helpers = helpers
         self._compiled: Callable[..., Any] | None = None
 
     def get(self) -> Callable[..., Any] | None:
@@ -52,7 +58,11 @@ class Kernel:
             numba = _numba_module()
             if numba is None:
                 return None
-            self._compiled = numba.njit(cache=True, nogil=True, error_model="numpy")(self.fn)
+            jit = numba.njit(cache=True, nogil=True, error_model="numpy")
+            for helper in self.helpers:
+                if not isinstance(self.fn.__globals__.get(helper.__name__), numba.core.dispatcher.Dispatcher):
+                    self.fn.__globals__[helper.__name__] = jit(helper)
+            self._compiled = jit(self.fn)
         return self._compiled
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from hopfield_aa import _jit
 from hopfield_aa._arrays import ArrayLike, Kind, as_tensor, check_scalar, restore, result_kind
 
 if TYPE_CHECKING:
@@ -188,6 +189,9 @@ def _solve_gamma(
     the caller (one new column per step instead of k). Returns γ (..., k), ``well_conditioned`` (...)
     and ``finite`` (...).
     """
+    native = _solve_gamma_native(d_f, f, valid, regularization, restart_cond, raw)
+    if native is not None:
+        return native
     # the scaled Gram matrix and right-hand side from ΔFᵀΔF and ΔFᵀf (no scaled copy of ΔF)
     if raw is None:
         raw = d_f @ d_f.transpose(-1, -2)
@@ -228,6 +232,158 @@ def _solve_gamma(
     finite = torch.isfinite(gamma).all(-1)
     gamma = torch.where(finite[..., None], gamma, torch.zeros_like(gamma))
     return gamma, well, finite
+
+
+def _cholesky_solve_row(
+    raw: Any, scale: Any, rhs: Any, columns: Any, lam: float, threshold: float, c: Any, coef: Any, weak: Any
+) -> None:  # pragma: no cover - compiled by numba
+    """One solve of :func:`_solve_gamma` for one row: the scaled Gram matrix ``raw`` (k, k) restricted to
+    ``columns``, unit diagonal (+ λ) elsewhere, factored by Cholesky into ``c`` and solved for ``coef``;
+    ``weak`` marks the used columns with a pivot² below ``threshold`` (or NaN), those from a failed pivot
+    on, and every used column when ``coef`` is not finite with no weak pivot to blame."""
+    k = raw.shape[0]
+    for i in range(k):
+        for j in range(k):
+            if columns[i] and columns[j]:
+                c[i, j] = raw[i, j] / (scale[i] * scale[j])
+            else:
+                c[i, j] = 0.0
+        c[i, i] += lam + (0.0 if columns[i] else 1.0)
+    failed_at = k
+    for j in range(k):
+        s = c[j, j]
+        for q in range(j):
+            s -= c[j, q] * c[j, q]
+        if not s > 0.0:
+            failed_at = j
+            break
+        c[j, j] = math.sqrt(s)
+        for i in range(j + 1, k):
+            t = c[i, j]
+            for q in range(j):
+                t -= c[i, q] * c[j, q]
+            c[i, j] = t / c[j, j]
+    any_weak = False
+    for j in range(k):
+        weak[j] = columns[j] and (j >= failed_at or not c[j, j] * c[j, j] >= threshold)
+        any_weak = any_weak or weak[j]
+    if failed_at < k:
+        for j in range(k):
+            coef[j] = math.nan
+        return
+    for i in range(k):  # L y = b, then Lᵀ x = y
+        t = rhs[i] if columns[i] else 0.0
+        for q in range(i):
+            t -= c[i, q] * coef[q]
+        coef[i] = t / c[i, i]
+    for i in range(k - 1, -1, -1):
+        t = coef[i]
+        for q in range(i + 1, k):
+            t -= c[q, i] * coef[q]
+        coef[i] = t / c[i, i]
+    finite = True
+    for j in range(k):
+        finite = finite and math.isfinite(coef[j])
+    if not finite and not any_weak:
+        for j in range(k):
+            weak[j] = columns[j]
+
+
+def _gamma_rows(
+    raw: Any, d_f: Any, f: Any, valid: Any, lam: float, threshold: float, gamma: Any, well: Any, finite: Any
+) -> None:  # pragma: no cover - compiled by numba
+    """:func:`_solve_gamma` row by row in float64 (its native form): γ into ``gamma`` (R, k), and the
+    rows' ``well`` conditioning and ``finite`` γ."""
+    n_rows, k, n = d_f.shape
+    scale = np.empty(k)
+    rhs = np.empty(k)
+    use = np.empty(k, np.bool_)
+    columns = np.empty(k, np.bool_)
+    c = np.empty((k, k))
+    coef = np.empty(k)
+    coef2 = np.empty(k)
+    weak = np.empty(k, np.bool_)
+    weak2 = np.empty(k, np.bool_)
+    for r in range(n_rows):
+        for j in range(k):
+            norm = math.sqrt(max(np.float64(raw[r, j, j]), 0.0))
+            use[j] = valid[r, j] and norm > 0.0 and math.isfinite(norm)
+            scale[j] = norm if use[j] else 1.0
+            s = 0.0
+            if use[j]:
+                for i in range(n):
+                    s += np.float64(d_f[r, j, i]) * np.float64(f[r, i])
+            rhs[j] = s / scale[j]
+        _cholesky_solve_row(raw[r], scale, rhs, use, lam, threshold, c, coef, weak)
+        any_weak = False
+        for j in range(k):
+            any_weak = any_weak or weak[j]
+        if any_weak:  # drop the dependent columns and solve once more; still singular: γ = 0
+            for j in range(k):
+                columns[j] = use[j] and not weak[j]
+            _cholesky_solve_row(raw[r], scale, rhs, columns, lam, threshold, c, coef2, weak2)
+            failed2 = False
+            for j in range(k):
+                failed2 = failed2 or weak2[j]
+            for j in range(k):
+                coef[j] = 0.0 if failed2 else coef2[j]
+        ok = True
+        for j in range(k):
+            g = coef[j] / scale[j] if use[j] else 0.0
+            gamma[r, j] = g
+            ok = ok and math.isfinite(gamma[r, j])
+        if not ok:
+            for j in range(k):
+                gamma[r, j] = 0.0
+        well[r] = not any_weak
+        finite[r] = ok
+
+
+_GAMMA_ROWS = _jit.Kernel(_gamma_rows, helpers=(_cholesky_solve_row,))
+
+
+def _solve_gamma_native(
+    d_f: torch.Tensor,
+    f: torch.Tensor,
+    valid: torch.Tensor,
+    regularization: float,
+    restart_cond: float,
+    raw: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """:func:`_solve_gamma` as one native call on CPU float32/float64 (None where that does not apply):
+    the same γ, conditioning and finiteness, computed row by row in float64."""
+    kernel = _GAMMA_ROWS.get()
+    if (
+        kernel is None
+        or d_f.device.type != "cpu"
+        or d_f.dtype not in (torch.float32, torch.float64)
+        or f.dtype != d_f.dtype
+        or (raw is not None and raw.dtype != d_f.dtype)
+        or torch.compiler.is_compiling()
+        or (torch.is_grad_enabled() and (d_f.requires_grad or f.requires_grad))
+    ):
+        return None
+    batch, (k, n) = d_f.shape[:-2], d_f.shape[-2:]
+    rows = math.prod(batch)
+    d_f3 = d_f.detach().reshape(rows, k, n).contiguous()
+    gram = (d_f3 @ d_f3.transpose(-1, -2)) if raw is None else raw.detach().reshape(rows, k, k).contiguous()
+    f2 = f.detach().expand(*batch, n).reshape(rows, n).contiguous()
+    valid2 = valid.expand(*batch, k).reshape(rows, k).contiguous()
+    gamma = torch.empty((rows, k), dtype=d_f.dtype)
+    well = torch.empty(rows, dtype=torch.bool)
+    finite = torch.empty(rows, dtype=torch.bool)
+    kernel(
+        gram.numpy(),
+        d_f3.numpy(),
+        f2.numpy(),
+        valid2.numpy(),
+        float(regularization),
+        1.0 / restart_cond,
+        gamma.numpy(),
+        well.numpy(),
+        finite.numpy(),
+    )
+    return gamma.reshape(*batch, k), well.reshape(batch), finite.reshape(batch)
 
 
 def _stack_history(values: object, name: str) -> tuple[torch.Tensor, Kind]:
@@ -905,7 +1061,13 @@ class AndersonSolver:
         self, diffs: _Differences, f: torch.Tensor, k: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """γ of every row from its k newest columns (slots 0..k−1 while k < m) as :func:`_solve_gamma`
-        computes it for well-conditioned rows, without its masks; and which rows are well conditioned."""
+        computes it for well-conditioned rows, without its masks; and which rows are well conditioned.
+        Where :func:`_solve_gamma` runs natively, this is that same call (so both steps agree bit for bit)."""
+        valid = torch.arange(self.m, device=f.device) < k
+        native = _solve_gamma_native(diffs.d_f, f, valid, self.lam, self.cond, diffs.gram)
+        if native is not None:
+            gamma, well, _ = native
+            return torch.where(well[:, None], gamma, 0.0), well
         if k not in self._pads:
             # what _solve_gamma adds for k valid columns: unit scale and a unit diagonal (+ λ) for the
             # unused ones, λ on the used ones (nothing once every column is used and λ = 0)

@@ -4,6 +4,8 @@ state with init/step/terminate, and the result and tolerance it shares with iter
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -469,6 +471,68 @@ def test_solver_with_a_maintained_gram_matrix_equals_the_recomputed_one() -> Non
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
         if lam == 0.0:
             assert not bool(got[1][3]), "the dependent column must be reported as ill-conditioned"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_least_squares_equals_the_tensor_one_on_hard_rows(dtype: torch.dtype, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """_solve_gamma's native form (CPU, row by row in float64) gives the γ, conditioning and finiteness of
+    its tensor form (the one other devices run): random rows, a dependent column, a zero column, unused
+    columns, a NaN right-hand side, huge and tiny scales, with and without regularisation."""
+    from hopfield_aa import _jit
+    from hopfield_aa.anderson import _solve_gamma
+
+    gen = torch.Generator().manual_seed(6)
+    d_f = torch.randn(64, 5, 12, generator=gen, dtype=F64)
+    d_f[1, 3] = d_f[1, 0]  # dependent: the second solve
+    d_f[2, 1] = 0.0  # zero column
+    d_f[3, 2] = d_f[3, 1] + 1e-9 * d_f[3, 4]  # nearly dependent
+    d_f[4:8] *= 1e6
+    d_f[8:12] *= 1e-6
+    f = torch.randn(64, 12, generator=gen, dtype=F64)
+    f[5, 0] = math.nan
+    valid = torch.rand(64, 5, generator=gen) < 0.85
+    valid[:4] = True
+    d_f, f = d_f.to(dtype), f.to(dtype)
+    for lam in (0.0, 1e-4):
+        for cond in (1e12 if dtype == F64 else 1e6, 1e4):
+            native = _solve_gamma(d_f, f, valid, lam, cond)
+            with _jit.disabled():
+                tensor = _solve_gamma(d_f, f, valid, lam, cond)
+                exact = _solve_gamma(d_f.double(), f.double(), valid, lam, cond)[0]
+            assert torch.equal(native[1], tensor[1]) and torch.equal(native[2], tensor[2])
+            assert bool((native[0][~valid] == 0).all()) and bool((native[0][5] == 0).all())
+            # per row, relative to its largest |γ|: within 1e-7 of the tensor form in float64; in float32
+            # at least as close to the float64 γ as the tensor form is (both are limited by conditioning)
+            size = exact.abs().amax(-1) + 1e-30
+            err_native = (native[0].double() - exact).abs().amax(-1) / size
+            err_tensor = (tensor[0].double() - exact).abs().amax(-1) / size
+            bound = 1e-7 if dtype == F64 else 1e-6
+            assert bool((err_native <= torch.maximum(err_tensor, torch.full_like(err_tensor, bound))).all())
+            if lam == 0.0:
+                assert not bool(native[1][1]), "the dependent column must be reported as ill-conditioned"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_common_case_step_computes_the_general_step_bit_for_bit_with_either_least_squares(
+    native: bool, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The bit-for-bit agreement of the common and general steps holds with the native least squares and
+    with the tensor one (the form other devices run)."""
+    import sys
+
+    from hopfield_aa import _jit
+
+    aa = sys.modules["hopfield_aa.anderson"]
+    monkeypatch.setattr(_jit, "_enabled", native)
+    _, g, _ = _hopfield(beta=7.5)
+    x0 = torch.randn(64, 32, generator=torch.Generator().manual_seed(12), dtype=F64) / 4
+    kwargs: dict = {"m": 5, "tol": 1e-10, "max_iter": 300, "stability_check": True}
+    fast = anderson(g, x0.clone(), **kwargs)
+    monkeypatch.setattr(aa, "_COMMON_PATH", False)
+    general = anderson(g, x0.clone(), **kwargs)
+    for name, value in _result_fields(general).items():
+        got = _result_fields(fast)[name]
+        assert torch.equal(got.nan_to_num(7.0), value.nan_to_num(7.0)), f"field {name} differs"
 
 
 def test_solver_state_init_step_terminate_drives_to_the_same_result_as_anderson() -> None:
