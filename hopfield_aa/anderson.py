@@ -615,10 +615,146 @@ def _combine(gamma: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 def _norm(v: torch.Tensor) -> torch.Tensor:
     """‖v‖ along the last axis, accumulated in float64 for narrower dtypes: a float32 residual of 3e-30
-    per entry squares to 1e-59, below float32's range, and its norm would be 0 (a false convergence)."""
+    per entry squares to 1e-59, below float32's range, and its norm would be 0 (a false convergence).
+    On CPU one native call (:func:`_norms_rows`), which every step of the solver shares."""
+    if _native_rows(v):
+        out = torch.empty(v.shape[:-1], dtype=v.dtype)
+        kernel = _NORMS.get()
+        assert kernel is not None
+        kernel(v.detach().reshape(-1, v.shape[-1]).contiguous().numpy(), out.numpy().reshape(-1))
+        return out
     if v.dtype == torch.float64:
         return torch.linalg.vector_norm(v, dim=-1)
     return torch.linalg.vector_norm(v, dim=-1, dtype=torch.float64).to(v.dtype)
+
+
+def _mixed(plain: torch.Tensor, gamma: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """The mixed step ``plain − Σ_j γ_j d_j`` (γ (b, k), columns d (b, k, n)); on CPU one native call."""
+    if _native_rows(plain) and d.dtype == plain.dtype and gamma.dtype == plain.dtype:
+        out = torch.empty_like(plain)
+        kernel = _MIXED.get()
+        assert kernel is not None
+        kernel(plain.contiguous().numpy(), gamma.contiguous().numpy(), d.contiguous().numpy(), out.numpy())
+        return out
+    return plain - _combine(gamma, d)
+
+
+# Native forms of the solver's per-row arithmetic (CPU float32/float64): the common step's fused
+# acceptance test computes the same quantities with the same helpers, so both steps agree bit for bit.
+
+
+def _native_rows(v: torch.Tensor) -> bool:
+    """Whether ``v`` (…, n) goes to the native kernels: CPU float32/float64, non-empty, no gradient to
+    record, not being traced, native kernels on."""
+    return (
+        v.device.type == "cpu"
+        and v.dtype in (torch.float32, torch.float64)
+        and v.ndim >= 1
+        and v.numel() > 0
+        and not (torch.is_grad_enabled() and v.requires_grad)
+        and not torch.compiler.is_compiling()
+        and _jit.enabled()
+    )
+
+
+def _sum_squares(v: Any) -> float:  # pragma: no cover - compiled by numba
+    """Σ v_i² of a row, in float64, in order."""
+    total = 0.0
+    for i in range(v.shape[0]):
+        x = np.float64(v[i])
+        total += x * x
+    return total
+
+
+def _dot(a: Any, b: Any) -> float:  # pragma: no cover - compiled by numba
+    """Σ a_i b_i of two rows, in float64, in order."""
+    total = 0.0
+    for i in range(a.shape[0]):
+        total += np.float64(a[i]) * np.float64(b[i])
+    return total
+
+
+def _norms_rows(v: Any, out: Any) -> None:  # pragma: no cover - compiled by numba
+    for r in range(v.shape[0]):
+        out[r] = math.sqrt(_sum_squares(v[r]))
+
+
+def _mixed_rows(plain: Any, gamma: Any, d: Any, out: Any) -> None:  # pragma: no cover - compiled by numba
+    for r in range(plain.shape[0]):
+        for i in range(plain.shape[1]):
+            total = 0.0
+            for j in range(d.shape[1]):
+                total += np.float64(gamma[r, j]) * np.float64(d[r, j, i])
+            out[r, i] = plain[r, i] - total
+
+
+def _gram_column_rows(d_f: Any, slot: int, out: Any) -> None:  # pragma: no cover - compiled by numba
+    """out[r, j] = ⟨ΔF_j, ΔF_slot⟩ of each row (the new row and column of ΔFᵀΔF)."""
+    for r in range(d_f.shape[0]):
+        for j in range(d_f.shape[1]):
+            out[r, j] = _dot(d_f[r, j], d_f[r, slot])
+
+
+def _accept_rows(
+    x: Any,
+    x_new: Any,
+    f: Any,
+    g_x: Any,
+    g_new: Any,
+    f_norm: Any,
+    target: Any,
+    d_x: Any,
+    d_f: Any,
+    d_step: Any,
+    gram: Any,
+    slot: int,
+    b: float,
+    safeguard: bool,
+    floor: float,
+    f_new: Any,
+    fn_new: Any,
+    good: Any,
+) -> None:  # pragma: no cover - compiled by numba
+    """The common step after g(x_new), per row, as the general step computes it: f_new, ‖f_new‖, the
+    tests (not converged, finite, accepted by the safeguard) and, with a history (m > 0), its columns at
+    ``slot`` and the new row and column of ``gram``; ``good`` is False where a test fails or the new
+    column is unusable (‖ΔF‖² zero or not finite). Products and norms are rounded to the input dtype
+    where the tensor form rounds them."""
+    n = x.shape[1]
+    typed = np.empty(2, f_norm.dtype)
+    typed[1] = b
+    b_typed = typed[1]
+    history = d_f.shape[1] > 0
+    for r in range(x.shape[0]):
+        for i in range(n):
+            f_new[r, i] = g_new[r, i] - x_new[r, i]
+        typed[0] = math.sqrt(_sum_squares(f_new[r]))
+        fn = typed[0]
+        fn_new[r] = fn
+        typed[0] = math.sqrt(_sum_squares(g_new[r]))
+        typed[0] = floor * typed[0]
+        ok = not (fn <= target[r] or fn <= typed[0])
+        ok = ok and (fn <= f_norm[r] if safeguard else fn < math.inf)
+        if history:
+            for i in range(n):
+                d_x[r, slot, i] = x_new[r, i] - x[r, i]
+                d_f[r, slot, i] = f_new[r, i] - f[r, i]
+                if b == 1.0:
+                    d_step[r, slot, i] = g_new[r, i] - g_x[r, i]
+                else:
+                    d_step[r, slot, i] = d_x[r, slot, i] + b_typed * d_f[r, slot, i]
+            for j in range(d_f.shape[1]):
+                gram[r, slot, j] = _dot(d_f[r, j], d_f[r, slot])
+                gram[r, j, slot] = gram[r, slot, j]
+            square = gram[r, slot, slot]
+            ok = ok and square > 0.0 and square < math.inf
+        good[r] = ok
+
+
+_NORMS = _jit.Kernel(_norms_rows, helpers=(_sum_squares,))
+_MIXED = _jit.Kernel(_mixed_rows)
+_GRAM_COLUMN = _jit.Kernel(_gram_column_rows, helpers=(_dot,))
+_ACCEPT = _jit.Kernel(_accept_rows, helpers=(_sum_squares, _dot))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -798,7 +934,13 @@ class _Differences:
         """Write the ΔF column ``d_f`` of the rows ``sel`` at ``slot`` and its row and column of ΔFᵀΔF,
         which it returns (its entry ``slot`` is ‖d_f‖²)."""
         self.d_f[sel, slot] = d_f
-        new_col = (self.d_f[sel] @ d_f[:, :, None])[:, :, 0]
+        kernel = _GRAM_COLUMN.get() if _native_rows(d_f) else None
+        if kernel is not None:
+            rows = self.d_f[sel].contiguous()
+            new_col = torch.empty(rows.shape[:2], dtype=rows.dtype)
+            kernel(rows.numpy(), slot, new_col.numpy())
+        else:
+            new_col = (self.d_f[sel] @ d_f[:, :, None])[:, :, 0]
         self.gram[sel, slot, :] = new_col
         self.gram[sel, :, slot] = new_col
         return new_col
@@ -981,7 +1123,7 @@ class AndersonSolver:
             usable = torch.where(state.plain_only[sel] | state.escapes.active[sel], 0, filled)
             gamma, restart = diffs.coefficients(sel, f, usable, state.k % m, self.lam, self.cond)
             filled = torch.where(restart, 0, usable)
-            x_new = plain - _combine(gamma, diffs.d_step[sel])
+            x_new = _mixed(plain, gamma, diffs.d_step[sel])
         return plain, x_new, restart, filled
 
     def _step_common(self, state: AndersonState) -> None:
@@ -998,29 +1140,15 @@ class AndersonSolver:
         use_row = None
         if k > 0:
             gamma, use_row = self._common_gamma(diffs, f, k)
-            x_new = plain - _combine(gamma, diffs.d_step)
+            x_new = _mixed(plain, gamma, diffs.d_step)
         g_new = self.fmap(x_new)
-        f_new = g_new - x_new
-        fn_new = _norm(f_new)
-        # the common case: not converged, finite (a norm below inf; a NaN norm fails either test),
-        # accepted by the safeguard, well conditioned
-        good = ~self.converged(fn_new, g_new, state.target)
-        good &= (fn_new <= f_norm) if self.safeguard and k > 0 else (fn_new < math.inf)
-        if use_row is not None:
-            good &= use_row
-        if m > 0:
-            slot = state.k % m
-            d_f = f_new - f
-            # ΔX and the step directions go straight into their ring buffers (ΔF is also needed whole)
-            d_x = torch.sub(x_new, x, out=diffs.d_x[:, slot])
-            if b == 1.0:
-                torch.sub(g_new, g_x, out=diffs.d_step[:, slot])
-            else:
-                diffs.d_step[:, slot] = d_x + b * d_f
-            square = diffs.push_f(slice(None), slot, d_f)[:, slot]
-            # the new column must be usable by the next solve: positive, finite norm
-            good &= square > 0
-            good &= square < math.inf
+        accepted = self._accept_native(state, x_new, g_new, k)
+        if accepted is not None:
+            f_new, fn_new, good = accepted
+            if use_row is not None:
+                good &= use_row
+        else:
+            f_new, fn_new, good = self._accept(state, x_new, g_new, k, use_row)
         if bool(good.all()):
             state.x, state.f, state.f_norm = x_new, f_new, fn_new
             state.g_x.copy_(g_new)  # g may return memory it keeps (or x_new itself)
@@ -1056,6 +1184,71 @@ class AndersonSolver:
             f_new,
             _finite_or_inf(fn_new),
         )
+
+    def _accept(
+        self,
+        state: AndersonState,
+        x_new: torch.Tensor,
+        g_new: torch.Tensor,
+        k: int,
+        use_row: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """After g(x_new) in the common step: f_new, ‖f_new‖, the history columns written at this step's
+        slot, and which rows stay in the common case (not converged, finite, accepted by the safeguard,
+        well conditioned, a usable new column). :meth:`_accept_native` is its one-call form on CPU."""
+        m, b, diffs = self.m, self.b, state.differences
+        x, f, g_x, f_norm = state.x, state.f, state.g_x, state.f_norm
+        f_new = g_new - x_new
+        fn_new = _norm(f_new)
+        # the common case: not converged, finite (a norm below inf; a NaN norm fails either test),
+        # accepted by the safeguard, well conditioned
+        good = ~self.converged(fn_new, g_new, state.target)
+        good &= (fn_new <= f_norm) if self.safeguard and k > 0 else (fn_new < math.inf)
+        if use_row is not None:
+            good &= use_row
+        if m > 0:
+            slot = state.k % m
+            d_f = f_new - f
+            # ΔX and the step directions go straight into their ring buffers (ΔF is also needed whole)
+            d_x = torch.sub(x_new, x, out=diffs.d_x[:, slot])
+            if b == 1.0:
+                torch.sub(g_new, g_x, out=diffs.d_step[:, slot])
+            else:
+                diffs.d_step[:, slot] = d_x + b * d_f
+            square = diffs.push_f(slice(None), slot, d_f)[:, slot]
+            # the new column must be usable by the next solve: positive, finite norm
+            good &= square > 0
+            good &= square < math.inf
+        return f_new, fn_new, good
+
+    def _accept_native(
+        self, state: AndersonState, x_new: torch.Tensor, g_new: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """:meth:`_accept` (without the conditioning test) as one native call (:func:`_accept_rows`),
+        where the native kernels apply; None elsewhere."""
+        kernel = _ACCEPT.get() if _native_rows(x_new) else None
+        diffs, x = state.differences, state.x
+        parts = (x, x_new, state.f, state.g_x, g_new, state.f_norm, state.target)
+        if kernel is None or any(t.dtype != x.dtype for t in parts):
+            return None
+        f_new = torch.empty_like(x_new)
+        fn_new = torch.empty_like(state.f_norm)
+        good = torch.empty(x.shape[0], dtype=torch.bool)
+        arrays = [t.detach().contiguous().numpy() for t in parts]
+        rings = [diffs.d_x, diffs.d_f, diffs.d_step, diffs.gram]
+        assert all(t.is_contiguous() for t in rings)  # written in place
+        kernel(
+            *arrays,
+            *(t.numpy() for t in rings),
+            state.k % self.m if self.m > 0 else 0,
+            float(self.b),
+            bool(self.safeguard and k > 0),
+            16 * torch.finfo(x.dtype).eps,
+            f_new.numpy(),
+            fn_new.numpy(),
+            good.numpy(),
+        )
+        return f_new, fn_new, good
 
     def _common_gamma(
         self, diffs: _Differences, f: torch.Tensor, k: int
