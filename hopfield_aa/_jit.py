@@ -38,16 +38,25 @@ def _numba_module() -> Any:
 
 class Kernel:
     """A function compiled by numba on first use (``njit``: no Python objects inside, the GIL released,
-    NumPy's division semantics, no fast-math so that −inf keeps its IEEE meaning).
+    NumPy's division semantics, no fast-math so that −inf keeps its IEEE meaning and sums run in order;
+    ``reassociate`` lets the compiler reorder sums, and so vectorise them).
 
     ``helpers`` are the functions of the same module the kernel calls: they are compiled first and bound
     in the module under their own names (numba resolves a kernel's globals when it compiles it); the
     compiled helpers remain callable from Python with the same results.
     """
 
-    def __init__(self, fn: Callable[..., Any], helpers: tuple[Callable[..., Any], ...] = ()) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        helpers: tuple[Callable[..., Any], ...] = (),
+        reassociate: bool = False,
+    ) -> None:
         self.fn = fn
         self.helpers = helpers
+        # sums may be reordered (and so vectorised): for kernels whose results need not repeat another
+        # kernel's bit for bit; the flags keep NaN and infinities meaningful
+        self.fastmath = {"reassoc", "contract"} if reassociate else False
         self._compiled: Callable[..., Any] | None = None
 
     def get(self) -> Callable[..., Any] | None:
@@ -62,7 +71,8 @@ class Kernel:
             for helper in self.helpers:
                 if not isinstance(self.fn.__globals__.get(helper.__name__), numba.core.dispatcher.Dispatcher):
                     self.fn.__globals__[helper.__name__] = jit(helper)
-            self._compiled = jit(self.fn)
+            kernel_jit = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=self.fastmath)
+            self._compiled = kernel_jit(self.fn)
         return self._compiled
 
 

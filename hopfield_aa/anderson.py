@@ -525,8 +525,15 @@ def _anderson_step(
     if gamma is None:
         valid = torch.ones((*d_f.shape[:-2], m), dtype=torch.bool, device=d_f.device)
         gamma, _, _ = _solve_gamma(d_f, f_hist[-1], valid, regularization, _default_restart_cond(d_f.dtype))
-    mixed_x = x_hist[-1] - (gamma[..., None, :] @ d_x)[..., 0, :]
-    mixed_f = f_hist[-1] - (gamma[..., None, :] @ d_f)[..., 0, :]
+    if _native_rows(d_x):  # the batch flattened to rows: one native call per mixed history
+        n = d_x.shape[-1]
+        rows = (-1, m, n)
+        g2 = gamma.reshape(-1, m)
+        mixed_x = _mixed(x_hist[-1].reshape(-1, n), g2, d_x.reshape(rows)).reshape(x_hist.shape[1:])
+        mixed_f = _mixed(f_hist[-1].reshape(-1, n), g2, d_f.reshape(rows)).reshape(x_hist.shape[1:])
+    else:
+        mixed_x = x_hist[-1] - (gamma[..., None, :] @ d_x)[..., 0, :]
+        mixed_f = f_hist[-1] - (gamma[..., None, :] @ d_f)[..., 0, :]
     return mixed_x + mixing * mixed_f, gamma
 
 

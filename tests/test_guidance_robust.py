@@ -46,12 +46,19 @@ def test_masked_text_tokens_guide_exactly_as_if_they_were_removed(unet, rule, kw
     assert (masked - unmasked).abs().max() > 1e-4  # the mask did act
 
 
-def test_the_unregularised_ladder_amplifies_one_ulp_of_softmax_rounding_ten_thousandfold(unet):
+@pytest.mark.parametrize("native", [True, False])
+def test_the_unregularised_ladder_amplifies_one_ulp_of_softmax_rounding_ten_thousandfold(
+    unet, native, monkeypatch
+):
     """Masking instead of deleting text tokens changes the dense retrieval by one float32 ulp (6e-8
     relative). The ladder's Anderson least squares over nearly collinear rungs (γ ≈ 10 here) turns that
-    into a change of more than 0.1 % of the guidance effect (0.4 % with the sort kernel of small 1.5-entmax
-    tensors, a few percent with the blocked one); Tikhonov regularisation (the rule's ``regularization``)
-    bounds it. This is the rule's conditioning, documented in its docstring, not a masking error."""
+    into a change of more than 0.1 % of the guidance effect (0.3 % with the native CPU kernels, whose least
+    squares run in float64; 4 % with the tensor forms in float32); Tikhonov regularisation (the rule's
+    ``regularization``) bounds it below 0.01 % either way. This is the rule's conditioning, documented in
+    its docstring, not a masking error."""
+    from hopfield_aa import _jit
+
+    monkeypatch.setattr(_jit, "_enabled", native)
     inputs = unet_inputs()
     mask = torch.zeros(2, 5)
     mask[:, :3] = 1.0
@@ -65,7 +72,7 @@ def test_the_unregularised_ladder_amplifies_one_ulp_of_softmax_rounding_ten_thou
         gaps[reg] = float((masked - removed).abs().max())
     assert gaps[0.0] > 1e-3 * effects[0.0]  # more than 0.1 % of the guidance effect: > 1e4 ulp
     assert gaps[1e-2] < 1e-4 * effects[1e-2]
-    assert gaps[1e-2] * 100 < gaps[0.0]
+    assert gaps[1e-2] * 30 < gaps[0.0]
 
 
 def test_a_boolean_style_mask_that_hides_every_token_but_one_stays_finite(unet):
