@@ -211,7 +211,7 @@ def stage_breakdown(shapes: list[tuple[int, int, int, int, int]], repeats: int) 
         clock("scores β QKᵀ", lambda: (q @ k.transpose(-1, -2)) * dim**-0.5)
         clock("entmax α = 1.5", lambda: _entmax_tensor(scores, 1.5, -1))
         clock("sparse retrieval p V", lambda: probs @ v)
-        clock("GAG rule (geometry._gag)", lambda: gag_rule([dense, sparse], 1.0))
+        clock("GAG rule (rules.gag_rule, defaults)", lambda: gag_rule([dense, sparse], 1.0))
         clock("entmax α = 1.25 (ladder)", lambda: _entmax_tensor(scores, 1.25, -1))
         clock("entmax α = 2 (ladder)", lambda: _entmax_tensor(scores, 2.0, -1))
         clock("ladder rule (Anderson step)", lambda: ladder_rule(rungs, 2.0))
@@ -361,7 +361,7 @@ def in_loop_costs(pipe: ReferencePipeline, prompts: list[str], steps: int, repea
 
 def op_counts(shape: tuple[int, int, int, int, int]) -> dict[str, int]:
     """Aten ops dispatched by one call of each stage at ``shape`` (batch, heads, queries, keys, dim)."""
-    from hopfield_aa.geometry import _gag
+    from hopfield_aa.guidance.rules import gag_rule
     from hopfield_aa.normalizers import _entmax15_sort, _entmax_tensor
 
     batch, heads, n_q, n_k, dim = shape
@@ -378,7 +378,7 @@ def op_counts(shape: tuple[int, int, int, int, int]) -> dict[str, int]:
         "entmax α = 1.5, sort-based reference (normalizers._entmax15_sort)": lambda: _entmax15_sort(
             scores, -1
         ),
-        "GAG rule (geometry._gag)": lambda: _gag(dense, sparse, 1.0),
+        "GAG rule (rules.gag_rule, defaults)": lambda: gag_rule([dense, sparse], 1.0),
     }
     return {name: ops_per_call(fn) for name, fn in calls.items()}
 
