@@ -106,11 +106,12 @@ def _rows(z: Any, p: Any, lam: Any, quadratic: bool, max_passes: int) -> None:  
                 s1 = 0.0
                 s2 = 0.0
                 count = 0.0
-                for i in range(size[g]):  # branch-free: the support is not predictable entry by entry
-                    d = max(u[g, i] - t, 0.0)
+                for i in range(size[g]):  # branch-free, and vectorised (the sums may be reordered)
+                    d = u[g, i] - t
+                    d = d if d > 0.0 else 0.0
                     s1 += d
                     s2 += d * d
-                    count += d > 0.0
+                    count += 1.0 if d > 0.0 else 0.0
                 if count == count_prev[g] and (exact_prev[g] or not quadratic):
                     active[g] = False
                     continue
@@ -168,7 +169,7 @@ def _rows(z: Any, p: Any, lam: Any, quadratic: bool, max_passes: int) -> None:  
                 lam[r] = tau[g] + 1.0 + m
 
 
-_KERNEL = _jit.Kernel(_rows)
+_KERNEL = _jit.Kernel(_rows, reassociate=True)
 
 
 def _collect(z: Any, reach: float, top: Any, count: Any) -> None:  # pragma: no cover - numba
