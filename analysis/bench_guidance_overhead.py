@@ -417,7 +417,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="time the sampling table only (no profile, stage breakdown or op counts)",
     )
-    parser.add_argument("--out", default=str(ROOT / "analysis/results/guidance_overhead.md"))
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="the table's path (default analysis/results/guidance_overhead.md; with --sampling-only the "
+        "table is written only where --out names a path, so a partial run never replaces the published one)",
+    )
     bench.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
@@ -468,6 +473,23 @@ def main(argv: list[str] | None = None) -> int:
         print(sections[-1], flush=True)
     if args.sampling_only:
         bench.stop(load)
+        if args.out is None:
+            print("(--sampling-only: printed, not written; --out PATH writes it)")
+            return 0
+        text = "\n".join(
+            [
+                "# Guidance overhead: sampling time with and without each rule (sampling table only)",
+                "",
+                "Re-run: `python analysis/bench_guidance_overhead.py --sampling-only "
+                f"--repeats {args.repeats} --batch {' '.join(map(str, args.batch))} --steps {args.steps} "
+                f"--threads {args.threads} "
+                f"--out {args.out}`; {args.repeats} interleaved repetitions, ratio of best times and median "
+                "paired ratio with a bootstrap 95 % interval.",
+                "",
+                *[s + "\n" for s in sections],
+            ]
+        )
+        bench.write_table(args.out, text, load, args)
         return 0
     batch = max(args.batch)
     prompts = [prompt_pool[i % 2] for i in range(batch)]
@@ -559,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
     )
-    bench.write_table(args.out, text, load, args)
+    bench.write_table(args.out or str(ROOT / "analysis/results/guidance_overhead.md"), text, load, args)
     return 0
 
 
