@@ -1,13 +1,13 @@
-"""CPU kernels compiled by numba on first use: the one home of the compilation, its disk cache and the
-switch that turns every such kernel off.
+"""CPU kernels compiled by numba on first use: the one home of the compilation, its disk cache and the switch
+that turns every such kernel off.
 
 A kernel is a plain Python function over NumPy arrays (:class:`Kernel`); numba is imported, and the
 function compiled, on its first call per argument types (measured: 3.2 s for the first entmax call on a
 machine, numba's import included); numba caches the machine code on disk, so a later process pays about
-0.6 s once, for importing numba and loading the code. Where numba cannot be imported, or the kernels are switched off
-(:func:`disabled`, or ``HOPFIELD_AA_NATIVE=0`` in the environment), :meth:`Kernel.get` returns None and
-the callers run their tensor code instead: every kernel has a tensor twin, which is also what runs on
-other devices.
+0.6 s once, for importing numba and loading the code. Where numba cannot be imported, or the kernels are
+switched off (:func:`disabled`, or ``HOPFIELD_AA_NATIVE=0`` in the environment), :meth:`Kernel.get`
+returns None and the callers run their tensor code instead: every kernel has a tensor twin, which is also
+what runs on other devices.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ DTYPES = (torch.float32, torch.float64)
 # rows per thread below which a call runs on one thread (measured: splitting smaller inputs costs more
 # in hand-offs than it saves)
 _MIN_ROWS_PER_THREAD = 2048
+_SHORT_ROW = 32  # rows of at most this many entries are solved whole, without collecting candidates
 _GROUP = 8  # rows whose support passes are interleaved (:func:`_rows`), fewer for long rows: a group's
 _GROUP_ENTRIES = 2048  # entries stay in the cache until its output is written (measured)
 _pool: ThreadPoolExecutor | None = None
@@ -88,10 +89,15 @@ def _rows(z: Any, p: Any, lam: Any, quadratic: bool, max_passes: int) -> None:  
             m = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
             top[g] = m
             k = 0
-            for j in range(n):  # branch-free: always store, advance past the entries kept
-                d = z[r, j] - m
-                u[g, k] = np.float64(d) * scale
-                k += d > -reach
+            if n <= _SHORT_ROW:  # every entry (vectorised): those at or below −1 never count
+                for j in range(n):
+                    u[g, j] = np.float64(z[r, j] - m) * scale
+                k = n
+            else:
+                for j in range(n):  # branch-free: always store, advance past the entries kept
+                    d = z[r, j] - m
+                    u[g, k] = np.float64(d) * scale
+                    k += d > -reach
             size[g] = k
             tau[g] = -1.0
             count_prev[g] = -1.0
@@ -138,9 +144,10 @@ def _rows(z: Any, p: Any, lam: Any, quadratic: bool, max_passes: int) -> None:  
                     p[r, j] = zero
                 lam[r] = -np.inf
                 continue
-            if active[g]:  # not settled: the sort algorithm on the collected entries
-                k = size[g]
-                srt = np.sort(u[g, :k])[::-1]
+            if active[g]:  # not settled: the sort algorithm on the candidates (u > −1)
+                row_u = u[g, : size[g]]
+                srt = np.sort(row_u[row_u > -1.0])[::-1]
+                k = srt.shape[0]
                 total = 0.0
                 total_sq = 0.0
                 support = 0
