@@ -294,7 +294,7 @@ def _gamma_rows(
 ) -> None:  # pragma: no cover - compiled by numba
     """:func:`_solve_gamma` row by row in float64 (its native form): γ into ``gamma`` (R, k), and the
     rows' ``well`` conditioning and ``finite`` γ."""
-    n_rows, k, n = d_f.shape
+    n_rows, k = d_f.shape[0], d_f.shape[1]
     scale = np.empty(k)
     rhs = np.empty(k)
     use = np.empty(k, np.bool_)
@@ -309,11 +309,7 @@ def _gamma_rows(
             norm = math.sqrt(max(np.float64(raw[r, j, j]), 0.0))
             use[j] = valid[r, j] and norm > 0.0 and math.isfinite(norm)
             scale[j] = norm if use[j] else 1.0
-            s = 0.0
-            if use[j]:
-                for i in range(n):
-                    s += np.float64(d_f[r, j, i]) * np.float64(f[r, i])
-            rhs[j] = s / scale[j]
+            rhs[j] = _dot(d_f[r, j], f[r]) / scale[j] if use[j] else 0.0
         _cholesky_solve_row(raw[r], scale, rhs, use, lam, threshold, c, coef, weak)
         any_weak = False
         for j in range(k):
@@ -337,9 +333,6 @@ def _gamma_rows(
                 gamma[r, j] = 0.0
         well[r] = not any_weak
         finite[r] = ok
-
-
-_GAMMA_ROWS = _jit.Kernel(_gamma_rows, helpers=(_cholesky_solve_row,))
 
 
 def _solve_gamma_native(
@@ -665,20 +658,27 @@ def _native_rows(v: torch.Tensor) -> bool:
 
 
 def _sum_squares(v: Any) -> float:  # pragma: no cover - compiled by numba
-    """Σ v_i² of a row, in float64, in order."""
-    total = 0.0
-    for i in range(v.shape[0]):
-        x = np.float64(v[i])
-        total += x * x
-    return total
+    """Σ v_i² of a row in float64: four partial sums (entries i mod 4) added in a fixed order, so that the
+    additions pipeline and every kernel that calls this gets the same bits."""
+    return _dot(v, v)
 
 
 def _dot(a: Any, b: Any) -> float:  # pragma: no cover - compiled by numba
-    """Σ a_i b_i of two rows, in float64, in order."""
-    total = 0.0
-    for i in range(a.shape[0]):
-        total += np.float64(a[i]) * np.float64(b[i])
-    return total
+    """Σ a_i b_i of two rows in float64: four partial sums (entries i mod 4) added in a fixed order, so
+    that the additions pipeline and every kernel that calls this gets the same bits."""
+    s0 = s1 = s2 = s3 = 0.0
+    n = a.shape[0]
+    i = 0
+    while i + 4 <= n:
+        s0 += np.float64(a[i]) * np.float64(b[i])
+        s1 += np.float64(a[i + 1]) * np.float64(b[i + 1])
+        s2 += np.float64(a[i + 2]) * np.float64(b[i + 2])
+        s3 += np.float64(a[i + 3]) * np.float64(b[i + 3])
+        i += 4
+    while i < n:
+        s0 += np.float64(a[i]) * np.float64(b[i])
+        i += 1
+    return (s0 + s1) + (s2 + s3)
 
 
 def _norms_rows(v: Any, out: Any) -> None:  # pragma: no cover - compiled by numba
@@ -687,12 +687,16 @@ def _norms_rows(v: Any, out: Any) -> None:  # pragma: no cover - compiled by num
 
 
 def _mixed_rows(plain: Any, gamma: Any, d: Any, out: Any) -> None:  # pragma: no cover - compiled by numba
+    """plain − Σ_j γ_j d_j per row, the sum over j in order for each entry (entries in parallel)."""
+    total = np.empty(plain.shape[1])
     for r in range(plain.shape[0]):
+        total[:] = 0.0
+        for j in range(d.shape[1]):
+            g = np.float64(gamma[r, j])
+            for i in range(plain.shape[1]):
+                total[i] += g * np.float64(d[r, j, i])
         for i in range(plain.shape[1]):
-            total = 0.0
-            for j in range(d.shape[1]):
-                total += np.float64(gamma[r, j]) * np.float64(d[r, j, i])
-            out[r, i] = plain[r, i] - total
+            out[r, i] = plain[r, i] - total[i]
 
 
 def _gram_column_rows(d_f: Any, slot: int, out: Any) -> None:  # pragma: no cover - compiled by numba
@@ -758,10 +762,11 @@ def _accept_rows(
         good[r] = ok
 
 
-_NORMS = _jit.Kernel(_norms_rows, helpers=(_sum_squares,))
+_GAMMA_ROWS = _jit.Kernel(_gamma_rows, helpers=(_cholesky_solve_row, _dot))
+_NORMS = _jit.Kernel(_norms_rows, helpers=(_dot, _sum_squares))
 _MIXED = _jit.Kernel(_mixed_rows)
 _GRAM_COLUMN = _jit.Kernel(_gram_column_rows, helpers=(_dot,))
-_ACCEPT = _jit.Kernel(_accept_rows, helpers=(_sum_squares, _dot))
+_ACCEPT = _jit.Kernel(_accept_rows, helpers=(_dot, _sum_squares))
 
 
 # --------------------------------------------------------------------------------------------------
