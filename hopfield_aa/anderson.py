@@ -361,22 +361,32 @@ def _solve_gamma_native(
     d_f3 = d_f.detach().reshape(rows, k, n).contiguous()
     gram = (d_f3 @ d_f3.transpose(-1, -2)) if raw is None else raw.detach().reshape(rows, k, k).contiguous()
     f2 = f.detach().expand(*batch, n).reshape(rows, n).contiguous()
-    valid2 = valid.expand(*batch, k).reshape(rows, k).contiguous()
-    gamma = torch.empty((rows, k), dtype=d_f.dtype)
-    well = torch.empty(rows, dtype=torch.bool)
-    finite = torch.empty(rows, dtype=torch.bool)
+    # a mask shared by every row is broadcast without a copy (stride 0)
+    shared = valid.ndim == 1 or all(size == 1 for size in valid.shape[:-1])
+    valid2 = (
+        np.broadcast_to(valid.reshape(k).numpy(), (rows, k))
+        if shared
+        else valid.expand(*batch, k).reshape(rows, k).contiguous().numpy()
+    )
+    gamma = np.empty((rows, k), dtype=d_f3.numpy().dtype)
+    well = np.empty(rows, dtype=np.bool_)
+    finite = np.empty(rows, dtype=np.bool_)
     kernel(
         gram.numpy(),
         d_f3.numpy(),
         f2.numpy(),
-        valid2.numpy(),
+        valid2,
         float(regularization),
         1.0 / restart_cond,
-        gamma.numpy(),
-        well.numpy(),
-        finite.numpy(),
+        gamma,
+        well,
+        finite,
     )
-    return gamma.reshape(*batch, k), well.reshape(batch), finite.reshape(batch)
+    return (
+        torch.from_numpy(gamma).reshape(*batch, k),
+        torch.from_numpy(well).reshape(batch),
+        torch.from_numpy(finite).reshape(batch),
+    )
 
 
 def _stack_history(values: object, name: str) -> tuple[torch.Tensor, Kind]:
