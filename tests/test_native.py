@@ -188,3 +188,23 @@ def test_inside_a_compiled_graph_the_native_kernel_is_one_custom_op_without_grap
     assert calls
     assert torch.equal(out, _entmax_tensor(z, alpha))
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3, 3.0])
+def test_a_nan_or_plus_inf_score_never_gives_a_finite_looking_row(alpha: float) -> None:
+    """Outside entmax_tensor's contract (scores free of NaN and +inf), but visible: a row with a NaN or a
+    +inf score has NaN in its output (any α: the whole row for the compacted kernel), never a
+    finite distribution; the other rows are unaffected."""
+    gen = torch.Generator().manual_seed(9)
+    z = torch.randn(6, 40, generator=gen)
+    z[0, 5] = math.nan
+    z[1, 0] = math.nan
+    z[2, 3] = math.inf
+    z[4] = -math.inf
+    p = _entmax_tensor(z, alpha)
+    assert bool(p[:3].isnan().any(-1).all())
+    assert not bool(p[3:].isnan().any())
+    torch.testing.assert_close(p[3].sum(), torch.tensor(1.0))
+    assert bool((p[4] == 0).all())
+    if alpha not in (1.5, 2.0):
+        assert bool(p[:3].isnan().all())

@@ -180,12 +180,18 @@ _KERNEL = _jit.Kernel(_rows, reassociate=True)
 
 
 def _collect(z: Any, reach: float, top: Any, count: Any) -> None:  # pragma: no cover - numba
-    """Row maxima into ``top`` and the number of candidates z_j − max > −``reach`` into ``count``."""
+    """Row maxima into ``top`` and the number of candidates z_j − max > −``reach`` into ``count``; a row
+    with a NaN or a +inf entry gets count −1 (its output is NaN: NaN in, NaN out)."""
     for r in range(z.shape[0]):
         m = z[r, 0]
+        nan = False
         for j in range(z.shape[1]):
             m = z[r, j] if z[r, j] > m else m
+            nan = nan or z[r, j] != z[r, j]
         top[r] = m
+        if nan or m == np.inf:
+            count[r] = -1
+            continue
         k = 0
         for j in range(z.shape[1]):
             k += z[r, j] - m > -reach
@@ -256,6 +262,10 @@ def compacted_forward(rows: torch.Tensor, alpha: float, solve: Any) -> tuple[tor
     if not live.all():
         pn[~live] = 0.0
         ln[~live] = -math.inf
+        pn[count < 0] = math.nan  # a NaN or +inf score: NaN out
+        ln[count < 0] = math.nan
+        if not live.any():
+            return probs, lam
     quantiles = _GROUP_QUANTILES if n_rows >= _GROUPED_MIN_ROWS else ()
     bounds = sorted({int(np.quantile(count[live], q)) for q in quantiles} | {int(count.max())})
     lower = 0
