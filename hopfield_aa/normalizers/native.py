@@ -182,12 +182,23 @@ _KERNEL = _jit.Kernel(_rows, reassociate=True)
 def _collect(z: Any, reach: float, top: Any, count: Any) -> None:  # pragma: no cover - numba
     """Row maxima into ``top`` and the number of candidates z_j − max > −``reach`` into ``count``; a row
     with a NaN or a +inf entry gets count −1 (its output is NaN: NaN in, NaN out)."""
+    n = z.shape[1]
     for r in range(z.shape[0]):
-        m = z[r, 0]
+        # the row maximum as four independent running maxima (the compares pipeline), and any NaN
+        m0 = m1 = m2 = m3 = z[r, 0]
         nan = False
-        for j in range(z.shape[1]):
-            m = z[r, j] if z[r, j] > m else m
-            nan = nan or z[r, j] != z[r, j]
+        j = 0
+        while j + 4 <= n:
+            m0 = z[r, j] if z[r, j] > m0 else m0
+            m1 = z[r, j + 1] if z[r, j + 1] > m1 else m1
+            m2 = z[r, j + 2] if z[r, j + 2] > m2 else m2
+            m3 = z[r, j + 3] if z[r, j + 3] > m3 else m3
+            j += 4
+        for i in range(j, n):
+            m0 = z[r, i] if z[r, i] > m0 else m0
+        for i in range(n):
+            nan = nan or z[r, i] != z[r, i]
+        m = max(max(m0, m1), max(m2, m3))
         top[r] = m
         if nan or m == np.inf:
             count[r] = -1
@@ -198,34 +209,50 @@ def _collect(z: Any, reach: float, top: Any, count: Any) -> None:  # pragma: no 
         count[r] = k
 
 
-def _gather(z: Any, rows: Any, top: Any, reach: float, u: Any, cols: Any) -> None:  # pragma: no cover - numba
-    """The candidates of rows ``rows`` of ``z``, shifted by their maxima, into the rows of ``u`` (padded
-    with −inf) and their column indices into ``cols`` (padded with 0), in column order."""
-    width = u.shape[1]
-    for g in range(rows.shape[0]):
-        r = rows[g]
+def _gather(
+    z: Any, top: Any, reach: float, group: Any, slot: Any, offset: Any, width: Any, u: Any, cols: Any
+) -> None:  # pragma: no cover - numba
+    """One pass over the rows in order: the candidates of row r, shifted by its maximum, into row
+    ``slot[r]`` of its group ``group[r]`` (a (rows, width[g]) matrix at ``offset[g]`` in the flat ``u``,
+    padded with −inf), their column indices into ``cols`` (padded with 0); rows with group −1 are skipped.
+    """
+    n = z.shape[1]
+    values = np.empty(n, z.dtype)  # one row's candidates, stored branch-free
+    columns = np.empty(n, np.int64)
+    for r in range(z.shape[0]):
+        g = group[r]
+        if g < 0:
+            continue
         m = top[r]
         k = 0
-        for j in range(z.shape[1]):
+        for j in range(n):  # always store, advance past the candidates (no mispredicted branch)
             d = z[r, j] - m
-            if d > -reach:
-                u[g, k] = d
-                cols[g, k] = j
-                k += 1
-        for i in range(k, width):
-            u[g, i] = -np.inf
-            cols[g, i] = 0
+            values[k] = d
+            columns[k] = j
+            k += d > -reach
+        start = offset[g] + slot[r] * width[g]
+        for i in range(k):
+            u[start + i] = values[i]
+            cols[start + i] = columns[i]
+        for i in range(k, width[g]):
+            u[start + i] = -np.inf
+            cols[start + i] = 0
 
 
-def _scatter(p_compact: Any, cols: Any, rows: Any, count: Any, p: Any) -> None:  # pragma: no cover - numba
-    """Rows ``rows`` of ``p``: zeros, and the first ``count`` entries of each row of ``p_compact`` at
-    their columns ``cols``."""
-    for g in range(rows.shape[0]):
-        r = rows[g]
-        for j in range(p.shape[1]):
-            p[r, j] = 0.0
+def _scatter(
+    p_compact: Any, cols: Any, group: Any, slot: Any, offset: Any, width: Any, count: Any, p: Any
+) -> None:  # pragma: no cover - numba
+    """One pass over the rows in order: row r of ``p`` is zeros and the first ``count[r]`` entries of its
+    row of the flat ``p_compact`` (laid out as in :func:`_gather`) at their columns; rows with group −1
+    are left as they are."""
+    for r in range(p.shape[0]):
+        g = group[r]
+        if g < 0:
+            continue
+        p[r, :] = 0.0
+        start = offset[g] + slot[r] * width[g]
         for i in range(count[r]):
-            p[r, cols[g, i]] = p_compact[g, i]
+            p[r, cols[start + i]] = p_compact[start + i]
 
 
 _COLLECT = _jit.Kernel(_collect)
@@ -267,21 +294,27 @@ def compacted_forward(rows: torch.Tensor, alpha: float, solve: Any) -> tuple[tor
         if not live.any():
             return probs, lam
     quantiles = _GROUP_QUANTILES if n_rows >= _GROUPED_MIN_ROWS else ()
-    bounds = sorted({int(np.quantile(count[live], q)) for q in quantiles} | {int(count.max())})
-    lower = 0
-    for width in bounds:
-        if width <= lower:
+    bounds = np.array(sorted({int(np.quantile(count[live], q)) for q in quantiles} | {int(count.max())}))
+    group = np.where(live, np.searchsorted(bounds, count), -1)  # the narrowest group that holds the row
+    slot = np.zeros(n_rows, np.int64)  # the row's index within its group
+    members = [np.flatnonzero(group == g) for g in range(bounds.size)]
+    sizes = np.array([m.size for m in members], np.int64)
+    for rows_g in members:
+        slot[rows_g] = np.arange(rows_g.size)
+    width = bounds.astype(np.int64)
+    offset = np.concatenate([[0], np.cumsum(sizes * width)[:-1]]).astype(np.int64)
+    u = np.empty(int((sizes * width).sum()), zn.dtype)
+    cols = np.empty(u.size, np.int64)
+    gather(zn, top, reach, group, slot, offset, width, u, cols)
+    p_flat = np.empty_like(u)
+    for g, rows_g in enumerate(members):
+        if rows_g.size == 0:
             continue
-        members = np.flatnonzero((count > lower) & (count <= width))
-        lower = width
-        if members.size == 0:
-            continue
-        u = np.empty((members.size, width), zn.dtype)
-        cols = np.empty((members.size, width), np.int64)
-        gather(zn, members, top, reach, u, cols)
-        p_c, lam_c = solve(torch.from_numpy(u), alpha)
-        scatter(np.ascontiguousarray(p_c.numpy()), cols, members, count, pn)
-        ln[members] = lam_c.numpy()[:, 0] + top[members]
+        part = slice(int(offset[g]), int(offset[g] + sizes[g] * width[g]))
+        p_c, lam_c = solve(torch.from_numpy(u[part].reshape(rows_g.size, int(width[g]))), alpha)
+        p_flat[part] = p_c.numpy().reshape(-1)
+        ln[rows_g] = lam_c.numpy()[:, 0] + top[rows_g]
+    scatter(p_flat, cols, group, slot, offset, width, count, pn)
     return probs, lam
 
 
