@@ -31,6 +31,7 @@ import torch
 
 from hopfield_aa import _jit
 from hopfield_aa.normalizers.exact import MAX_SUPPORT_ITER
+from hopfield_aa.normalizers.newton import MAX_NEWTON_ITER
 
 ALPHAS = (1.5, 2.0)
 DTYPES = (torch.float32, torch.float64)
@@ -255,6 +256,108 @@ def _scatter(
             p[r, cols[start + i]] = p_compact[start + i]
 
 
+def _newton_shift(u: Any, lam: Any, am1: float, done: Any, x: Any) -> None:  # pragma: no cover - numba
+    """x = max(u − (α−1) λ, −1) on the rows not done (u = (α−1)(z − max z)): the argument of log1p in
+    :func:`.newton._mass`."""
+    for r in range(u.shape[0]):
+        if done[r]:
+            continue
+        shift = lam[r] * am1
+        for i in range(u.shape[1]):
+            v = u[r, i] - shift
+            x[r, i] = v if v > -1.0 else -1.0
+
+
+def _newton_step(
+    p: Any,
+    x: Any,
+    am1: float,
+    offset: float,
+    tol: float,
+    width_tol: Any,
+    final: bool,
+    lam: Any,
+    lo: Any,
+    hi: Any,
+    polished: Any,
+    done: Any,
+) -> int:  # pragma: no cover - numba
+    """The rest of one Newton iteration of :func:`.newton.newton_threshold`, row by row, on the rows not
+    done: p ← max(p − offset, 0) (``p`` holds exp of the clamped exponent), F = Σ p, G = Σ p/(1 + x) over
+    the support, the tests and the safeguarded step (none after the ``final`` evaluation); returns how
+    many rows are not done. Rows already done only have their p cleaned (their x is unchanged)."""
+    left = 0
+    for r in range(p.shape[0]):
+        f_sum = 0.0
+        g_sum = 0.0
+        for i in range(p.shape[1]):
+            v = p[r, i] - offset
+            v = v if v > 0.0 else 0.0
+            p[r, i] = v
+            f_sum += v
+            y = 1.0 + x[r, i]
+            g_sum += v / y if y > 0.0 else 0.0
+        if done[r]:
+            continue
+        converged = abs(f_sum - 1.0) <= tol
+        if (converged and polished[r]) or hi[r] - lo[r] <= width_tol[r]:
+            done[r] = True
+            continue
+        left += 1
+        if final:
+            continue
+        polished[r] = converged
+        log_f = math.log(f_sum)
+        step = math.expm1(am1 * log_f) / am1 * math.exp((1.0 - am1) * log_f) / g_sum
+        if f_sum >= 1.0:
+            lo[r] = max(lo[r], lam[r])
+        else:
+            hi[r] = min(hi[r], lam[r])
+        new = lam[r] + step
+        bad = new < lo[r] or new > hi[r] or not math.isfinite(new)
+        lam[r] = 0.5 * (lo[r] + hi[r]) if bad else new
+    return left
+
+
+_NEWTON_SHIFT = _jit.Kernel(_newton_shift, reassociate=True)
+_NEWTON_STEP = _jit.Kernel(_newton_step, reassociate=True)
+
+
+def newton_compact(u: torch.Tensor, alpha: float, max_iter: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """α-entmax (1 < α ≤ 2) of compacted candidate rows ``u`` (score units, max 0, padding −inf): the
+    iteration of :func:`.newton.newton_threshold` with its per-row arithmetic in two native kernels and
+    only the transcendental functions as tensor ops (log1p and exp, vectorised); (p normalised, λ relative
+    to the row maximum). None where the kernels are off."""
+    shift_kernel, step_kernel = _NEWTON_SHIFT.get(), _NEWTON_STEP.get()
+    if shift_kernel is None or step_kernel is None or not 1.0 < alpha <= 2.0:
+        return None
+    dtype = u.dtype
+    am1 = alpha - 1.0
+    rows, width = u.shape
+    un = (u * am1).numpy()
+    lam = np.zeros(rows)
+    lo = np.zeros(rows)
+    hi = np.full(rows, -math.expm1(-am1 * math.log(width)) / am1)
+    width_tol = 4 * float(torch.finfo(dtype).eps) * hi
+    polished = np.zeros(rows, np.bool_)
+    done = np.zeros(rows, np.bool_)
+    x = torch.empty_like(u)
+    q = torch.empty_like(u)
+    p = torch.empty_like(u)
+    xn, pn = x.numpy(), p.numpy()
+    floor = math.log(torch.finfo(dtype).tiny) + 0.5
+    offset = 2.0 * math.exp(floor)
+    tol = 32 * float(torch.finfo(dtype).eps)
+    for it in range(max_iter):
+        shift_kernel(un, lam, am1, done, xn)
+        torch.mul(torch.log1p(x, out=q), 1.0 / am1, out=p).clamp_(min=floor).exp_()
+        final = it == max_iter - 1
+        if step_kernel(pn, xn, am1, offset, tol, width_tol, final, lam, lo, hi, polished, done) == 0:
+            break
+    p.div_(p.sum(-1, keepdim=True))
+    return p, torch.from_numpy(lam).to(dtype).unsqueeze(-1)
+
+
 _COLLECT = _jit.Kernel(_collect)
 _GATHER = _jit.Kernel(_gather)
 _SCATTER = _jit.Kernel(_scatter)
@@ -311,7 +414,8 @@ def compacted_forward(rows: torch.Tensor, alpha: float, solve: Any) -> tuple[tor
         if rows_g.size == 0:
             continue
         part = slice(int(offset[g]), int(offset[g] + sizes[g] * width[g]))
-        p_c, lam_c = solve(torch.from_numpy(u[part].reshape(rows_g.size, int(width[g]))), alpha)
+        u_g = torch.from_numpy(u[part].reshape(rows_g.size, int(width[g])))
+        p_c, lam_c = newton_compact(u_g, alpha, MAX_NEWTON_ITER) or solve(u_g, alpha)
         p_flat[part] = p_c.numpy().reshape(-1)
         ln[rows_g] = lam_c.numpy()[:, 0] + top[rows_g]
     scatter(p_flat, cols, group, slot, offset, width, count, pn)
