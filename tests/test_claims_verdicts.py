@@ -281,3 +281,25 @@ def test_orthogonal_counterexamples_of_the_old_check_are_premise_violations() ->
         replay = replay_counterexample(path)
         assert replay.verdict == "premise not met" and not replay.premise_met
         assert replay.details["sparse_residual"] > 1e-6
+
+
+def test_weak_contraction_measures_each_step_against_its_own_trajectorys_limit(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """ξ* must be the limit of the trajectory (the premise says so): on the β = 30 sweep memory, 6 of the
+    256 steps from 32 starts were counted as violations when ξ* was the fixed point an accelerated solve
+    from ξ₀ found, a different one from where the plain iteration from those starts ends (0.6 away). With ξ*
+    the plain iteration's own limit, every counted step contracts, in either kernel form."""
+    from hopfield_aa import _jit
+    from hopfield_aa.checks import claims
+    from hopfield_aa.checks.families import beta_sweep
+
+    (case,) = beta_sweep(0, betas=(30.0,))
+    result = check_weak_contraction(case, alpha=1.0)
+    assert result.n_premise > 0 and result.n_passed == result.n_premise and result.status == "pass"
+    with _jit.disabled():
+        assert check_weak_contraction(case, alpha=1.0).status == "pass"
+    # without the plain limit, the check measures some steps against another fixed point, and they fail
+    monkeypatch.setattr(
+        claims, "_plain_limit", lambda fn, start, *a: (start, torch.full(start.shape[:1], float("inf")))
+    )
+    stale = check_weak_contraction(case, alpha=1.0)
+    assert stale.n_passed < stale.n_premise

@@ -872,6 +872,27 @@ def _map_radius(
     ).to(points.dtype)
 
 
+# the plain iteration that finds a trajectory's own limit: at most this many steps, and two limits closer
+# than this share of the pattern scale are the same fixed point
+_LIMIT_STEPS = 2000
+_LIMIT_SEPARATION = 1e-6
+
+
+def _plain_limit(
+    fn: StepFn, start: torch.Tensor, patterns: torch.Tensor, beta: float, alpha: float, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain iteration ξ ← T(ξ) from ``start`` until every row moves by at most ``threshold`` (or
+    ``_LIMIT_STEPS``); returns (ξ, ‖T(ξ) − ξ‖)."""
+    x = start
+    for _ in range(_LIMIT_STEPS):
+        nxt = fn(x, patterns, beta, alpha)
+        step = _norm(nxt - x)
+        x = nxt
+        if bool((step <= threshold).all()):
+            break
+    return x, _norm(fn(x, patterns, beta, alpha) - x)
+
+
 def check_weak_contraction(
     case: Case,
     *,
@@ -888,7 +909,9 @@ def check_weak_contraction(
     From each starting state ξ₀ (the actual queries, on traces) the map ``T = T_α`` is iterated
     ``trajectory_steps`` times; ξ* is the fixed point its trajectory converges to (the limit found from
     ξ₀ by :func:`~hopfield_aa.checks.fixed_points.find_fixed_points`, re-solved from the trajectory's end
-    when the trajectory leaves it), or the row of ``points`` (one per state, or one for all). Premise:
+    when the trajectory leaves it, and replaced by the limit of the plain iteration continued from the
+    trajectory's end where that converges to another fixed point), or the row of ``points`` (one per
+    state, or one for all). Premise:
     ξ* is an attracting fixed point, ``ρ(DT(ξ*)) < 1``; repelling fixed points (saddles) and states
     without a limit do not meet it and are counted apart. One tried "state" is one (start, step).
     ``rate`` is the median per-step ratio ``‖T(ξ_t) − ξ*‖ / ‖ξ_t − ξ*‖``.
@@ -939,6 +962,13 @@ def check_weak_contraction(
         if bool(away.any()):
             again, res_again, _ = solve_fixed_points(case.patterns, traj[away, -1], case.beta, alpha)
             targets[away], residual[away] = again, res_again
+        # ξ* is the limit of the trajectory itself: where the plain iteration, continued from the
+        # trajectory's end, converges to another fixed point than the solve found, that one is ξ*
+        limit, limit_residual = _plain_limit(fn, traj[:, -1], case.patterns, case.beta, alpha, threshold)
+        elsewhere = (limit_residual <= threshold) & (_norm(limit - targets) > _LIMIT_SEPARATION * m)
+        if bool(elsewhere.any()):
+            targets[elsewhere], residual[elsewhere] = limit[elsewhere], limit_residual[elsewhere]
+            away = away | elsewhere
         if retrieval is None:  # the library's map: ρ(DT(ξ*)) is known where the solve was not redone
             known = ~away
             radius[known] = found[known]
