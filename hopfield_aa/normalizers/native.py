@@ -1,22 +1,29 @@
-"""CPU row kernels of 1.5-entmax and sparsemax compiled by numba: one call per tensor where the blocked
-kernel of :mod:`.blocked` dispatches tens of tensor ops per block of rows (papers/theory.md §1).
+"""CPU kernels of α-entmax compiled by numba: one call per tensor where the blocked kernel of
+:mod:`.blocked` dispatches tens of tensor ops per block of rows (papers/theory.md §1).
 
-Each row is solved while it sits in the cache, in three steps:
+α = 1.5 and 2 (:func:`forward`, :func:`probs`): each row is solved while it sits in the cache, in three
+steps, with up to ``_GROUP`` rows stepped in turn so that their support passes overlap:
 
-1. one pass finds the maximum m and collects every entry z_j with z_j > m_j − 1/(α−1), m_j the running
-   maximum: a superset of the candidates (the threshold never drops below the left end of its
-   bracket, so no other entry can be in the support, :func:`.blocked._candidate_reach`);
+1. the maximum m (eight running maxima), then the candidates z_j − m > −1/(α−1), collected
+   branch-free, as u = (α−1)(z − m) in float64 (the threshold never drops below the left end of its
+   bracket, so no other entry can be in the support, :func:`.blocked._candidate_reach`); rows of at
+   most ``_SHORT_ROW`` entries keep every entry (those at or below −1 never count);
 2. the support passes of :mod:`.exact` (α = 1.5: the smaller root of the quadratic on the current
-   support; α = 2: the Michelot step) run on the collected entries only, in float64, from τ₀ = −1 until
-   the support reproduces itself; every iterate stays ≥ −1, so the entries left out never count. A row
-   that has not settled after ``MAX_SUPPORT_ITER`` passes is solved by sorting its collected entries;
+   support; α = 2: the Michelot step) on them, from τ₀ = −1 until the support reproduces itself; every
+   iterate stays ≥ −1, so the entries left out never count. A row that has not settled after
+   ``MAX_SUPPORT_ITER`` passes is solved by sorting its candidates;
 3. one pass writes p = [(z − m)/2 − τ]_+² (α = 1.5) or [z − m − τ]_+ (α = 2) in the input dtype, the
    same rounding as the tensor kernels.
 
-A row of only −inf gets p = 0 and λ = −inf. The inputs must be free of NaN and +inf (the contract of
-:func:`.api.entmax_tensor`). The kernel compiles on its first call per dtype (:mod:`hopfield_aa._jit`);
-where numba cannot be imported or native kernels are switched off, :func:`applies` is False and the
-tensor kernels run instead.
+Any other α (:func:`compacted_forward`): the candidates are gathered natively into groups of rows of
+similar counts, solved by Newton's method (for α ≤ 2 with its per-row arithmetic native,
+:func:`newton_compact`) and scattered back.
+
+A row of only −inf gets p = 0 and λ = −inf; a row with a NaN or +inf score (outside the contract of
+:func:`.api.entmax_tensor`) has NaN in its output. The kernels compile on their first call per dtype
+(:mod:`hopfield_aa._jit`); where numba cannot be imported or native kernels are switched off,
+:func:`applies` is False and the tensor kernels run instead. Inside a ``torch.compile``'d graph the
+α = 1.5 and 2 kernel is the custom op ``hopfield_aa::entmax_rows`` (:func:`in_graph`).
 """
 
 from __future__ import annotations
