@@ -17,6 +17,8 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
+
 ENV_SWITCH = "HOPFIELD_AA_NATIVE"  # "0": every native kernel off
 
 _enabled = os.environ.get(ENV_SWITCH, "1").strip() != "0"
@@ -80,6 +82,23 @@ class Kernel:
 def enabled() -> bool:
     """Whether native kernels may run (switched on and numba importable)."""
     return _enabled and _numba_module() is not None
+
+
+def accepts(*tensors: torch.Tensor, recording: bool = False, in_graph: bool = False) -> bool:
+    """Whether a native kernel may take ``tensors``: CPU, one dtype, float32 or float64, at least 1-d and
+    non-empty, no gradient to record (unless ``recording``: the caller detaches and records its own
+    backward), not being traced by ``torch.compile`` (unless ``in_graph``: the kernel runs as a custom
+    op; sizes are then not tested, as they may be symbolic), and native kernels on (:func:`enabled`)."""
+    dtype = tensors[0].dtype
+    if not _enabled or dtype not in (torch.float32, torch.float64):
+        return False
+    grad = not recording and torch.is_grad_enabled()
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != dtype or t.ndim < 1:
+            return False
+        if (not in_graph and t.numel() == 0) or (grad and t.requires_grad):
+            return False
+    return (in_graph or not torch.compiler.is_compiling()) and _numba_module() is not None
 
 
 @contextlib.contextmanager

@@ -346,15 +346,7 @@ def _solve_gamma_native(
     """:func:`_solve_gamma` as one native call on CPU float32/float64 (None where that does not apply):
     the same γ, conditioning and finiteness, computed row by row in float64."""
     kernel = _GAMMA_ROWS.get()
-    if (
-        kernel is None
-        or d_f.device.type != "cpu"
-        or d_f.dtype not in (torch.float32, torch.float64)
-        or f.dtype != d_f.dtype
-        or (raw is not None and raw.dtype != d_f.dtype)
-        or torch.compiler.is_compiling()
-        or (torch.is_grad_enabled() and (d_f.requires_grad or f.requires_grad))
-    ):
+    if kernel is None or not _jit.accepts(d_f, f, *([] if raw is None else [raw])):
         return None
     batch, (k, n) = d_f.shape[:-2], d_f.shape[-2:]
     rows = math.prod(batch)
@@ -528,7 +520,7 @@ def _anderson_step(
     if gamma is None:
         valid = torch.ones((*d_f.shape[:-2], m), dtype=torch.bool, device=d_f.device)
         gamma, _, _ = _solve_gamma(d_f, f_hist[-1], valid, regularization, _default_restart_cond(d_f.dtype))
-    if _native_rows(d_x):  # the batch flattened to rows: one native call per mixed history
+    if _jit.accepts(d_x):  # the batch flattened to rows: one native call per mixed history
         n = d_x.shape[-1]
         rows = (-1, m, n)
         g2 = gamma.reshape(-1, m)
@@ -627,7 +619,7 @@ def _norm(v: torch.Tensor) -> torch.Tensor:
     """‖v‖ along the last axis, accumulated in float64 for narrower dtypes: a float32 residual of 3e-30
     per entry squares to 1e-59, below float32's range, and its norm would be 0 (a false convergence).
     On CPU one native call (:func:`_norms_rows`), which every step of the solver shares."""
-    if _native_rows(v):
+    if _jit.accepts(v):
         out = torch.empty(v.shape[:-1], dtype=v.dtype)
         kernel = _NORMS.get()
         assert kernel is not None
@@ -640,7 +632,7 @@ def _norm(v: torch.Tensor) -> torch.Tensor:
 
 def _mixed(plain: torch.Tensor, gamma: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """The mixed step ``plain − Σ_j γ_j d_j`` (γ (b, k), columns d (b, k, n)); on CPU one native call."""
-    if _native_rows(plain) and d.dtype == plain.dtype and gamma.dtype == plain.dtype:
+    if _jit.accepts(plain, gamma, d):
         out = torch.empty_like(plain)
         kernel = _MIXED.get()
         assert kernel is not None
@@ -651,20 +643,6 @@ def _mixed(plain: torch.Tensor, gamma: torch.Tensor, d: torch.Tensor) -> torch.T
 
 # Native forms of the solver's per-row arithmetic (CPU float32/float64): the common step's fused
 # acceptance test computes the same quantities with the same helpers, so both steps agree bit for bit.
-
-
-def _native_rows(v: torch.Tensor) -> bool:
-    """Whether ``v`` (…, n) goes to the native kernels: CPU float32/float64, non-empty, no gradient to
-    record, not being traced, native kernels on."""
-    return (
-        v.device.type == "cpu"
-        and v.dtype in (torch.float32, torch.float64)
-        and v.ndim >= 1
-        and v.numel() > 0
-        and not (torch.is_grad_enabled() and v.requires_grad)
-        and not torch.compiler.is_compiling()
-        and _jit.enabled()
-    )
 
 
 def _sum_squares(v: Any) -> float:  # pragma: no cover - compiled by numba
@@ -956,7 +934,7 @@ class _Differences:
         """Write the ΔF column ``d_f`` of the rows ``sel`` at ``slot`` and its row and column of ΔFᵀΔF,
         which it returns (its entry ``slot`` is ‖d_f‖²)."""
         self.d_f[sel, slot] = d_f
-        kernel = _GRAM_COLUMN.get() if _native_rows(d_f) else None
+        kernel = _GRAM_COLUMN.get() if _jit.accepts(d_f) else None
         if kernel is not None:
             rows = self.d_f[sel].contiguous()
             new_col = torch.empty(rows.shape[:2], dtype=rows.dtype)
@@ -1248,10 +1226,10 @@ class AndersonSolver:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """:meth:`_accept` (without the conditioning test) as one native call (:func:`_accept_rows`),
         where the native kernels apply; None elsewhere."""
-        kernel = _ACCEPT.get() if _native_rows(x_new) else None
         diffs, x = state.differences, state.x
         parts = (x, x_new, state.f, state.g_x, g_new, state.f_norm, state.target)
-        if kernel is None or any(t.dtype != x.dtype for t in parts):
+        kernel = _ACCEPT.get() if _jit.accepts(*parts) else None
+        if kernel is None:
             return None
         f_new = torch.empty_like(x_new)
         fn_new = torch.empty_like(state.f_norm)

@@ -207,7 +207,7 @@ def gag_parallel(dense: torch.Tensor, sparse: torch.Tensor, scale: float) -> tor
     ``|S|_∞``, so for retrievals whose squared norm over- or underflows (``|S| ≳ 1e19`` in float32; never
     an attention output of a working model) it is not the same.
     """
-    if _native_applies(dense, sparse):
+    if dense.shape == sparse.shape and _jit.accepts(dense, sparse):
         return _gag_parallel_native(dense, sparse, scale)
     residual = sparse - dense
     along = torch.linalg.vecdot(residual, sparse).unsqueeze_(-1)
@@ -248,23 +248,6 @@ def _gag_parallel_rows(
 
 
 _GAG_PARALLEL = _jit.Kernel(_gag_parallel_rows, reassociate=True)
-
-
-def _native_applies(dense: torch.Tensor, sparse: torch.Tensor) -> bool:
-    """Whether :func:`gag_parallel` runs as one native call: CPU float32/float64 retrievals of one shape
-    and dtype, no gradient to record, not being traced, native kernels on (:mod:`hopfield_aa._jit`)."""
-    return (
-        dense.device.type == "cpu"
-        and sparse.device.type == "cpu"
-        and dense.dtype == sparse.dtype
-        and dense.dtype in (torch.float32, torch.float64)
-        and dense.shape == sparse.shape
-        and dense.ndim >= 1
-        and dense.numel() > 0
-        and not (torch.is_grad_enabled() and (dense.requires_grad or sparse.requires_grad))
-        and not torch.compiler.is_compiling()
-        and _jit.enabled()
-    )
 
 
 def _gag_parallel_native(dense: torch.Tensor, sparse: torch.Tensor, scale: float) -> torch.Tensor:

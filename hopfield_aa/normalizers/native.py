@@ -41,7 +41,6 @@ from hopfield_aa.normalizers.exact import MAX_SUPPORT_ITER
 from hopfield_aa.normalizers.newton import MAX_NEWTON_ITER
 
 ALPHAS = (1.5, 2.0)
-DTYPES = (torch.float32, torch.float64)
 # rows per thread below which a call runs on one thread (measured: splitting smaller inputs costs more
 # in hand-offs than it saves)
 _MIN_ROWS_PER_THREAD = 2048
@@ -436,11 +435,7 @@ def applies(rows: torch.Tensor, alpha: object, any_alpha: bool = False) -> bool:
     return (
         not isinstance(alpha, torch.Tensor)
         and (alpha in ALPHAS or (any_alpha and isinstance(alpha, float) and alpha > 1.0))
-        and rows.device.type == "cpu"
-        and rows.dtype in DTYPES
-        and rows.numel() > 0
-        and not torch.compiler.is_compiling()
-        and _jit.enabled()
+        and _jit.accepts(rows, recording=True)
     )
 
 
@@ -513,13 +508,7 @@ def _(rows: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
 def in_graph(rows: torch.Tensor, alpha: object) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(p, λ) of the rows (R, n) by the native kernel as a custom op, inside a ``torch.compile``'d graph,
     where it applies (CPU float32/float64, α = 1.5 or 2, native kernels on); None elsewhere."""
-    if (
-        isinstance(alpha, float)
-        and alpha in ALPHAS
-        and rows.device.type == "cpu"
-        and rows.dtype in DTYPES
-        and _jit.enabled()
-    ):
+    if isinstance(alpha, float) and alpha in ALPHAS and _jit.accepts(rows, recording=True, in_graph=True):
         p, lam = torch.ops.hopfield_aa.entmax_rows(rows, alpha)
         return p, lam
     return None
