@@ -261,7 +261,7 @@ def _gag_parallel_native(dense: torch.Tensor, sparse: torch.Tensor, scale: float
         s.numpy().reshape(-1, n),
         out.numpy().reshape(-1, n),
         float(scale),
-        _ZERO_FACTOR * float(np.finfo(s.numpy().dtype).eps),
+        _ZERO_FACTOR * torch.finfo(s.dtype).eps,
     )
     return out
 
