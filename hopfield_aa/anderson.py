@@ -289,50 +289,164 @@ def _cholesky_solve_row(
             weak[j] = columns[j]
 
 
+def _gamma_row(
+    r: int,
+    raw: Any,
+    d_f: Any,
+    f: Any,
+    valid: Any,
+    lam: float,
+    threshold: float,
+    gamma: Any,
+    well: Any,
+    finite: Any,
+    scratch: Any,
+    flags: Any,
+) -> None:  # pragma: no cover - compiled by numba
+    """:func:`_solve_gamma` for row ``r`` in float64, with its retry: γ into ``gamma[r]``, the row's ``well``
+    conditioning and ``finite`` γ. ``d_f`` and ``f`` are flat (row-major (R, k, n) and (R, n));
+    ``scratch`` (k + 4, k) and ``flags`` (4, k) are work space."""
+    k = raw.shape[1]
+    n = f.shape[0] // raw.shape[0]
+    c, scale, rhs, coef, coef2 = scratch[:k], scratch[k], scratch[k + 1], scratch[k + 2], scratch[k + 3]
+    use, columns, weak, weak2 = flags[0], flags[1], flags[2], flags[3]
+    for j in range(k):
+        norm = math.sqrt(max(np.float64(raw[r, j, j]), 0.0))
+        use[j] = valid[r, j] and norm > 0.0 and math.isfinite(norm)
+        scale[j] = norm if use[j] else 1.0
+        rhs[j] = _dot(d_f, (r * k + j) * n, f, r * n, n) / scale[j] if use[j] else 0.0
+    _cholesky_solve_row(raw[r], scale, rhs, use, lam, threshold, c, coef, weak)
+    any_weak = False
+    for j in range(k):
+        any_weak = any_weak or weak[j]
+    if any_weak:  # drop the dependent columns and solve once more; still singular: γ = 0
+        for j in range(k):
+            columns[j] = use[j] and not weak[j]
+        _cholesky_solve_row(raw[r], scale, rhs, columns, lam, threshold, c, coef2, weak2)
+        failed2 = False
+        for j in range(k):
+            failed2 = failed2 or weak2[j]
+        for j in range(k):
+            coef[j] = 0.0 if failed2 else coef2[j]
+    ok = True
+    for j in range(k):
+        gamma[r, j] = coef[j] / scale[j] if use[j] else 0.0
+        ok = ok and math.isfinite(gamma[r, j])
+    if not ok:
+        for j in range(k):
+            gamma[r, j] = 0.0
+    well[r] = not any_weak
+    finite[r] = ok
+
+
+_LANES = 8  # rows solved side by side by _gamma_rows: one AVX-512 vector of float64
+
+
 def _gamma_rows(
     raw: Any, d_f: Any, f: Any, valid: Any, lam: float, threshold: float, gamma: Any, well: Any, finite: Any
 ) -> None:  # pragma: no cover - compiled by numba
     """:func:`_solve_gamma` row by row in float64 (its native form): γ into ``gamma`` (R, k), and the
-    rows' ``well`` conditioning and ``finite`` γ."""
-    n_rows, k = d_f.shape[0], d_f.shape[1]
-    scale = np.empty(k)
-    rhs = np.empty(k)
-    use = np.empty(k, np.bool_)
-    columns = np.empty(k, np.bool_)
-    c = np.empty((k, k))
-    coef = np.empty(k)
-    coef2 = np.empty(k)
-    weak = np.empty(k, np.bool_)
-    weak2 = np.empty(k, np.bool_)
-    for r in range(n_rows):
+    rows' ``well`` conditioning and ``finite`` γ.
+
+    Rows are taken ``_LANES`` at a time, every operation of :func:`_gamma_row`'s first solve done for all
+    of them side by side (the loops over rows are innermost, so the divisions and square roots run as
+    vector instructions; each row's operations are those of the row solve, in its order, so its bits
+    are too). A row whose first solve is not clean (a pivot that is not positive or is weak, a
+    non-finite coefficient) is solved again alone by :func:`_gamma_row`, which retries it; so are the
+    last R mod ``_LANES`` rows."""
+    n_rows, k, n = d_f.shape[0], d_f.shape[1], d_f.shape[2]
+    dff = d_f.reshape(-1)
+    ff = f.reshape(-1)
+    L = _LANES
+    c = np.empty((k, k, L))
+    scale = np.empty((k, L))
+    rhs = np.empty((k, L))
+    coef = np.empty((k, L))
+    use = np.empty((k, L), np.bool_)
+    clean = np.empty(L, np.bool_)
+    s = np.empty(L)
+    scratch = np.empty((k + 4, k))
+    flags = np.empty((4, k), np.bool_)
+    blocked = n_rows - n_rows % L
+    for r0 in range(0, blocked, L):
         for j in range(k):
-            norm = math.sqrt(max(np.float64(raw[r, j, j]), 0.0))
-            use[j] = valid[r, j] and norm > 0.0 and math.isfinite(norm)
-            scale[j] = norm if use[j] else 1.0
-            rhs[j] = _dot(d_f[r, j], f[r]) / scale[j] if use[j] else 0.0
-        _cholesky_solve_row(raw[r], scale, rhs, use, lam, threshold, c, coef, weak)
-        any_weak = False
-        for j in range(k):
-            any_weak = any_weak or weak[j]
-        if any_weak:  # drop the dependent columns and solve once more; still singular: γ = 0
+            for lane in range(L):
+                scale[j, lane] = np.float64(raw[r0 + lane, j, j])
+            for lane in range(L):
+                scale[j, lane] = math.sqrt(max(scale[j, lane], 0.0))
+            for lane in range(L):
+                u = valid[r0 + lane, j] and scale[j, lane] > 0.0 and math.isfinite(scale[j, lane])
+                use[j, lane] = u
+                scale[j, lane] = scale[j, lane] if u else 1.0
+            for lane in range(L):
+                r = r0 + lane
+                rhs[j, lane] = _dot(dff, (r * k + j) * n, ff, r * n, n) if use[j, lane] else 0.0
+            for lane in range(L):
+                rhs[j, lane] = rhs[j, lane] / scale[j, lane] if use[j, lane] else 0.0
+        for i in range(k):  # the scaled Gram matrix, unit diagonal (+ λ) for unused columns
             for j in range(k):
-                columns[j] = use[j] and not weak[j]
-            _cholesky_solve_row(raw[r], scale, rhs, columns, lam, threshold, c, coef2, weak2)
-            failed2 = False
+                for lane in range(L):
+                    c[i, j, lane] = np.float64(raw[r0 + lane, i, j])
+                for lane in range(L):
+                    both = use[i, lane] and use[j, lane]
+                    c[i, j, lane] = c[i, j, lane] / (scale[i, lane] * scale[j, lane]) if both else 0.0
+            for lane in range(L):
+                c[i, i, lane] += lam + (0.0 if use[i, lane] else 1.0)
+        clean[:] = True
+        for j in range(k):  # Cholesky, lower triangle in place
+            for lane in range(L):
+                s[lane] = c[j, j, lane]
+            for q in range(j):
+                for lane in range(L):
+                    s[lane] -= c[j, q, lane] * c[j, q, lane]
+            for lane in range(L):
+                clean[lane] = clean[lane] and s[lane] > 0.0
+                c[j, j, lane] = math.sqrt(max(s[lane], 0.0))
+            for i in range(j + 1, k):
+                for lane in range(L):
+                    s[lane] = c[i, j, lane]
+                for q in range(j):
+                    for lane in range(L):
+                        s[lane] -= c[i, q, lane] * c[j, q, lane]
+                for lane in range(L):
+                    c[i, j, lane] = s[lane] / c[j, j, lane]
+            for lane in range(L):
+                weak = use[j, lane] and not c[j, j, lane] * c[j, j, lane] >= threshold
+                clean[lane] = clean[lane] and not weak
+        for i in range(k):  # L y = b, then Lᵀ x = y
+            for lane in range(L):
+                s[lane] = rhs[i, lane]
+            for q in range(i):
+                for lane in range(L):
+                    s[lane] -= c[i, q, lane] * coef[q, lane]
+            for lane in range(L):
+                coef[i, lane] = s[lane] / c[i, i, lane]
+        for i in range(k - 1, -1, -1):
+            for lane in range(L):
+                s[lane] = coef[i, lane]
+            for q in range(i + 1, k):
+                for lane in range(L):
+                    s[lane] -= c[q, i, lane] * coef[q, lane]
+            for lane in range(L):
+                coef[i, lane] = s[lane] / c[i, i, lane]
+        for lane in range(L):
+            r = r0 + lane
             for j in range(k):
-                failed2 = failed2 or weak2[j]
+                clean[lane] = clean[lane] and math.isfinite(coef[j, lane])
+            if not clean[lane]:
+                _gamma_row(r, raw, dff, ff, valid, lam, threshold, gamma, well, finite, scratch, flags)
+                continue
+            ok = True
             for j in range(k):
-                coef[j] = 0.0 if failed2 else coef2[j]
-        ok = True
-        for j in range(k):
-            g = coef[j] / scale[j] if use[j] else 0.0
-            gamma[r, j] = g
-            ok = ok and math.isfinite(gamma[r, j])
-        if not ok:
-            for j in range(k):
-                gamma[r, j] = 0.0
-        well[r] = not any_weak
-        finite[r] = ok
+                gamma[r, j] = coef[j, lane] / scale[j, lane] if use[j, lane] else 0.0
+                ok = ok and math.isfinite(gamma[r, j])
+            if not ok:
+                for j in range(k):
+                    gamma[r, j] = 0.0
+            well[r] = True
+            finite[r] = ok
+    for r in range(blocked, n_rows):
+        _gamma_row(r, raw, dff, ff, valid, lam, threshold, gamma, well, finite, scratch, flags)
 
 
 def _solve_gamma_native(
@@ -562,8 +676,14 @@ class _Map:
         self.g, self.kind, self.shape, self.row_subsets = g, kind, shape, row_subsets
         self.n = shape[-1]
         self.batch = math.prod(shape[:-1])
-        self.n_evals = torch.zeros(self.batch, dtype=torch.long, device=device)
+        self._subset_evals = torch.zeros(self.batch, dtype=torch.long, device=device)
+        self._whole_calls = 0  # calls on every row, counted here rather than added to every row's count
         self.n_calls = 0
+
+    @property
+    def n_evals(self) -> torch.Tensor:
+        """Evaluations of each row."""
+        return self._subset_evals + self._whole_calls
 
     def __call__(
         self, x: torch.Tensor, rows: torch.Tensor | None = None, base: torch.Tensor | None = None
@@ -582,9 +702,9 @@ class _Map:
             full[rows] = x
             out = self._call(full.reshape(self.shape)).reshape(full.shape)[rows]
         if rows is None:
-            self.n_evals += 1
+            self._whole_calls += 1
         else:
-            self.n_evals.index_add_(0, rows, torch.ones_like(rows))
+            self._subset_evals.index_add_(0, rows, torch.ones_like(rows))
         return out
 
     def _call(self, x: torch.Tensor) -> torch.Tensor:
@@ -645,33 +765,35 @@ def _mixed(plain: torch.Tensor, gamma: torch.Tensor, d: torch.Tensor) -> torch.T
 # acceptance test computes the same quantities with the same helpers, so both steps agree bit for bit.
 
 
-def _sum_squares(v: Any) -> float:  # pragma: no cover - compiled by numba
-    """Σ v_i² of a row in float64: four partial sums (entries i mod 4) added in a fixed order, so that the
-    additions pipeline and every kernel that calls this gets the same bits."""
-    return _dot(v, v)
-
-
-def _dot(a: Any, b: Any) -> float:  # pragma: no cover - compiled by numba
-    """Σ a_i b_i of two rows in float64: four partial sums (entries i mod 4) added in a fixed order, so
-    that the additions pipeline and every kernel that calls this gets the same bits."""
+def _dot(a: Any, i: int, b: Any, j: int, n: int) -> float:  # pragma: no cover - compiled by numba
+    """Σ_t a[i + t] b[j + t] over t < n, for flat arrays, in float64: four partial sums (t mod 4) added in
+    a fixed order, so that the additions pipeline and every kernel that calls this gets the same bits.
+    Rows are addressed by offset rather than sliced out: a slice is an array view, whose reference
+    counting costs more than a short row's arithmetic."""
     s0 = s1 = s2 = s3 = 0.0
-    n = a.shape[0]
-    i = 0
-    while i + 4 <= n:
-        s0 += np.float64(a[i]) * np.float64(b[i])
-        s1 += np.float64(a[i + 1]) * np.float64(b[i + 1])
-        s2 += np.float64(a[i + 2]) * np.float64(b[i + 2])
-        s3 += np.float64(a[i + 3]) * np.float64(b[i + 3])
-        i += 4
-    while i < n:
-        s0 += np.float64(a[i]) * np.float64(b[i])
-        i += 1
+    t = 0
+    while t + 4 <= n:
+        s0 += np.float64(a[i + t]) * np.float64(b[j + t])
+        s1 += np.float64(a[i + t + 1]) * np.float64(b[j + t + 1])
+        s2 += np.float64(a[i + t + 2]) * np.float64(b[j + t + 2])
+        s3 += np.float64(a[i + t + 3]) * np.float64(b[j + t + 3])
+        t += 4
+    while t < n:
+        s0 += np.float64(a[i + t]) * np.float64(b[j + t])
+        t += 1
     return (s0 + s1) + (s2 + s3)
 
 
+def _sum_squares(v: Any, i: int, n: int) -> float:  # pragma: no cover - compiled by numba
+    """Σ_t v[i + t]² over t < n (flat ``v``), as :func:`_dot` computes it."""
+    return _dot(v, i, v, i, n)
+
+
 def _norms_rows(v: Any, out: Any) -> None:  # pragma: no cover - compiled by numba
+    n = v.shape[1]
+    flat = v.reshape(-1)
     for r in range(v.shape[0]):
-        out[r] = math.sqrt(_sum_squares(v[r]))
+        out[r] = math.sqrt(_sum_squares(flat, r * n, n))
 
 
 def _mixed_rows(plain: Any, gamma: Any, d: Any, out: Any) -> None:  # pragma: no cover - compiled by numba
@@ -687,11 +809,37 @@ def _mixed_rows(plain: Any, gamma: Any, d: Any, out: Any) -> None:  # pragma: no
             out[r, i] = plain[r, i] - total[i]
 
 
+def _propose_rows(
+    raw: Any,
+    d_f: Any,
+    f: Any,
+    valid: Any,
+    lam: float,
+    threshold: float,
+    plain: Any,
+    d_step: Any,
+    x_new: Any,
+    gamma: Any,
+    well: Any,
+    finite: Any,
+) -> None:  # pragma: no cover - compiled by numba
+    """The common step's proposal in one call: γ of every row (:func:`_gamma_rows`), zero where the row is
+    not well conditioned, and the mixed step x_new = plain − Σ_j γ_j ΔStep_j (:func:`_mixed_rows`): the
+    numbers the general step gets from those two kernels."""
+    _gamma_rows(raw, d_f, f, valid, lam, threshold, gamma, well, finite)
+    for r in range(gamma.shape[0]):
+        if not well[r]:
+            gamma[r, :] = 0.0
+    _mixed_rows(plain, gamma, d_step, x_new)
+
+
 def _gram_column_rows(d_f: Any, slot: int, out: Any) -> None:  # pragma: no cover - compiled by numba
     """out[r, j] = ⟨ΔF_j, ΔF_slot⟩ of each row (the new row and column of ΔFᵀΔF)."""
+    k, n = d_f.shape[1], d_f.shape[2]
+    flat = d_f.reshape(-1)
     for r in range(d_f.shape[0]):
-        for j in range(d_f.shape[1]):
-            out[r, j] = _dot(d_f[r, j], d_f[r, slot])
+        for j in range(k):
+            out[r, j] = _dot(flat, (r * k + j) * n, flat, (r * k + slot) * n, n)
 
 
 def _accept_rows(
@@ -710,31 +858,43 @@ def _accept_rows(
     b: float,
     safeguard: bool,
     floor: float,
+    well: Any,
     f_new: Any,
     fn_new: Any,
     good: Any,
-) -> None:  # pragma: no cover - compiled by numba
+    n_iter: Any,
+    reference: Any,
+    stall: Any,
+) -> bool:  # pragma: no cover - compiled by numba
     """The common step after g(x_new), per row, as the general step computes it: f_new, ‖f_new‖, the
     tests (not converged, finite, accepted by the safeguard) and, with a history (m > 0), its columns at
     ``slot`` and the new row and column of ``gram``; ``good`` is False where a test fails or the new
-    column is unusable (‖ΔF‖² zero or not finite). Products and norms are rounded to the input dtype
-    where the tensor form rounds them."""
+    column is unusable (‖ΔF‖² zero or not finite) or the row's least squares was not ``well``
+    conditioned. Products and norms are rounded to the input dtype where the tensor form rounds them.
+
+    Returns whether every row is good; then the step is taken here too, in place: ``g_x`` becomes g_new,
+    ``n_iter`` counts the step, and a row whose residual halved since ``reference`` records it there and
+    resets its ``stall`` count (the escape bookkeeping of a step with no rejection)."""
     n = x.shape[1]
+    m = d_f.shape[1]
     typed = np.empty(2, f_norm.dtype)
     typed[1] = b
     b_typed = typed[1]
-    history = d_f.shape[1] > 0
+    flat_f_new = f_new.reshape(-1)
+    flat_g_new = g_new.reshape(-1)
+    flat_d_f = d_f.reshape(-1)
+    every = True
     for r in range(x.shape[0]):
         for i in range(n):
             f_new[r, i] = g_new[r, i] - x_new[r, i]
-        typed[0] = math.sqrt(_sum_squares(f_new[r]))
+        typed[0] = math.sqrt(_sum_squares(flat_f_new, r * n, n))
         fn = typed[0]
         fn_new[r] = fn
-        typed[0] = math.sqrt(_sum_squares(g_new[r]))
+        typed[0] = math.sqrt(_sum_squares(flat_g_new, r * n, n))
         typed[0] = floor * typed[0]
         ok = not (fn <= target[r] or fn <= typed[0])
         ok = ok and (fn <= f_norm[r] if safeguard else fn < math.inf)
-        if history:
+        if m > 0:
             for i in range(n):
                 d_x[r, slot, i] = x_new[r, i] - x[r, i]
                 d_f[r, slot, i] = f_new[r, i] - f[r, i]
@@ -742,15 +902,30 @@ def _accept_rows(
                     d_step[r, slot, i] = g_new[r, i] - g_x[r, i]
                 else:
                     d_step[r, slot, i] = d_x[r, slot, i] + b_typed * d_f[r, slot, i]
-            for j in range(d_f.shape[1]):
-                gram[r, slot, j] = _dot(d_f[r, j], d_f[r, slot])
+            for j in range(m):
+                gram[r, slot, j] = _dot(flat_d_f, (r * m + j) * n, flat_d_f, (r * m + slot) * n, n)
                 gram[r, j, slot] = gram[r, slot, j]
             square = gram[r, slot, slot]
             ok = ok and square > 0.0 and square < math.inf
+        ok = ok and well[r]
         good[r] = ok
+        every = every and ok
+    if every:
+        for r in range(x.shape[0]):
+            for i in range(n):
+                g_x[r, i] = g_new[r, i]
+            n_iter[r] += 1
+            typed[0] = 0.5 * reference[r]  # rounded to the dtype, as the tensor form rounds it
+            if fn_new[r] <= typed[0]:
+                reference[r] = fn_new[r]
+                stall[r] = 0
+    return every
 
 
-_GAMMA_ROWS = _jit.Kernel(_gamma_rows, helpers=(_cholesky_solve_row, _dot))
+_GAMMA_ROWS = _jit.Kernel(_gamma_rows, helpers=(_cholesky_solve_row, _dot, _gamma_row))
+_PROPOSE = _jit.Kernel(
+    _propose_rows, helpers=(_cholesky_solve_row, _dot, _gamma_row, _gamma_rows, _mixed_rows)
+)
 _NORMS = _jit.Kernel(_norms_rows, helpers=(_dot, _sum_squares))
 _MIXED = _jit.Kernel(_mixed_rows)
 _GRAM_COLUMN = _jit.Kernel(_gram_column_rows, helpers=(_dot,))
@@ -905,6 +1080,25 @@ class _Differences:
         zeros = x.new_zeros(batch, m, n)
         filled = torch.zeros(batch, dtype=torch.long, device=x.device)
         return cls(zeros, zeros.clone(), zeros.clone(), x.new_zeros(batch, m, m), filled)
+
+    # For the native kernels (CPU only): the buffers are written in place and never replaced, so their
+    # NumPy views, and the masks of the common step, are made once.
+
+    @functools.cached_property
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """NumPy views of ΔX, ΔF, the step directions and ΔFᵀΔF."""
+        return tuple(t.detach().numpy() for t in (self.d_x, self.d_f, self.d_step, self.gram))  # type: ignore[return-value]
+
+    @functools.cached_property
+    def all_rows(self) -> torch.Tensor:
+        """Every row: the common step's well-conditioned rows before it has a history."""
+        return torch.ones(self.d_f.shape[0], dtype=torch.bool)
+
+    def valid_columns(self, k: int) -> np.ndarray:
+        """The common step's column mask for history length k (the slots 0..k−1), every row the same:
+        one row broadcast to (B, m), without a copy."""
+        batch, m = self.d_f.shape[:2]
+        return np.broadcast_to(np.arange(m) < k, (batch, m))
 
     def coefficients(
         self,
@@ -1139,24 +1333,28 @@ class AndersonSolver:
         plain = x_new = (g_x if k > 0 else g_x.clone()) if b == 1.0 else x + b * f
         use_row = None
         if k > 0:
-            gamma, use_row = self._common_gamma(diffs, f, k)
-            x_new = _mixed(plain, gamma, diffs.d_step)
+            proposed = self._propose_native(diffs, f, plain, k)
+            if proposed is not None:
+                x_new, use_row = proposed
+            else:
+                gamma, use_row = self._common_gamma(diffs, f, k)
+                x_new = _mixed(plain, gamma, diffs.d_step)
         g_new = self.fmap(x_new)
-        accepted = self._accept_native(state, x_new, g_new, k)
-        if accepted is not None:
-            f_new, fn_new, good = accepted
-            if use_row is not None:
-                good &= use_row
+        accepted = self._accept_native(state, x_new, g_new, k, use_row)
+        if accepted is not None:  # on every row good, the kernel has taken the step's bookkeeping too
+            f_new, fn_new, good, every = accepted
         else:
             f_new, fn_new, good = self._accept(state, x_new, g_new, k, use_row)
-        if bool(good.all()):
+            every = bool(good.all())
+            if every:
+                state.g_x.copy_(g_new)  # g may return memory it keeps (or x_new itself)
+                state.n_iter += 1
+                escapes = state.escapes  # no rejection here: a stall count can only reset
+                progressed = fn_new <= 0.5 * escapes.reference
+                escapes.reference = torch.where(progressed, fn_new, escapes.reference)
+                escapes.stall.masked_fill_(progressed, 0)
+        if every:
             state.x, state.f, state.f_norm = x_new, f_new, fn_new
-            state.g_x.copy_(g_new)  # g may return memory it keeps (or x_new itself)
-            state.n_iter += 1
-            escapes = state.escapes  # no rejection here: a stall count can only reset
-            progressed = fn_new <= 0.5 * escapes.reference
-            escapes.reference = torch.where(progressed, fn_new, escapes.reference)
-            escapes.stall.masked_fill_(progressed, 0)
             if m > k:
                 diffs.filled.fill_(k + 1)
             state.residual_norms.append(fn_new)
@@ -1222,33 +1420,71 @@ class AndersonSolver:
         return f_new, fn_new, good
 
     def _accept_native(
-        self, state: AndersonState, x_new: torch.Tensor, g_new: torch.Tensor, k: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """:meth:`_accept` (without the conditioning test) as one native call (:func:`_accept_rows`),
-        where the native kernels apply; None elsewhere."""
-        diffs, x = state.differences, state.x
+        self,
+        state: AndersonState,
+        x_new: torch.Tensor,
+        g_new: torch.Tensor,
+        k: int,
+        use_row: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool] | None:
+        """:meth:`_accept` as one native call (:func:`_accept_rows`), where the native kernels apply; None
+        elsewhere. Returns f_new, ‖f_new‖, the rows that stay in the common case and whether all do (the
+        kernel has then also updated g(x), the iteration counts and the escape bookkeeping in place)."""
+        diffs, x, escapes = state.differences, state.x, state.escapes
         parts = (x, x_new, state.f, state.g_x, g_new, state.f_norm, state.target)
         kernel = _ACCEPT.get() if _jit.accepts(*parts) else None
         if kernel is None:
             return None
+        if not state.g_x.is_contiguous():  # written in place
+            state.g_x = state.g_x.contiguous()
         f_new = torch.empty_like(x_new)
         fn_new = torch.empty_like(state.f_norm)
         good = torch.empty(x.shape[0], dtype=torch.bool)
-        arrays = [t.detach().contiguous().numpy() for t in parts]
-        rings = [diffs.d_x, diffs.d_f, diffs.d_step, diffs.gram]
-        assert all(t.is_contiguous() for t in rings)  # written in place
-        kernel(
-            *arrays,
-            *(t.numpy() for t in rings),
+        well = diffs.all_rows if use_row is None else use_row
+        every = kernel(
+            *(t.detach().contiguous().numpy() for t in parts),
+            *diffs.arrays,
             state.k % self.m if self.m > 0 else 0,
             float(self.b),
             bool(self.safeguard and k > 0),
             16 * torch.finfo(x.dtype).eps,
+            well.numpy(),
             f_new.numpy(),
             fn_new.numpy(),
             good.numpy(),
+            state.n_iter.numpy(),
+            escapes.reference.numpy(),
+            escapes.stall.numpy(),
         )
-        return f_new, fn_new, good
+        return f_new, fn_new, good, every
+
+    def _propose_native(
+        self, diffs: _Differences, f: torch.Tensor, plain: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The common step's x_new and well-conditioned rows as one native call (:func:`_propose_rows`),
+        the numbers :meth:`_common_gamma` and :func:`_mixed` give; None where the kernels do not apply."""
+        kernel = _PROPOSE.get() if _jit.accepts(f, plain, diffs.d_f) else None
+        if kernel is None:
+            return None
+        batch = f.shape[0]
+        x_new = torch.empty_like(plain)
+        well = torch.empty(batch, dtype=torch.bool)
+        _, d_f, d_step, gram = diffs.arrays
+        kernel(
+            gram,
+            d_f,
+            f.detach().contiguous().numpy(),
+            diffs.valid_columns(k),
+            float(self.lam),
+            1.0 / self.cond,
+            plain.detach().contiguous().numpy(),
+            d_step,
+            x_new.numpy(),
+            np.empty((batch, self.m), dtype=d_f.dtype),
+            well.numpy(),
+            np.empty(batch, dtype=np.bool_),
+        )
+        return x_new, well
 
     def _common_gamma(
         self, diffs: _Differences, f: torch.Tensor, k: int
