@@ -291,6 +291,7 @@ def _cholesky_solve_row(
 
 def _gamma_row(
     r: int,
+    q: int,
     raw: Any,
     d_f: Any,
     f: Any,
@@ -303,16 +304,17 @@ def _gamma_row(
     scratch: Any,
     flags: Any,
 ) -> None:  # pragma: no cover - compiled by numba
-    """:func:`_solve_gamma` for row ``r`` in float64, with its retry: γ into ``gamma[r]``, the row's ``well``
-    conditioning and ``finite`` γ. ``d_f`` and ``f`` are flat (row-major (R, k, n) and (R, n));
-    ``scratch`` (k + 4, k) and ``flags`` (4, k) are work space."""
+    """:func:`_solve_gamma` for row ``r`` of ``raw``, ``d_f`` and ``f`` in float64, with its retry: γ into
+    ``gamma[q]``, the row's ``well`` conditioning and ``finite`` γ at ``q``, its columns ``valid[q]``.
+    ``d_f`` and ``f`` are flat (row-major (R, k, n) and (R, n)); ``scratch`` (k + 4, k) and ``flags``
+    (4, k) are work space."""
     k = raw.shape[1]
     n = f.shape[0] // raw.shape[0]
     c, scale, rhs, coef, coef2 = scratch[:k], scratch[k], scratch[k + 1], scratch[k + 2], scratch[k + 3]
     use, columns, weak, weak2 = flags[0], flags[1], flags[2], flags[3]
     for j in range(k):
         norm = math.sqrt(max(np.float64(raw[r, j, j]), 0.0))
-        use[j] = valid[r, j] and norm > 0.0 and math.isfinite(norm)
+        use[j] = valid[q, j] and norm > 0.0 and math.isfinite(norm)
         scale[j] = norm if use[j] else 1.0
         rhs[j] = _dot(d_f, (r * k + j) * n, f, r * n, n) / scale[j] if use[j] else 0.0
     _cholesky_solve_row(raw[r], scale, rhs, use, lam, threshold, c, coef, weak)
@@ -330,13 +332,13 @@ def _gamma_row(
             coef[j] = 0.0 if failed2 else coef2[j]
     ok = True
     for j in range(k):
-        gamma[r, j] = coef[j] / scale[j] if use[j] else 0.0
-        ok = ok and math.isfinite(gamma[r, j])
+        gamma[q, j] = coef[j] / scale[j] if use[j] else 0.0
+        ok = ok and math.isfinite(gamma[q, j])
     if not ok:
         for j in range(k):
-            gamma[r, j] = 0.0
-    well[r] = not any_weak
-    finite[r] = ok
+            gamma[q, j] = 0.0
+    well[q] = not any_weak
+    finite[q] = ok
 
 
 _LANES = 8  # rows solved side by side by _gamma_rows: one AVX-512 vector of float64
@@ -434,7 +436,7 @@ def _gamma_rows(
             for j in range(k):
                 clean[lane] = clean[lane] and math.isfinite(coef[j, lane])
             if not clean[lane]:
-                _gamma_row(r, raw, dff, ff, valid, lam, threshold, gamma, well, finite, scratch, flags)
+                _gamma_row(r, r, raw, dff, ff, valid, lam, threshold, gamma, well, finite, scratch, flags)
                 continue
             ok = True
             for j in range(k):
@@ -446,7 +448,7 @@ def _gamma_rows(
             well[r] = True
             finite[r] = ok
     for r in range(blocked, n_rows):
-        _gamma_row(r, raw, dff, ff, valid, lam, threshold, gamma, well, finite, scratch, flags)
+        _gamma_row(r, r, raw, dff, ff, valid, lam, threshold, gamma, well, finite, scratch, flags)
 
 
 def _solve_gamma_native(
@@ -796,17 +798,26 @@ def _norms_rows(v: Any, out: Any) -> None:  # pragma: no cover - compiled by num
         out[r] = math.sqrt(_sum_squares(flat, r * n, n))
 
 
+def _mixed_row(
+    plain: Any, gamma: Any, d: Any, out: Any, q: int, r: int, total: Any
+) -> None:  # pragma: no cover - compiled by numba
+    """out[q] = plain[q] − Σ_j γ[q, j] d[r, j], the sum over j in order for each entry (entries in
+    parallel, in the float64 work row ``total``)."""
+    n = plain.shape[1]
+    total[:] = 0.0
+    for j in range(d.shape[1]):
+        g = np.float64(gamma[q, j])
+        for i in range(n):
+            total[i] += g * np.float64(d[r, j, i])
+    for i in range(n):
+        out[q, i] = plain[q, i] - total[i]
+
+
 def _mixed_rows(plain: Any, gamma: Any, d: Any, out: Any) -> None:  # pragma: no cover - compiled by numba
-    """plain − Σ_j γ_j d_j per row, the sum over j in order for each entry (entries in parallel)."""
+    """plain − Σ_j γ_j d_j per row (:func:`_mixed_row`)."""
     total = np.empty(plain.shape[1])
     for r in range(plain.shape[0]):
-        total[:] = 0.0
-        for j in range(d.shape[1]):
-            g = np.float64(gamma[r, j])
-            for i in range(plain.shape[1]):
-                total[i] += g * np.float64(d[r, j, i])
-        for i in range(plain.shape[1]):
-            out[r, i] = plain[r, i] - total[i]
+        _mixed_row(plain, gamma, d, out, r, r, total)
 
 
 def _propose_rows(
@@ -922,14 +933,255 @@ def _accept_rows(
     return every
 
 
+# The general step's native form: the rules of AndersonSolver._propose and ._finish, row by row, on the
+# rows ``rows`` of the whole-batch state (no gathers or scatters). Its arithmetic is the common step's,
+# helper for helper, so that the two steps agree bit for bit here as their tensor forms do.
+
+
+def _general_propose_rows(
+    rows: Any,
+    x: Any,
+    f: Any,
+    g_x: Any,
+    plain_only: Any,
+    escaping: Any,
+    filled: Any,
+    d_f: Any,
+    d_step: Any,
+    raw: Any,
+    slot: int,
+    b: float,
+    lam: float,
+    threshold: float,
+    plain: Any,
+    x_new: Any,
+    restart: Any,
+    used: Any,
+) -> None:  # pragma: no cover - compiled by numba
+    """:meth:`AndersonSolver._propose` for the rows ``rows``: their plain step x + b f into ``plain``, the
+    mixed step into ``x_new``, which rows restart their history (ill-conditioned) and how many columns each
+    step ``used`` (output row q is state row rows[q])."""
+    n_sel, n = rows.shape[0], x.shape[1]
+    m = d_f.shape[1]
+    typed = np.empty(1, x.dtype)
+    typed[0] = b
+    b_typed = typed[0]
+    dff = d_f.reshape(-1)
+    ff = f.reshape(-1)
+    valid = np.empty((n_sel, max(m, 1)), np.bool_)
+    gamma = np.zeros((n_sel, max(m, 1)), x.dtype)  # in the input dtype, as the tensor form keeps it
+    well = np.empty(n_sel, np.bool_)
+    finite = np.empty(n_sel, np.bool_)
+    scratch = np.empty((m + 4, max(m, 1)))
+    flags = np.empty((4, max(m, 1)), np.bool_)
+    total = np.empty(n)
+    for q in range(n_sel):
+        r = rows[q]
+        for i in range(n):
+            plain[q, i] = g_x[r, i] if b == 1.0 else x[r, i] + b_typed * f[r, i]
+        restart[q] = False
+        if m == 0:
+            used[q] = 0
+            for i in range(n):
+                x_new[q, i] = plain[q, i]
+            continue
+        usable = 0 if plain_only[r] or escaping[r] else filled[r]
+        for j in range(m):
+            valid[q, j] = (slot - 1 - j) % m < usable  # the column's age: 0 for the newest
+        _gamma_row(r, q, raw, dff, ff, valid, lam, threshold, gamma, well, finite, scratch, flags)
+        restart[q] = not well[q] and usable > 0
+        if restart[q]:
+            gamma[q, :] = 0.0
+        used[q] = 0 if restart[q] else usable
+        _mixed_row(plain, gamma, d_step, x_new, q, r, total)
+
+
+def _residual_rows(
+    x_new: Any, g_new: Any, f_new: Any, fn_new: Any, lo: int, hi: int
+) -> None:  # pragma: no cover - compiled by numba
+    """f_new = g_new − x_new and its norm (inf where not finite) for the rows lo..hi−1."""
+    n = x_new.shape[1]
+    flat = f_new.reshape(-1)
+    typed = np.empty(1, fn_new.dtype)
+    for q in range(lo, hi):
+        for i in range(n):
+            f_new[q, i] = g_new[q, i] - x_new[q, i]
+        typed[0] = math.sqrt(_sum_squares(flat, q * n, n))
+        fn_new[q] = typed[0] if math.isfinite(typed[0]) else math.inf
+
+
+def _general_check_rows(
+    rows: Any,
+    x_new: Any,
+    g_new: Any,
+    f_norm: Any,
+    used: Any,
+    safeguard: bool,
+    f_new: Any,
+    fn_new: Any,
+    reject: Any,
+) -> int:  # pragma: no cover - compiled by numba
+    """After g(x_new): f_new, ‖f_new‖ (inf where not finite) and the mixed steps the safeguard rejects
+    (not below the last residual; without the safeguard, not finite). Returns how many."""
+    _residual_rows(x_new, g_new, f_new, fn_new, 0, x_new.shape[0])
+    count = 0
+    for q in range(rows.shape[0]):
+        fn = fn_new[q]
+        bad = not fn <= f_norm[rows[q]] if safeguard else not math.isfinite(fn)
+        reject[q] = used[q] > 0 and bad
+        count += reject[q]
+    return count
+
+
+def _general_finish_rows(
+    rows: Any,
+    x: Any,
+    f: Any,
+    g_x: Any,
+    f_norm: Any,
+    target: Any,
+    x_new: Any,
+    g_new: Any,
+    f_new: Any,
+    fn_new: Any,
+    reject: Any,
+    restart: Any,
+    used: Any,
+    plain: Any,
+    g_plain: Any,
+    rejected: Any,
+    d_x: Any,
+    d_f: Any,
+    d_step: Any,
+    gram: Any,
+    filled: Any,
+    slot: int,
+    b: float,
+    floor: float,
+    n_iter: Any,
+    n_rejected: Any,
+    n_restarts: Any,
+    failed: Any,
+    escaping: Any,
+    escape_steps: Any,
+    entry: Any,
+    stall: Any,
+    reference: Any,
+    converged: Any,
+    active: Any,
+    done: Any,
+    ok_rows: Any,
+    stall_limit: int,
+    escape_min_steps: int,
+) -> None:  # pragma: no cover - compiled by numba
+    """:meth:`AndersonSolver._finish` for the rows ``rows``, in place on the whole-batch state: the rejected
+    rows (``rejected``, their plain-step values ``g_plain``) take the plain step; then, per row, the history
+    columns at ``slot`` (zero where the new residual is not finite), the iterate, the counts, the escape
+    bookkeeping, the history length, and ``done`` (converged at a finite residual) with ``converged`` and
+    ``active`` set from it."""
+    n = x.shape[1]
+    m = d_f.shape[1]
+    typed = np.empty(2, x.dtype)
+    typed[1] = b
+    b_typed = typed[1]
+    flat_d_f = d_f.reshape(-1)
+    flat_g_x = g_x.reshape(-1)
+    for t in range(rejected.shape[0]):  # the rejected rows take the plain step instead
+        q = rejected[t]
+        for i in range(n):
+            x_new[q, i] = plain[q, i]
+            g_new[q, i] = g_plain[t, i]
+        used[q] = 0
+        restart[q] = True
+    for t in range(rejected.shape[0]):
+        q = rejected[t]
+        _residual_rows(x_new, g_new, f_new, fn_new, q, q + 1)
+    for q in range(rows.shape[0]):
+        r = rows[q]
+        ok = math.isfinite(fn_new[q])
+        if m > 0:
+            h = (r * m + slot) * n
+            for i in range(n):
+                d_x[r, slot, i] = x_new[q, i] - x[r, i] if ok else 0.0
+                d_f[r, slot, i] = f_new[q, i] - f[r, i] if ok else 0.0
+                if b == 1.0:
+                    d_step[r, slot, i] = g_new[q, i] - g_x[r, i] if ok else 0.0
+                else:
+                    d_step[r, slot, i] = d_x[r, slot, i] + b_typed * d_f[r, slot, i]
+            for j in range(m):
+                gram[r, slot, j] = _dot(flat_d_f, (r * m + j) * n, flat_d_f, h, n)
+                gram[r, j, slot] = gram[r, slot, j]
+        if ok:
+            for i in range(n):
+                x[r, i] = x_new[q, i]
+                g_x[r, i] = g_new[q, i]
+                f[r, i] = f_new[q, i]
+            f_norm[r] = fn_new[q]
+        fn = f_norm[r]
+        n_iter[r] += ok
+        n_rejected[r] += reject[q]
+        failed[r] = not ok
+        # the escape phases (_Escapes.update)
+        was_escaping = escaping[r]
+        steps = escape_steps[r] + was_escaping
+        typed[0] = 0.5 * entry[r]
+        leave = was_escaping and steps >= escape_min_steps and fn <= typed[0]
+        typed[0] = 0.5 * reference[r]
+        progressed = fn <= typed[0] or leave
+        if progressed:
+            reference[r] = fn
+        count = 0 if progressed else stall[r] + reject[q]
+        enter = not was_escaping and count >= stall_limit
+        escaping[r] = (was_escaping and not leave) or enter
+        escape_steps[r] = 0 if enter or leave else steps
+        if enter:
+            entry[r] = fn
+        stall[r] = 0 if enter else count
+        n_restarts[r] += restart[q] or enter or leave
+        if m > 0:
+            filled[r] = 0 if enter or leave else min(used[q] + 1, m)
+        typed[0] = math.sqrt(_sum_squares(flat_g_x, r * n, n))
+        typed[0] = floor * typed[0]
+        finished = (fn <= target[r] or fn <= typed[0]) and ok
+        done[q] = finished
+        ok_rows[q] = ok
+        converged[r] = finished
+        active[r] = not finished and ok
+
+
+def _all_common(
+    active: Any, escaping: Any, plain_only: Any, converged: Any, filled: Any, gram: Any
+) -> bool:  # pragma: no cover - compiled by numba
+    """Whether every row is back in the common case: active, not escaping, converged or plain only, its
+    history full (with m > 0) and every column usable (‖ΔF_j‖² positive and finite)."""
+    m = gram.shape[1]
+    for r in range(active.shape[0]):
+        if not active[r] or escaping[r] or plain_only[r] or converged[r]:
+            return False
+        if m > 0:
+            if filled[r] != m:
+                return False
+            for j in range(m):
+                square = gram[r, j, j]
+                if not (square > 0.0 and square < math.inf):
+                    return False
+    return True
+
+
 _GAMMA_ROWS = _jit.Kernel(_gamma_rows, helpers=(_cholesky_solve_row, _dot, _gamma_row))
 _PROPOSE = _jit.Kernel(
-    _propose_rows, helpers=(_cholesky_solve_row, _dot, _gamma_row, _gamma_rows, _mixed_rows)
+    _propose_rows, helpers=(_cholesky_solve_row, _dot, _gamma_row, _gamma_rows, _mixed_row, _mixed_rows)
 )
 _NORMS = _jit.Kernel(_norms_rows, helpers=(_dot, _sum_squares))
-_MIXED = _jit.Kernel(_mixed_rows)
+_MIXED = _jit.Kernel(_mixed_rows, helpers=(_mixed_row,))
 _GRAM_COLUMN = _jit.Kernel(_gram_column_rows, helpers=(_dot,))
 _ACCEPT = _jit.Kernel(_accept_rows, helpers=(_dot, _sum_squares))
+_GENERAL_PROPOSE = _jit.Kernel(
+    _general_propose_rows, helpers=(_cholesky_solve_row, _dot, _gamma_row, _mixed_row)
+)
+_GENERAL_CHECK = _jit.Kernel(_general_check_rows, helpers=(_dot, _sum_squares, _residual_rows))
+_GENERAL_FINISH = _jit.Kernel(_general_finish_rows, helpers=(_dot, _sum_squares, _residual_rows))
+_ALL_COMMON = _jit.Kernel(_all_common)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1245,7 +1497,9 @@ class AndersonSolver:
     def init(self, x0: torch.Tensor) -> AndersonState:
         """The state at the starting rows x0 (B, n): g(x0) evaluated once (not at all for B = 0)."""
         x = x0.clone()
-        g_x = self.fmap(x, torch.arange(x.shape[0], device=x.device), base=x) if x.shape[0] else x.clone()
+        # a copy: g may return memory it keeps and overwrites on its next call, and g(x) is updated in place
+        g_x = self.fmap(x, torch.arange(x.shape[0], device=x.device), base=x) if x.shape[0] else x
+        g_x = g_x.clone()
         f = g_x - x
         f_norm = _norm(f)
         failed = ~torch.isfinite(g_x).all(-1)
@@ -1290,6 +1544,8 @@ class AndersonSolver:
         if state.common:
             self._step_common(state)
             return state
+        if self._step_native(state):
+            return state
         rows = state.active.nonzero().squeeze(-1)
         # with every row active, slices give views instead of gathered copies
         sel = slice(None) if rows.numel() == state.x.shape[0] else rows
@@ -1298,6 +1554,134 @@ class AndersonSolver:
         g_new = self.fmap(x_new, rows, base=state.x)
         self._finish(state, rows, sel, current, plain, x_new, g_new, restart, filled)
         return state
+
+    def _step_native(self, state: AndersonState) -> bool:
+        """The general step (:meth:`_propose`, g, :meth:`_finish`) in three native calls on the whole-batch
+        state, where the native kernels apply (else False: nothing done). The same numbers as the tensor
+        form; only the stability test of rows that have just converged runs as tensor code."""
+        diffs, escapes = state.differences, state.escapes
+        fields = (state.x, state.f, state.g_x, state.f_norm, state.target, escapes.entry, escapes.reference)
+        propose = _GENERAL_PROPOSE.get() if _jit.accepts(*fields) else None
+        if propose is None or not all(t.is_contiguous() for t in fields):
+            return False
+        m, batch = self.m, state.x.shape[0]
+        rows = state.active.nonzero().squeeze(-1)
+        n_sel = rows.numel()
+        slot = state.k % m if m > 0 else 0
+        plain = torch.empty(n_sel, state.x.shape[1], dtype=state.x.dtype)
+        x_new = torch.empty_like(plain)
+        restart = torch.empty(n_sel, dtype=torch.bool)
+        used = torch.empty(n_sel, dtype=torch.long)
+        d_x, d_f, d_step, gram = diffs.arrays
+        x, f, g_x, f_norm = (t.numpy() for t in fields[:4])
+        propose(
+            rows.numpy(),
+            x,
+            f,
+            g_x,
+            state.plain_only.numpy(),
+            escapes.active.numpy(),
+            diffs.filled.numpy(),
+            d_f,
+            d_step,
+            gram,
+            slot,
+            float(self.b),
+            float(self.lam),
+            1.0 / self.cond,
+            plain.numpy(),
+            x_new.numpy(),
+            restart.numpy(),
+            used.numpy(),
+        )
+        g_new = self.fmap(x_new, rows, base=state.x).contiguous()
+        f_new = torch.empty_like(plain)
+        fn_new = torch.empty(n_sel, dtype=plain.dtype)
+        reject = torch.empty(n_sel, dtype=torch.bool)
+        check = _GENERAL_CHECK.get()
+        assert check is not None
+        n_rejected = check(
+            rows.numpy(),
+            x_new.numpy(),
+            g_new.numpy(),
+            f_norm,
+            used.numpy(),
+            bool(self.safeguard),
+            f_new.numpy(),
+            fn_new.numpy(),
+            reject.numpy(),
+        )
+        rejected = reject.nonzero().squeeze(-1)
+        if n_rejected:  # those rows take the plain step instead (one more evaluation)
+            g_plain = self.fmap(plain[rejected], rows[rejected], base=state.x).contiguous()
+        else:
+            g_plain = plain[:0]
+        if state.f_norm is state.residual_norms[-1]:  # the common step's norms are in the history
+            state.f_norm = state.f_norm.clone()
+            f_norm = state.f_norm.numpy()
+        done = torch.empty(n_sel, dtype=torch.bool)
+        ok = torch.empty(n_sel, dtype=torch.bool)
+        finish = _GENERAL_FINISH.get()
+        assert finish is not None
+        finish(
+            rows.numpy(),
+            x,
+            f,
+            g_x,
+            f_norm,
+            state.target.numpy(),
+            x_new.numpy(),
+            g_new.numpy(),
+            f_new.numpy(),
+            fn_new.numpy(),
+            reject.numpy(),
+            restart.numpy(),
+            used.numpy(),
+            plain.numpy(),
+            g_plain.detach().numpy(),
+            rejected.numpy(),
+            d_x,
+            d_f,
+            d_step,
+            gram,
+            diffs.filled.numpy(),
+            slot,
+            float(self.b),
+            16 * torch.finfo(state.x.dtype).eps,
+            state.n_iter.numpy(),
+            state.n_rejected.numpy(),
+            state.n_restarts.numpy(),
+            state.failed.numpy(),
+            escapes.active.numpy(),
+            escapes.steps.numpy(),
+            escapes.entry.numpy(),
+            escapes.stall.numpy(),
+            escapes.reference.numpy(),
+            state.converged.numpy(),
+            state.active.numpy(),
+            done.numpy(),
+            ok.numpy(),
+            _STALL_LIMIT,
+            _ESCAPE_MIN_STEPS,
+        )
+        if self.stability_check and bool(done.any()):
+            checked = self._leave_unstable(state, rows, done)
+            state.converged[rows] = checked
+            state.active[rows] = ~checked & ok
+        state.residual_norms.append(state.f_norm.clone())
+        state.k += 1
+        if _COMMON_PATH and n_sel == batch:
+            common = _ALL_COMMON.get()
+            assert common is not None
+            state.common = common(
+                state.active.numpy(),
+                escapes.active.numpy(),
+                state.plain_only.numpy(),
+                state.converged.numpy(),
+                diffs.filled.numpy(),
+                gram,
+            )
+        return True
 
     def _propose(
         self,

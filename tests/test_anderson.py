@@ -652,17 +652,18 @@ def _result_fields(res) -> dict:  # type: ignore[no-untyped-def]
     return fields
 
 
-@pytest.mark.parametrize("m", [0, 1, 3, 5])
-@pytest.mark.parametrize(
-    "problem", ["hopfield beta=4", "hopfield beta=7.5 stability", "affine rho=0.95", "nan rows", "mixing 0.5"]
-)
-def test_common_case_step_computes_the_general_step_bit_for_bit(monkeypatch, problem: str, m: int) -> None:  # type: ignore[no-untyped-def]
-    """The whole-batch step taken while every row is in the common case is a faster route to the same
-    numbers: with it turned off, every field of the result is identical, bit for bit (problems chosen so
-    that rows converge at different times, get rejected by the safeguard, restart, fail and re-enter)."""
-    import sys
+_STEP_PROBLEMS = [
+    "hopfield beta=4",
+    "hopfield beta=7.5 stability",
+    "affine rho=0.95",
+    "nan rows",
+    "mixing 0.5",
+]
 
-    aa = sys.modules["hopfield_aa.anderson"]  # the module (the package exports the function by this name)
+
+def _step_problem(problem: str, m: int):  # type: ignore[no-untyped-def]
+    """A map, start and solver arguments on which rows converge at different times, get rejected by the
+    safeguard, restart, fail and re-enter the common case."""
     gen = torch.Generator().manual_seed(11)
     kwargs: dict = {"m": m, "tol": 1e-10, "max_iter": 300}
     if problem.startswith("hopfield"):
@@ -687,12 +688,66 @@ def test_common_case_step_computes_the_general_step_bit_for_bit(monkeypatch, pro
 
         x0 = torch.randn(32, 40, generator=gen, dtype=F64)
         kwargs["mixing"] = 0.5 if problem == "mixing 0.5" else 1.0
+    return g, x0, kwargs
+
+
+def _assert_same_fields(got_result, want_result, label: str) -> None:  # type: ignore[no-untyped-def]
+    for name, value in _result_fields(want_result).items():
+        got = _result_fields(got_result)[name]
+        assert torch.equal(got, value) or (
+            got.is_floating_point() and torch.equal(got.nan_to_num(7.0), value.nan_to_num(7.0))
+        ), f"{label}: field {name} differs"
+
+
+@pytest.mark.parametrize("m", [0, 1, 3, 5])
+@pytest.mark.parametrize("problem", _STEP_PROBLEMS)
+def test_common_case_step_computes_the_general_step_bit_for_bit(monkeypatch, problem: str, m: int) -> None:  # type: ignore[no-untyped-def]
+    """The whole-batch step taken while every row is in the common case is a faster route to the same
+    numbers: with it turned off, every field of the result is identical, bit for bit (problems chosen so
+    that rows converge at different times, get rejected by the safeguard, restart, fail and re-enter)."""
+    import sys
+
+    aa = sys.modules["hopfield_aa.anderson"]  # the module (the package exports the function by this name)
+    g, x0, kwargs = _step_problem(problem, m)
     fast = anderson(g, x0.clone(), **kwargs)
     monkeypatch.setattr(aa, "_COMMON_PATH", False)
     general = anderson(g, x0.clone(), **kwargs)
     assert fast.message == general.message and fast.n_calls <= general.n_calls + 1
-    for name, value in _result_fields(general).items():
-        got = _result_fields(fast)[name]
-        assert torch.equal(got, value) or (
-            got.is_floating_point() and torch.equal(got.nan_to_num(7.0), value.nan_to_num(7.0))
-        ), f"{problem}, m={m}: field {name} differs"
+    _assert_same_fields(fast, general, f"{problem}, m={m}")
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("m", [0, 1, 5])
+@pytest.mark.parametrize("problem", _STEP_PROBLEMS)
+def test_native_general_step_computes_the_tensor_general_step_bit_for_bit(
+    monkeypatch, problem: str, m: int, dtype: torch.dtype
+) -> None:  # type: ignore[no-untyped-def]
+    """The general step's native form (three kernel calls on the whole-batch state) computes the numbers of
+    its tensor form (gathers, masks and scatters) bit for bit: safeguard rejections, restarts, escape
+    phases, failed rows, convergence and the stability test, in float64 and float32."""
+    import sys
+
+    aa = sys.modules["hopfield_aa.anderson"]
+    g, x0, kwargs = _step_problem(problem, m)
+    if dtype != F64:
+        g64 = g
+
+        def g(x: torch.Tensor) -> torch.Tensor:
+            return g64(x.double()).to(dtype)
+
+        x0, kwargs["tol"] = x0.to(dtype), 1e-5
+    monkeypatch.setattr(aa, "_COMMON_PATH", False)  # every step general
+    calls = []
+    native_step = aa.AndersonSolver._step_native
+
+    def counted(self, state):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return native_step(self, state)
+
+    monkeypatch.setattr(aa.AndersonSolver, "_step_native", counted)
+    native = anderson(g, x0.clone(), **kwargs)
+    assert calls, "the native general step did not run"
+    monkeypatch.setattr(aa.AndersonSolver, "_step_native", lambda self, state: False)
+    tensor = anderson(g, x0.clone(), **kwargs)
+    assert native.message == tensor.message
+    _assert_same_fields(native, tensor, f"{problem}, m={m}, {dtype}")
