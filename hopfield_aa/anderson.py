@@ -1613,6 +1613,7 @@ class AndersonSolver:
         )
         rejected = reject.nonzero().squeeze(-1)
         if n_rejected:  # those rows take the plain step instead (one more evaluation)
+            g_new = g_new.clone()  # g may return memory it keeps: its next call would overwrite g_new
             g_plain = self.fmap(plain[rejected], rows[rejected], base=state.x).contiguous()
         else:
             g_plain = plain[:0]
@@ -1929,6 +1930,7 @@ class AndersonSolver:
         reject = mixed & ~(fn_new <= f_norm) if self.safeguard else mixed & ~torch.isfinite(fn_new)
         if bool(reject.any()):  # those rows take the plain step instead (one more evaluation)
             sub = reject.nonzero().squeeze(-1)
+            g_new = g_new.clone()  # g may return memory it keeps: its next call would overwrite g_new
             g_plain = self.fmap(plain[sub], rows[sub], base=state.x)
             x_new[sub], g_new[sub], f_new[sub] = plain[sub], g_plain, g_plain - plain[sub]
             fn_new[sub] = _finite_or_inf(_norm(f_new[sub]))

@@ -751,3 +751,24 @@ def test_native_general_step_computes_the_tensor_general_step_bit_for_bit(
     tensor = anderson(g, x0.clone(), **kwargs)
     assert native.message == tensor.message
     _assert_same_fields(native, tensor, f"{problem}, m={m}, {dtype}")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_map_that_returns_one_buffer_it_overwrites_gives_the_same_result(native: bool, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """g may return memory it keeps and overwrites on its next call (a preallocated output buffer): the
+    solver copies what it keeps, so the result is that of a map returning fresh tensors, bit for bit."""
+    from hopfield_aa import _jit
+
+    monkeypatch.setattr(_jit, "_enabled", native)
+    _, retrieve, _ = _hopfield(beta=7.5)
+    buffer = torch.empty(64, 32, dtype=F64)
+
+    def in_buffer(x: torch.Tensor) -> torch.Tensor:
+        buffer.copy_(retrieve(x))
+        return buffer
+
+    x0 = torch.randn(64, 32, generator=torch.Generator().manual_seed(5), dtype=F64) / 4
+    fresh = anderson(retrieve, x0.clone(), m=5, tol=1e-10, max_iter=300)
+    reused = anderson(in_buffer, x0.clone(), m=5, tol=1e-10, max_iter=300)
+    assert bool(fresh.converged.all())
+    _assert_same_fields(reused, fresh, "one output buffer")
