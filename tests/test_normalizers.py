@@ -626,9 +626,30 @@ def test_probabilities_alone_of_small_tensors_are_the_sort_kernel_p_exact_and_ze
 
 @pytest.fixture
 def fresh_compiled_state(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Isolate the backend switch and the compile-failure flag of one test."""
+    """Isolate the backend switch and the compile-failure flag of one test; the compiled passes run on CPU
+    too (by default the native kernel takes them there)."""
     monkeypatch.setattr(compiled_backend, "_backend", "eager")
     monkeypatch.setattr(compiled_backend, "_compile_failed", False)
+    monkeypatch.setattr(compiled_backend, "_CPU_KERNEL", "inductor")
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+def test_the_compiled_backend_runs_the_native_kernel_on_cpu_without_compiling(
+    alpha: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CPU the compiled backend's α = 1.5 and 2 forward is the native kernel (faster there than the
+    passes inductor compiles): nothing is compiled and the result is the eager one, bit for bit."""
+
+    def no_compile(*args: object, **kwargs: object) -> object:
+        raise AssertionError("torch.compile called on CPU")
+
+    monkeypatch.setattr(compiled_backend, "_compiled_kernels", {})
+    monkeypatch.setattr(torch, "compile", no_compile)
+    z = _adversarial_float32(77, seed=19)
+    eager = _entmax_tensor(z, alpha)
+    with entmax_backend("compiled"):
+        assert not compiled_backend.applies(z, alpha)
+        assert torch.equal(_entmax_tensor(z, alpha), eager)
 
 
 @pytest.mark.parametrize("alpha", [1.5, 2.0])

@@ -1,6 +1,12 @@
 """The opt-in compiled forward of α-entmax and the backend switch: for α = 1.5 and 2, a fixed number of
 certified support passes (:func:`.exact.certified_passes`) fused by ``torch.compile``, then a test per row.
 
+On CPU, where the native row kernel applies (:mod:`.native`, machine code compiled by numba), the
+compiled backend runs that kernel: the code inductor generates for the fused passes was slower on CPU
+(``analysis/results/bench_entmax.md``: 1.8–3.0× softmax against 1.5–2.1× for the native kernel), so the
+passes compile for the other devices. ``_CPU_KERNEL = "inductor"`` compiles them on CPU too (for
+comparisons and for the tests of the compiled passes).
+
 The caller (:func:`.blocked.forward`) solves again with the eager kernel every row that fails the test
 (and every all −inf row): a row passes when its threshold is exact (its support reproduced itself) or
 when its p is within ``MASS_TOL_EPS`` eps of the exact one (the mass certificate). Other α run eagerly:
@@ -19,7 +25,7 @@ from typing import Any
 
 import torch
 
-from hopfield_aa.normalizers import exact
+from hopfield_aa.normalizers import exact, native
 
 _BACKENDS = ("eager", "compiled")
 _ENV_BACKEND = "HOPFIELD_AA_ENTMAX_BACKEND"
@@ -36,6 +42,7 @@ _FUSED_SUPPORT_PASSES = 4  # α = 1.5 and 2: support passes inside the compiled 
 # ≲ 0.1 % of attention-like rows to the eager repair, each further pass costs a read of every entry)
 MASS_TOL_EPS = 8  # α = 1.5 and 2: |Σp − 1| that settles a row (bounds the error of p)
 _FUSED_BLOCK_ELEMENTS = 1 << 20  # rows per compiled call: about this many entries (measured)
+_CPU_KERNEL = "native"  # what the compiled backend runs on CPU: "native" (the numba kernel) or "inductor"
 
 
 def set_backend(name: str) -> None:
@@ -45,12 +52,14 @@ def set_backend(name: str) -> None:
     (:mod:`.native`, numba) and elsewhere by the tensor kernels of :mod:`.exact` and :mod:`.blocked`.
 
     ``"compiled"`` runs the forward of α = 1.5 and α = 2 on float32 (and half precision, computed in
-    float32) through one ``torch.compile``'d function: a fixed number of the eager solver's own support
-    passes, then a test per row (the support reproduced itself, or |Σp − 1| ≤ 8 eps, which bounds the
-    error of every p_i by 8 eps); rows that fail it are solved again by the eager kernel. Other α run
-    eagerly (compiled, their Newton passes were slower than the eager kernel). The first call compiles
-    (seconds); if compilation fails a warning is issued once and the eager kernel is used. The backward
-    is the closed-form Jacobian product in both cases. The environment variable
+    float32) on CPU by the native row kernel (machine code compiled by numba, faster there than what
+    ``torch.compile`` generates), and on other devices through one ``torch.compile``'d function: a
+    fixed number of the eager solver's own support passes, then a test per row (the support reproduced
+    itself, or |Σp − 1| ≤ 8 eps, which bounds the error of every p_i by 8 eps); rows that fail it are
+    solved again by the eager kernel. Other α run eagerly (compiled, their Newton passes were slower
+    than the eager kernel). The first call compiles (seconds); if compilation fails a warning is issued
+    once and the eager kernel is used. The backward is the closed-form Jacobian product in both cases.
+    The environment variable
     ``HOPFIELD_AA_ENTMAX_BACKEND`` sets the initial value.
 
     Parameters
@@ -132,13 +141,15 @@ def _fused_kernel() -> Any:
 
 
 def applies(rows: torch.Tensor, alpha: float) -> bool:
-    """Whether the compiled backend is selected, available and covers these rows (float32, α = 1.5 or 2)."""
+    """Whether the compiled backend is selected, available and covers these rows (float32, α = 1.5 or 2)
+    with ``torch.compile``'d passes: not on CPU where the native kernel takes them (``_CPU_KERNEL``)."""
     return (
         _backend == "compiled"
         and not _compile_failed
         and rows.dtype == torch.float32
         and rows.numel() > 0
         and alpha in ALPHAS
+        and not (_CPU_KERNEL == "native" and native.applies(rows, alpha))
     )
 
 
