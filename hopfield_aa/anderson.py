@@ -630,6 +630,17 @@ def _anderson_step(
     """The kernel of :func:`anderson_step`: histories (m + 1, ..., n) of one dtype, no validation and no
     host synchronisation (for the attention processors' sampling loop). Returns (x_next, γ)."""
     m = x_hist.shape[0] - 1
+    kernel = _STEP.get() if gamma is None and m > 0 and _jit.accepts(x_hist, g_hist) else None
+    if kernel is not None:  # one native call, no history tensor materialised
+        n = x_hist.shape[-1]
+        xs = x_hist.detach().reshape(m + 1, -1, n).contiguous()
+        gs = g_hist.detach().reshape(m + 1, -1, n).contiguous()
+        out = torch.empty(xs.shape[1:], dtype=xs.dtype)
+        coef = torch.empty(xs.shape[1], m, dtype=xs.dtype)
+        threshold = 1.0 / _default_restart_cond(xs.dtype)
+        lam = float(regularization)
+        kernel(xs.numpy(), gs.numpy(), float(mixing), lam, threshold, out.numpy(), coef.numpy())
+        return out.reshape(x_hist.shape[1:]), coef.reshape(*x_hist.shape[1:-1], m)
     f_hist = g_hist - x_hist
     d_f = (f_hist[1:] - f_hist[:-1]).movedim(0, -2)  # (..., m, n)
     d_x = (x_hist[1:] - x_hist[:-1]).movedim(0, -2)
@@ -933,6 +944,61 @@ def _accept_rows(
     return every
 
 
+def _step_rows(
+    x_hist: Any, g_hist: Any, mixing: float, lam: float, threshold: float, out: Any, gamma: Any
+) -> None:  # pragma: no cover - compiled by numba
+    """:func:`_anderson_step` row by row: for histories (m + 1, R, n) of iterates and map values, the
+    residuals f_j = g_j − x_j, their differences, ΔFᵀΔF and ΔFᵀf in float64, γ (:func:`_gamma_row`, into
+    ``gamma`` (R, m)) and x_next = (x_m − ΔX γ) + b (f_m − ΔF γ) into ``out`` (R, n), each difference
+    and the mixed steps rounded to the input dtype as the tensor form rounds them; no history tensor is
+    materialised."""
+    m1, n_rows, n = x_hist.shape
+    m = m1 - 1
+    dtype = x_hist.dtype
+    typed = np.empty(1, dtype)
+    typed[0] = mixing
+    b = typed[0]
+    f = np.empty((m1, n), dtype)
+    d_f = np.empty((1, m, n), dtype)
+    d_x = np.empty((1, m, n), dtype)
+    raw = np.empty((1, m, m))
+    x_m = np.empty((1, n), dtype)
+    f_m = np.empty((1, n), dtype)
+    mixed_x = np.empty((1, n), dtype)
+    mixed_f = np.empty((1, n), dtype)
+    valid = np.ones((1, m), np.bool_)
+    coef = np.empty((1, m), gamma.dtype)
+    well = np.empty(1, np.bool_)
+    finite = np.empty(1, np.bool_)
+    scratch = np.empty((m + 4, m))
+    flags = np.empty((4, m), np.bool_)
+    total = np.empty(n)
+    flat_d_f = d_f.reshape(-1)
+    flat_f_m = f_m.reshape(-1)
+    for r in range(n_rows):
+        for j in range(m1):
+            for i in range(n):
+                f[j, i] = g_hist[j, r, i] - x_hist[j, r, i]
+        for j in range(m):
+            for i in range(n):
+                d_f[0, j, i] = f[j + 1, i] - f[j, i]
+                d_x[0, j, i] = x_hist[j + 1, r, i] - x_hist[j, r, i]
+        for j in range(m):
+            for q in range(j + 1):
+                raw[0, j, q] = _dot(flat_d_f, j * n, flat_d_f, q * n, n)
+                raw[0, q, j] = raw[0, j, q]
+        for i in range(n):
+            x_m[0, i] = x_hist[m, r, i]
+            f_m[0, i] = f[m, i]
+        _gamma_row(0, 0, raw, flat_d_f, flat_f_m, valid, lam, threshold, coef, well, finite, scratch, flags)
+        for j in range(m):
+            gamma[r, j] = coef[0, j]
+        _mixed_row(x_m, coef, d_x, mixed_x, 0, 0, total)
+        _mixed_row(f_m, coef, d_f, mixed_f, 0, 0, total)
+        for i in range(n):
+            out[r, i] = mixed_x[0, i] + b * mixed_f[0, i]
+
+
 # The general step's native form: the rules of AndersonSolver._propose and ._finish, row by row, on the
 # rows ``rows`` of the whole-batch state (no gathers or scatters). Its arithmetic is the common step's,
 # helper for helper, so that the two steps agree bit for bit here as their tensor forms do.
@@ -1182,6 +1248,7 @@ _GENERAL_PROPOSE = _jit.Kernel(
 _GENERAL_CHECK = _jit.Kernel(_general_check_rows, helpers=(_dot, _sum_squares, _residual_rows))
 _GENERAL_FINISH = _jit.Kernel(_general_finish_rows, helpers=(_dot, _sum_squares, _residual_rows))
 _ALL_COMMON = _jit.Kernel(_all_common)
+_STEP = _jit.Kernel(_step_rows, helpers=(_cholesky_solve_row, _dot, _gamma_row, _mixed_row))
 
 
 # --------------------------------------------------------------------------------------------------

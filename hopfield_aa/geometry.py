@@ -168,11 +168,8 @@ def _ladder_extrapolate(
     if len(retrievals) == 2:
         target = retrievals[1]
     else:
-        target, _ = _anderson_step(
-            torch.stack(list(retrievals[:-1])),
-            torch.stack(list(retrievals[1:])),
-            regularization=regularization,
-        )
+        rungs = torch.stack(list(retrievals))  # the iterates are rungs 0..m, their map values 1..m+1
+        target, _ = _anderson_step(rungs[:-1], rungs[1:], regularization=regularization)
     return dense + scale * (target - dense)
 
 
