@@ -412,8 +412,8 @@ def main() -> None:
         f"{repeats} interleaved rounds, median process CPU time (the machine is shared, so wall time "
         "measures the scheduler more than the code)",
         "- backends: `eager` (default: on CPU float32/float64 the native kernels of "
-        "`hopfield_aa.normalizers.native`, compiled by numba: one row kernel for α = 1.5 and 2, native "
-        "candidate gathering and scattering around the tensor Newton kernel for other α); `tensor` (the "
+        "`hopfield_aa.normalizers.native`, compiled by numba: one row kernel for α = 1.5 and 2, one for "
+        "Newton's method on the other α ≤ 2); `tensor` (the "
         "same call with the native kernels switched off, `HOPFIELD_AA_NATIVE=0`: the tensor kernels other "
         "devices run, for comparison); `compiled` (opt-in: `set_backend('compiled')`, "
         "`with entmax_backend('compiled')` or HOPFIELD_AA_ENTMAX_BACKEND=compiled, α = 1.5 and 2 only; other "

@@ -88,15 +88,16 @@ def test_native_float32_rows_are_within_1e_6_of_float64_and_have_the_tensor_kern
     assert p.dtype == lam.dtype == torch.float32 and lam.shape == (400, 1)
 
 
-@pytest.mark.parametrize("alpha", [1.5, 2.0])
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.25, 1.3])
 def test_rows_split_across_threads_give_the_single_thread_result_bit_for_bit(alpha: float) -> None:
     z = 2 * torch.randn(3 * native._MIN_ROWS_PER_THREAD, 33, generator=torch.Generator().manual_seed(0))
+    forward = native.forward if alpha in native.ALPHAS else native.newton_forward
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = native.forward(z, alpha)
+        one = forward(z, alpha)
         torch.set_num_threads(3)
-        split = native.forward(z, alpha)
+        split = forward(z, alpha)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one[0], split[0]) and torch.equal(one[1], split[1])
@@ -104,8 +105,8 @@ def test_rows_split_across_threads_give_the_single_thread_result_bit_for_bit(alp
 
 def test_the_default_cpu_path_is_native_and_the_others_are_not(monkeypatch: pytest.MonkeyPatch) -> None:
     """entmax_tensor at α = 1.5 and 2 on CPU float32/float64 (and half, computed in float32) calls the
-    native kernel, for tensors of any size, and so do rows sharing α = 1.5 in an α per row; other α and
-    the kernels switched off do not."""
+    native kernel of α = 1.5 and 2, for tensors of any size, and so do rows sharing α = 1.5 in an α per
+    row; other α (their own kernel) and the kernels switched off do not."""
     calls: list[tuple[int, ...]] = []
     solve = native._solve
     monkeypatch.setattr(native, "_solve", lambda z, *rest: calls.append(z.shape) or solve(z, *rest))
@@ -143,17 +144,17 @@ def test_gradients_through_the_native_forward_are_the_closed_form_jacobian_produ
     assert torch.autograd.gradcheck(lambda x: _entmax_tensor(x, 1.5), (z,))
 
 
-@pytest.mark.parametrize("alpha", [1.1, 1.3, 1.75, 2.5, 4.0])
+@pytest.mark.parametrize("alpha", [1.1, 1.25, 1.3, 1.75, 2.5, 4.0])
 @pytest.mark.parametrize(
     ("n_rows", "dtype"), [(50, torch.float32), (9000, torch.float32), (300, torch.float64)]
 )
 def test_compacted_forward_of_any_alpha_equals_the_tensor_kernel_and_bisection(
     alpha: float, n_rows: int, dtype: torch.dtype
 ) -> None:
-    """Any α: the candidates gathered and scattered natively (in groups of similar counts once there are
-    many rows) and solved by Newton's method (for α ≤ 2 with its per-row arithmetic native, the tensor
-    kernel above); equal to the tensor kernel within rounding, within 1e-6 of 200-halving bisection in
-    float64, zeros and λ = −inf on a row of only −inf."""
+    """Any α: up to 2 one native Newton kernel (:func:`native.newton_forward`; α = 1.25 by squarings),
+    above the candidates gathered and scattered natively (in groups of similar counts once there are many
+    rows) around the tensor kernel; equal to the tensor kernel within rounding, within 1e-6 of 200-halving
+    bisection in float64, zeros and λ = −inf on a row of only −inf."""
     from tests._oracles import entmax_bisect
 
     gen = torch.Generator().manual_seed(int(alpha * 10) + n_rows)
@@ -173,6 +174,21 @@ def test_compacted_forward_of_any_alpha_equals_the_tensor_kernel_and_bisection(
         p[sample], entmax_bisect(z[sample].double(), alpha).to(dtype), atol=1e-6, rtol=0
     )
     assert bool((p[2] == 0).all()) and float(lam[2]) == -math.inf
+
+
+@pytest.mark.parametrize("alpha", [1.000001, 1.1, 1.25, 1.3, 1.45, 1.75, 1.99])
+@given(z=rows())
+def test_the_newton_kernel_is_the_tensor_kernel_to_rounding_in_float64(alpha: float, z: np.ndarray) -> None:
+    """1 < α < 2 in float64 (ties, near-ties, huge and tiny scales, masked entries, rows of one candidate,
+    α near 1 where 1 + x would round x off): p within 1e-12 of the tensor kernel's (Newton's method with
+    torch's log1p and exp), λ within 1e-9; a row of only −inf gets p = 0 and λ = −inf."""
+    zt = torch.from_numpy(z)
+    p, lam = native.newton_forward(zt, alpha)
+    p_ref, lam_ref = _tensor_kernel(zt, alpha)
+    live = torch.isfinite(zt.amax(-1))
+    torch.testing.assert_close(p[live], p_ref[live], atol=1e-12, rtol=0)
+    torch.testing.assert_close(lam[live], lam_ref[live], atol=1e-9, rtol=1e-12)
+    assert bool((p[~live] == 0).all()) and bool((lam[~live] == -math.inf).all())
 
 
 @pytest.mark.slow
