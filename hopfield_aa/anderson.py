@@ -1415,9 +1415,15 @@ class _Differences:
 
     def valid_columns(self, k: int) -> np.ndarray:
         """The common step's column mask for history length k (the slots 0..k−1), every row the same:
-        one row broadcast to (B, m), without a copy."""
-        batch, m = self.d_f.shape[:2]
-        return np.broadcast_to(np.arange(m) < k, (batch, m))
+        one row broadcast to (B, m), without a copy (made once per k)."""
+        if k not in self._masks:
+            batch, m = self.d_f.shape[:2]
+            self._masks[k] = np.broadcast_to(np.arange(m) < k, (batch, m))
+        return self._masks[k]
+
+    @functools.cached_property
+    def _masks(self) -> dict[int, np.ndarray]:
+        return {}
 
     def coefficients(
         self,
@@ -1525,6 +1531,7 @@ class AndersonState:
     rho: torch.Tensor | None  # estimated spectral radius at a converged row (stability_check)
     residual_norms: list[torch.Tensor]  # ‖f‖ of every row after each iteration
     common: bool = False  # every row active, none escaping or restarting, one shared history length
+    native: bool = False  # the state is one the native kernels take (decided once, at init)
 
 
 class AndersonSolver:
@@ -1563,10 +1570,10 @@ class AndersonSolver:
 
     def init(self, x0: torch.Tensor) -> AndersonState:
         """The state at the starting rows x0 (B, n): g(x0) evaluated once (not at all for B = 0)."""
-        x = x0.clone()
+        x = x0.clone(memory_format=torch.contiguous_format)  # the native kernels write the state in place
         # a copy: g may return memory it keeps and overwrites on its next call, and g(x) is updated in place
         g_x = self.fmap(x, torch.arange(x.shape[0], device=x.device), base=x) if x.shape[0] else x
-        g_x = g_x.clone()
+        g_x = g_x.clone(memory_format=torch.contiguous_format)
         f = g_x - x
         f_norm = _norm(f)
         failed = ~torch.isfinite(g_x).all(-1)
@@ -1600,6 +1607,7 @@ class AndersonSolver:
             rho=torch.full_like(f_norm, math.nan) if self.stability_check else None,
             residual_norms=[f_norm.clone()],
             common=_COMMON_PATH and x.shape[0] > 0 and not bool((converged | failed).any()),
+            native=_jit.accepts(x, g_x),
         )
 
     def terminate(self, state: AndersonState) -> bool:
@@ -1626,11 +1634,11 @@ class AndersonSolver:
         """The general step (:meth:`_propose`, g, :meth:`_finish`) in three native calls on the whole-batch
         state, where the native kernels apply (else False: nothing done). The same numbers as the tensor
         form; only the stability test of rows that have just converged runs as tensor code."""
-        diffs, escapes = state.differences, state.escapes
-        fields = (state.x, state.f, state.g_x, state.f_norm, state.target, escapes.entry, escapes.reference)
-        propose = _GENERAL_PROPOSE.get() if _jit.accepts(*fields) else None
-        if propose is None or not all(t.is_contiguous() for t in fields):
+        propose = _GENERAL_PROPOSE.get() if state.native else None
+        if propose is None:
             return False
+        diffs, escapes = state.differences, state.escapes
+        fields = (state.x, state.f, state.g_x, state.f_norm)  # the solver's own: contiguous, no gradient
         m, batch = self.m, state.x.shape[0]
         rows = state.active.nonzero().squeeze(-1)
         n_sel = rows.numel()
@@ -1785,7 +1793,7 @@ class AndersonSolver:
         plain = x_new = (g_x if k > 0 else g_x.clone()) if b == 1.0 else x + b * f
         use_row = None
         if k > 0:
-            proposed = self._propose_native(diffs, f, plain, k)
+            proposed = self._propose_native(diffs, f, plain, k, state.native)
             if proposed is not None:
                 x_new, use_row = proposed
             else:
@@ -1882,19 +1890,19 @@ class AndersonSolver:
         """:meth:`_accept` as one native call (:func:`_accept_rows`), where the native kernels apply; None
         elsewhere. Returns f_new, ‖f_new‖, the rows that stay in the common case and whether all do (the
         kernel has then also updated g(x), the iteration counts and the escape bookkeeping in place)."""
-        diffs, x, escapes = state.differences, state.x, state.escapes
-        parts = (x, x_new, state.f, state.g_x, g_new, state.f_norm, state.target)
-        kernel = _ACCEPT.get() if _jit.accepts(*parts) else None
+        kernel = _ACCEPT.get() if state.native else None
         if kernel is None:
             return None
-        if not state.g_x.is_contiguous():  # written in place
-            state.g_x = state.g_x.contiguous()
+        diffs, x, escapes = state.differences, state.x, state.escapes
+        # the state's tensors are the solver's own (contiguous, CPU, one dtype, no gradient); g's value is
+        # the caller's
+        parts = (x, x_new, state.f, state.g_x, g_new.detach().contiguous(), state.f_norm, state.target)
         f_new = torch.empty_like(x_new)
         fn_new = torch.empty_like(state.f_norm)
         good = torch.empty(x.shape[0], dtype=torch.bool)
         well = diffs.all_rows if use_row is None else use_row
         every = kernel(
-            *(t.detach().contiguous().numpy() for t in parts),
+            *(t.numpy() for t in parts),
             *diffs.arrays,
             state.k % self.m if self.m > 0 else 0,
             float(self.b),
@@ -1911,11 +1919,11 @@ class AndersonSolver:
         return f_new, fn_new, good, every
 
     def _propose_native(
-        self, diffs: _Differences, f: torch.Tensor, plain: torch.Tensor, k: int
+        self, diffs: _Differences, f: torch.Tensor, plain: torch.Tensor, k: int, state_native: bool
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The common step's x_new and well-conditioned rows as one native call (:func:`_propose_rows`),
         the numbers :meth:`_common_gamma` and :func:`_mixed` give; None where the kernels do not apply."""
-        kernel = _PROPOSE.get() if _jit.accepts(f, plain, diffs.d_f) else None
+        kernel = _PROPOSE.get() if state_native else None
         if kernel is None:
             return None
         batch = f.shape[0]
@@ -1925,11 +1933,11 @@ class AndersonSolver:
         kernel(
             gram,
             d_f,
-            f.detach().contiguous().numpy(),
+            f.numpy(),
             diffs.valid_columns(k),
             float(self.lam),
             1.0 / self.cond,
-            plain.detach().contiguous().numpy(),
+            plain.numpy(),
             d_step,
             x_new.numpy(),
             np.empty((batch, self.m), dtype=d_f.dtype),
