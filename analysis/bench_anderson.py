@@ -230,7 +230,9 @@ def iteration_profile(prob: Problem, m: int = 5, iterations: int = 20, top: int 
         "",
         f"Per map call: {ops:.0f} profiler-counted ops and {total / res.n_calls:.0f} µs in the solver run "
         f"(the map alone: {map_ops:.0f} ops, {map_total / res.n_calls:.0f} µs; the profiler adds its own "
-        "cost to every op, so the shares are the reading).",
+        "cost to every op, so the shares are the reading). On CPU the solver's own arithmetic runs in "
+        "native kernels (numba), which are not aten ops: the table lists the ops around them, and their "
+        "time is the rest of the µs per map call.",
         "",
         *bench.top_ops_table(events, per=res.n_calls, label="map call", top=top),
     ]
