@@ -864,6 +864,41 @@ def _gram_column_rows(d_f: Any, slot: int, out: Any) -> None:  # pragma: no cove
             out[r, j] = _dot(flat, (r * k + j) * n, flat, (r * k + slot) * n, n)
 
 
+def _push_row(
+    r: int,
+    q: int,
+    ok: bool,
+    slot: int,
+    b: float,
+    b_typed: Any,
+    x: Any,
+    f: Any,
+    g_x: Any,
+    x_new: Any,
+    f_new: Any,
+    g_new: Any,
+    d_x: Any,
+    d_f: Any,
+    d_step: Any,
+    gram: Any,
+) -> None:  # pragma: no cover - compiled by numba
+    """The history columns of state row ``r`` at ``slot`` from its step to row ``q`` of x_new, f_new and
+    g_new (zero where not ``ok``: a non-finite residual): ΔX, ΔF, the step direction (ΔG for b = 1, else
+    ΔX + b ΔF, ``b_typed`` being b in the input dtype) and the new row and column of ΔFᵀΔF."""
+    n, m = x.shape[1], d_f.shape[1]
+    for i in range(n):
+        d_x[r, slot, i] = x_new[q, i] - x[r, i] if ok else 0.0
+        d_f[r, slot, i] = f_new[q, i] - f[r, i] if ok else 0.0
+        if b == 1.0:
+            d_step[r, slot, i] = g_new[q, i] - g_x[r, i] if ok else 0.0
+        else:
+            d_step[r, slot, i] = d_x[r, slot, i] + b_typed * d_f[r, slot, i]
+    flat_d_f = d_f.reshape(-1)
+    for j in range(m):
+        gram[r, slot, j] = _dot(flat_d_f, (r * m + j) * n, flat_d_f, (r * m + slot) * n, n)
+        gram[r, j, slot] = gram[r, slot, j]
+
+
 def _accept_rows(
     x: Any,
     x_new: Any,
@@ -904,7 +939,6 @@ def _accept_rows(
     b_typed = typed[1]
     flat_f_new = f_new.reshape(-1)
     flat_g_new = g_new.reshape(-1)
-    flat_d_f = d_f.reshape(-1)
     every = True
     for r in range(x.shape[0]):
         for i in range(n):
@@ -917,16 +951,7 @@ def _accept_rows(
         ok = not (fn <= target[r] or fn <= typed[0])
         ok = ok and (fn <= f_norm[r] if safeguard else fn < math.inf)
         if m > 0:
-            for i in range(n):
-                d_x[r, slot, i] = x_new[r, i] - x[r, i]
-                d_f[r, slot, i] = f_new[r, i] - f[r, i]
-                if b == 1.0:
-                    d_step[r, slot, i] = g_new[r, i] - g_x[r, i]
-                else:
-                    d_step[r, slot, i] = d_x[r, slot, i] + b_typed * d_f[r, slot, i]
-            for j in range(m):
-                gram[r, slot, j] = _dot(flat_d_f, (r * m + j) * n, flat_d_f, (r * m + slot) * n, n)
-                gram[r, j, slot] = gram[r, slot, j]
+            _push_row(r, r, True, slot, b, b_typed, x, f, g_x, x_new, f_new, g_new, d_x, d_f, d_step, gram)
             square = gram[r, slot, slot]
             ok = ok and square > 0.0 and square < math.inf
         ok = ok and well[r]
@@ -1150,7 +1175,6 @@ def _general_finish_rows(
     typed = np.empty(2, x.dtype)
     typed[1] = b
     b_typed = typed[1]
-    flat_d_f = d_f.reshape(-1)
     flat_g_x = g_x.reshape(-1)
     for t in range(rejected.shape[0]):  # the rejected rows take the plain step instead
         q = rejected[t]
@@ -1166,17 +1190,7 @@ def _general_finish_rows(
         r = rows[q]
         ok = math.isfinite(fn_new[q])
         if m > 0:
-            h = (r * m + slot) * n
-            for i in range(n):
-                d_x[r, slot, i] = x_new[q, i] - x[r, i] if ok else 0.0
-                d_f[r, slot, i] = f_new[q, i] - f[r, i] if ok else 0.0
-                if b == 1.0:
-                    d_step[r, slot, i] = g_new[q, i] - g_x[r, i] if ok else 0.0
-                else:
-                    d_step[r, slot, i] = d_x[r, slot, i] + b_typed * d_f[r, slot, i]
-            for j in range(m):
-                gram[r, slot, j] = _dot(flat_d_f, (r * m + j) * n, flat_d_f, h, n)
-                gram[r, j, slot] = gram[r, slot, j]
+            _push_row(r, q, ok, slot, b, b_typed, x, f, g_x, x_new, f_new, g_new, d_x, d_f, d_step, gram)
         if ok:
             for i in range(n):
                 x[r, i] = x_new[q, i]
@@ -1241,12 +1255,12 @@ _PROPOSE = _jit.Kernel(
 _NORMS = _jit.Kernel(_norms_rows, helpers=(_dot, _sum_squares))
 _MIXED = _jit.Kernel(_mixed_rows, helpers=(_mixed_row,))
 _GRAM_COLUMN = _jit.Kernel(_gram_column_rows, helpers=(_dot,))
-_ACCEPT = _jit.Kernel(_accept_rows, helpers=(_dot, _sum_squares))
+_ACCEPT = _jit.Kernel(_accept_rows, helpers=(_dot, _sum_squares, _push_row))
 _GENERAL_PROPOSE = _jit.Kernel(
     _general_propose_rows, helpers=(_cholesky_solve_row, _dot, _gamma_row, _mixed_row)
 )
 _GENERAL_CHECK = _jit.Kernel(_general_check_rows, helpers=(_dot, _sum_squares, _residual_rows))
-_GENERAL_FINISH = _jit.Kernel(_general_finish_rows, helpers=(_dot, _sum_squares, _residual_rows))
+_GENERAL_FINISH = _jit.Kernel(_general_finish_rows, helpers=(_dot, _sum_squares, _residual_rows, _push_row))
 _ALL_COMMON = _jit.Kernel(_all_common)
 _STEP = _jit.Kernel(_step_rows, helpers=(_cholesky_solve_row, _dot, _gamma_row, _mixed_row))
 
