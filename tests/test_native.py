@@ -144,17 +144,16 @@ def test_gradients_through_the_native_forward_are_the_closed_form_jacobian_produ
     assert torch.autograd.gradcheck(lambda x: _entmax_tensor(x, 1.5), (z,))
 
 
-@pytest.mark.parametrize("alpha", [1.1, 1.25, 1.3, 1.75, 2.5, 4.0])
+@pytest.mark.parametrize("alpha", [1.1, 1.25, 1.3, 1.75, 2.5, 3.0, 4.0])
 @pytest.mark.parametrize(
     ("n_rows", "dtype"), [(50, torch.float32), (9000, torch.float32), (300, torch.float64)]
 )
-def test_compacted_forward_of_any_alpha_equals_the_tensor_kernel_and_bisection(
+def test_the_newton_kernel_of_any_alpha_equals_the_tensor_kernel_and_bisection(
     alpha: float, n_rows: int, dtype: torch.dtype
 ) -> None:
-    """Any α: up to 2 one native Newton kernel (:func:`native.newton_forward`; α = 1.25 by squarings),
-    above the candidates gathered and scattered natively (in groups of similar counts once there are many
-    rows) around the tensor kernel; equal to the tensor kernel within rounding, within 1e-6 of 200-halving
-    bisection in float64, zeros and λ = −inf on a row of only −inf."""
+    """Any α: one native Newton kernel (:func:`native.newton_forward`; α = 1.25 by squarings, α > 2 with
+    its bisection steps and the support-edge repair); equal to the tensor kernel within rounding, within
+    1e-6 of 200-halving bisection in float64, zeros and λ = −inf on a row of only −inf."""
     from tests._oracles import entmax_bisect
 
     gen = torch.Generator().manual_seed(int(alpha * 10) + n_rows)
@@ -214,7 +213,7 @@ def test_inside_a_compiled_graph_the_native_kernel_is_one_custom_op_without_grap
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3, 3.0])
 def test_a_nan_or_plus_inf_score_never_gives_a_finite_looking_row(alpha: float) -> None:
     """Outside entmax_tensor's contract (scores free of NaN and +inf), but visible: a row with a NaN or a
-    +inf score has NaN in its output (any α: the whole row for the compacted kernel), never a
+    +inf score has NaN in its output (any α: the whole row for the Newton kernel of α ≠ 1.5, 2), never a
     finite distribution; the other rows are unaffected."""
     gen = torch.Generator().manual_seed(9)
     z = torch.randn(6, 40, generator=gen)

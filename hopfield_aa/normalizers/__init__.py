@@ -6,7 +6,7 @@ One idea per module, each importing only those above it in this list:
 - :mod:`.exact`: the exact thresholds of α = 2 and α = 1.5 (support passes; the sort algorithms they
   fall back on);
 - :mod:`.newton`: any α > 1, by Newton's method on the threshold (bisection-safeguarded for α > 2);
-- :mod:`.native`: the CPU row kernels of α = 1.5 and 2 and of Newton's method for the other α ≤ 2,
+- :mod:`.native`: the CPU row kernels of α = 1.5 and 2 and of Newton's method for every other α,
   compiled by numba (the default on CPU float32 and float64: one call per tensor; the tensor kernels of
   :mod:`.exact` and :mod:`.newton` run on other devices);
 - :mod:`.compiled`: the opt-in backend (:func:`set_backend`, :func:`entmax_backend`, the environment

@@ -217,10 +217,7 @@ def forward(
         if small is not None:
             probs, lam = small
         elif native.applies(rows, alpha, any_alpha=True):
-            if alpha <= 2.0:
-                probs, lam = native.newton_forward(rows, alpha)
-            else:
-                probs, lam = native.compacted_forward(rows, alpha, _solve_compact)
+            probs, lam = native.newton_forward(rows, alpha)
         else:
             size = _BLOCK_ELEMENTS if alpha in (1.5, 2.0) else _BLOCK_ELEMENTS_GENERAL
             probs, lam = _forward_blocks(rows, alpha, size)

@@ -15,13 +15,12 @@ steps, with up to ``_GROUP`` rows stepped in turn so that their support passes o
 3. one pass writes p = [(z − m)/2 − τ]_+² (α = 1.5) or [z − m − τ]_+ (α = 2) in the input dtype, the
    same rounding as the tensor kernels.
 
-Any other α ≤ 2 (:func:`newton_forward`): the same first step (the candidates kept as z − m in the input
+Any other α (:func:`newton_forward`): the same first step (the candidates kept as z − m in the input
 dtype, with their columns), then Newton's method on the threshold from the left end of its bracket
-(Halley's where α ≤ 1.5), every evaluation of p = (1 + (α−1)(z − m − λ))^{1/(α−1)} over the candidates
-vectorised (its log and exp as polynomials, or squarings for a whole 1/(α−1)), then zeros and p at the
-candidates' columns: one call per tensor. α > 2 (:func:`compacted_forward`): the candidates are gathered
-natively into groups of rows of similar counts, solved by the tensor Newton kernel (its bisection steps
-and support-edge repair) and scattered back.
+(Halley's where α ≤ 1.5; for α > 2 a bisection every other step, then the repair of entries at the edge
+of the support, as in :mod:`.newton`), every evaluation of p = (1 + (α−1)(z − m − λ))^{1/(α−1)} over the
+candidates vectorised (its log and exp as polynomials, or squarings for a whole 1/(α−1)), then zeros and
+p at the candidates' columns: one call per tensor.
 
 A row of only −inf gets p = 0 and λ = −inf; a row with a NaN or +inf score (outside the contract of
 :func:`.api.entmax_tensor`) has NaN in its output. The kernels compile on their first call per dtype
@@ -196,77 +195,13 @@ def _rows(z: Any, p: Any, lam: Any, quadratic: bool, max_passes: int) -> None:  
 _KERNEL = _jit.Kernel(_rows, helpers=(_row_max,), reassociate=True)
 
 
-def _collect(z: Any, reach: float, top: Any, count: Any) -> None:  # pragma: no cover - numba
-    """Row maxima into ``top`` and the number of candidates z_j − max > −``reach`` into ``count``; a row
-    with a NaN or a +inf entry gets count −1 (its output is NaN: NaN in, NaN out)."""
-    n = z.shape[1]
-    for r in range(z.shape[0]):
-        m = _row_max(z, r)  # and any NaN
-        nan = False
-        for i in range(n):
-            nan = nan or z[r, i] != z[r, i]
-        top[r] = m
-        if nan or m == np.inf:
-            count[r] = -1
-            continue
-        k = 0
-        for j in range(z.shape[1]):
-            k += z[r, j] - m > -reach
-        count[r] = k
-
-
-def _gather(
-    z: Any, top: Any, reach: float, group: Any, slot: Any, offset: Any, width: Any, u: Any, cols: Any
-) -> None:  # pragma: no cover - numba
-    """One pass over the rows in order: the candidates of row r, shifted by its maximum, into row
-    ``slot[r]`` of its group ``group[r]`` (a (rows, width[g]) matrix at ``offset[g]`` in the flat ``u``,
-    padded with −inf), their column indices into ``cols`` (padded with 0); rows with group −1 are skipped.
-    """
-    n = z.shape[1]
-    values = np.empty(n, z.dtype)  # one row's candidates, stored branch-free
-    columns = np.empty(n, np.int64)
-    for r in range(z.shape[0]):
-        g = group[r]
-        if g < 0:
-            continue
-        m = top[r]
-        k = 0
-        for j in range(n):  # always store, advance past the candidates (no mispredicted branch)
-            d = z[r, j] - m
-            values[k] = d
-            columns[k] = j
-            k += d > -reach
-        start = offset[g] + slot[r] * width[g]
-        for i in range(k):
-            u[start + i] = values[i]
-            cols[start + i] = columns[i]
-        for i in range(k, width[g]):
-            u[start + i] = -np.inf
-            cols[start + i] = 0
-
-
-def _scatter(
-    p_compact: Any, cols: Any, group: Any, slot: Any, offset: Any, width: Any, count: Any, p: Any
-) -> None:  # pragma: no cover - numba
-    """One pass over the rows in order: row r of ``p`` is zeros and the first ``count[r]`` entries of its
-    row of the flat ``p_compact`` (laid out as in :func:`_gather`) at their columns; rows with group −1
-    are left as they are."""
-    for r in range(p.shape[0]):
-        g = group[r]
-        if g < 0:
-            continue
-        p[r, :] = 0.0
-        start = offset[g] + slot[r] * width[g]
-        for i in range(count[r]):
-            p[r, cols[start + i]] = p_compact[start + i]
-
-
 # ln 2 in two parts (fdlibm's split: k·_LN2_HI is exact for the |k| < 2^11 of a float64 exponent)
 _LN2_HI = 6.93147180369123816490e-01
 _LN2_LO = 1.90821492927058770002e-10
 _INV_LN2 = 1.4426950408889634
 _SQRT2 = 1.4142135623730951
 _TINY = 2.2250738585072014e-308  # the smallest normal float64
+_F64_EPS = 2.220446049250313e-16
 
 
 def _power(x: float, beta: float, precise: bool) -> tuple[float, float]:  # pragma: no cover - numba
@@ -354,10 +289,53 @@ def _whole_power(x: float, n: int) -> tuple[float, float, float]:  # pragma: no 
     return r * y * y, r * y, r
 
 
+def _edge_repair(
+    u: Any, q: Any, k: int, am1: float, beta: float, lam: Any, g: int, eps: float, precise: bool
+) -> bool:  # pragma: no cover - numba
+    """α > 2 (:func:`.newton.fill_support_edge` for one row): where some of the row's ``k`` candidates
+    ``u`` (z − max) sit at the edge of the support, y = 1 + (α−1)(u − λ) at rounding level, λ (``lam[g]``)
+    becomes the point where the largest of them vanishes, the other entries' p (``q``) follow from it and
+    the edge entries share what mass is left. Returns whether the row was repaired."""
+    shift = lam[g] * am1
+    top = -np.inf
+    count = 0
+    for i in range(k):
+        v = am1 * u[i]
+        y = 1.0 + v - shift
+        if abs(y) <= 8.0 * eps * (1.0 + abs(v) + abs(shift)):
+            count += 1
+            top = v if v > top else top
+    if count == 0:
+        return False
+    lam[g] = (1.0 + top) / am1
+    shift = lam[g] * am1
+    total = 0.0
+    for i in range(k):
+        v = am1 * u[i]
+        y = 1.0 + v - shift
+        if abs(y) <= 8.0 * eps * (1.0 + abs(v) + abs(shift)):
+            q[i] = -1.0  # an edge entry, filled below
+        else:
+            q[i] = _power(max(y, 0.0) - 1.0, beta, precise)[0]
+            total += q[i]
+    share = max(1.0 - total, 0.0) / count
+    for i in range(k):
+        q[i] = share if q[i] == -1.0 else q[i]
+    return True
+
+
 def _newton_rows(
-    z: Any, p: Any, lam: Any, alpha: float, tol: float, fine: float, width_eps: float, max_iter: int
+    z: Any,
+    p: Any,
+    lam: Any,
+    alpha: float,
+    tol: float,
+    fine: float,
+    width_eps: float,
+    edge_eps: float,
+    max_iter: int,
 ) -> None:  # pragma: no cover - numba
-    """α-entmax (1 < α ≤ 2) of the rows of ``z`` (R, n) into ``p``, λ into ``lam`` (R,): the iteration of
+    """α-entmax (any α > 1) of the rows of ``z`` (R, n) into ``p``, λ into ``lam`` (R,): the iteration of
     :func:`.newton.newton_threshold` on each row's candidates, in float64, while the row is in the cache.
 
     Each row: its maximum; its candidates z_j − max > −1/(α−1) collected branch-free (z − max in the
@@ -366,8 +344,13 @@ def _newton_rows(
     F″/(2 − α) (Σ p^{2−α}, Σ p^{3−2α}), vectorised over the candidates (:func:`_power`, or
     :func:`_whole_power` for a whole β), each followed by the step of :func:`.newton.newton_threshold`
     (Newton's on F^{α−1} − 1), made Halley's where β ≥ 2 (cubic convergence: about one evaluation in four
-    fewer; for β < 2, F″ is unbounded at the support's edge), in the same bisection safeguard; then zeros
-    and the normalised p at the candidates' columns.
+    fewer; for β < 2, F″ is unbounded at the support's edge), in the same bisection safeguard; for α > 2
+    every other step bisects (F jumps where an entry enters the support) and, once solved, a row with
+    entries at the edge of the support is repaired (:func:`_edge_repair`); then zeros and the normalised p
+    at the candidates' columns (a repaired row's p as repaired). ``edge_eps`` is the rounding of that edge
+    test. For large α the edge entries' p is set by rounding (α = 10: y = 1e-16 is p = 0.017): this kernel
+    computes y in float64 for every dtype, the tensor kernel in the scores' dtype, and the two may differ
+    there (measured on rows of 77: within 1e-6 up to α = 6, 7e-5 at α = 8).
 
     A row is solved when |F − 1| ≤ ``tol`` after a step from a point where it already was (the polish of
     :func:`.newton.newton_threshold`), or at once when |F − 1| ≤ ``fine`` (normalising then moves each p
@@ -381,7 +364,9 @@ def _newton_rows(
     beta = 1.0 / am1
     reach = beta
     halley = beta >= 2.0
-    precise = z.itemsize == 8  # float64 scores: float64 accuracy; float32: the faster polynomials
+    big = alpha > 2.0  # F jumps where an entry enters the support: bisect every other step, repair the edge
+    # float64 scores, or α > 2 (see newton_forward): float64 accuracy; else the faster polynomials
+    precise = z.itemsize == 8 or big
     whole = beta == math.floor(beta) and 2.0 <= beta < 34.0
     n2 = int(beta) - 2 if whole else 0
     width = (n + 7) // 8 * 8  # candidates padded with −inf (p = 0) to whole vectors
@@ -481,7 +466,7 @@ def _newton_rows(
                 else:
                     hi[g] = min(hi[g], lam_g[g])
                 new = lam_g[g] + step
-                bad = new < lo[g] or new > hi[g] or not math.isfinite(new)
+                bad = new < lo[g] or new > hi[g] or not math.isfinite(new) or (big and it % 2 == 1)
                 lam_g[g] = 0.5 * (lo[g] + hi[g]) if bad else new
             if left == 0:
                 break
@@ -497,100 +482,43 @@ def _newton_rows(
             if state[g] == -1:
                 lam[r] = -np.inf
                 continue
-            scale = 1.0 / mass[g]
-            for i in range(size[g]):
-                p[r, cols[g, i]] = q[g, i] * scale
+            if big and _edge_repair(u[g], q[g], size[g], am1, beta, lam_g, g, edge_eps, precise):
+                for i in range(size[g]):  # the edge entries carry the rest of the mass: not normalised
+                    p[r, cols[g, i]] = q[g, i]
+            else:
+                scale = 1.0 / mass[g]
+                for i in range(size[g]):
+                    p[r, cols[g, i]] = q[g, i] * scale
             lam[r] = lam_g[g] + top[g]
 
 
-_NEWTON_ROWS = _jit.Kernel(_newton_rows, helpers=(_power, _whole_power, _row_max), reassociate=True)
+_NEWTON_ROWS = _jit.Kernel(
+    _newton_rows, helpers=(_power, _whole_power, _row_max, _edge_repair), reassociate=True
+)
 # |Σp − 1| within this many eps of the dtype: solved without the polishing step (measured at α = 1.3 on
 # float32 32768×77: 3.0 evaluations per row instead of 3.9, max error vs float64 3.5e-8 instead of 3.2e-8;
 # 4 eps: 2.95 and 6.0e-8)
 _FINE_EPS = 1
 
 
-_COLLECT = _jit.Kernel(_collect, helpers=(_row_max,))
-_GATHER = _jit.Kernel(_gather)
-_SCATTER = _jit.Kernel(_scatter)
-# rows of similar candidate counts are solved together, in groups split at these quantiles of the counts
-# (each group is padded to its widest row; a group costs a fixed number of tensor ops per Newton step)
-_GROUP_QUANTILES = (0.6, 0.95)
-_GROUPED_MIN_ROWS = 8192  # fewer rows: one group (the fixed cost of a group outweighs its padding)
-
-
-def compacted_forward(rows: torch.Tensor, alpha: float, solve: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(p, λ) of α-entmax on the rows (R, n) of a CPU float32/float64 tensor, λ in score units (R, 1), by
-    ``solve`` (the compacted-row solver of :mod:`.blocked`: ``solve(u, alpha) -> (p, λ − max)``) on the
-    candidates z_j > max z − 1/(α−1) of each row only: the path of α > 2 (:func:`newton_forward` solves
-    α ≤ 2 in one kernel).
-
-    The candidates are gathered and scattered back by native kernels (one pass over the scores each),
-    in a few groups of rows of similar candidate counts, so that padding every row to the widest one
-    does not multiply the solver's work.
-    """
-    collect, gather, scatter = _COLLECT.get(), _GATHER.get(), _SCATTER.get()
-    assert collect is not None and gather is not None and scatter is not None
-    z = rows.detach().contiguous()
-    zn = z.numpy()
-    n_rows = zn.shape[0]
-    reach = 1.0 / (alpha - 1.0)
-    top = np.empty(n_rows, zn.dtype)
-    count = np.empty(n_rows, np.int64)
-    collect(zn, reach, top, count)
-    probs = torch.empty_like(z)
-    lam = torch.empty((n_rows, 1), dtype=z.dtype)
-    pn, ln = probs.numpy(), lam.numpy()[:, 0]
-    live = count > 0  # a row of only −inf has no candidate: p = 0, λ = −inf
-    if not live.all():
-        pn[~live] = 0.0
-        ln[~live] = -math.inf
-        pn[count < 0] = math.nan  # a NaN or +inf score: NaN out
-        ln[count < 0] = math.nan
-        if not live.any():
-            return probs, lam
-    quantiles = _GROUP_QUANTILES if n_rows >= _GROUPED_MIN_ROWS else ()
-    bounds = np.array(sorted({int(np.quantile(count[live], q)) for q in quantiles} | {int(count.max())}))
-    group = np.where(live, np.searchsorted(bounds, count), -1)  # the narrowest group that holds the row
-    slot = np.zeros(n_rows, np.int64)  # the row's index within its group
-    members = [np.flatnonzero(group == g) for g in range(bounds.size)]
-    sizes = np.array([m.size for m in members], np.int64)
-    for rows_g in members:
-        slot[rows_g] = np.arange(rows_g.size)
-    width = bounds.astype(np.int64)
-    offset = np.concatenate([[0], np.cumsum(sizes * width)[:-1]]).astype(np.int64)
-    u = np.empty(int((sizes * width).sum()), zn.dtype)
-    cols = np.empty(u.size, np.int64)
-    gather(zn, top, reach, group, slot, offset, width, u, cols)
-    p_flat = np.empty_like(u)
-    for g, rows_g in enumerate(members):
-        if rows_g.size == 0:
-            continue
-        part = slice(int(offset[g]), int(offset[g] + sizes[g] * width[g]))
-        u_g = torch.from_numpy(u[part].reshape(rows_g.size, int(width[g])))
-        p_c, lam_c = solve(u_g, alpha)
-        p_flat[part] = p_c.numpy().reshape(-1)
-        ln[rows_g] = lam_c.numpy()[:, 0] + top[rows_g]
-    scatter(p_flat, cols, group, slot, offset, width, count, pn)
-    return probs, lam
-
-
 def newton_forward(rows: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(p, λ) of α-entmax, 1 < α ≤ 2, on the rows (R, n) of a CPU float32/float64 tensor, λ in score
+    """(p, λ) of α-entmax, any α > 1, on the rows (R, n) of a CPU float32/float64 tensor, λ in score
     units (R, 1): :func:`_newton_rows` with the tolerances of :func:`.newton.newton_threshold` in the
-    tensor's dtype. Call only where :func:`applies` with ``any_alpha``."""
+    tensor's dtype (α ≤ 2) or in float64 (α > 2). Call only where :func:`applies` with ``any_alpha``."""
     z = rows.detach().contiguous()
     probs = torch.empty_like(z)
     lam = z.new_empty((z.shape[0], 1))
-    eps = float(torch.finfo(z.dtype).eps)
-    args = (alpha, 32 * eps, _FINE_EPS * eps, 4 * eps, MAX_NEWTON_ITER)
+    # α > 2: p = y^{1/(α−1)} is steep in λ where y is small (α = 10: y = 1e-7 is p = 0.17), so λ is solved
+    # to float64 rounding whatever the dtype (the kernel computes in float64), as is the edge test
+    eps = _F64_EPS if alpha > 2.0 else float(torch.finfo(z.dtype).eps)
+    args = (alpha, 32 * eps, _FINE_EPS * eps, 4 * eps, _F64_EPS, MAX_NEWTON_ITER)
     _split(_NEWTON_ROWS.get(), z.numpy(), probs.numpy(), lam.numpy()[:, 0], *args)
     return probs, lam
 
 
 def applies(rows: torch.Tensor, alpha: object, any_alpha: bool = False) -> bool:
     """Whether the native kernels solve ``rows``: CPU float32/float64, α = 1.5 or 2 (any float α > 1 with
-    ``any_alpha``: :func:`newton_forward` up to 2, :func:`compacted_forward` above), not being traced, numba
+    ``any_alpha``: :func:`newton_forward`), not being traced, numba
     importable and native kernels not switched off (:func:`.._jit.disabled`)."""
     return (
         not isinstance(alpha, torch.Tensor)
