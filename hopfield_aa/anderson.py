@@ -1465,7 +1465,8 @@ class _Differences:
 
     def push_f(self, sel: slice | torch.Tensor, slot: int, d_f: torch.Tensor) -> torch.Tensor:
         """Write the ΔF column ``d_f`` of the rows ``sel`` at ``slot`` and its row and column of ΔFᵀΔF,
-        which it returns (its entry ``slot`` is ‖d_f‖²)."""
+        which it returns (its entry ``slot`` is ‖d_f‖²). On CPU natively, as :func:`_push_row` computes
+        it: the common step, leaving the common case, finishes by the general rules on the native state."""
         self.d_f[sel, slot] = d_f
         kernel = _GRAM_COLUMN.get() if _jit.accepts(d_f) else None
         if kernel is not None:
@@ -1965,12 +1966,7 @@ class AndersonSolver:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """γ of every row from its k newest columns (slots 0..k−1 while k < m) as :func:`_solve_gamma`
         computes it for well-conditioned rows, without its masks; and which rows are well conditioned.
-        Where :func:`_solve_gamma` runs natively, this is that same call (so both steps agree bit for bit)."""
-        valid = torch.arange(self.m, device=f.device) < k
-        native = _solve_gamma_native(diffs.d_f, f, valid, self.lam, self.cond, diffs.gram)
-        if native is not None:
-            gamma, well, _ = native
-            return torch.where(well[:, None], gamma, 0.0), well
+        The tensor form: where the native kernels take the state, :meth:`_propose_native` runs instead."""
         if k not in self._pads:
             # what _solve_gamma adds for k valid columns: unit scale and a unit diagonal (+ λ) for the
             # unused ones, λ on the used ones (nothing once every column is used and λ = 0)
