@@ -341,7 +341,7 @@ def _gamma_row(
     finite[q] = ok
 
 
-_LANES = 8  # rows solved side by side by _gamma_rows: one AVX-512 vector of float64
+_LANES = 8  # rows solved side by side by _gamma_rows
 
 
 def _gamma_rows(
@@ -351,11 +351,12 @@ def _gamma_rows(
     rows' ``well`` conditioning and ``finite`` γ.
 
     Rows are taken ``_LANES`` at a time, every operation of :func:`_gamma_row`'s first solve done for all
-    of them side by side (the loops over rows are innermost, so the divisions and square roots run as
-    vector instructions; each row's operations are those of the row solve, in its order, so its bits
-    are too). A row whose first solve is not clean (a pivot that is not positive or is weak, a
-    non-finite coefficient) is solved again alone by :func:`_gamma_row`, which retries it; so are the
-    last R mod ``_LANES`` rows."""
+    of them side by side (the loops over rows are innermost, so the chains of divisions and square roots
+    of different rows overlap; the compiler keeps them scalar: measured 83 → 51 µs for 256 rows of 5
+    columns; each row's operations are those of the row solve, in its order, so its bits are too). A
+    row whose first solve is not clean (a pivot that is not positive or is weak, a non-finite
+    coefficient) is solved again alone by :func:`_gamma_row`, which retries it; so are the last
+    R mod ``_LANES`` rows."""
     n_rows, k, n = d_f.shape[0], d_f.shape[1], d_f.shape[2]
     dff = d_f.reshape(-1)
     ff = f.reshape(-1)
