@@ -237,8 +237,8 @@ def probs(scores: torch.Tensor, alpha: float, dim: int) -> torch.Tensor:
     (:func:`.exact.entmax15_sort_probs`, :func:`.exact.sparsemax_sort_probs`), which skip λ and the row
     reshapes (about 22 and 14 dispatches instead of about 50 and 100: at attention's short text rows
     the dispatches, not the arithmetic, set the time)."""
-    if compiled.get_backend() != "compiled" and native.applies(scores, alpha):
-        return native.probs(scores, alpha, dim)
+    if native.applies(scores, alpha) and not compiled.applies(scores, alpha):
+        return native.probs(scores, alpha, dim)  # also the compiled backend's kernel on CPU
     if (
         alpha in _SORT_KERNELS
         and scores.dtype in (torch.float32, torch.float64)

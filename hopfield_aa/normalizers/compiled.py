@@ -59,8 +59,7 @@ def set_backend(name: str) -> None:
     solved again by the eager kernel. Other α run eagerly (compiled, their Newton passes were slower
     than the eager kernel). The first call compiles (seconds); if compilation fails a warning is issued
     once and the eager kernel is used. The backward is the closed-form Jacobian product in both cases.
-    The environment variable
-    ``HOPFIELD_AA_ENTMAX_BACKEND`` sets the initial value.
+    The environment variable ``HOPFIELD_AA_ENTMAX_BACKEND`` sets the initial value.
 
     Parameters
     ----------
