@@ -17,10 +17,11 @@ steps, with up to ``_GROUP`` rows stepped in turn so that their support passes o
 
 Any other α (:func:`newton_forward`): the same first step (the candidates kept as z − m in the input
 dtype, with their columns), then Newton's method on the threshold from the left end of its bracket
-(Halley's where α ≤ 1.5; for α > 2 a bisection every other step, then the repair of entries at the edge
-of the support, as in :mod:`.newton`), every evaluation of p = (1 + (α−1)(z − m − λ))^{1/(α−1)} over the
-candidates vectorised (its log and exp as polynomials, or squarings for a whole 1/(α−1)), then zeros and
-p at the candidates' columns: one call per tensor.
+(Halley's where α ≤ 1.5; for α > 2 a bisection every other step until the bracket holds no point where
+an entry enters the support, then the repair of entries at the edge of the support, as in
+:mod:`.newton`), every evaluation of p = (1 + (α−1)(z − m − λ))^{1/(α−1)} over the candidates vectorised
+(its log and exp as polynomials, or squarings for a whole 1/(α−1)), then zeros and p at the candidates'
+columns: one call per tensor.
 
 A row of only −inf gets p = 0 and λ = −inf; a row with a NaN or +inf score (outside the contract of
 :func:`.api.entmax_tensor`) has NaN in its output. The kernels compile on their first call per dtype
@@ -329,6 +330,52 @@ def _edge_repair(
     return True
 
 
+def _collect_candidates(
+    z: Any, r: int, u: Any, cols: Any, reach: float
+) -> tuple[float, int, int]:  # pragma: no cover - numba
+    """Row ``r``'s maximum m, its candidates z_j − m > −``reach`` in ``u`` (input dtype, padded with −inf to
+    whole vectors) and their columns in ``cols``, collected branch-free; returns (m, their number, state:
+    1 to solve, −1 for a row of only −inf, −2 for a row with a NaN or +inf score)."""
+    n = z.shape[1]
+    m = _row_max(z, r)
+    nan = False
+    for j in range(n):  # vectorised
+        nan = nan | (z[r, j] != z[r, j])
+    if nan or m == np.inf:
+        return m, 0, -2
+    if m == -np.inf:
+        return m, 0, -1
+    k = 0
+    for j in range(n):  # always store, advance past the candidates (no mispredicted branch)
+        d = z[r, j] - m
+        u[k] = d
+        cols[k] = j
+        k += d > -reach
+    for i in range(k, (k + 7) // 8 * 8):
+        u[i] = -np.inf
+    return m, k, 1
+
+
+def _threshold_step(f_sum: float, g_sum: float, am1: float) -> float:  # pragma: no cover - numba
+    """Newton's step on F^{α−1} − 1 from a point where F = ``f_sum`` and −F′ = ``g_sum``
+    (:func:`.newton._newton_step`)."""
+    grown = math.expm1(am1 * math.log(f_sum))  # F^{α−1} − 1
+    return grown / am1 * (f_sum / (1.0 + grown)) / g_sum
+
+
+def _write_row(
+    p: Any, r: int, state: int, q: Any, cols: Any, k: int, scale: float
+) -> None:  # pragma: no cover - numba
+    """Row ``r`` of ``p``: zeros and ``scale`` · ``q`` at the ``k`` candidates' columns ``cols``; NaN for a
+    row of state −2 (a NaN or +inf score), zeros for one of state −1 (only −inf)."""
+    fill = np.nan if state == -2 else 0.0
+    for j in range(p.shape[1]):
+        p[r, j] = fill
+    if state >= 0:
+        for i in range(k):
+            p[r, cols[i]] = q[i] * scale
+
+
 def _newton_rows(
     z: Any,
     p: Any,
@@ -350,7 +397,10 @@ def _newton_rows(
     :func:`_whole_power` for a whole β), each followed by the step of :func:`.newton.newton_threshold`
     (Newton's on F^{α−1} − 1), made Halley's where β ≥ 2 (cubic convergence: about one evaluation in four
     fewer; for β < 2, F″ is unbounded at the support's edge), in the same bisection safeguard; for α > 2
-    every other step bisects (F jumps where an entry enters the support) and, once solved, a row with
+    the rules of :func:`.newton.newton_threshold` (every other step bisects while the support counts at
+    the bracket's ends differ, F′ being unbounded where an entry enters the support; then Newton's steps
+    approach the root from the right: measured at α = 3 on 2·N(0, 1) rows of 77, 3.4× faster than
+    bisecting every other step to the end, and closer to a 60-digit solve) and, once solved, a row with
     entries at the edge of the support is repaired (:func:`_edge_repair`); then zeros and the normalised p
     at the candidates' columns (a repaired row's p as repaired). ``edge_eps`` is the rounding of that edge
     test. For large α the edge entries' p is set by rounding (α = 10: y = 1e-16 is p = 0.017): this kernel
@@ -369,7 +419,7 @@ def _newton_rows(
     beta = 1.0 / am1
     reach = beta
     halley = beta >= 2.0
-    big = alpha > 2.0  # F jumps where an entry enters the support: bisect every other step, repair the edge
+    big = alpha > 2.0  # F′ is unbounded where an entry enters the support: bisect, repair the edge
     # float64 scores, or α > 2 (see newton_forward): float64 accuracy; else the faster polynomials
     precise = z.itemsize == 8 or big
     whole = beta == math.floor(beta) and 2.0 <= beta < 34.0
@@ -391,36 +441,22 @@ def _newton_rows(
     slope = np.empty(_GROUP, np.float64)
     bend = np.empty(_GROUP, np.float64)
     polished = np.empty(_GROUP, np.bool_)
+    live = np.empty(_GROUP, np.int64)  # candidates in the support at the last evaluation
+    live_lo = np.empty(_GROUP, np.int64)  # ... at the ends of the bracket (−1: not evaluated)
+    live_hi = np.empty(_GROUP, np.int64)
+    mass_hi = np.empty(_GROUP, np.float64)  # F and −F′ at the right end
+    slope_hi = np.empty(_GROUP, np.float64)
     for r0 in range(0, n_rows, _GROUP):
         rows = min(_GROUP, n_rows - r0)
         for g in range(rows):
-            r = r0 + g
-            m = _row_max(z, r)
-            nan = False
-            for j in range(n):  # vectorised
-                nan = nan | (z[r, j] != z[r, j])
-            top[g] = m
-            size[g] = 0
-            if nan or m == np.inf:
-                state[g] = -2
-                continue
-            if m == -np.inf:
-                state[g] = -1
-                continue
-            k = 0
-            for j in range(n):  # always store, advance past the candidates (no mispredicted branch)
-                d = z[r, j] - m
-                u[g, k] = d
-                cols[g, k] = j
-                k += d > -reach
-            for i in range(k, (k + 7) // 8 * 8):
-                u[g, i] = -np.inf
-            size[g] = k
-            state[g] = 1
+            top[g], size[g], state[g] = _collect_candidates(z, r0 + g, u[g], cols[g], reach)
+            k = size[g]
             lam_g[g] = 0.0
             lo[g] = 0.0
             hi[g] = right[k]
             polished[g] = False
+            live_lo[g] = k
+            live_hi[g] = -1
         for it in range(max_iter):
             for g in range(rows):
                 if state[g] != 1:
@@ -443,6 +479,11 @@ def _newton_rows(
                         f_sum += v
                         g_sum += v * inv
                         h_sum += v * inv * inv
+                if big:  # the support's size (p may underflow to 0 inside it)
+                    c = 0
+                    for i in range(size[g]):
+                        c += am1 * u[g, i] - shift > -1.0
+                    live[g] = c
                 mass[g] = f_sum
                 slope[g] = g_sum
                 bend[g] = h_sum
@@ -461,44 +502,55 @@ def _newton_rows(
                 if it == max_iter - 1:
                     continue
                 polished[g] = error <= tol
-                grown = math.expm1(am1 * math.log(f_sum))  # F^{α−1} − 1
-                step = grown / am1 * (f_sum / (1.0 + grown)) / g_sum
+                step = _threshold_step(f_sum, g_sum, am1)
                 if halley:
                     c = 0.5 * step * (1.0 - am1) * (bend[g] * f_sum - g_sum * g_sum) / (f_sum * g_sum)
                     step = step / (1.0 - c) if c <= 0.5 else step
                 if f_sum >= 1.0:
-                    lo[g] = max(lo[g], lam_g[g])
+                    lo[g] = lam_g[g]
+                    live_lo[g] = live[g]
                 else:
-                    hi[g] = min(hi[g], lam_g[g])
+                    hi[g] = lam_g[g]
+                    live_hi[g] = live[g]
+                    mass_hi[g] = f_sum
+                    slope_hi[g] = g_sum
                 new = lam_g[g] + step
-                bad = new < lo[g] or new > hi[g] or not math.isfinite(new) or (big and it % 2 == 1)
+                forced = False
+                if big:
+                    if live_lo[g] == live_hi[g]:
+                        # no entry enters the support in [lo, hi): F^{α−1} is concave there, and Newton's
+                        # steps from the right end approach the root from the right
+                        if f_sum >= 1.0:
+                            back = hi[g] + _threshold_step(mass_hi[g], slope_hi[g], am1)
+                            new = back if not (new < back) or new <= lo[g] else new
+                    else:
+                        forced = it % 2 == 1
+                bad = new < lo[g] or new > hi[g] or not math.isfinite(new) or forced
                 lam_g[g] = 0.5 * (lo[g] + hi[g]) if bad else new
             if left == 0:
                 break
         for g in range(rows):
             r = r0 + g
-            for j in range(n):
-                p[r, j] = 0.0
-            if state[g] == -2:
-                for j in range(n):
-                    p[r, j] = np.nan
-                lam[r] = np.nan
-                continue
-            if state[g] == -1:
-                lam[r] = -np.inf
-                continue
-            if big and _edge_repair(u[g], q[g], size[g], am1, beta, lam_g, g, edge_eps, precise):
-                for i in range(size[g]):  # the edge entries carry the rest of the mass: not normalised
-                    p[r, cols[g, i]] = q[g, i]
-            else:
-                scale = 1.0 / mass[g]
-                for i in range(size[g]):
-                    p[r, cols[g, i]] = q[g, i] * scale
-            lam[r] = lam_g[g] + top[g]
+            repaired = state[g] >= 0 and big
+            repaired = repaired and _edge_repair(u[g], q[g], size[g], am1, beta, lam_g, g, edge_eps, precise)
+            # the edge entries of a repaired row carry the rest of the mass: not normalised
+            _write_row(p, r, state[g], q[g], cols[g], size[g], 1.0 if repaired else 1.0 / mass[g])
+            lam[r] = lam_g[g] + top[g] if state[g] >= 0 else (np.nan if state[g] == -2 else -np.inf)
 
 
 _NEWTON_ROWS = _jit.Kernel(
-    _newton_rows, helpers=(_power, _whole_power, _row_max, _at_edge, _edge_repair), reassociate=True
+    _newton_rows,
+    helpers=(
+        _power,
+        _whole_power,
+        _row_max,
+        _at_edge,
+        _edge_repair,
+        _collect_candidates,
+        _threshold_step,
+        _write_row,
+    ),
+    reassociate=True,
 )
 # |Σp − 1| within this many eps of the dtype: solved without the polishing step (measured at α = 1.3 on
 # float32 32768×77: 3.0 evaluations per row instead of 3.9, max error vs float64 3.5e-8 instead of 3.2e-8;

@@ -48,10 +48,15 @@ def newton_threshold(
     With F(λ) = Σ p_i and G(λ) = Σ p_i^{2−α} = −F'(λ), Newton on g = F^{α−1} − 1 (a p-norm of
     non-negative convex functions, hence convex for α ≤ 2) gives the step
     Δλ = expm1((α−1) log F)/(α−1) · F^{2−α}/G, monotone from the left end λ₀ = 0 for α ≤ 2, and one
-    more step once |F − 1| is at rounding level (the polish on the found support). Rows with α > 2
-    bisect the bracket every other step. ``done`` marks the rows whose polished F is within 32 eps
-    of 1 or whose bracket has collapsed. ``stop_early`` ends the passes once every row is done (the
-    compiled backend runs exactly ``max_iter`` evaluations instead).
+    more step once |F − 1| is at rounding level (the polish on the found support). For α > 2, g is
+    concave only between the points where an entry enters the support (there F′ is unbounded): while
+    such a point lies in the bracket, every other step bisects; once the support counts at the two
+    ends agree, none does, and a step from the left end is replaced by the step from the right end
+    where that one is nearer (both land at or right of the root, which the steps from the right then
+    approach monotonically: quadratic convergence instead of the bisection's halving). ``done`` marks
+    the rows whose polished F is within 32 eps of 1 or whose bracket has collapsed. ``stop_early`` ends
+    the passes once every row is done (the compiled backend runs exactly ``max_iter`` evaluations
+    instead).
     """
     am1 = alpha - 1.0
     big = alpha > 2.0  # a bool, or a mask of the rows
@@ -61,13 +66,14 @@ def newton_threshold(
     lam = torch.zeros_like(z[:, :1])
     lo = lam
     hi = -torch.expm1(-am1 * torch.full_like(lam, z.shape[-1]).log()) / am1
-    # for α > 2, F jumps where an entry enters the support (x^{1/(α−1)} near x = 0), so the loop
-    # usually ends by collapsing the bracket rather than by |F − 1| ≤ tol
     eps = torch.finfo(z.dtype).eps
     tol = 32 * eps
     width_tol = 4 * eps * hi
     polished = torch.zeros_like(lam, dtype=torch.bool)
     done = polished
+    concave = big if isinstance(big, bool) else bool(big.any())  # some row takes the α > 2 rules
+    live_lo = live_hi = torch.full_like(lam, -1, dtype=torch.long)  # support counts at the bracket's ends
+    f_hi = g_hi = torch.ones_like(lam)  # F and −F′ at the right end
     for it in range(max_iter):
         f_sum = _mass(u, lam, am1, p, x, q)
         converged = (f_sum - 1).abs() <= tol
@@ -75,18 +81,33 @@ def newton_threshold(
         if it == max_iter - 1 or (stop_early and bool(done.all())):
             break
         polished = converged
+        left = f_sum >= 1
+        if concave:
+            live = (x > -1.0).sum(-1, keepdim=True)
+            live_lo = torch.where(left, live, live_lo)
+            live_hi = torch.where(left, live_hi, live)
         # Σ p^{2−α}, with p^{2−α} = p/(1 + x) on the support (0/0 off it)
         g_sum = torch.div(p, x.add_(1.0), out=q).nan_to_num_(nan=0.0).sum(-1, keepdim=True)
-        log_f = f_sum.log()
-        step = torch.expm1(am1 * log_f) / am1 * torch.exp((1.0 - am1) * log_f) / g_sum
-        lo = torch.where(f_sum >= 1, torch.maximum(lo, lam), lo)
-        hi = torch.where(f_sum < 1, torch.minimum(hi, lam), hi)
-        new = lam + step
-        bad = (new < lo) | (new > hi) | ~torch.isfinite(new)
-        if it % 2 == 1:
-            bad = bad | big
+        lo = torch.where(left, torch.maximum(lo, lam), lo)
+        hi = torch.where(left, hi, torch.minimum(hi, lam))
+        new = lam + _newton_step(f_sum, g_sum, am1)
+        forced = big if it % 2 == 1 else False
+        if concave:
+            f_hi = torch.where(left, f_hi, f_sum)
+            g_hi = torch.where(left, g_hi, g_sum)
+            smooth = big & (live_lo == live_hi)
+            back = hi + _newton_step(f_hi, g_hi, am1)
+            new = torch.where(smooth & left & ~(new < back), back, new)
+            forced = forced & ~smooth
+        bad = (new < lo) | (new > hi) | ~torch.isfinite(new) | forced
         lam = torch.where(done, lam, torch.where(bad, 0.5 * (lo + hi), new))
     return lam, done
+
+
+def _newton_step(f_sum: torch.Tensor, g_sum: torch.Tensor, am1: Alpha) -> torch.Tensor:
+    """Newton's step on g = F^{α−1} − 1 from a point where F = ``f_sum`` and −F′ = ``g_sum``."""
+    log_f = f_sum.log()
+    return torch.expm1(am1 * log_f) / am1 * torch.exp((1.0 - am1) * log_f) / g_sum
 
 
 def newton_entmax(z: torch.Tensor, alpha: Alpha, out: torch.Tensor) -> torch.Tensor:
