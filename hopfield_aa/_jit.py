@@ -42,7 +42,9 @@ def _numba_module() -> Any:
 class Kernel:
     """A function compiled by numba on first use (``njit``: no Python objects inside, the GIL released,
     NumPy's division semantics, no fast-math so that −inf keeps its IEEE meaning and sums run in order;
-    ``reassociate`` lets the compiler reorder sums, and so vectorise them).
+    ``reassociate`` lets the compiler reorder sums, and so vectorise them; ``intrinsics`` are the vector
+    operations of this module it calls (:func:`compress_above`), imported by its module under their own
+    names and bound there, like the helpers, to their compiled forms).
 
     ``helpers`` are the functions of the same module the kernel calls: they are compiled first and bound
     in the module under their own names (numba resolves a kernel's globals when it compiles it); the
@@ -58,9 +60,11 @@ class Kernel:
         fn: Callable[..., Any],
         helpers: tuple[Callable[..., Any], ...] = (),
         reassociate: bool = False,
+        intrinsics: tuple[Callable[..., Any], ...] = (),
     ) -> None:
         self.fn = fn
         self.helpers = helpers
+        self.intrinsics = intrinsics
         # sums may be reordered (and so vectorised): for kernels whose results need not repeat another
         # kernel's bit for bit; the flags keep NaN and infinities meaningful
         self.fastmath = {"reassoc", "contract"} if reassociate else False
@@ -74,6 +78,8 @@ class Kernel:
             numba = _numba_module()
             if numba is None:
                 return None
+            for stub in self.intrinsics:
+                self.fn.__globals__[stub.__name__] = _intrinsic(stub.__name__)
             jit = numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
             for helper in self.helpers:
                 if not isinstance(self.fn.__globals__.get(helper.__name__), numba.core.dispatcher.Dispatcher):
@@ -116,3 +122,142 @@ def disabled() -> Iterator[None]:
         yield
     finally:
         _enabled = previous
+
+
+def compress_above(src: Any, start: int, skip: int, m: float, limit: float, dst: Any, at: int) -> int:
+    """Inside a kernel only (an intrinsic, :data:`INTRINSICS`): the ``W`` = 64 bytes of entries of the
+    C-contiguous array ``src`` from flat index ``start`` on (W = 16 float32 or 8 float64), d = entry − m
+    in ``src``'s dtype, and those past the first ``skip`` with d > ``limit`` (NaN never; a row's last
+    entries as the window ending there, its first lanes skipped as already seen) written in order to the
+    flat ``dst[at:]`` (same dtype; all W lanes are stored, those past the kept ones scratch, so ``dst``
+    needs W entries of room); returns how many were kept. On a CPU with AVX-512 this is one compress
+    instruction (vcompressps/pd) per W entries, where a branch-free scalar loop stores every entry
+    (measured, float32, one thread: the maximum and collection of 16384 rows of 256 take 2.6 ms by the
+    scalar loop, 0.9 ms compressed); elsewhere LLVM expands it to scalar code."""
+    raise RuntimeError("compress_above runs inside a compiled kernel only")
+
+
+def compress_above_at(
+    src: Any, start: int, skip: int, m: float, limit: float, dst: Any, at: int, cols: Any, first: int
+) -> int:
+    """:func:`compress_above`, and the kept entries' column numbers (``first`` + lane) written alike to the
+    flat int32 ``cols[at:]``."""
+    raise RuntimeError("compress_above_at runs inside a compiled kernel only")
+
+
+INTRINSICS = ("compress_above", "compress_above_at")
+_intrinsics: dict[str, Any] = {}
+
+
+def _intrinsic(name: str) -> Any:
+    """The numba intrinsic ``name`` of :data:`INTRINSICS`, built on first use (numba imported)."""
+    if name not in INTRINSICS:
+        raise ValueError(f"intrinsic: expected one of {INTRINSICS}, got {name!r}")
+    if name not in _intrinsics:
+        _intrinsics[name] = _build_compress(with_columns=name == "compress_above_at")
+    return _intrinsics[name]
+
+
+def _build_compress(with_columns: bool, register_form: bool | None = None) -> Any:
+    """:func:`compress_above` (or ``_at``) as LLVM IR: a vector load, a subtraction and a compare, then
+    ``llvm.experimental.vector.compress`` and a whole-vector store (``register_form``; by default where
+    LLVM ≥ 19 has it), else ``llvm.masked.compressstore`` (measured slower than the scalar loop on an
+    AMD Zen 4, whose memory form of the instruction is microcoded), and the mask's population count."""
+    from llvmlite import binding, ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    if register_form is None:
+        register_form = binding.llvm_version_info >= (19,)
+    i32 = ir.IntType(32)
+
+    def splat(builder: Any, value: Any, vector: Any) -> Any:
+        out = ir.Constant(vector, ir.Undefined)
+        for i in range(vector.count):
+            out = builder.insert_element(out, value, ir.Constant(i32, i))
+        return out
+
+    def store(builder: Any, values: Any, mask: Any, pointer: Any, align: int) -> None:
+        vector = values.type
+        if register_form:
+            name = f"llvm.experimental.vector.compress.{_mangle(vector)}"
+            fn_type = ir.FunctionType(vector, [vector, mask.type, vector])
+            packed = builder.call(
+                cgutils.get_or_insert_function(builder.module, fn_type, name),
+                [values, mask, ir.Constant(vector, ir.Undefined)],
+            )
+            builder.store(packed, builder.bitcast(pointer, vector.as_pointer()), align=align)
+        else:
+            name = f"llvm.masked.compressstore.{_mangle(vector)}"
+            fn_type = ir.FunctionType(ir.VoidType(), [vector, vector.element.as_pointer(), mask.type])
+            builder.call(
+                cgutils.get_or_insert_function(builder.module, fn_type, name), [values, pointer, mask]
+            )
+
+    def typer(
+        typingctx: Any, src: Any, start: Any, skip: Any, m: Any, limit: Any, dst: Any, at: Any, *rest: Any
+    ) -> Any:
+        arrays = (src, dst) + ((rest[0],) if with_columns else ())
+        if not all(isinstance(a, types.Array) and a.layout == "C" for a in arrays) or src.dtype != dst.dtype:
+            return None
+        if src.dtype not in (types.float32, types.float64) or (with_columns and rest[0].dtype != types.int32):
+            return None
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            dtype = signature.args[0].dtype
+            element = context.get_value_type(dtype)
+            width = 64 // (dtype.bitwidth // 8)
+            vector = ir.VectorType(element, width)
+            align = dtype.bitwidth // 8
+
+            def scalar(i: int, to: Any) -> Any:
+                return context.cast(builder, args[i], signature.args[i], to)
+
+            src_data = context.make_array(signature.args[0])(context, builder, args[0]).data
+            dst_data = context.make_array(signature.args[5])(context, builder, args[5]).data
+            pointer = builder.gep(src_data, [scalar(1, types.int64)])
+            values = builder.load(builder.bitcast(pointer, vector.as_pointer()), align=align)
+            d = builder.fsub(values, splat(builder, scalar(3, dtype), vector))
+            lane_type = ir.VectorType(i32, width)
+            lanes = ir.Constant(lane_type, list(range(width)))
+            unseen = builder.icmp_unsigned(
+                ">=", lanes, splat(builder, builder.trunc(scalar(2, types.int64), i32), lane_type)
+            )
+            mask = builder.and_(
+                builder.fcmp_ordered(">", d, splat(builder, scalar(4, dtype), vector)), unseen
+            )
+            at_value = scalar(6, types.int64)
+            store(builder, d, mask, builder.gep(dst_data, [at_value]), align)
+            if with_columns:
+                cols_data = context.make_array(signature.args[7])(context, builder, args[7]).data
+                first = builder.trunc(scalar(8, types.int64), i32)
+                columns = builder.add(splat(builder, first, lane_type), lanes)
+                store(builder, columns, mask, builder.gep(cols_data, [at_value]), 4)
+            bits = builder.bitcast(mask, ir.IntType(width))
+            count_type = ir.FunctionType(ir.IntType(width), [ir.IntType(width)])
+            count = builder.call(
+                cgutils.get_or_insert_function(builder.module, count_type, f"llvm.ctpop.i{width}"), [bits]
+            )
+            return builder.zext(count, ir.IntType(64))
+
+        return types.int64(src, start, skip, m, limit, dst, at, *rest), codegen
+
+    if with_columns:
+
+        def typer_at(typingctx, src, start, skip, m, limit, dst, at, cols, first):
+            return typer(typingctx, src, start, skip, m, limit, dst, at, cols, first)
+
+        return intrinsic(typer_at)
+
+    def typer_plain(typingctx, src, start, skip, m, limit, dst, at):
+        return typer(typingctx, src, start, skip, m, limit, dst, at)
+
+    return intrinsic(typer_plain)
+
+
+def _mangle(vector: Any) -> str:
+    """LLVM's overload suffix of a vector type: v16f32, v8f64, v16i32."""
+    element = vector.element
+    kind = f"i{element.width}" if hasattr(element, "width") else ("f32" if str(element) == "float" else "f64")
+    return f"v{vector.count}{kind}"

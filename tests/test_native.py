@@ -253,3 +253,89 @@ def test_a_nan_or_plus_inf_score_never_gives_a_finite_looking_row(alpha: float) 
     assert bool((p[4] == 0).all())
     if alpha not in (1.5, 2.0):
         assert bool(p[:3].isnan().all())
+
+
+def _collection_reference(row: np.ndarray, limit: float) -> tuple[np.ndarray, np.ndarray]:
+    """The entries d = z − max (in the row's dtype) with d > ``limit``, in order, and their columns."""
+    d = row - row[np.isfinite(row) | (row == np.inf)].max(initial=-np.inf)
+    keep = d > limit
+    return d[keep], np.flatnonzero(keep).astype(np.int32)
+
+
+@st.composite
+def collection_rows(draw: st.DrawFn) -> tuple[np.ndarray, float]:
+    """(a row of 1–70 entries in float32 or float64 with ties and −inf, a limit such as −1/(α−1))."""
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    n = draw(st.integers(1, 70))
+    row = draw(hnp.arrays(dtype, n, elements=st.floats(-4.0, 4.0, width=32)))
+    if draw(st.booleans()) and n > 2:
+        row[draw(st.integers(0, n - 1))] = -np.inf
+        row[-1] = row[0]
+    limit = draw(st.sampled_from([-2.0, -1.0, -1 / 0.3, -1 / 1.7, -0.0]))
+    return row, limit
+
+
+@given(case=collection_rows())
+def test_the_vector_compress_keeps_the_entries_above_the_limit_in_order_with_their_columns(
+    case: tuple[np.ndarray, float],
+) -> None:
+    """The candidates of the Newton kernel (:func:`native._collect_candidates`: vector compresses of 16
+    float32 or 8 float64 entries, the last window ending at the row's end, a scalar loop for rows shorter
+    than a vector) are exactly the entries z − max > limit of the row, in column order, with their
+    columns, for any row length; the limit is rounded down to the row's dtype as the kernel does."""
+    row, limit = case
+    native._NEWTON_ROWS.get()  # binds the compiled helpers and intrinsics in the module
+    z = np.stack([row, row[::-1].copy()])
+    bound = np.asarray(limit, row.dtype)
+    if float(bound) > limit:
+        bound = np.nextafter(bound, row.dtype.type(-np.inf))
+    for r in range(2):
+        u = np.full(z.shape[1] + 24, np.nan, row.dtype)
+        cols = np.full(z.shape[1] + 16, -1, np.int32)
+        m, k, state = native._collect_candidates(z, r, u, cols, bound[()])
+        kept, columns = _collection_reference(z[r], limit)
+        assert state == 1 and m == z[r].max()
+        assert k == kept.size
+        np.testing.assert_array_equal(u[:k], kept)
+        np.testing.assert_array_equal(cols[:k], columns)
+        assert bool(np.all(u[k : (k + 7) // 8 * 8] == -np.inf))
+
+
+@pytest.mark.parametrize("register_form", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_both_forms_of_the_compress_intrinsic_give_the_scalar_collection(
+    register_form: bool, dtype: type
+) -> None:
+    """The compress intrinsic built either way (LLVM's vector.compress and a whole-vector store, or the
+    masked compress-store older LLVM has), on full windows and on a last window whose first lanes are
+    skipped: the kept entries z − m > limit and their columns, in order, and their count, as a scalar
+    loop gives them."""
+    numba = pytest.importorskip("numba")
+    compress = _jit._build_compress(with_columns=True, register_form=register_form)
+    lanes = 64 // np.dtype(dtype).itemsize
+
+    @numba.njit
+    def collect(z, m, limit, u, cols):  # type: ignore[no-untyped-def]
+        n = z.shape[0]
+        k = 0
+        j = 0
+        while j + lanes <= n:
+            k += compress(z, j, 0, m, limit, u, k, cols, j)
+            j += lanes
+        if 0 < j < n:
+            k += compress(z, n - lanes, lanes - n + j, m, limit, u, k, cols, n - lanes)
+        return k
+
+    gen = np.random.default_rng(3)
+    for n in (lanes, lanes + 1, 2 * lanes - 1, 77, 256):
+        z = (2 * gen.standard_normal(n)).astype(dtype)
+        z[n // 3] = np.nan
+        z[n // 2] = -np.inf
+        m = dtype(np.nanmax(z))
+        u = np.zeros(n + lanes, dtype)
+        cols = np.zeros(n + lanes, np.int32)
+        k = collect(z, m, dtype(-2.0), u, cols)
+        keep = (z - m) > -2.0
+        assert k == int(keep.sum())
+        np.testing.assert_array_equal(u[:k], (z - m)[keep])
+        np.testing.assert_array_equal(cols[:k], np.flatnonzero(keep))

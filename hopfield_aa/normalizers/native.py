@@ -4,10 +4,11 @@
 α = 1.5 and 2 (:func:`forward`, :func:`probs`): each row is solved while it sits in the cache, in three
 steps, with up to ``_GROUP`` rows stepped in turn so that their support passes overlap:
 
-1. the maximum m (eight running maxima), then the candidates z_j − m > −1/(α−1), collected
-   branch-free, as u = (α−1)(z − m) in float64 (the threshold never drops below the left end of its
-   bracket, so no other entry can be in the support, :func:`.blocked._candidate_reach`); rows of at
-   most ``_SHORT_ROW`` entries keep every entry (those at or below −1 never count);
+1. the maximum m (eight running maxima), then the candidates z_j − m > −1/(α−1), collected by vector
+   compresses (:func:`.._jit.compress_above`), as u = (α−1)(z − m) in float64 (the threshold never drops
+   below the left end of its bracket, so no other entry can be in the support,
+   :func:`.blocked._candidate_reach`); rows of at most ``_SHORT_ROW`` entries keep every entry (those
+   at or below −1 never count);
 2. the support passes of :mod:`.exact` (α = 1.5: the smaller root of the quadratic on the current
    support; α = 2: the Michelot step) on them, from τ₀ = −1 until the support reproduces itself; every
    iterate stays ≥ −1, so the entries left out never count. A row that has not settled after
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 
 from hopfield_aa import _jit
+from hopfield_aa._jit import compress_above, compress_above_at
 from hopfield_aa.normalizers.exact import MAX_SUPPORT_ITER
 from hopfield_aa.normalizers.newton import MAX_NEWTON_ITER
 
@@ -91,6 +93,11 @@ def _rows(z: Any, p: Any, lam: Any, quadratic: bool, max_passes: int) -> None:  
     zero = typed[1]
     half = typed[0]
     u = np.empty((_GROUP, n), np.float64)  # the collected entries of each row, (z − max)·scale
+    lanes = 64 // z.itemsize  # entries per compress (:func:`.._jit.compress_above`)
+    room = n + lanes
+    kept = np.empty((_GROUP, room), z.dtype)  # their z − max, in the input dtype
+    typed[0] = -reach
+    limit = typed[0]  # −1 or −2: exact in either dtype
     size = np.empty(_GROUP, np.int64)
     top = np.empty(_GROUP, z.dtype)
     tau = np.empty(_GROUP, np.float64)
@@ -111,10 +118,14 @@ def _rows(z: Any, p: Any, lam: Any, quadratic: bool, max_passes: int) -> None:  
                     u[g, j] = np.float64(z[r, j] - m) * scale
                 k = n
             else:
-                for j in range(n):  # branch-free: always store, advance past the entries kept
-                    d = z[r, j] - m
-                    u[g, k] = np.float64(d) * scale
-                    k += d > -reach
+                j = 0
+                while j + lanes <= n:  # a vector compress per ``lanes`` entries
+                    k += compress_above(z, r * n + j, 0, m, limit, kept, g * room + k)
+                    j += lanes
+                if j < n:  # the last window ends at the row's end; its lanes before j were seen
+                    k += compress_above(z, r * n + n - lanes, lanes - n + j, m, limit, kept, g * room + k)
+                for i in range(k):
+                    u[g, i] = np.float64(kept[g, i]) * scale
             size[g] = k
             tau[g] = -1.0
             count_prev[g] = -1.0
@@ -193,7 +204,7 @@ def _rows(z: Any, p: Any, lam: Any, quadratic: bool, max_passes: int) -> None:  
                 lam[r] = tau[g] + 1.0 + m
 
 
-_KERNEL = _jit.Kernel(_rows, helpers=(_row_max,), reassociate=True)
+_KERNEL = _jit.Kernel(_rows, helpers=(_row_max,), reassociate=True, intrinsics=(compress_above,))
 
 
 # ln 2 in two parts (fdlibm's split: k·_LN2_HI is exact for the |k| < 2^11 of a float64 exponent)
@@ -331,11 +342,12 @@ def _edge_repair(
 
 
 def _collect_candidates(
-    z: Any, r: int, u: Any, cols: Any, reach: float
+    z: Any, r: int, u: Any, cols: Any, limit: Any
 ) -> tuple[float, int, int]:  # pragma: no cover - numba
-    """Row ``r``'s maximum m, its candidates z_j − m > −``reach`` in ``u`` (input dtype, padded with −inf to
-    whole vectors) and their columns in ``cols``, collected branch-free; returns (m, their number, state:
-    1 to solve, −1 for a row of only −inf, −2 for a row with a NaN or +inf score)."""
+    """Row ``r``'s maximum m, its candidates z_j − m > ``limit`` in ``u`` (input dtype, padded with −inf to
+    whole vectors; room for 16 more entries) and their columns in ``cols`` (as much room), collected by
+    vector compresses (:func:`.._jit.compress_above_at`), the rest branch-free; returns (m, their number,
+    state: 1 to solve, −1 for a row of only −inf, −2 for a row with a NaN or +inf score)."""
     n = z.shape[1]
     m = _row_max(z, r)
     nan = False
@@ -346,11 +358,19 @@ def _collect_candidates(
     if m == -np.inf:
         return m, 0, -1
     k = 0
-    for j in range(n):  # always store, advance past the candidates (no mispredicted branch)
-        d = z[r, j] - m
+    lanes = 64 // z.itemsize
+    j = 0
+    while j + lanes <= n:
+        k += compress_above_at(z, r * n + j, 0, m, limit, u, k, cols, j)
+        j += lanes
+    if 0 < j < n:  # the last window ends at the row's end; its lanes before j were seen
+        k += compress_above_at(z, r * n + n - lanes, lanes - n + j, m, limit, u, k, cols, n - lanes)
+        j = n
+    for i in range(j, n):  # rows shorter than a vector: always store, advance past the candidates
+        d = z[r, i] - m
         u[k] = d
-        cols[k] = j
-        k += d > -reach
+        cols[k] = i
+        k += d > limit
     for i in range(k, (k + 7) // 8 * 8):
         u[i] = -np.inf
     return m, k, 1
@@ -390,7 +410,7 @@ def _newton_rows(
     """α-entmax (any α > 1) of the rows of ``z`` (R, n) into ``p``, λ into ``lam`` (R,): the iteration of
     :func:`.newton.newton_threshold` on each row's candidates, in float64, while the row is in the cache.
 
-    Each row: its maximum; its candidates z_j − max > −1/(α−1) collected branch-free (z − max in the
+    Each row: its maximum; its candidates z_j − max > −1/(α−1) collected by vector compresses (z − max in the
     input dtype) with their columns; from the left end of the bracket [0, (1 − k^{1−α})/(α−1)] of λ (k
     candidates), evaluations of F = Σ p, p = (1 + (α−1)(z − max − λ))_+^β, β = 1/(α−1), and of −F′ and
     F″/(2 − α) (Σ p^{2−α}, Σ p^{3−2α}), vectorised over the candidates (:func:`_power`, or
@@ -425,9 +445,14 @@ def _newton_rows(
     whole = beta == math.floor(beta) and 2.0 <= beta < 34.0
     n2 = int(beta) - 2 if whole else 0
     width = (n + 7) // 8 * 8  # candidates padded with −inf (p = 0) to whole vectors
-    u = np.empty((_GROUP, width), z.dtype)  # z − max of the candidates
+    u = np.empty((_GROUP, width + 16), z.dtype)  # z − max of the candidates (room for a compress)
     q = np.empty((_GROUP, width), np.float64)  # p at the last evaluation
-    cols = np.empty((_GROUP, n), np.int32)
+    cols = np.empty((_GROUP, n + 16), np.int32)
+    bound = np.empty(1, z.dtype)  # −reach rounded down to the input dtype: d > bound iff d > −reach
+    bound[0] = -reach
+    if np.float64(bound[0]) > -reach:
+        bound[0] = np.nextafter(bound[0], -np.inf)
+    limit = bound[0]
     right = np.empty(n + 1, np.float64)  # the right end of the bracket for k candidates
     for k in range(1, n + 1):
         right[k] = -math.expm1(-am1 * math.log(k)) / am1
@@ -449,7 +474,7 @@ def _newton_rows(
     for r0 in range(0, n_rows, _GROUP):
         rows = min(_GROUP, n_rows - r0)
         for g in range(rows):
-            top[g], size[g], state[g] = _collect_candidates(z, r0 + g, u[g], cols[g], reach)
+            top[g], size[g], state[g] = _collect_candidates(z, r0 + g, u[g], cols[g], limit)
             k = size[g]
             lam_g[g] = 0.0
             lo[g] = 0.0
@@ -551,6 +576,7 @@ _NEWTON_ROWS = _jit.Kernel(
         _write_row,
     ),
     reassociate=True,
+    intrinsics=(compress_above_at,),
 )
 # |Σp − 1| within this many eps of the dtype: solved without the polishing step (measured at α = 1.3 on
 # float32 32768×77: 3.0 evaluations per row instead of 3.9, max error vs float64 3.5e-8 instead of 3.2e-8;
