@@ -92,7 +92,10 @@ def _rows(z: Any, p: Any, lam: Any, quadratic: bool, max_passes: int) -> None:  
     typed[1] = 0.0
     zero = typed[1]
     half = typed[0]
-    u = np.empty((_GROUP, n), np.float64)  # the collected entries of each row, (z − max)·scale
+    # the collected entries of each row, (z − max)·scale, padded with −inf (never in the support) to whole
+    # vectors of 8, so that the support passes have no scalar remainder (measured: float32 32768×77, about
+    # 6 candidates a row: 4.3 → 3.9 ms for the whole call)
+    u = np.empty((_GROUP, (n + 7) // 8 * 8), np.float64)
     lanes = 64 // z.itemsize  # entries per compress (:func:`.._jit.compress_above`)
     room = n + lanes
     kept = np.empty((_GROUP, room), z.dtype)  # their z − max, in the input dtype
@@ -127,6 +130,8 @@ def _rows(z: Any, p: Any, lam: Any, quadratic: bool, max_passes: int) -> None:  
                 for i in range(k):
                     u[g, i] = np.float64(kept[g, i]) * scale
             size[g] = k
+            for i in range(k, (k + 7) // 8 * 8):
+                u[g, i] = -np.inf
             tau[g] = -1.0
             count_prev[g] = -1.0
             exact_prev[g] = False
@@ -140,7 +145,7 @@ def _rows(z: Any, p: Any, lam: Any, quadratic: bool, max_passes: int) -> None:  
                 s1 = 0.0
                 s2 = 0.0
                 count = 0.0
-                for i in range(size[g]):  # branch-free, and vectorised (the sums may be reordered)
+                for i in range((size[g] + 7) // 8 * 8):  # branch-free, vectorised (sums may be reordered)
                     d = u[g, i] - t
                     d = d if d > 0.0 else 0.0
                     s1 += d
