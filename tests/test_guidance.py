@@ -567,6 +567,28 @@ def test_the_lean_default_gag_kernel_equals_the_public_gag_including_a_zero_refe
     assert bool(calls) == native
 
 
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_lean_default_gag_kernel_never_turns_a_nan_retrieval_into_a_finite_row(
+    native, dtype, monkeypatch
+):
+    """A NaN in the dense or the sparse retrieval of a head and query token makes that row of the rule NaN
+    (both forms: the native kernel's integer maximum of |r| gives a NaN bound there, which must not
+    read as a negligible reference); the other rows are the finite rule."""
+    from hopfield_aa import _jit
+    from hopfield_aa.guidance.rules import gag_parallel
+
+    monkeypatch.setattr(_jit, "_enabled", native)
+    g = torch.Generator().manual_seed(13)
+    dense = torch.randn(2, 3, 5, 8, generator=g, dtype=dtype)
+    sparse = torch.randn(2, 3, 5, 8, generator=g, dtype=dtype)
+    dense[0, 0, 0, 3] = math.nan
+    sparse[1, 2, 4, 0] = math.nan
+    out = gag_parallel(dense, sparse, 2.0)
+    assert bool(out[0, 0, 0].isnan().all()) and bool(out[1, 2, 4].isnan().all())
+    assert int(out.isnan().any(-1).sum()) == 2
+
+
 @pytest.mark.parametrize("batch", [1, 16])
 def test_guided_attention_equals_the_rules_of_explicit_retrievals_on_short_and_long_rows(batch):
     """Both entmax kernels the fused routine picks (sort on few entries, the support passes on many)."""

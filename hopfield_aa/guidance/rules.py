@@ -224,8 +224,12 @@ def _gag_parallel_rows(
     dense: Any, sparse: Any, out: Any, scale: float, zero_factor: float
 ) -> None:  # pragma: no cover - compiled by numba
     """:func:`gag_parallel` on rows (R, d): one pass for ⟨r, S⟩, ‖S‖² and |r|_∞ in the input dtype (as
-    the tensor form sums them; reordered, so vectorised), one for the output."""
-    typed = np.empty(3, sparse.dtype)  # constants in the input dtype (a float literal is float64)
+    the tensor form sums them; reordered, so vectorised), one for the output.
+
+    |r|_∞ is the integer maximum of the bits of |r| as float64 (ordered as the values are, for values
+    ≥ 0), which vectorises where a floating-point maximum does not (measured, 4096 rows of 16: 48 → 16
+    µs); a NaN in r gives a NaN bound and, through ⟨r, S⟩, a NaN row, as before."""
+    typed = np.empty(4, sparse.dtype)  # constants in the input dtype (a float literal is float64)
     typed[0] = 0.0
     typed[1] = scale
     typed[2] = zero_factor
@@ -233,16 +237,16 @@ def _gag_parallel_rows(
     for row in range(dense.shape[0]):
         along = zero
         norm_sq = zero
-        top = zero
+        top = np.int64(0)
         for j in range(dense.shape[1]):
             s = sparse[row, j]
             r = s - dense[row, j]
             along += r * s
             norm_sq += s * s
-            a = abs(r)
-            top = a if a > top else top
-        floor = top * factor
-        c = lam * (along / norm_sq) if norm_sq > floor * floor else zero
+            top = max(top, np.float64(abs(r)).view(np.int64))
+        typed[3] = np.int64(top).view(np.float64)  # exact in the input dtype: it is one of the |r|
+        floor = typed[3] * factor
+        c = lam * (along / norm_sq) if not norm_sq <= floor * floor else zero
         for j in range(dense.shape[1]):
             out[row, j] = sparse[row, j] + c * sparse[row, j]
 
