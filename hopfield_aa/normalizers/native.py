@@ -102,6 +102,7 @@ def _rows(z: Any, p: Any, lam: Any, quadratic: bool, max_passes: int) -> None:  
     typed[0] = -reach
     limit = typed[0]  # −1 or −2: exact in either dtype
     size = np.empty(_GROUP, np.int64)
+    padded = np.empty(_GROUP, np.int64)  # the passes' trip count: candidates padded to whole vectors
     top = np.empty(_GROUP, z.dtype)
     tau = np.empty(_GROUP, np.float64)
     count_prev = np.empty(_GROUP, np.float64)
@@ -130,7 +131,8 @@ def _rows(z: Any, p: Any, lam: Any, quadratic: bool, max_passes: int) -> None:  
                 for i in range(k):
                     u[g, i] = np.float64(kept[g, i]) * scale
             size[g] = k
-            for i in range(k, (k + 7) // 8 * 8):
+            padded[g] = (k + 7) // 8 * 8
+            for i in range(k, padded[g]):
                 u[g, i] = -np.inf
             tau[g] = -1.0
             count_prev[g] = -1.0
@@ -145,7 +147,7 @@ def _rows(z: Any, p: Any, lam: Any, quadratic: bool, max_passes: int) -> None:  
                 s1 = 0.0
                 s2 = 0.0
                 count = 0.0
-                for i in range((size[g] + 7) // 8 * 8):  # branch-free, vectorised (sums may be reordered)
+                for i in range(padded[g]):  # branch-free, vectorised (sums may be reordered)
                     d = u[g, i] - t
                     d = d if d > 0.0 else 0.0
                     s1 += d
