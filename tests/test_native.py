@@ -339,3 +339,57 @@ def test_both_forms_of_the_compress_intrinsic_give_the_scalar_collection(
         assert k == int(keep.sum())
         np.testing.assert_array_equal(u[:k], (z - m)[keep])
         np.testing.assert_array_equal(cols[:k], np.flatnonzero(keep))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@given(n=st.integers(1, 15), data=st.data())
+def test_the_native_softmax_of_short_rows_is_torchs_softmax_with_its_nan_rows(
+    dtype: torch.dtype, n: int, data: st.DataObject
+) -> None:
+    """Rows shorter than ``native.SHORT_SOFTMAX`` (where torch's CPU softmax is slow): the native kernel's
+    softmax is torch's within 1e-6 relative in float32 (1e-13 in float64) on every finite entry, along the
+    last axis or another; masked entries (−inf) get 0; a row with a NaN, or of only −inf, is NaN exactly
+    where torch's is; and the log-sum-exp it returns as λ is torch's."""
+    z = torch.from_numpy(data.draw(hnp.arrays(np.float64, (3, 5, n), elements=st.floats(-30.0, 30.0)))).to(
+        dtype
+    )
+    if n > 1:
+        z[0, 0, 0] = -math.inf
+    z[1, 1] = -math.inf
+    z[2, 2, n - 1] = math.nan
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    for dim in (-1, 1):
+        assert native.softmax_applies(z, dim) == (z.shape[dim] < native.SHORT_SOFTMAX)
+        if not native.softmax_applies(z, dim):
+            continue
+        p, ref = native.softmax(z, dim), torch.softmax(z, dim)
+        assert torch.equal(p.isnan(), ref.isnan())
+        live = ~ref.isnan()
+        error = (p[live].double() - ref[live].double()).abs() / ref[live].double().clamp_min(1e-30)
+        assert float(error.max()) <= tol or bool((p[live] == ref[live]).all())
+        assert bool((p[(z == -math.inf) & live] == 0).all())
+    rows = z.reshape(-1, n)
+    lam = np.empty(rows.shape[0], rows.numpy().dtype)
+    native._split(
+        native._SOFTMAX_ROWS.get(), rows.numpy(), torch.empty_like(rows).numpy(), lam, dtype == torch.float64
+    )
+    ref_lam = torch.logsumexp(rows.double(), -1)
+    live = torch.isfinite(ref_lam)
+    np.testing.assert_allclose(lam[live.numpy()], ref_lam[live].numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_softmax_through_entmax_tensor_takes_the_native_kernel_on_short_rows_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``entmax_tensor(·, 1)`` (the dense rung of guided attention) runs the native softmax on CPU rows
+    shorter than 16 and torch's elsewhere (long rows, a gradient to record), with torch's result."""
+    calls: list[int] = []
+    kernel = native.softmax
+    monkeypatch.setattr(native, "softmax", lambda z, d: calls.append(z.shape[d]) or kernel(z, d))
+    gen = torch.Generator().manual_seed(4)
+    for n in (12, 16, 77):
+        z = torch.randn(4, 3, n, generator=gen)
+        torch.testing.assert_close(_entmax_tensor(z, 1.0), torch.softmax(z, -1), rtol=1e-6, atol=1e-7)
+    z = torch.randn(4, 12, generator=gen, requires_grad=True)
+    _entmax_tensor(z, 1.0).sum().backward()
+    assert calls == [12]

@@ -169,7 +169,6 @@ def _run_dask(
     return outcomes, executor
 
 
-
 def _display_path(path: str) -> str:
     """A traces path as the report shows it: the bundled folder by its place in the package, a folder
     below the working directory relative to it, anything else as given (no machine-specific prefix)."""
@@ -182,6 +181,7 @@ def _display_path(path: str) -> str:
         return resolved.relative_to(Path.cwd().resolve()).as_posix()
     except ValueError:
         return str(path)
+
 
 def run_verification(
     config: VerifyConfig, out: str | os.PathLike[str], *, client: Any = None

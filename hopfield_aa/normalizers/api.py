@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from hopfield_aa._arrays import ArrayLike, as_tensor, check_alpha, check_dim, restore, result_kind
-from hopfield_aa.normalizers import blocked
+from hopfield_aa.normalizers import blocked, native
 from hopfield_aa.normalizers.blocked import HALF
 
 # Below this |α − 1| the α-derivative uses its limit at α = 1 (the closed form cancels two
@@ -235,6 +235,8 @@ def alpha_argument(alpha: object, scores: torch.Tensor, dim: int) -> float | tor
 
 
 def _softmax_tensor(scores: torch.Tensor, dim: int) -> torch.Tensor:
+    if native.softmax_applies(scores, dim):  # short rows on CPU: torch's softmax is slow there
+        return native.softmax(scores, dim)
     if scores.dtype in HALF:
         return torch.softmax(scores.float(), dim).to(scores.dtype)
     return torch.softmax(scores, dim)

@@ -223,6 +223,39 @@ _TINY = 2.2250738585072014e-308  # the smallest normal float64
 _F64_EPS = 2.220446049250313e-16
 
 
+def _exp(v: float, precise: bool) -> float:  # pragma: no cover - numba
+    """e^v for v ≤ 0 (0 below the normal range and for NaN: callers test NaN themselves) as arithmetic the
+    compiler vectorises: v = k ln 2 + r, |r| ≤ ln 2 / 2, e^r by a polynomial in r (12 terms where
+    ``precise``, else 8; accuracy as measured in :func:`_power`), 2^k from its bits."""
+    k = math.floor(v * _INV_LN2 + 0.5)
+    r = (v - k * _LN2_HI) - k * _LN2_LO
+    if precise:
+        q = 2.5114870219497476e-08
+        q = q * r + 2.7632640675430235e-07
+        q = q * r + 2.755722495611072e-06
+        q = q * r + 2.480148547921643e-05
+        q = q * r + 0.00019841269909219843
+        q = q * r + 0.0013888888952318045
+        q = q * r + 0.008333333333309526
+        q = q * r + 0.04166666666648808
+        q = q * r + 0.16666666666666702
+        q = q * r + 0.5000000000000019
+        q = q * r + 1.0
+        q = q * r + 1.0
+    else:
+        q = 0.00019915869191389535
+        q = q * r + 0.0013948580818093912
+        q = q * r + 0.008333266093189582
+        q = q * r + 0.04166621827440191
+        q = q * r + 0.16666666891074364
+        q = q * r + 0.5000000107749384
+        q = q * r + 0.9999999999797808
+        q = q * r + 0.9999999999595482
+    normal = k > -1022.0
+    scale = np.int64((np.int64(k if normal else 0.0) + 1023) << 52).view(np.float64)
+    return q * scale if normal else 0.0
+
+
 def _power(x: float, beta: float, precise: bool) -> tuple[float, float]:  # pragma: no cover - numba
     """((1 + x)^β, 1/(1 + x)) for −1 < x ≤ 0 and (0, 0) for x ≤ −1, as arithmetic that the compiler
     vectorises (libm's log and exp are called one entry at a time: 4× the time). Relative errors below
@@ -264,33 +297,8 @@ def _power(x: float, beta: float, precise: bool) -> tuple[float, float]:  # prag
         s = s * z + 0.20000061138684136
         s = s * z + 0.3333333327689203
     v = beta * (e * _LN2_HI + (e * _LN2_LO + 2.0 * t * (1.0 + z * s)))
-    k = math.floor(v * _INV_LN2 + 0.5)
-    r = (v - k * _LN2_HI) - k * _LN2_LO
-    if precise:
-        q = 2.5114870219497476e-08
-        q = q * r + 2.7632640675430235e-07
-        q = q * r + 2.755722495611072e-06
-        q = q * r + 2.480148547921643e-05
-        q = q * r + 0.00019841269909219843
-        q = q * r + 0.0013888888952318045
-        q = q * r + 0.008333333333309526
-        q = q * r + 0.04166666666648808
-        q = q * r + 0.16666666666666702
-        q = q * r + 0.5000000000000019
-        q = q * r + 1.0
-        q = q * r + 1.0
-    else:
-        q = 0.00019915869191389535
-        q = q * r + 0.0013948580818093912
-        q = q * r + 0.008333266093189582
-        q = q * r + 0.04166621827440191
-        q = q * r + 0.16666666891074364
-        q = q * r + 0.5000000107749384
-        q = q * r + 0.9999999999797808
-        q = q * r + 0.9999999999595482
-    normal = k > -1022.0
-    scale = np.int64((np.int64(k if normal else 0.0) + 1023) << 52).view(np.float64)
-    return (q * scale if positive & normal else 0.0), (w * below if positive else 0.0)
+    power = _exp(v, precise)
+    return (power if positive else 0.0), (w * below if positive else 0.0)
 
 
 def _whole_power(x: float, n: int) -> tuple[float, float, float]:  # pragma: no cover - numba
@@ -573,6 +581,7 @@ def _newton_rows(
 _NEWTON_ROWS = _jit.Kernel(
     _newton_rows,
     helpers=(
+        _exp,
         _power,
         _whole_power,
         _row_max,
@@ -585,6 +594,56 @@ _NEWTON_ROWS = _jit.Kernel(
     reassociate=True,
     intrinsics=(compress_above_at,),
 )
+
+
+def _softmax_rows(z: Any, p: Any, lam: Any, precise: bool) -> None:  # pragma: no cover - numba
+    """Softmax of the rows of ``z`` (R, n) into ``p`` and their log-sum-exp into ``lam`` (R,): the maximum
+    m, e^{z − m} (z − m in the input dtype, as torch computes it; :func:`_exp`) summed in float64, then
+    e^{z − m}/Σ in the input dtype. A row with a NaN gets NaN, as does a row of only −inf (0/0, as
+    ``torch.softmax``) and one with +inf."""
+    n_rows, n = z.shape
+    row = np.empty(n, np.float64)
+    for r in range(n_rows):
+        m = _row_max(z, r)
+        nan = False
+        total = 0.0
+        for j in range(n):  # vectorised
+            v = z[r, j]
+            nan = nan | (v != v)
+            e = _exp(np.float64(v - m), precise)
+            row[j] = e
+            total += e
+        scale = np.nan if nan else 1.0 / total
+        for j in range(n):
+            p[r, j] = row[j] * scale
+        lam[r] = np.nan if nan else m + math.log(total)
+
+
+_SOFTMAX_ROWS = _jit.Kernel(_softmax_rows, helpers=(_row_max, _exp), reassociate=True)
+# rows shorter than this take the native softmax: torch 2.13's CPU softmax takes a scalar path below 16
+# entries (measured, float32, one thread, (16, 4, 64, n): 839 µs at n = 12, 84 µs at n = 16;
+# analysis/results/bench_entmax.md, "softmax on short rows")
+SHORT_SOFTMAX = 16
+
+
+def softmax_applies(scores: torch.Tensor, dim: int) -> bool:
+    """Whether :func:`softmax` takes ``scores``: rows along ``dim`` shorter than :data:`SHORT_SOFTMAX`, a
+    CPU float32/float64 tensor without a gradient to record, native kernels on."""
+    return scores.ndim > 0 and scores.shape[dim] < SHORT_SOFTMAX and _jit.accepts(scores)
+
+
+def softmax(scores: torch.Tensor, dim: int) -> torch.Tensor:
+    """Softmax of ``scores`` along ``dim`` by :func:`_softmax_rows`, one call. Call only where
+    :func:`softmax_applies`."""
+    last = dim in (-1, scores.ndim - 1)
+    z = (scores if last else scores.movedim(dim, -1)).contiguous()
+    out = torch.empty_like(z)
+    n = z.shape[-1]
+    zn, pn = z.numpy().reshape(-1, n), out.numpy().reshape(-1, n)
+    _split(_SOFTMAX_ROWS.get(), zn, pn, np.empty(zn.shape[0], zn.dtype), zn.itemsize == 8)
+    return out if last else out.movedim(-1, dim)
+
+
 # |Σp − 1| within this many eps of the dtype: solved without the polishing step (measured at α = 1.3 on
 # float32 32768×77: 3.0 evaluations per row instead of 3.9, max error vs float64 3.5e-8 instead of 3.2e-8;
 # 4 eps: 2.95 and 6.0e-8)
