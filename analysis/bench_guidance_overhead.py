@@ -541,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
         print(sections[-1], flush=True)
     if args.summary_json is not None:
         _io.write_json(args.summary_json, summary)
+    processes = [summary] + [other_process(args, i) for i in range(1, args.processes)]
+    spread = process_table(processes, args.batch) if args.processes > 1 else ""
     if args.sampling_only:
         bench.stop(load)
         if args.out is None:
@@ -553,15 +555,16 @@ def main(argv: list[str] | None = None) -> int:
                 "Re-run: `python analysis/bench_guidance_overhead.py --sampling-only "
                 f"--repeats {args.repeats} --batch {' '.join(map(str, args.batch))} --steps {args.steps} "
                 f"--threads {args.threads} "
-                f"--out {args.out}`; {args.repeats} interleaved repetitions, ratio of best times and median "
-                "paired ratio with a bootstrap 95 % interval.",
+                + (f"--processes {args.processes} " if args.processes > 1 else "")
+                + f"--out {args.out}`; {args.repeats} interleaved repetitions, ratio of best times and "
+                "median paired ratio with a bootstrap 95 % interval.",
                 "",
                 *[s + "\n" for s in sections],
+                spread,
             ]
         )
         bench.write_table(args.out, text, load, args)
         return 0
-    processes = [summary] + [other_process(args, i) for i in range(1, args.processes)]
     batch = max(args.batch)
     prompts = [prompt_pool[i % 2] for i in range(batch)]
     profile_gag = profile(pipe, {"rule": "gag"}, prompts, args.steps)
@@ -587,7 +590,6 @@ def main(argv: list[str] | None = None) -> int:
     ratio_text = ", ".join(f"{r:.3f} at batch {b}" for r, b in zip(gag_ratios, args.batch, strict=True))
     if args.processes > 1:
         ratio_text += f"; the median over the {args.processes} processes above"
-    spread = process_table(processes, args.batch) if args.processes > 1 else ""
     install_ms = install_cost(pipe) * 1e3
     weights = "The bundled reference pipeline, trained" if BUNDLED else "Its architecture, random weights"
     text = "\n".join(

@@ -243,3 +243,28 @@ def test_the_prepared_gpu_benchmark_runs_end_to_end_on_a_cpu(tmp_path, monkeypat
         assert heading in text
     assert "load average (1/5/15 min) before" in text
     assert "Rows converged at β = 7.5, m = 5: 32/32." in text
+
+
+@pytest.mark.slow
+def test_the_overhead_benchmark_repeats_its_sampling_table_in_other_processes(tmp_path, monkeypatch) -> None:
+    """analysis/bench_guidance_overhead.py --processes 2 (quick, sampling table only): the second process's
+    ratios come back and the table lists every configuration's ratio of best times per process and their
+    median."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "analysis" / "bench_guidance_overhead.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # its sibling _bench, as when run as a script
+    spec = importlib.util.spec_from_file_location("bench_guidance_overhead", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "overhead.md"
+    args = ["--quick", "--sampling-only", "--processes", "2", "--out", str(out), "--wait-quiet", "0"]
+    assert module.main([*args, "--allow-load"]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert "### Across 2 processes" in text and "| process 1 | process 2 | median |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| GAG ζ=0 (default) @ batch 1 |"))
+    values = [float(v) for v in row.strip("|").split("|")[1:]]
+    assert len(values) == 3 and all(v > 0 for v in values)
+    assert values[2] == pytest.approx((values[0] + values[1]) / 2, abs=1e-3)  # the median of two
