@@ -635,13 +635,12 @@ def softmax_applies(scores: torch.Tensor, dim: int) -> bool:
 def softmax(scores: torch.Tensor, dim: int) -> torch.Tensor:
     """Softmax of ``scores`` along ``dim`` by :func:`_softmax_rows`, one call. Call only where
     :func:`softmax_applies`."""
-    last = dim in (-1, scores.ndim - 1)
-    z = (scores if last else scores.movedim(dim, -1)).contiguous()
-    out = torch.empty_like(z)
-    n = z.shape[-1]
-    zn, pn = z.numpy().reshape(-1, n), out.numpy().reshape(-1, n)
-    _split(_SOFTMAX_ROWS.get(), zn, pn, np.empty(zn.shape[0], zn.dtype), zn.itemsize == 8)
-    return out if last else out.movedim(-1, dim)
+    return _along(scores, dim, _softmax_solve, scores.dtype == torch.float64)
+
+
+def _softmax_solve(z: np.ndarray, p: np.ndarray, lam: np.ndarray, precise: bool) -> None:
+    """The softmax kernel (:func:`_softmax_rows`) on the rows of ``z`` (R, n) into ``p`` and ``lam`` (R,)."""
+    _split(_SOFTMAX_ROWS.get(), z, p, lam, precise)
 
 
 # |Σp − 1| within this many eps of the dtype: solved without the polishing step (measured at α = 1.3 on
@@ -694,6 +693,13 @@ def forward(
 def probs(scores: torch.Tensor, alpha: float, dim: int) -> torch.Tensor:
     """α = 1.5 or 2 of ``scores`` along ``dim``, the probabilities alone, in about two tensor ops (the
     attention hot path, where each op's fixed cost adds up). Call only where :func:`applies`."""
+    return _along(scores, dim, _solve, alpha == 1.5, MAX_SUPPORT_ITER)
+
+
+def _along(scores: torch.Tensor, dim: int, solve: Any, *args: Any) -> torch.Tensor:
+    """The output of a row solver (``solve(z, p, lam, *args)`` on rows (R, n): :func:`_solve`,
+    :func:`_softmax_solve`) on ``scores`` along ``dim``, λ discarded: the rows made the last axis and
+    contiguous (no copy where they already are), the output put back."""
     last = dim in (-1, scores.ndim - 1)
     z = (scores if last else scores.movedim(dim, -1)).contiguous()
     if z.requires_grad:
@@ -701,7 +707,7 @@ def probs(scores: torch.Tensor, alpha: float, dim: int) -> torch.Tensor:
     out = torch.empty_like(z)
     n = z.shape[-1]
     zn, pn = z.numpy().reshape(-1, n), out.numpy().reshape(-1, n)
-    _solve(zn, pn, np.empty(zn.shape[0], zn.dtype), alpha == 1.5, MAX_SUPPORT_ITER)
+    solve(zn, pn, np.empty(zn.shape[0], zn.dtype), *args)
     return out if last else out.movedim(-1, dim)
 
 
