@@ -3,6 +3,8 @@ CFG batches, and a forward interrupted by an exception, after which the stock pr
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -220,20 +222,27 @@ def test_a_failing_compiler_warns_once_and_the_eager_path_guides(unet, monkeypat
         enable_gag(unet, "gag", compile="yes")
 
 
+def _analysis_script(name: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """analysis/<name>.py imported as a module, with its sibling _bench importable as when run as a
+    script."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "analysis" / f"{name}.py"
+    monkeypatch.syspath_prepend(str(path.parent))
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.slow
 def test_the_prepared_gpu_benchmark_runs_end_to_end_on_a_cpu(tmp_path, monkeypatch) -> None:
     """analysis/bench_gpu.py (the one-shot run for a lent GPU) on a CPU with --quick: every section is
     written (entmax against softmax and the package, guided attention against SDPA, Anderson), so a GPU
     session only has to run it."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "analysis" / "bench_gpu.py"
-    monkeypatch.syspath_prepend(str(path.parent))  # its sibling _bench, as when run as a script
-    spec = importlib.util.spec_from_file_location("bench_gpu", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _analysis_script("bench_gpu", monkeypatch)
     out = tmp_path / "bench_gpu.md"
     # a loaded test machine would have the table refused: write it (marked) without waiting for quiet
     args = ["--device", "cpu", "--quick", "--out", str(out), "--wait-quiet", "0", "--allow-load"]
@@ -250,15 +259,7 @@ def test_the_overhead_benchmark_repeats_its_sampling_table_in_other_processes(tm
     """analysis/bench_guidance_overhead.py --processes 2 (quick, sampling table only): the second process's
     ratios come back and the table lists every configuration's ratio of best times per process and their
     median."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "analysis" / "bench_guidance_overhead.py"
-    monkeypatch.syspath_prepend(str(path.parent))  # its sibling _bench, as when run as a script
-    spec = importlib.util.spec_from_file_location("bench_guidance_overhead", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _analysis_script("bench_guidance_overhead", monkeypatch)
     out = tmp_path / "overhead.md"
     args = ["--quick", "--sampling-only", "--processes", "2", "--out", str(out), "--wait-quiet", "0"]
     assert module.main([*args, "--allow-load"]) == 0

@@ -639,13 +639,22 @@ def test_the_compiled_backend_runs_the_native_kernel_on_cpu_without_compiling(
 ) -> None:
     """On CPU the compiled backend's α = 1.5 and 2 forward is the native kernel (faster there than the
     passes inductor compiles): nothing is compiled and the result is the eager one, bit for bit."""
+    _assert_compiled_backend_compiles_nothing(alpha, 19, "torch.compile called on CPU", monkeypatch)
+
+
+def _assert_compiled_backend_compiles_nothing(
+    alpha: float, seed: int, why: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the compiled backend selected, α-entmax of adversarial float32 rows of 77 neither takes the
+    compiled passes nor calls torch.compile (which fails with ``why``), and equals the eager result bit
+    for bit."""
 
     def no_compile(*args: object, **kwargs: object) -> object:
-        raise AssertionError("torch.compile called on CPU")
+        raise AssertionError(why)
 
     monkeypatch.setattr(compiled_backend, "_compiled_kernels", {})
     monkeypatch.setattr(torch, "compile", no_compile)
-    z = _adversarial_float32(77, seed=19)
+    z = _adversarial_float32(77, seed=seed)
     eager = _entmax_tensor(z, alpha)
     with entmax_backend("compiled"):
         assert not compiled_backend.applies(z, alpha)
@@ -797,17 +806,9 @@ def test_the_compiled_backend_leaves_other_alpha_to_the_eager_kernel(
 ) -> None:
     """The compiled backend covers α = 1.5 and 2 only (compiled Newton passes were slower than the eager
     kernel): other α never reach the compiler and give the eager result bit for bit."""
-
-    def no_compile(*args: object, **kwargs: object) -> object:
-        raise AssertionError("compiled for an α the backend does not cover")
-
-    monkeypatch.setattr(compiled_backend, "_compiled_kernels", {})
-    monkeypatch.setattr(torch, "compile", no_compile)
-    z = _adversarial_float32(77, seed=17)
-    eager = _entmax_tensor(z, alpha)
-    with entmax_backend("compiled"):
-        assert not compiled_backend.applies(z, alpha)
-        assert torch.equal(_entmax_tensor(z, alpha), eager)
+    _assert_compiled_backend_compiles_nothing(
+        alpha, 17, "compiled for an α the backend does not cover", monkeypatch
+    )
 
 
 def test_backend_switch_context_manager_restores_and_rejects_unknown_names(
