@@ -548,15 +548,17 @@ def _newton_rows(
                     step = step / (1.0 - c) if c <= 0.5 else step
                 if f_sum >= 1.0:
                     lo[g] = lam_g[g]
-                    live_lo[g] = live[g]
                 else:
                     hi[g] = lam_g[g]
-                    live_hi[g] = live[g]
-                    mass_hi[g] = f_sum
-                    slope_hi[g] = g_sum
                 new = lam_g[g] + step
                 forced = False
-                if big:
+                if big:  # the support counts at the bracket's ends, F and −F′ at its right end
+                    if f_sum >= 1.0:
+                        live_lo[g] = live[g]
+                    else:
+                        live_hi[g] = live[g]
+                        mass_hi[g] = f_sum
+                        slope_hi[g] = g_sum
                     if live_lo[g] == live_hi[g]:
                         # no entry enters the support in [lo, hi): F^{α−1} is concave there, and Newton's
                         # steps from the right end approach the root from the right
