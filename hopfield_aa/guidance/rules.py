@@ -221,10 +221,12 @@ def gag_parallel(dense: torch.Tensor, sparse: torch.Tensor, scale: float) -> tor
 
 
 def _gag_parallel_rows(
-    dense: Any, sparse: Any, out: Any, scale: float, zero_factor: float
+    dense: Any, sparse: Any, out: Any, scale: float, zero_factor: float, heads: int, queries: int
 ) -> None:  # pragma: no cover - compiled by numba
     """:func:`gag_parallel` on rows (R, d): one pass for ⟨r, S⟩, ‖S‖² and |r|_∞ in the input dtype (as
-    the tensor form sums them; reordered, so vectorised), one for the output.
+    the tensor form sums them; reordered, so vectorised), one for the output. The rows of ``dense`` and
+    ``sparse`` are (batch, heads, queries) in that order; ``out``'s are (batch, queries, heads) (``heads``
+    = 1: the same order).
 
     |r|_∞ is the integer maximum of the bits of |r| as float64 (ordered as the values are, for values
     ≥ 0), which vectorises where a floating-point maximum does not (measured, 4096 rows of 16: 48 → 16
@@ -234,40 +236,55 @@ def _gag_parallel_rows(
     typed[1] = scale
     typed[2] = zero_factor
     zero, lam, factor = typed[0], typed[1], typed[2]
-    for row in range(dense.shape[0]):
-        along = zero
-        norm_sq = zero
-        top = np.int64(0)
-        for j in range(dense.shape[1]):
-            s = sparse[row, j]
-            r = s - dense[row, j]
-            along += r * s
-            norm_sq += s * s
-            top = max(top, np.float64(abs(r)).view(np.int64))
-        typed[3] = np.int64(top).view(np.float64)  # exact in the input dtype: it is one of the |r|
-        floor = typed[3] * factor
-        c = lam * (along / norm_sq) if not norm_sq <= floor * floor else zero
-        for j in range(dense.shape[1]):
-            out[row, j] = sparse[row, j] + c * sparse[row, j]
+    for block in range(dense.shape[0] // queries):  # a (batch, head): where its rows go in ``out``
+        batch, head = divmod(block, heads)
+        target = batch * queries * heads + head
+        for row in range(block * queries, (block + 1) * queries):
+            along = zero
+            norm_sq = zero
+            top = np.int64(0)
+            for j in range(dense.shape[1]):
+                s = sparse[row, j]
+                r = s - dense[row, j]
+                along += r * s
+                norm_sq += s * s
+                top = max(top, np.float64(abs(r)).view(np.int64))
+            typed[3] = np.int64(top).view(np.float64)  # exact in the input dtype: it is one of the |r|
+            floor = typed[3] * factor
+            c = lam * (along / norm_sq) if not norm_sq <= floor * floor else zero
+            for j in range(dense.shape[1]):
+                out[target, j] = sparse[row, j] + c * sparse[row, j]
+            target += heads
 
 
 _GAG_PARALLEL = _jit.Kernel(_gag_parallel_rows, reassociate=True)
 
 
 def _gag_parallel_native(dense: torch.Tensor, sparse: torch.Tensor, scale: float) -> torch.Tensor:
+    """The kernel on rows; a 4-d (batch, heads, queries, d) result is laid out in memory as
+    (batch, queries, heads, d), as ``F.scaled_dot_product_attention``'s output on CPU, so that the
+    processor's merge of the heads is a view rather than a copy (measured, (16, 4, 64, 16) float32: the
+    copy is 26 µs, against 38 µs for the rule)."""
     kernel = _GAG_PARALLEL.get()
     assert kernel is not None
     d, s = dense.detach().contiguous(), sparse.detach().contiguous()
-    out = torch.empty_like(s)
     n = s.shape[-1]
+    if s.ndim == 4:
+        batch, heads, queries, _ = s.shape
+        out = s.new_empty((batch, queries, heads, n))
+    else:
+        heads, queries = 1, max(1, s.numel() // n)
+        out = torch.empty_like(s)
     kernel(
         d.numpy().reshape(-1, n),
         s.numpy().reshape(-1, n),
         out.numpy().reshape(-1, n),
         float(scale),
         _ZERO_FACTOR * torch.finfo(s.dtype).eps,
+        heads,
+        queries,
     )
-    return out
+    return out.transpose(1, 2) if s.ndim == 4 else out
 
 
 def _check_gag(options: Mapping[str, Any]) -> None:
