@@ -567,6 +567,36 @@ def test_the_lean_default_gag_kernel_equals_the_public_gag_including_a_zero_refe
     assert bool(calls) == native
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_native_gag_kernel_lays_out_a_4d_result_as_the_stock_attention_so_merging_heads_copies_nothing(
+    dtype,
+):
+    """On CPU the default rule's (batch, heads, queries, d) result lies in memory as (batch, queries, heads,
+    d), as ``F.scaled_dot_product_attention``'s output does, so the processor's merge of the heads
+    (``transpose(1, 2).reshape``) is a view of it; its values are the tensor form's; a result of another
+    rank stays contiguous."""
+    import torch.nn.functional as F
+
+    from hopfield_aa import _jit
+    from hopfield_aa.guidance.rules import gag_parallel
+
+    g = torch.Generator().manual_seed(14)
+    dense = torch.randn(2, 3, 20, 8, generator=g, dtype=dtype)
+    sparse = torch.randn(2, 3, 20, 8, generator=g, dtype=dtype)
+    out = gag_parallel(dense, sparse, 1.5)
+    stock = F.scaled_dot_product_attention(dense, sparse, sparse)
+    assert out.stride() == stock.stride() == (20 * 3 * 8, 8, 3 * 8, 1)
+    merged = out.transpose(1, 2).reshape(2, 20, 3 * 8)
+    assert merged._is_view() and merged.data_ptr() == out.data_ptr()
+    with _jit.disabled():
+        expected = gag_parallel(dense, sparse, 1.5)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+    rows = gag_parallel(dense.reshape(-1, 8), sparse.reshape(-1, 8), 1.5)
+    assert rows.is_contiguous()
+    torch.testing.assert_close(rows, expected.reshape(-1, 8), rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_lean_default_gag_kernel_never_turns_a_nan_retrieval_into_a_finite_row(
