@@ -572,7 +572,7 @@ def test_the_native_gag_kernel_lays_out_a_4d_result_as_the_stock_attention_so_me
     dtype,
 ):
     """On CPU the default rule's (batch, heads, queries, d) result lies in memory as (batch, queries, heads,
-    d), as ``F.scaled_dot_product_attention``'s output does, so the processor's merge of the heads
+    d), as ``F.scaled_dot_product_attention``'s output does for a processor's Q, K, V, so the processor's merge of the heads
     (``transpose(1, 2).reshape``) is a view of it; its values are the tensor form's; a result of another
     rank stays contiguous."""
     import torch.nn.functional as F
@@ -584,7 +584,9 @@ def test_the_native_gag_kernel_lays_out_a_4d_result_as_the_stock_attention_so_me
     dense = torch.randn(2, 3, 20, 8, generator=g, dtype=dtype)
     sparse = torch.randn(2, 3, 20, 8, generator=g, dtype=dtype)
     out = gag_parallel(dense, sparse, 1.5)
-    stock = F.scaled_dot_product_attention(dense, sparse, sparse)
+    # a processor's Q, K, V: views of (batch, tokens, heads, d) projections
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (dense, sparse, sparse))
+    stock = F.scaled_dot_product_attention(q, k, v)
     assert out.stride() == stock.stride() == (20 * 3 * 8, 8, 3 * 8, 1)
     merged = out.transpose(1, 2).reshape(2, 20, 3 * 8)
     assert merged._is_view() and merged.data_ptr() == out.data_ptr()
