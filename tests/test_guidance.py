@@ -572,9 +572,9 @@ def test_the_native_gag_kernel_lays_out_a_4d_result_as_the_stock_attention_so_me
     dtype,
 ):
     """On CPU the default rule's (batch, heads, queries, d) result lies in memory as (batch, queries, heads,
-    d), as ``F.scaled_dot_product_attention``'s output does for a processor's Q, K, V, so the processor's merge of the heads
-    (``transpose(1, 2).reshape``) is a view of it; its values are the tensor form's; a result of another
-    rank stays contiguous."""
+    d), as ``F.scaled_dot_product_attention``'s output does for a processor's Q, K, V, so the processor's
+    merge of the heads (``transpose(1, 2).reshape``) is a view of it; its values are the tensor form's; a
+    result of another rank stays contiguous."""
     import torch.nn.functional as F
 
     from hopfield_aa import _jit

@@ -205,7 +205,9 @@ def gag_parallel(dense: torch.Tensor, sparse: torch.Tensor, scale: float) -> tor
     float rounding, with its convention that a reference of negligible norm
     (``‖S‖ ≤ 16 eps max(|S|_∞, |r|_∞)``) has no parallel part; without ``geometry``'s rescaling by
     ``|S|_∞``, so for retrievals whose squared norm over- or underflows (``|S| ≳ 1e19`` in float32; never
-    an attention output of a working model) it is not the same.
+    an attention output of a working model) it is not the same. On CPU (the native kernel) a 4-d result
+    lies in memory as the stock attention's output does, so that merging its heads copies nothing
+    (:func:`_gag_parallel_native`).
     """
     if dense.shape == sparse.shape and _jit.accepts(dense, sparse):
         return _gag_parallel_native(dense, sparse, scale)
