@@ -269,3 +269,29 @@ def test_the_overhead_benchmark_repeats_its_sampling_table_in_other_processes(tm
     values = [float(v) for v in row.strip("|").split("|")[1:]]
     assert len(values) == 3 and all(v > 0 for v in values)
     assert values[2] == pytest.approx((values[0] + values[1]) / 2, abs=1e-3)  # the median of two
+
+
+def test_an_overhead_target_is_met_only_where_every_process_meets_it(monkeypatch) -> None:
+    """bench_guidance_overhead.verdicts: met where every process's ratio is within the target at every
+    batch, not met where at some batch every process is over it, undecided where the processes fall on
+    both sides; each line gives the median and the range."""
+    module = _analysis_script("bench_guidance_overhead", monkeypatch)
+    ratios = {  # per target: (batch 1, batch 16) ratios of three processes
+        "GAG ζ=0 (default)": ((1.07, 1.09, 1.06), (1.035, 1.064, 1.064)),  # straddles 1.05 at batch 16
+        "extrapolate λ=2": ((1.07, 1.08, 1.06), (1.03, 1.045, 1.05)),  # within both (1.05 counts)
+        "ladder (1, 1.25, 1.5, 2)": ((1.35, 1.36, 1.40), (1.2, 1.2, 1.2)),  # all over 1.3 at batch 1
+    }
+    processes = [
+        {f"{name} @ batch {b}": (r[k][i],) for name, r in ratios.items() for k, b in enumerate((1, 16))}
+        for i in range(3)
+    ]
+    lines = module.verdicts(processes, [1, 16])
+    states = {name: next(line for line in lines if line.startswith(f"- {name}:")) for name in ratios}
+    assert (
+        "**undecided**" in states["GAG ζ=0 (default)"]
+        and "1.064, 1.035–1.064 at batch 16" in states["GAG ζ=0 (default)"]
+    )
+    assert "**met**" in states["extrapolate λ=2"]
+    assert "**not met**" in states["ladder (1, 1.25, 1.5, 2)"]
+    one = module.verdicts(processes[:1], [1, 16])  # one process: its ratio decides
+    assert "**met**" in next(line for line in one if line.startswith("- GAG"))
