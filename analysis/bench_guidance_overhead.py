@@ -461,8 +461,9 @@ def verdicts(processes: list[dict], batches: list[int]) -> list[str]:
             goal = at_one if b == 1 else above
             ratios = [p[f"{name} @ batch {b}"][0] for p in processes]
             states.append("met" if max(ratios) <= goal else "not met" if min(ratios) > goal else "undecided")
-            spread = f", {min(ratios):.3f}–{max(ratios):.3f}" if len(ratios) > 1 else ""
-            parts.append(f"{float(np.median(ratios)):.3f}{spread} at batch {b} (≤ {goal:.2f})")
+            # four decimals: a ratio shown as 1.050 may lie either side of a 1.05 target
+            spread = f", {min(ratios):.4f}–{max(ratios):.4f}" if len(ratios) > 1 else ""
+            parts.append(f"{float(np.median(ratios)):.4f}{spread} at batch {b} (≤ {goal:.2f})")
         state = "not met" if "not met" in states else "undecided" if "undecided" in states else "met"
         lines.append(f"- {name}: **{state}** ({'; '.join(parts)})")
     over = f"the median and the range over the {len(processes)} processes above" if len(processes) > 1 else ""

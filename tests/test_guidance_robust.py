@@ -289,7 +289,7 @@ def test_an_overhead_target_is_met_only_where_every_process_meets_it(monkeypatch
     states = {name: next(line for line in lines if line.startswith(f"- {name}:")) for name in ratios}
     assert (
         "**undecided**" in states["GAG ζ=0 (default)"]
-        and "1.064, 1.035–1.064 at batch 16" in states["GAG ζ=0 (default)"]
+        and "1.0640, 1.0350–1.0640 at batch 16" in states["GAG ζ=0 (default)"]
     )
     assert "**met**" in states["extrapolate λ=2"]
     assert "**not met**" in states["ladder (1, 1.25, 1.5, 2)"]
