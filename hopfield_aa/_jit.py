@@ -15,15 +15,19 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
+
+from hopfield_aa import _simd
 
 ENV_SWITCH = "HOPFIELD_AA_NATIVE"  # "0": every native kernel off
 
 _enabled = os.environ.get(ENV_SWITCH, "1").strip() != "0"
 _numba: Any = None
 _import_failed = False
+_pool: ThreadPoolExecutor | None = None
 
 
 def _numba_module() -> Any:
@@ -43,8 +47,8 @@ class Kernel:
     """A function compiled by numba on first use (``njit``: no Python objects inside, the GIL released,
     NumPy's division semantics, no fast-math so that −inf keeps its IEEE meaning and sums run in order;
     ``reassociate`` lets the compiler reorder sums, and so vectorise them; ``intrinsics`` are the vector
-    operations of this module it calls (:func:`compress_above`), imported by its module under their own
-    names and bound there, like the helpers, to their compiled forms).
+    operations it calls, of this module (:func:`compress_above`) or of :mod:`._simd`, imported by its
+    module under their own names and bound there, like the helpers, to their compiled forms).
 
     ``helpers`` are the functions of the same module the kernel calls: they are compiled first and bound
     in the module under their own names (numba resolves a kernel's globals when it compiles it); the
@@ -87,6 +91,15 @@ class Kernel:
             kernel_jit = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=self.fastmath)
             self._compiled = kernel_jit(self.fn)
         return self._compiled
+
+
+def thread_pool() -> ThreadPoolExecutor:
+    """The threads that run parts of one kernel call side by side (the kernels release the GIL), made on
+    first use."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(thread_name_prefix="hopfield_aa-kernel")
+    return _pool
 
 
 def enabled() -> bool:
@@ -150,9 +163,12 @@ _intrinsics: dict[str, Any] = {}
 
 
 def _intrinsic(name: str) -> Any:
-    """The numba intrinsic ``name`` of :data:`INTRINSICS`, built on first use (numba imported)."""
+    """The numba intrinsic ``name`` of :data:`INTRINSICS` or of the vector functions of :mod:`._simd`,
+    built on first use (numba imported)."""
+    if name in _simd.NAMES:
+        return _simd.build(name)
     if name not in INTRINSICS:
-        raise ValueError(f"intrinsic: expected one of {INTRINSICS}, got {name!r}")
+        raise ValueError(f"intrinsic: expected one of {INTRINSICS + _simd.NAMES}, got {name!r}")
     if name not in _intrinsics:
         _intrinsics[name] = _build_compress(with_columns=name == "compress_above_at")
     return _intrinsics[name]

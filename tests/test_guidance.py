@@ -3,6 +3,8 @@ with manual dense/sparse attention, exact restoration, joint-attention blocks, h
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 
 import pytest
@@ -658,16 +660,14 @@ def test_guided_attention_on_some_rows_leaves_the_others_to_the_stock_kernel():
     torch.testing.assert_close(out[2:], entmax15(q[2:] @ k[2:].transpose(-1, -2) / 8**0.5, dim=-1) @ v[2:])
 
 
-@pytest.mark.parametrize("rule", ["gag", "extrapolate"])
-def test_guided_attention_keeps_at_most_two_score_sized_buffers_alive(rule):
-    """One guided call holds the scores and one probability matrix at a time, plus entmax's buffers of
-    one row block (2^20 entries at most: its scratch, and the rows still unsettled after the fixed
-    passes) and tensors of the output's size: its peak memory stays below 2 score buffers + 2 blocks +
-    6 outputs (measured with torch.profiler's memory events). At this shape the bound leaves about 2.5 MB
-    of room and a third score-sized buffer would be 10 MB."""
+def _guided_peak(rule: str, native: bool) -> tuple[int, int, int, int]:
+    """Peak bytes of one guided call of ``rule`` (native kernels on or off) at (1, 4, 8192, 77, 4), with
+    the bytes of one score matrix, of one output and of entmax's row block (torch.profiler's memory
+    events)."""
     import sys
     from pathlib import Path
 
+    from hopfield_aa import _jit
     from hopfield_aa.guidance.attention import guided_attention
     from hopfield_aa.guidance.rules import get_rule
     from hopfield_aa.normalizers import blocked
@@ -683,8 +683,28 @@ def test_guided_attention_keeps_at_most_two_score_sized_buffers_alive(rule):
     score_bytes = batch * heads * queries * keys * 4
     output_bytes = batch * heads * queries * dim * 4
     block_bytes = min(blocked._BLOCK_ELEMENTS // keys * keys, heads * queries * keys) * 4
-    with torch.no_grad():
+    with torch.no_grad(), contextlib.nullcontext() if native else _jit.disabled():
         peak = _bench.peak_allocated(
             lambda: guided_attention(q, k, v, combine, rule_spec.alphas, scale=dim**-0.5)
         )
+    return peak, score_bytes, output_bytes, block_bytes
+
+
+@pytest.mark.parametrize("rule", ["gag", "extrapolate"])
+def test_guided_attention_keeps_at_most_two_score_sized_buffers_alive(rule):
+    """On the tensor path (native kernels off) one guided call holds the scores and one probability
+    matrix at a time, plus entmax's buffers of one row block (2^20 entries at most: its scratch, and the
+    rows still unsettled after the fixed passes) and tensors of the output's size: its peak memory stays
+    below 2 score buffers + 2 blocks + 6 outputs. At this shape the bound leaves about 2.5 MB of room and
+    a third score-sized buffer would be 10 MB."""
+    peak, score_bytes, output_bytes, block_bytes = _guided_peak(rule, native=False)
     assert score_bytes < peak <= 2 * score_bytes + 2 * block_bytes + 6 * output_bytes
+
+
+@pytest.mark.parametrize("rule", ["gag", "extrapolate"])
+def test_the_fused_guided_call_allocates_no_score_sized_buffer(rule):
+    """With the native kernels on, both retrievals come from one fused call that never stores the
+    scores (:mod:`hopfield_aa.guidance.fused`): the call's peak is a few output-sized tensors (the two
+    retrievals, the rule's result and its temporaries), below one score matrix (here 19× an output)."""
+    peak, score_bytes, output_bytes, _ = _guided_peak(rule, native=True)
+    assert peak <= 4 * output_bytes < score_bytes

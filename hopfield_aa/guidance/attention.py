@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from hopfield_aa.guidance import fused
 from hopfield_aa.normalizers import entmax_tensor
 
 Combine = Callable[[Sequence[torch.Tensor]], torch.Tensor]
@@ -165,9 +166,14 @@ def _guided(
 ) -> torch.Tensor:
     """The rule of the retrievals from one float32 score matrix, ``mask`` additive float32 (4-d) or None.
 
-    ``.float()`` returns a float32 tensor itself (no copy), and β scales the keys (keys × d entries)
-    rather than the scores (queries × keys).
+    Where it applies (float32 on CPU, the ladder (1, 1.5) or (1, 2), no mask) one native call computes
+    both retrievals without storing the scores (:func:`.fused.retrievals`). Otherwise ``.float()``
+    returns a float32 tensor itself (no copy), and β scales the keys (keys × d entries) rather than the
+    scores (queries × keys).
     """
+    outputs = fused.retrievals(query, key, value, alphas, scale, mask)
+    if outputs is not None:
+        return combine(outputs)
     scores = query.float() @ (key.float() * scale).transpose(-1, -2)
     if mask is not None:
         scores = scores.add_(mask)

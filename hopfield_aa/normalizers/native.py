@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -53,7 +52,6 @@ _MIN_ROWS_PER_THREAD = 2048
 _SHORT_ROW = 32  # rows of at most this many entries are solved whole, without collecting candidates
 _GROUP = 8  # rows whose support passes are interleaved (:func:`_rows`), fewer for long rows: a group's
 _GROUP_ENTRIES = 2048  # entries stay in the cache until its output is written (measured)
-_pool: ThreadPoolExecutor | None = None
 
 
 def _row_max(z: Any, r: int) -> Any:  # pragma: no cover - numba
@@ -732,14 +730,7 @@ def _split(kernel: Any, z: np.ndarray, p: np.ndarray, lam: np.ndarray, *args: An
         a, b = part
         kernel(z[a:b], p[a:b], lam[a:b], *args)
 
-    list(_thread_pool().map(run, [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]))
-
-
-def _thread_pool() -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(thread_name_prefix="hopfield_aa-entmax")
-    return _pool
+    list(_jit.thread_pool().map(run, [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]))
 
 
 @torch.library.custom_op("hopfield_aa::entmax_rows", mutates_args=())

@@ -1,0 +1,188 @@
+"""The fused retrievals of guided attention (hopfield_aa.guidance.fused) and the vector functions they are
+written in (hopfield_aa._simd): the softmax and α-entmax retrievals of one score matrix against float64,
+on the processors' strided views, with the sort fallback, across threads, and out of the way wherever
+their premise does not hold."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hopfield_aa import _jit
+from hopfield_aa._simd import vexp, vload, vstore
+from hopfield_aa.guidance import fused
+from hopfield_aa.guidance.attention import guided_attention
+from hopfield_aa.guidance.rules import get_rule
+from hopfield_aa.normalizers import MAX_SUPPORT_ITER, entmax_tensor
+
+pytestmark = pytest.mark.skipif(not _jit.enabled(), reason="numba is not installed")
+
+
+def _attention_views(
+    batch: int, heads: int, queries: int, keys: int, dim: int, seed: int, spread: float = 2.0
+):
+    """Q, K, V as a diffusers processor hands them over: (batch, heads, tokens, d) views of
+    (batch, tokens, heads, d) projections."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, queries, heads, dim, generator=gen).transpose(1, 2) * spread
+    k, v = (torch.randn(batch, keys, heads, dim, generator=gen).transpose(1, 2) for _ in range(2))
+    return q, k, v
+
+
+def _float64_retrievals(q, k, v, scale: float, alpha: float) -> list[torch.Tensor]:
+    z = q.double() @ (k.double() * scale).transpose(-1, -2)
+    return [torch.softmax(z, -1) @ v.double(), entmax_tensor(z, alpha, -1) @ v.double()]
+
+
+@given(
+    shape=st.tuples(
+        st.integers(1, 3), st.integers(1, 3), st.integers(1, 9), st.integers(1, 40), st.integers(1, 40)
+    ),
+    alpha=st.sampled_from(fused.ALPHAS),
+    spread=st.sampled_from([0.1, 1.0, 4.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_the_fused_retrievals_are_the_softmax_and_entmax_retrievals_of_one_score_matrix(
+    shape, alpha, spread, seed
+):
+    """For any batch, heads, queries, keys (1 to 40: shorter and longer than one vector of 16) and head
+    dimension, the fused call's [softmax(βQKᵀ)V, entmax_α(βQKᵀ)V] equal the float64 retrievals up to
+    float32 rounding (the scores summed in another order, the polynomial exponential, the support passes
+    summed in float32): within 1e-5 of max |V|."""
+    q, k, v = _attention_views(*shape, seed=seed, spread=spread)
+    scale = shape[-1] ** -0.5
+    out = fused.retrievals(q, k, v, (1.0, alpha), scale)
+    assert out is not None
+    bound = 1e-5 * float(v.abs().max())
+    for got, want in zip(out, _float64_retrievals(q, k, v, scale, alpha), strict=True):
+        assert got.shape == want.shape and got.dtype == torch.float32 and got.is_contiguous()
+        assert float((got.double() - want).abs().max()) <= bound
+
+
+@pytest.mark.parametrize("alpha", fused.ALPHAS)
+def test_both_fused_retrievals_are_convex_combinations_of_the_values(alpha):
+    """softmax and α-entmax are probability vectors, so with every value 1 both retrievals are 1 (to
+    float32 rounding), at a length of keys that fills no whole vector (37) and one that fills two (32)."""
+    for keys in (37, 32):
+        q, k, _ = _attention_views(2, 3, 11, keys, 24, seed=keys)
+        ones = torch.ones(2, keys, 3, 24).transpose(1, 2)
+        dense, sparse = fused.retrievals(q, k, ones, (1.0, alpha), 24**-0.5)
+        torch.testing.assert_close(dense, torch.ones_like(dense), atol=2e-6, rtol=0)
+        torch.testing.assert_close(sparse, torch.ones_like(sparse), atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("alpha", fused.ALPHAS)
+def test_rows_solved_by_sorting_equal_those_the_support_passes_settle(alpha):
+    """With no support pass allowed every row takes the sort fallback; its retrievals equal those of the
+    support passes to float32 rounding (the two find the same threshold)."""
+    q, k, v = _attention_views(2, 2, 13, 21, 16, seed=5)
+    kernel = fused._KERNEL.get()
+    results = []
+    for passes in (MAX_SUPPORT_ITER, 0):
+        dense, sparse = (torch.empty(2, 2, 13, 16) for _ in range(2))
+        args = (q.numpy(), k.numpy(), v.numpy(), dense.numpy(), sparse.numpy(), 0.25, alpha == 1.5, passes)
+        assert kernel(*args, 0, 4) == 0
+        results.append((dense, sparse))
+    assert torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-6, rtol=0)
+
+
+def test_threads_split_the_blocks_without_changing_a_bit():
+    """Above 2048 query rows per thread the (batch, head) blocks are split across threads; every block is
+    computed by the same code, so the result is bitwise the one-thread result."""
+    q, k, v = _attention_views(2, 4, 1024, 16, 16, seed=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fused.retrievals(q, k, v, (1.0, 1.5), 0.25)
+        torch.set_num_threads(2)
+        two = fused.retrievals(q, k, v, (1.0, 1.5), 0.25)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+@pytest.mark.parametrize("poison", [math.nan, math.inf, -math.inf])
+def test_a_score_that_is_not_finite_hands_the_call_back_to_the_tensor_path(poison, monkeypatch):
+    """A NaN or infinite score (here from one query entry) is outside the kernel's arithmetic: the fused
+    call returns None and guided attention computes the call as it does without the fused kernel (the
+    native entmax and softmax on stored scores), bit for bit, NaN where that path puts it."""
+    q, k, v = _attention_views(1, 2, 6, 12, 8, seed=1)
+    q = q.clone()
+    q[0, 1, 3, 2] = poison
+    assert fused.retrievals(q, k, v, (1.0, 1.5), 8**-0.5) is None
+    spec = get_rule("gag")
+
+    def combine(retrievals):
+        return spec.function(retrievals, spec.scale)
+
+    out = guided_attention(q, k, v, combine, spec.alphas, scale=8**-0.5)
+    monkeypatch.setattr(fused, "retrievals", lambda *args: None)
+    unfused = guided_attention(q, k, v, combine, spec.alphas, scale=8**-0.5)
+    assert out.isnan().any() and out[0, 0].isfinite().all()
+    assert torch.equal(out.nan_to_num(7.0), unfused.nan_to_num(7.0))
+
+
+def test_the_fused_call_declines_what_it_does_not_compute():
+    """A mask, float64, a per-head α tensor, a ladder of more than two rungs, α other than 1.5 and 2, a
+    gradient to record, and native kernels switched off: each sends the call to the tensor path."""
+    q, k, v = _attention_views(1, 2, 4, 5, 8, seed=0)
+    assert fused.retrievals(q, k, v, (1.0, 1.5), 0.3) is not None
+    mask = torch.zeros(1, 1, 4, 5)
+    assert fused.retrievals(q, k, v, (1.0, 1.5), 0.3, mask) is None
+    assert fused.retrievals(q.double(), k.double(), v.double(), (1.0, 1.5), 0.3) is None
+    assert fused.retrievals(q, k, v, (1.0, torch.full((2, 1, 1), 1.5)), 0.3) is None
+    assert fused.retrievals(q, k, v, (1.0, 1.25, 1.5, 2.0), 0.3) is None
+    assert fused.retrievals(q, k, v, (1.0, 1.25), 0.3) is None
+    assert fused.retrievals(q.requires_grad_(), k, v, (1.0, 1.5), 0.3) is None
+    with _jit.disabled():
+        assert fused.retrievals(q.detach(), k, v, (1.0, 1.5), 0.3) is None
+
+
+@pytest.mark.parametrize("rule", ["gag", "extrapolate"])
+def test_guided_attention_on_the_fused_path_agrees_with_the_tensor_path(rule):
+    """The default rules through guided attention: the fused retrievals then the rule give the tensor
+    path's output to float32 rounding, also on the conditional half of a batch (``rows``)."""
+    q, k, v = _attention_views(4, 4, 64, 16, 16, seed=2)
+    spec = get_rule(rule)
+
+    def combine(retrievals):
+        return spec.function(retrievals, spec.scale)
+
+    for rows in (slice(None), slice(2, 4)):
+        out = guided_attention(q, k, v, combine, spec.alphas, scale=0.25, rows=rows)
+        with _jit.disabled():
+            tensor_path = guided_attention(q, k, v, combine, spec.alphas, scale=0.25, rows=rows)
+        torch.testing.assert_close(out, tensor_path, atol=2e-5, rtol=2e-5)
+
+
+def _exp_rows(x, out):  # pragma: no cover - compiled by numba
+    for i in range(0, x.shape[0], 16):
+        vstore(out, i, vexp(vload(x, i)))
+
+
+_EXP = _jit.Kernel(_exp_rows, intrinsics=(vload, vstore, vexp))
+
+
+def test_the_vector_exponential_is_exp_to_float32_rounding():
+    """vexp(a) for a ≤ 0 is e^a within 2 float32 ulps of the float64 value down to float32's normal
+    range (−87.3), 0 below it and at −inf (a denormal e^a is flushed), 1 at 0."""
+    x = np.concatenate(
+        [np.linspace(-87.3, 0.0, 100_000), [0.0, -1e-30, -0.5 * math.log(2), -100.0, -1e4, -np.inf]]
+    ).astype(np.float32)
+    x = np.concatenate([x, np.zeros((-x.size) % 16, np.float32)])
+    out = np.empty_like(x)
+    _EXP.get()(x, out)
+    want = np.exp(x.astype(np.float64))
+    normal = want >= np.finfo(np.float32).tiny
+    ulp = np.spacing(want[normal].astype(np.float32)).astype(np.float64)
+    assert np.abs(out[normal] - want[normal]).max() <= 2 * ulp.max() and np.all(
+        np.abs(out[normal] - want[normal]) <= 2 * ulp
+    )
+    assert np.all(out[~normal] == 0.0)
+    assert out[x == 0.0].tolist() == [1.0] * int((x == 0.0).sum())
