@@ -190,8 +190,12 @@ def cross_attention_shapes(
     return shapes
 
 
+FUSED_STAGE = "both retrievals, fused (guidance.fused: scores, softmax, entmax α = 1.5, D and S)"
+
+
 def stage_breakdown(shapes: list[tuple[int, int, int, int, int]], repeats: int) -> str:
     """Time of each stage of guided cross-attention at the model's shapes, summed over one UNet forward."""
+    from hopfield_aa.guidance import fused
     from hopfield_aa.guidance.rules import gag_rule, ladder_rule
     from hopfield_aa.normalizers import _entmax_tensor
 
@@ -218,10 +222,12 @@ def stage_breakdown(shapes: list[tuple[int, int, int, int, int]], repeats: int) 
         clock(
             "dense attention (stock SDPA)", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)
         )
-        clock("scores β QKᵀ", lambda: (q @ k.transpose(-1, -2)) * dim**-0.5)
-        clock("entmax α = 1.5", lambda: _entmax_tensor(scores, 1.5, -1))
-        clock("sparse retrieval p V", lambda: probs @ v)
+        clock(FUSED_STAGE, lambda: fused.retrievals(q, k, v, (1.0, 1.5), dim**-0.5))
         clock("GAG rule (rules.gag_rule, defaults)", lambda: gag_rule([dense, sparse], 1.0))
+        clock("tensor path: scores β QKᵀ", lambda: (q @ k.transpose(-1, -2)) * dim**-0.5)
+        clock("tensor path: entmax α = 1.5", lambda: _entmax_tensor(scores, 1.5, -1))
+        clock("tensor path: softmax", lambda: _entmax_tensor(scores, 1.0, -1))
+        clock("tensor path: one retrieval p V", lambda: probs @ v)
         clock("entmax α = 1.25 (ladder)", lambda: _entmax_tensor(scores, 1.25, -1))
         clock("entmax α = 2 (ladder)", lambda: _entmax_tensor(scores, 2.0, -1))
         clock("ladder rule (Anderson step)", lambda: ladder_rule(rungs, 2.0))
@@ -298,9 +304,10 @@ def in_loop_costs(pipe: ReferencePipeline, prompts: list[str], steps: int, repea
     import hopfield_aa.guidance.processors as processors
     import hopfield_aa.guidance.rules as rules
 
-    entmax, softmax = "entmax α = 1.5", "softmax (dense retrieval)"
+    entmax, softmax = "entmax α = 1.5 (tensor path)", "softmax (tensor path)"
     targets = {
         "guided attention (whole call)": (processors, "guided_attention"),
+        "both retrievals, fused": (attention.fused, "retrievals"),
         entmax: (attention, "entmax_tensor"),
         "GAG rule": (rules, "gag_parallel"),
     }
@@ -356,6 +363,8 @@ def in_loop_costs(pipe: ReferencePipeline, prompts: list[str], steps: int, repea
     ]
     with torch.no_grad():
         for key, values in in_loop.items():
+            if not values:  # the tensor path's entmax and softmax where the fused call took every call
+                continue
             a, k = last_call[key]
             fn = originals[key]
             for _ in range(20):
@@ -375,6 +384,7 @@ def in_loop_costs(pipe: ReferencePipeline, prompts: list[str], steps: int, repea
 
 def op_counts(shape: tuple[int, int, int, int, int]) -> dict[str, int]:
     """Aten ops dispatched by one call of each stage at ``shape`` (batch, heads, queries, keys, dim)."""
+    from hopfield_aa.guidance import fused
     from hopfield_aa.guidance.rules import gag_rule
     from hopfield_aa.normalizers import _entmax15_sort, _entmax_tensor
 
@@ -388,6 +398,9 @@ def op_counts(shape: tuple[int, int, int, int, int]) -> dict[str, int]:
     )
     calls: dict[str, Callable[[], object]] = {
         "stock SDPA": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+        "both retrievals, fused (guidance.fused.retrievals)": lambda: fused.retrievals(
+            q, k, v, (1.0, 1.5), dim**-0.5
+        ),
         "entmax α = 1.5 (normalizers._entmax_tensor)": lambda: _entmax_tensor(scores, 1.5, -1),
         "entmax α = 1.5, sort-based reference (normalizers._entmax15_sort)": lambda: _entmax15_sort(
             scores, -1
@@ -658,7 +671,10 @@ def main(argv: list[str] | None = None) -> int:
             f"Each stage timed alone (best of 5 × 10 calls) at the shapes of the model's {len(shapes)} "
             f"cross-attention calls per UNet forward {sorted(set(shapes))} (batch, heads, queries, keys, "
             f"head_dim), summed over them; one stock UNet forward with the text encoder and scheduler step "
-            f"takes {stock_forward * 1e3:.1f} ms at this batch.",
+            f"takes {stock_forward * 1e3:.1f} ms at this batch. GAG and extrapolation take the fused "
+            "call (one native kernel: the scores are never stored), then the rule; the rows marked "
+            "'tensor path' are the ops it replaces, which still run where it does not apply (a mask, "
+            "float64, the α-ladder's rungs).",
             "",
             breakdown,
             "",
@@ -674,7 +690,8 @@ def main(argv: list[str] | None = None) -> int:
             "Between two attention calls the UNet's convolutions evict the caches, so a guided call costs "
             "more in the loop than repeated alone (the ratio column); at batch 1 the overhead is set by how "
             "many ops the guided call dispatches (the last column, counted as in the op table above: compare "
-            "stock SDPA there), not by its arithmetic.",
+            "stock SDPA there), not by its arithmetic. The whole call's row includes the fused retrievals "
+            "and the rule below it.",
             "",
             f"### torch.profiler, GAG default, batch {batch}, {args.steps} steps",
             "",
@@ -688,10 +705,11 @@ def main(argv: list[str] | None = None) -> int:
             "",
             memory,
             "",
-            "A guided call keeps at most two score-sized buffers alive (the scores and one probability "
-            "matrix; `tests/test_guidance.py` bounds it), plus entmax's buffers of one row block "
-            "(2^20 entries at most) and tensors of the output's size: the dense and sparse retrievals and "
-            "the rule's temporaries (the α-ladder's Anderson step stacks its rungs).",
+            "GAG and extrapolation (the fused call) allocate no score-sized buffer: the dense and sparse "
+            "retrievals and the rule's result (`tests/test_guidance.py`: at most 4 outputs). On the tensor "
+            "path (the α-ladder here) a guided call keeps at most two score-sized buffers alive (the scores "
+            "and one probability matrix), plus entmax's buffers of one row block (2^20 entries at most) "
+            "and tensors of the output's size (the α-ladder's Anderson step stacks its rungs).",
             "",
         ]
     )

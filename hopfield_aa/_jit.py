@@ -117,7 +117,7 @@ def accepts(*tensors: torch.Tensor, recording: bool = False, in_graph: bool = Fa
         return False
     grad = not recording and torch.is_grad_enabled()
     for t in tensors:
-        if t.device.type != "cpu" or t.dtype != dtype or t.ndim < 1:
+        if not t.is_cpu or t.dtype != dtype or t.ndim < 1:
             return False
         if (not in_graph and t.numel() == 0) or (grad and t.requires_grad):
             return False

@@ -23,7 +23,7 @@ from hopfield_aa._arrays import check_alpha, check_scalar
 from hopfield_aa.adapters import resolve_model
 from hopfield_aa.guidance.attention import ALL_ROWS
 from hopfield_aa.guidance.processors import GAGAttnProcessor, GAGFluxAttnProcessor, GAGJointAttnProcessor
-from hopfield_aa.guidance.rules import Rule, check_ladder, get_rule
+from hopfield_aa.guidance.rules import Rule, check_ladder, get_rule, row_rule
 
 # Stock processor class -> guidance class. Matching is by exact type: a subclass may compute differently.
 GUIDANCE_PROCESSORS: dict[type, type] = {
@@ -260,6 +260,8 @@ class GuidanceHandle:
         Whether the current denoiser call is inside the step/timestep window.
     text_tokens : int or None
         The current call's text length (FLUX single-stream blocks read it).
+    row_rule : tuple of (str, float) or None
+        The rule's row form where the fused kernel computes it (:func:`.rules.row_rule`).
     """
 
     def __init__(self, model: torch.nn.Module, config: GuidanceConfig, scheduler: Any = None) -> None:
@@ -271,6 +273,7 @@ class GuidanceHandle:
         self._function = config.rule_spec.function
         self._scale = float(config.scale)  # type: ignore[arg-type]
         self._options = dict(config.options)
+        self.row_rule = row_rule(self._function, self._scale, self._options)
         self.active = True
         self.text_tokens: int | None = None
         self.compile = config.compile

@@ -81,6 +81,7 @@ def guided_attention(
     attention_mask: torch.Tensor | None = None,
     rows: slice = ALL_ROWS,
     compiled: bool = False,
+    row_rule: tuple[str, float] | None = None,
 ) -> torch.Tensor:
     r"""Attention whose output is a guidance rule of its dense and sparse retrievals.
 
@@ -109,6 +110,10 @@ def guided_attention(
     compiled : bool, default False
         Run the guided part as one ``torch.compile``'d function (see :class:`~.api.GuidanceConfig`'s
         ``compile``); the eager path if compilation fails (warned once).
+    row_rule : (str, float), optional
+        ``combine``'s row form, where it has one (:func:`.rules.row_rule`: GAG with its defaults,
+        extrapolation): the fused kernel then computes the rule itself, in the call that computes the
+        retrievals (:func:`.fused.guided`), and ``combine`` is not called. It must be the same rule.
 
     Returns
     -------
@@ -117,14 +122,16 @@ def guided_attention(
     mask = _mask_block(attention_mask, ALL_ROWS, ALL_ROWS)
     guided = _compiled_guided if compiled else _guided
     if rows == ALL_ROWS or rows == slice(0, query.shape[0]):
-        return guided(query, key, value, combine, alphas, scale, mask).to(query.dtype)
+        return guided(query, key, value, combine, alphas, scale, mask, row_rule).to(query.dtype)
     # the other rows: the stock kernel, as the stock processor computes them
     output = F.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=scale
     )
     if mask is not None and mask.shape[0] > 1:
         mask = mask[rows]
-    output[rows] = guided(query[rows], key[rows], value[rows], combine, alphas, scale, mask).to(output.dtype)
+    output[rows] = guided(query[rows], key[rows], value[rows], combine, alphas, scale, mask, row_rule).to(
+        output.dtype
+    )
     return output
 
 
@@ -163,14 +170,19 @@ def _guided(
     alphas: Sequence[float | torch.Tensor],
     scale: float,
     mask: torch.Tensor | None,
+    row_rule: tuple[str, float] | None = None,
 ) -> torch.Tensor:
     """The rule of the retrievals from one float32 score matrix, ``mask`` additive float32 (4-d) or None.
 
     Where it applies (float32 on CPU, the ladder (1, 1.5) or (1, 2), no mask) one native call computes
-    both retrievals without storing the scores (:func:`.fused.retrievals`). Otherwise ``.float()``
-    returns a float32 tensor itself (no copy), and β scales the keys (keys × d entries) rather than the
-    scores (queries × keys).
+    both retrievals without storing the scores, and with ``row_rule`` the rule too
+    (:mod:`.fused`). Otherwise ``.float()`` returns a float32 tensor itself (no copy), and β scales the
+    keys (keys × d entries) rather than the scores (queries × keys).
     """
+    if row_rule is not None:
+        output = fused.guided(query, key, value, alphas, scale, mask, row_rule)
+        if output is not None:
+            return output
     outputs = fused.retrievals(query, key, value, alphas, scale, mask)
     if outputs is not None:
         return combine(outputs)

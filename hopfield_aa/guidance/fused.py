@@ -33,6 +33,7 @@ import torch
 
 from hopfield_aa import _jit
 from hopfield_aa._simd import vcount, vexp, vfma, vload, vmax, vmul, vpos, vsplat, vstore, vsub, vsum, vtop
+from hopfield_aa.guidance.rules import _ZERO_FACTOR
 from hopfield_aa.normalizers import MAX_SUPPORT_ITER
 
 ALPHAS = (1.5, 2.0)
@@ -47,16 +48,22 @@ def _fused_rows(
     v: Any,
     dense: Any,
     sparse: Any,
+    result: Any,
     scale: float,
     quadratic: bool,
     max_passes: int,
+    rule: int,
+    lam: float,
+    zero_factor: float,
     first: int,
     last: int,
 ) -> int:  # pragma: no cover - compiled by numba
     """Dense and sparse retrievals of the (batch, head) blocks ``first`` to ``last`` (flat index
-    ``b · heads + h``) of ``q`` (B, H, L, d), ``k`` and ``v`` (B, H, n, d) (any strides) into the
-    C-contiguous ``dense`` and ``sparse`` (B, H, L, d). Returns how many query rows had a score that is
-    NaN or infinite (their outputs are then unspecified: the caller recomputes the call)."""
+    ``b · heads + h``) of ``q`` (B, H, L, d), ``k`` and ``v`` (B, H, n, d) (any strides): into the
+    C-contiguous ``dense`` and ``sparse`` (B, H, L, d) where ``rule`` is 0, else the rule of them
+    (:data:`ROW_RULES`, scale ``lam``) into the C-contiguous ``result`` (B, L, H, d), the stock attention's
+    layout. Returns how many query rows had a score that is NaN or infinite (their outputs are then
+    unspecified: the caller recomputes the call)."""
     heads, queries, dim = q.shape[1], q.shape[2], q.shape[3]
     n = k.shape[2]
     n_pad = (n + 15) // 16 * 16
@@ -70,7 +77,6 @@ def _fused_rows(
     tau = np.empty(_GROUP, np.float64)
     count_prev = np.empty(_GROUP, np.int64)
     exact_prev = np.empty(_GROUP, np.bool_)
-    active = np.empty(_GROUP, np.bool_)
     zero = vsplat(0.0)
     step = vsplat(0.5 if quadratic else 1.0)
     bad = 0
@@ -117,54 +123,9 @@ def _fused_rows(
                     vstore(z, base + c, numerator)
                     s += vsum(numerator)
                 total[g] = s
-                tau[g] = -1.0
-                count_prev[g] = -1
-                exact_prev[g] = False
-                active[g] = g < rows
-            for _ in range(max_passes):  # the support passes, the group's rows in turn
-                left = 0
-                for g in range(rows):
-                    if not active[g]:
-                        continue
-                    t = tau[g]
-                    threshold = vsplat(t)
-                    s1 = np.float32(0.0)
-                    s2 = np.float32(0.0)
-                    count = 0
-                    for c in range(0, n_pad, 16):
-                        d = vpos(vsub(vload(u, g * n_pad + c), threshold))
-                        s1 += vsum(d)
-                        s2 += vsum(vmul(d, d))
-                        count += vcount(d)
-                    if count == count_prev[g] and (exact_prev[g] or not quadratic):
-                        active[g] = False
-                        continue
-                    left += 1
-                    f1 = np.float64(s1)
-                    f2 = np.float64(s2)
-                    if quadratic:
-                        excess = f2 - 1.0
-                        disc = f1 * f1 - count * excess
-                        exact_prev[g] = disc >= 0.0
-                        if disc >= 0.0:
-                            tau[g] = t + excess / (f1 + math.sqrt(disc))
-                        else:
-                            norm = math.sqrt(f2)
-                            tau[g] = t + norm * (norm - 1.0) / f1
-                    else:
-                        tau[g] = t + (f1 - 1.0) / count
-                    count_prev[g] = count
-                if left == 0:
-                    break
-            for g in range(rows):
-                if active[g]:  # not settled: the sort algorithm on the entries above −1
-                    tau[g] = _sorted_threshold(u[g * n_pad : g * n_pad + n], quadratic)
-                threshold = vsplat(tau[g])
-                for c in range(0, n_pad, 16):
-                    d = vpos(vsub(vload(u, g * n_pad + c), threshold))
-                    vstore(u, g * n_pad + c, vmul(d, d) if quadratic else d)
+            _entmax_group(u, rows, n, n_pad, quadratic, max_passes, tau, count_prev, exact_prev)
             for c in range(0, d_pad, 16):
-                d0 = d1 = d2 = d3 = s0 = s1v = s2v = s3 = zero
+                d0 = d1 = d2 = d3 = s0 = s1 = s2 = s3 = zero
                 for j in range(n):
                     value = vload(values, j * d_pad + c)
                     d0 = vfma(vsplat(z[j]), value, d0)
@@ -172,22 +133,126 @@ def _fused_rows(
                     d2 = vfma(vsplat(z[2 * n_pad + j]), value, d2)
                     d3 = vfma(vsplat(z[3 * n_pad + j]), value, d3)
                     s0 = vfma(vsplat(u[j]), value, s0)
-                    s1v = vfma(vsplat(u[n_pad + j]), value, s1v)
-                    s2v = vfma(vsplat(u[2 * n_pad + j]), value, s2v)
+                    s1 = vfma(vsplat(u[n_pad + j]), value, s1)
+                    s2 = vfma(vsplat(u[2 * n_pad + j]), value, s2)
                     s3 = vfma(vsplat(u[3 * n_pad + j]), value, s3)
                 vstore(out, c, vmul(d0, vsplat(np.float32(1.0) / total[0])))
                 vstore(out, d_pad + c, vmul(d1, vsplat(np.float32(1.0) / total[1])))
                 vstore(out, 2 * d_pad + c, vmul(d2, vsplat(np.float32(1.0) / total[2])))
                 vstore(out, 3 * d_pad + c, vmul(d3, vsplat(np.float32(1.0) / total[3])))
                 vstore(out, 4 * d_pad + c, s0)
-                vstore(out, 5 * d_pad + c, s1v)
-                vstore(out, 6 * d_pad + c, s2v)
+                vstore(out, 5 * d_pad + c, s1)
+                vstore(out, 6 * d_pad + c, s2)
                 vstore(out, 7 * d_pad + c, s3)
-            for g in range(rows):
-                for c in range(dim):
-                    dense[b, h, l0 + g, c] = out[g * d_pad + c]
-                    sparse[b, h, l0 + g, c] = out[(_GROUP + g) * d_pad + c]
+            if rule == 0:
+                for g in range(rows):
+                    for c in range(dim):
+                        dense[b, h, l0 + g, c] = out[g * d_pad + c]
+                        sparse[b, h, l0 + g, c] = out[(_GROUP + g) * d_pad + c]
+            else:
+                _rule_group(out, rows, d_pad, rule, lam, zero_factor)
+                for g in range(rows):
+                    for c in range(dim):
+                        result[b, l0 + g, h, c] = out[g * d_pad + c]
     return bad
+
+
+def _entmax_group(
+    u: Any,
+    rows: int,
+    n: int,
+    n_pad: int,
+    quadratic: bool,
+    max_passes: int,
+    tau: Any,
+    count_prev: Any,
+    exact_prev: Any,
+) -> None:  # pragma: no cover - compiled by numba
+    """α-entmax of a group's ``rows`` rows of ``u`` = (α − 1)(z − m) (padded with −inf), in place: the
+    support passes from τ = −1, the group's rows in turn, until each row's support reproduces itself (a
+    row not settled after ``max_passes`` passes: the sort algorithm), then p = [u − τ]_+² (α = 1.5) or
+    [u − τ]_+ (α = 2) over the row."""
+    for g in range(rows):
+        tau[g] = -1.0
+        count_prev[g] = -1
+        exact_prev[g] = False
+    left = rows
+    passes = 0
+    while left > 0 and passes < max_passes:
+        left = 0
+        passes += 1
+        for g in range(rows):
+            if count_prev[g] == -2:  # settled
+                continue
+            t = tau[g]
+            threshold = vsplat(t)
+            s1 = np.float32(0.0)
+            s2 = np.float32(0.0)
+            count = 0
+            for c in range(0, n_pad, 16):
+                d = vpos(vsub(vload(u, g * n_pad + c), threshold))
+                s1 += vsum(d)
+                s2 += vsum(vmul(d, d))
+                count += vcount(d)
+            if count == count_prev[g] and (exact_prev[g] or not quadratic):
+                count_prev[g] = -2
+                continue
+            left += 1
+            f1 = np.float64(s1)
+            f2 = np.float64(s2)
+            if quadratic:
+                excess = f2 - 1.0
+                disc = f1 * f1 - count * excess
+                exact_prev[g] = disc >= 0.0
+                if disc >= 0.0:
+                    tau[g] = t + excess / (f1 + math.sqrt(disc))
+                else:
+                    norm = math.sqrt(f2)
+                    tau[g] = t + norm * (norm - 1.0) / f1
+            else:
+                tau[g] = t + (f1 - 1.0) / count
+            count_prev[g] = count
+    for g in range(rows):
+        if count_prev[g] != -2:  # not settled: the sort algorithm on the entries above −1
+            tau[g] = _sorted_threshold(u[g * n_pad : g * n_pad + n], quadratic)
+        threshold = vsplat(tau[g])
+        for c in range(0, n_pad, 16):
+            d = vpos(vsub(vload(u, g * n_pad + c), threshold))
+            vstore(u, g * n_pad + c, vmul(d, d) if quadratic else d)
+    return None
+
+
+def _rule_group(
+    out: Any, rows: int, d_pad: int, rule: int, lam: float, zero_factor: float
+) -> None:  # pragma: no cover - compiled by numba
+    """The rule of a group's retrievals in ``out`` (dense rows, then sparse rows, each ``d_pad`` long with
+    zeros past d), written over the dense rows. GAG (defaults, :func:`.rules.gag_parallel`):
+    G = S + λ c S, c = ⟨r, S⟩/‖S‖² (0 where ‖S‖ ≤ zero_factor · |r|_∞), r = S − D; extrapolation:
+    P = D + λ (S − D)."""
+    zero = vsplat(0.0)
+    for g in range(rows):
+        at = g * d_pad
+        other = (_GROUP + g) * d_pad
+        if rule == 1:
+            along = np.float32(0.0)
+            norm_sq = np.float32(0.0)
+            top = zero
+            for c in range(0, d_pad, 16):
+                s = vload(out, other + c)
+                r = vsub(s, vload(out, at + c))
+                along += vsum(vmul(r, s))
+                norm_sq += vsum(vmul(s, s))
+                top = vmax(vmax(r, vsub(zero, r)), top)
+            floor = vtop(top) * zero_factor
+            coefficient = lam * (along / norm_sq) if not norm_sq <= floor * floor else 0.0
+            for c in range(0, d_pad, 16):
+                s = vload(out, other + c)
+                vstore(out, at + c, vfma(vsplat(coefficient), s, s))
+        else:
+            for c in range(0, d_pad, 16):
+                d = vload(out, at + c)
+                vstore(out, at + c, vfma(vsplat(lam), vsub(vload(out, other + c), d), d))
+    return None
 
 
 def _sorted_threshold(u: Any, quadratic: bool) -> float:  # pragma: no cover - compiled by numba
@@ -215,7 +280,7 @@ def _sorted_threshold(u: Any, quadratic: bool) -> float:  # pragma: no cover - c
 
 _KERNEL = _jit.Kernel(
     _fused_rows,
-    helpers=(_sorted_threshold,),
+    helpers=(_sorted_threshold, _entmax_group, _rule_group),
     reassociate=True,
     intrinsics=(vload, vstore, vsplat, vsub, vmul, vfma, vpos, vmax, vsum, vtop, vcount, vexp),
 )
@@ -275,20 +340,74 @@ def retrievals(
     """
     if not applies(query, key, value, alphas, mask):
         return None
+    both = query.new_empty((2, *query.shape[:3], value.shape[-1]))
+    outputs = both.numpy()
+    if _run(query, key, value, alphas, scale, outputs[0], outputs[1], _NO_OUTPUT, 0, 0.0):
+        return None
+    return [both[0], both[1]]
+
+
+def guided(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    alphas: Sequence[float | torch.Tensor],
+    scale: float,
+    mask: torch.Tensor | None,
+    rule: tuple[str, float],
+) -> torch.Tensor | None:
+    """The rule ``rule`` = (name in :data:`ROW_RULES`, λ) of the two retrievals, computed in the same
+    native call as they are (no retrieval is stored), or None as for :func:`retrievals`.
+
+    Returns
+    -------
+    tensor of shape (batch, heads, queries, d), laid out in memory as (batch, queries, heads, d), as
+    ``F.scaled_dot_product_attention``'s output on CPU (the processor's merge of the heads is a view).
+    """
+    if not applies(query, key, value, alphas, mask):
+        return None
+    name, lam = rule
+    batch, heads, queries, _ = query.shape
+    result = query.new_empty((batch, queries, heads, value.shape[-1]))
+    factor = _ZERO_FACTOR * _F32_EPS
+    if _run(
+        query, key, value, alphas, scale, _NO_OUTPUT, _NO_OUTPUT, result.numpy(), ROW_RULES[name], lam, factor
+    ):
+        return None
+    return result.transpose(1, 2)
+
+
+ROW_RULES = {"gag_parallel": 1, "extrapolate": 2}
+"""The rules :func:`guided` computes inside the kernel: GAG with its defaults (ζ = 0, η = ∞, reference S:
+:func:`.rules.gag_parallel`) and PLADIS-style extrapolation (:func:`.rules.extrapolate_rule`)."""
+_F32_EPS = float(torch.finfo(torch.float32).eps)
+_NO_OUTPUT = np.empty((0, 0, 0, 0), np.float32)  # the outputs a call does not write
+
+
+def _run(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    alphas: Sequence[float | torch.Tensor],
+    scale: float,
+    dense: np.ndarray,
+    sparse: np.ndarray,
+    result: np.ndarray,
+    rule: int,
+    lam: float,
+    zero_factor: float = 0.0,
+) -> int:
+    """:func:`_fused_rows` on the call, its (batch, head) blocks split across threads where there are at
+    least ``_MIN_ROWS_PER_THREAD`` query rows a thread; returns its count of rows with a non-finite score."""
     kernel = _KERNEL.get()
     assert kernel is not None
-    batch, heads, queries, _ = query.shape
-    dense = query.new_empty((batch, heads, queries, value.shape[-1]))
-    sparse = torch.empty_like(dense)
+    arrays = (query.numpy(), key.numpy(), value.numpy(), dense, sparse, result)
     quadratic = bool(alphas[1] == 1.5)
-    arrays = (query.numpy(), key.numpy(), value.numpy(), dense.numpy(), sparse.numpy())
-    args: tuple[Any, ...] = (*arrays, float(scale), quadratic, MAX_SUPPORT_ITER)
-    blocks = batch * heads
-    threads = min(torch.get_num_threads(), blocks, blocks * queries // _MIN_ROWS_PER_THREAD)
+    args = (*arrays, float(scale), quadratic, MAX_SUPPORT_ITER, rule, float(lam), zero_factor)
+    blocks = query.shape[0] * query.shape[1]
+    threads = min(torch.get_num_threads(), blocks, blocks * query.shape[2] // _MIN_ROWS_PER_THREAD)
     if threads <= 1:
-        bad = kernel(*args, 0, blocks)
-    else:
-        bounds = np.linspace(0, blocks, threads + 1).astype(int)
-        parts = [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
-        bad = sum(_jit.thread_pool().map(lambda part: kernel(*args, *part), parts))
-    return None if bad else [dense, sparse]
+        return int(kernel(*args, 0, blocks))
+    bounds = np.linspace(0, blocks, threads + 1).astype(int)
+    parts = [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+    return sum(_jit.thread_pool().map(lambda part: kernel(*args, *part), parts))

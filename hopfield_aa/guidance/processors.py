@@ -31,6 +31,7 @@ class GuidanceSession(Protocol):
     active: bool
     text_tokens: int | None
     compile: bool
+    row_rule: tuple[str, float] | None  # the rule's row form for the fused kernel (rules.row_rule)
 
     def alphas_for(self, layer: str) -> tuple[float | torch.Tensor, ...]:
         """The α ladder of one layer (dense first); a per-head α is a tensor of shape (heads, 1, 1)."""
@@ -86,7 +87,13 @@ class GAGAttnProcessor(_GuidanceProcessor, AdaptedAttnProcessor):
             return super().attend(attn, call)
         # the guidance step: the rule of the dense and sparse retrievals, (batch, heads, queries, head_dim)
         # β = 1/sqrt(head_dim), as F.scaled_dot_product_attention in AttnProcessor2_0
-        return self._guide(guided_attention, call, scale=call.head_dim**-0.5, compiled=self.session.compile)
+        return self._guide(
+            guided_attention,
+            call,
+            scale=call.head_dim**-0.5,
+            compiled=self.session.compile,
+            row_rule=self.session.row_rule,
+        )
 
 
 class _GuidedJointAttention(_GuidanceProcessor):

@@ -336,6 +336,20 @@ def _check_ladder(options: Mapping[str, Any]) -> None:
     check_scalar(options["regularization"], "regularization", minimum=0.0)
 
 
+def row_rule(
+    function: Callable[..., torch.Tensor], scale: float, options: Mapping[str, Any]
+) -> tuple[str, float] | None:
+    """The row form of a configured rule that the fused kernel computes itself
+    (:data:`.fused.ROW_RULES`): ``("gag_parallel", λ)`` for GAG with its defaults (ζ = 0, η = ∞,
+    reference S), ``("extrapolate", λ)`` for extrapolation; None for any other rule or options (the
+    rule is then called on the retrievals)."""
+    if function is gag_rule and options.get("zeta", 0.0) == 0.0 and options.get("eta", math.inf) == math.inf:
+        return ("gag_parallel", float(scale)) if options.get("reference", "sparse") == "sparse" else None
+    if function is extrapolate_rule and not options:
+        return ("extrapolate", float(scale))
+    return None
+
+
 register_rule("gag", gag_rule, alphas=(1.0, 1.5), scale=1.0, check=_check_gag)
 register_rule("extrapolate", extrapolate_rule, alphas=(1.0, 1.5), scale=2.0)
 register_rule("ladder", ladder_rule, alphas=(1.0, 1.25, 1.5, 2.0), scale=2.0, rungs=None, check=_check_ladder)
