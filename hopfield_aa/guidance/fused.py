@@ -77,6 +77,7 @@ def _fused_rows(
     tau = np.empty(_GROUP, np.float64)
     count_prev = np.empty(_GROUP, np.int64)
     exact_prev = np.empty(_GROUP, np.bool_)
+    active = np.empty(_GROUP, np.bool_)
     zero = vsplat(0.0)
     step = vsplat(0.5 if quadratic else 1.0)
     bad = 0
@@ -123,7 +124,43 @@ def _fused_rows(
                     vstore(z, base + c, numerator)
                     s += vsum(numerator)
                 total[g] = s
-            _entmax_group(u, rows, n, n_pad, quadratic, max_passes, tau, count_prev, exact_prev)
+            for g in range(rows):
+                tau[g] = -1.0
+                count_prev[g] = -1
+                exact_prev[g] = False
+                active[g] = True
+            for _ in range(max_passes):  # the support passes, the group's rows in turn
+                left = 0
+                for g in range(rows):
+                    if not active[g]:
+                        continue
+                    t = tau[g]
+                    threshold = vsplat(t)
+                    f1 = np.float32(0.0)
+                    f2 = np.float32(0.0)
+                    count = 0
+                    for c in range(0, n_pad, 16):
+                        d = vpos(vsub(vload(u, g * n_pad + c), threshold))
+                        f1 += vsum(d)
+                        f2 += vsum(vmul(d, d))
+                        count += vcount(d)
+                    if count == count_prev[g] and (exact_prev[g] or not quadratic):
+                        active[g] = False
+                        continue
+                    left += 1
+                    tau[g], exact_prev[g] = _threshold_step(
+                        t, np.float64(f1), np.float64(f2), count, quadratic
+                    )
+                    count_prev[g] = count
+                if left == 0:
+                    break
+            for g in range(rows):
+                if active[g]:  # not settled: the sort algorithm on the entries above −1
+                    tau[g] = _sorted_threshold(u[g * n_pad : g * n_pad + n], quadratic)
+                threshold = vsplat(tau[g])
+                for c in range(0, n_pad, 16):
+                    d = vpos(vsub(vload(u, g * n_pad + c), threshold))
+                    vstore(u, g * n_pad + c, vmul(d, d) if quadratic else d)
             for c in range(0, d_pad, 16):
                 d0 = d1 = d2 = d3 = s0 = s1 = s2 = s3 = zero
                 for j in range(n):
@@ -157,69 +194,21 @@ def _fused_rows(
     return bad
 
 
-def _entmax_group(
-    u: Any,
-    rows: int,
-    n: int,
-    n_pad: int,
-    quadratic: bool,
-    max_passes: int,
-    tau: Any,
-    count_prev: Any,
-    exact_prev: Any,
-) -> None:  # pragma: no cover - compiled by numba
-    """α-entmax of a group's ``rows`` rows of ``u`` = (α − 1)(z − m) (padded with −inf), in place: the
-    support passes from τ = −1, the group's rows in turn, until each row's support reproduces itself (a
-    row not settled after ``max_passes`` passes: the sort algorithm), then p = [u − τ]_+² (α = 1.5) or
-    [u − τ]_+ (α = 2) over the row."""
-    for g in range(rows):
-        tau[g] = -1.0
-        count_prev[g] = -1
-        exact_prev[g] = False
-    left = rows
-    passes = 0
-    while left > 0 and passes < max_passes:
-        left = 0
-        passes += 1
-        for g in range(rows):
-            if count_prev[g] == -2:  # settled
-                continue
-            t = tau[g]
-            threshold = vsplat(t)
-            s1 = np.float32(0.0)
-            s2 = np.float32(0.0)
-            count = 0
-            for c in range(0, n_pad, 16):
-                d = vpos(vsub(vload(u, g * n_pad + c), threshold))
-                s1 += vsum(d)
-                s2 += vsum(vmul(d, d))
-                count += vcount(d)
-            if count == count_prev[g] and (exact_prev[g] or not quadratic):
-                count_prev[g] = -2
-                continue
-            left += 1
-            f1 = np.float64(s1)
-            f2 = np.float64(s2)
-            if quadratic:
-                excess = f2 - 1.0
-                disc = f1 * f1 - count * excess
-                exact_prev[g] = disc >= 0.0
-                if disc >= 0.0:
-                    tau[g] = t + excess / (f1 + math.sqrt(disc))
-                else:
-                    norm = math.sqrt(f2)
-                    tau[g] = t + norm * (norm - 1.0) / f1
-            else:
-                tau[g] = t + (f1 - 1.0) / count
-            count_prev[g] = count
-    for g in range(rows):
-        if count_prev[g] != -2:  # not settled: the sort algorithm on the entries above −1
-            tau[g] = _sorted_threshold(u[g * n_pad : g * n_pad + n], quadratic)
-        threshold = vsplat(tau[g])
-        for c in range(0, n_pad, 16):
-            d = vpos(vsub(vload(u, g * n_pad + c), threshold))
-            vstore(u, g * n_pad + c, vmul(d, d) if quadratic else d)
-    return None
+def _threshold_step(
+    t: float, s1: float, s2: float, count: int, quadratic: bool
+) -> tuple[float, bool]:  # pragma: no cover - compiled by numba
+    """One support pass's new threshold from τ = ``t`` and the sums over the support of d = u − τ > 0
+    (Σd = ``s1``, Σd² = ``s2``, ``count`` entries), and whether it is the exact root on that support:
+    α = 1.5, the smaller root of the quadratic (where its discriminant is ≥ 0, else a Newton step on
+    ‖d‖ = 1); α = 2, the Michelot step."""
+    if not quadratic:
+        return t + (s1 - 1.0) / count, False
+    excess = s2 - 1.0
+    disc = s1 * s1 - count * excess
+    if disc >= 0.0:
+        return t + excess / (s1 + math.sqrt(disc)), True
+    norm = math.sqrt(s2)
+    return t + norm * (norm - 1.0) / s1, False
 
 
 def _rule_group(
@@ -280,7 +269,7 @@ def _sorted_threshold(u: Any, quadratic: bool) -> float:  # pragma: no cover - c
 
 _KERNEL = _jit.Kernel(
     _fused_rows,
-    helpers=(_sorted_threshold, _entmax_group, _rule_group),
+    helpers=(_sorted_threshold, _threshold_step, _rule_group),
     reassociate=True,
     intrinsics=(vload, vstore, vsplat, vsub, vmul, vfma, vpos, vmax, vsum, vtop, vcount, vexp),
 )
