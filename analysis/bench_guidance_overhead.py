@@ -223,7 +223,11 @@ def stage_breakdown(shapes: list[tuple[int, int, int, int, int]], repeats: int) 
             "dense attention (stock SDPA)", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)
         )
         clock(FUSED_STAGE, lambda: fused.retrievals(q, k, v, (1.0, 1.5), dim**-0.5))
-        clock("GAG rule (rules.gag_rule, defaults)", lambda: gag_rule([dense, sparse], 1.0))
+        clock(
+            "both retrievals and the GAG rule, fused (guidance.fused.guided)",
+            lambda: fused.guided(q, k, v, (1.0, 1.5), dim**-0.5, None, ("gag_parallel", 1.0)),
+        )
+        clock("GAG rule alone (rules.gag_rule, defaults)", lambda: gag_rule([dense, sparse], 1.0))
         clock("tensor path: scores β QKᵀ", lambda: (q @ k.transpose(-1, -2)) * dim**-0.5)
         clock("tensor path: entmax α = 1.5", lambda: _entmax_tensor(scores, 1.5, -1))
         clock("tensor path: softmax", lambda: _entmax_tensor(scores, 1.0, -1))
@@ -307,6 +311,7 @@ def in_loop_costs(pipe: ReferencePipeline, prompts: list[str], steps: int, repea
     entmax, softmax = "entmax α = 1.5 (tensor path)", "softmax (tensor path)"
     targets = {
         "guided attention (whole call)": (processors, "guided_attention"),
+        "fused call: both retrievals and the GAG rule": (attention.fused, "guided"),
         "both retrievals, fused": (attention.fused, "retrievals"),
         entmax: (attention, "entmax_tensor"),
         "GAG rule": (rules, "gag_parallel"),
@@ -400,6 +405,9 @@ def op_counts(shape: tuple[int, int, int, int, int]) -> dict[str, int]:
         "stock SDPA": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
         "both retrievals, fused (guidance.fused.retrievals)": lambda: fused.retrievals(
             q, k, v, (1.0, 1.5), dim**-0.5
+        ),
+        "both retrievals and the GAG rule, fused (guidance.fused.guided)": lambda: fused.guided(
+            q, k, v, (1.0, 1.5), dim**-0.5, None, ("gag_parallel", 1.0)
         ),
         "entmax α = 1.5 (normalizers._entmax_tensor)": lambda: _entmax_tensor(scores, 1.5, -1),
         "entmax α = 1.5, sort-based reference (normalizers._entmax15_sort)": lambda: _entmax15_sort(
@@ -671,10 +679,11 @@ def main(argv: list[str] | None = None) -> int:
             f"Each stage timed alone (best of 5 × 10 calls) at the shapes of the model's {len(shapes)} "
             f"cross-attention calls per UNet forward {sorted(set(shapes))} (batch, heads, queries, keys, "
             f"head_dim), summed over them; one stock UNet forward with the text encoder and scheduler step "
-            f"takes {stock_forward * 1e3:.1f} ms at this batch. GAG and extrapolation take the fused "
-            "call (one native kernel: the scores are never stored), then the rule; the rows marked "
-            "'tensor path' are the ops it replaces, which still run where it does not apply (a mask, "
-            "float64, the α-ladder's rungs).",
+            f"takes {stock_forward * 1e3:.1f} ms at this batch. GAG (defaults) and extrapolation take "
+            "the fused call, one native kernel that computes the scores (never stored), both "
+            "normalisations, both retrievals and the rule; other GAG options take the fused retrievals "
+            "then the rule; the rows marked 'tensor path' are the ops the kernel replaces, which still run "
+            "where it does not apply (a mask, float64, the α-ladder's rungs).",
             "",
             breakdown,
             "",
@@ -690,8 +699,8 @@ def main(argv: list[str] | None = None) -> int:
             "Between two attention calls the UNet's convolutions evict the caches, so a guided call costs "
             "more in the loop than repeated alone (the ratio column); at batch 1 the overhead is set by how "
             "many ops the guided call dispatches (the last column, counted as in the op table above: compare "
-            "stock SDPA there), not by its arithmetic. The whole call's row includes the fused retrievals "
-            "and the rule below it.",
+            "stock SDPA there), not by its arithmetic. The whole call's row includes the fused call below "
+            "it.",
             "",
             f"### torch.profiler, GAG default, batch {batch}, {args.steps} steps",
             "",
@@ -705,8 +714,9 @@ def main(argv: list[str] | None = None) -> int:
             "",
             memory,
             "",
-            "GAG and extrapolation (the fused call) allocate no score-sized buffer: the dense and sparse "
-            "retrievals and the rule's result (`tests/test_guidance.py`: at most 4 outputs). On the tensor "
+            "GAG and extrapolation (the fused call) allocate no score-sized buffer: the rule's result, or "
+            "with other GAG options the two retrievals and the rule's (`tests/test_guidance.py`: at most 4 "
+            "outputs). On the tensor "
             "path (the α-ladder here) a guided call keeps at most two score-sized buffers alive (the scores "
             "and one probability matrix), plus entmax's buffers of one row block (2^20 entries at most) "
             "and tensors of the output's size (the α-ladder's Anderson step stacks its rungs).",
