@@ -255,7 +255,7 @@ def memory_table(shape: tuple[int, int, int, int, int] = MEMORY_SHAPE) -> str:
     """Peak CPU memory of one attention call at ``shape`` (batch, heads, queries, keys, head_dim), float32:
     stock SDPA and guided attention with each rule, in bytes and in score and output buffers."""
     from hopfield_aa.guidance.attention import guided_attention
-    from hopfield_aa.guidance.rules import get_rule
+    from hopfield_aa.guidance.rules import get_rule, row_rule
 
     batch, heads, queries, keys, dim = shape
     gen = torch.Generator().manual_seed(0)
@@ -273,7 +273,8 @@ def memory_table(shape: tuple[int, int, int, int, int] = MEMORY_SHAPE) -> str:
                 out: torch.Tensor = rule.function(retrievals, rule.scale)
                 return out
 
-            return guided_attention(q, k, v, combine, rule.alphas, scale=dim**-0.5)
+            form = row_rule(rule.function, rule.scale, rule.options)  # as the processors pass it
+            return guided_attention(q, k, v, combine, rule.alphas, scale=dim**-0.5, row_rule=form)
 
         calls[f"guided attention, {name} (α {', '.join(f'{a:g}' for a in rule.alphas)})"] = guided
     lines = [
@@ -714,9 +715,9 @@ def main(argv: list[str] | None = None) -> int:
             "",
             memory,
             "",
-            "GAG and extrapolation (the fused call) allocate no score-sized buffer: the rule's result, or "
-            "with other GAG options the two retrievals and the rule's (`tests/test_guidance.py`: at most 4 "
-            "outputs). On the tensor "
+            "GAG and extrapolation (the fused call, as the processors call it) allocate no score-sized "
+            "buffer: their output alone, as stock attention (with other GAG options: the two retrievals "
+            "and the rule's result; `tests/test_guidance.py`). On the tensor "
             "path (the α-ladder here) a guided call keeps at most two score-sized buffers alive (the scores "
             "and one probability matrix), plus entmax's buffers of one row block (2^20 entries at most) "
             "and tensors of the output's size (the α-ladder's Anderson step stacks its rungs).",

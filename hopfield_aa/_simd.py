@@ -10,6 +10,10 @@ one AVX-512 register, two AVX2 ones) and states its vector arithmetic itself.
 Each function here is a stub outside a compiled kernel (it raises); inside one it is the numba intrinsic
 that :func:`build` makes (numba imported). Loads and stores take a C-contiguous float32 array of any
 rank and a flat index; they read or write 16 entries from there (no bounds check: the caller pads).
+
+numba's disk cache of a kernel is keyed on the kernel's own source file, not on this one: after changing
+the code generated here, delete the cached kernels (``*.nbi``, ``*.nbc`` in ``__pycache__`` beside the
+kernels' modules) or they keep the old code.
 """
 
 from __future__ import annotations

@@ -4,7 +4,6 @@ with manual dense/sparse attention, exact restoration, joint-attention blocks, h
 from __future__ import annotations
 
 import contextlib
-
 import math
 
 import pytest
@@ -660,7 +659,7 @@ def test_guided_attention_on_some_rows_leaves_the_others_to_the_stock_kernel():
     torch.testing.assert_close(out[2:], entmax15(q[2:] @ k[2:].transpose(-1, -2) / 8**0.5, dim=-1) @ v[2:])
 
 
-def _guided_peak(rule: str, native: bool) -> tuple[int, int, int, int]:
+def _guided_peak(rule: str, native: bool, in_kernel: bool = False) -> tuple[int, int, int, int]:
     """Peak bytes of one guided call of ``rule`` (native kernels on or off) at (1, 4, 8192, 77, 4), with
     the bytes of one score matrix, of one output and of entmax's row block (torch.profiler's memory
     events)."""
@@ -669,7 +668,7 @@ def _guided_peak(rule: str, native: bool) -> tuple[int, int, int, int]:
 
     from hopfield_aa import _jit
     from hopfield_aa.guidance.attention import guided_attention
-    from hopfield_aa.guidance.rules import get_rule
+    from hopfield_aa.guidance.rules import get_rule, row_rule
     from hopfield_aa.normalizers import blocked
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "analysis"))
@@ -680,12 +679,13 @@ def _guided_peak(rule: str, native: bool) -> tuple[int, int, int, int]:
     q, k, v = (torch.randn(batch, heads, n, dim, generator=gen) for n in (queries, keys, keys))
     rule_spec = get_rule(rule)
     combine = lambda retrievals: rule_spec.function(retrievals, rule_spec.scale)  # noqa: E731
+    form = row_rule(rule_spec.function, rule_spec.scale, rule_spec.options) if in_kernel else None
     score_bytes = batch * heads * queries * keys * 4
     output_bytes = batch * heads * queries * dim * 4
     block_bytes = min(blocked._BLOCK_ELEMENTS // keys * keys, heads * queries * keys) * 4
     with torch.no_grad(), contextlib.nullcontext() if native else _jit.disabled():
         peak = _bench.peak_allocated(
-            lambda: guided_attention(q, k, v, combine, rule_spec.alphas, scale=dim**-0.5)
+            lambda: guided_attention(q, k, v, combine, rule_spec.alphas, scale=dim**-0.5, row_rule=form)
         )
     return peak, score_bytes, output_bytes, block_bytes
 
@@ -708,3 +708,11 @@ def test_the_fused_guided_call_allocates_no_score_sized_buffer(rule):
     retrievals, the rule's result and its temporaries), below one score matrix (here 19× an output)."""
     peak, score_bytes, output_bytes, _ = _guided_peak(rule, native=True)
     assert peak <= 4 * output_bytes < score_bytes
+
+
+@pytest.mark.parametrize("rule", ["gag", "extrapolate"])
+def test_with_the_rule_inside_the_fused_kernel_a_guided_call_allocates_its_output_alone(rule):
+    """With the rule's row form (``row_rule``, as the processors pass it) the kernel computes the rule as
+    well and stores no retrieval: the call's peak is its output, as stock attention's."""
+    peak, _, output_bytes, _ = _guided_peak(rule, native=True, in_kernel=True)
+    assert peak == output_bytes
