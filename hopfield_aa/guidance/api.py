@@ -136,10 +136,11 @@ class GuidanceConfig:
         extrapolate); each pattern must match a guided layer (checked when guidance is enabled).
     compile : bool, default False
         Opt-in: UNet guided attention (scores, both normalisations, both retrievals and the rule) runs as
-        one ``torch.compile``'d function. Its first call at a new shape compiles (tens of seconds on CPU;
-        inductor's on-disk cache makes later processes fast); it agrees with the eager path to float32
-        rounding. If compilation fails, a warning is issued once and the eager path runs. Joint
-        (SD3, FLUX) attention always runs eagerly.
+        one ``torch.compile``'d function of its tensor path. Its first call at a new shape compiles (tens
+        of seconds on CPU; inductor's on-disk cache makes later processes fast); it agrees with the eager
+        path to float32 rounding. If compilation fails, a warning is issued once and the eager path runs.
+        On CPU in float32 the default eager call, one fused native kernel (:mod:`.fused`), is faster
+        (``analysis/results/guidance_overhead.md``). Joint (SD3, FLUX) attention always runs eagerly.
     """
 
     rule: str = "gag"
