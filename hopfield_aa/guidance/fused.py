@@ -34,7 +34,7 @@ import torch
 from hopfield_aa import _jit
 from hopfield_aa._simd import vcount, vexp, vfma, vload, vmax, vmul, vpos, vsplat, vstore, vsub, vsum, vtop
 from hopfield_aa.guidance.rules import _ZERO_FACTOR
-from hopfield_aa.normalizers import MAX_SUPPORT_ITER
+from hopfield_aa.normalizers import MAX_SUPPORT_ITER, sorted_threshold
 
 ALPHAS = (1.5, 2.0)
 """The sparse rungs the kernel solves: ``alphas`` must be ``(1.0, a)`` with ``a`` one of these."""
@@ -156,7 +156,7 @@ def _fused_rows(
                     break
             for g in range(rows):
                 if active[g]:  # not settled: the sort algorithm on the entries above −1
-                    tau[g] = _sorted_threshold(u[g * n_pad : g * n_pad + n], quadratic)
+                    tau[g] = sorted_threshold(u[g * n_pad : g * n_pad + n], quadratic)
                 threshold = vsplat(tau[g])
                 for c in range(0, n_pad, 16):
                     d = vpos(vsub(vload(u, g * n_pad + c), threshold))
@@ -244,32 +244,9 @@ def _rule_group(
     return None
 
 
-def _sorted_threshold(u: Any, quadratic: bool) -> float:  # pragma: no cover - compiled by numba
-    """The threshold τ of one row's ``u`` = (α − 1)(z − max z) by sorting (as ``normalizers.native``'s
-    fallback): over the i largest entries, α = 1.5: τ_i = mean − √((1 − Σu² + Σu · mean)/i); α = 2:
-    τ_i = (Σu − 1)/i; the support is the count of i with τ_i below the i-th entry."""
-    srt = np.sort(u[u > -1.0].astype(np.float64))[::-1]
-    taus = np.empty(srt.shape[0], np.float64)
-    total = 0.0
-    total_sq = 0.0
-    support = 0
-    for i in range(srt.shape[0]):
-        total += srt[i]
-        size = i + 1.0
-        if quadratic:
-            total_sq += srt[i] * srt[i]
-            mean = total / size
-            taus[i] = mean - math.sqrt(max((1.0 - total_sq + total * mean) / size, 0.0))
-            support += taus[i] <= srt[i]
-        else:
-            taus[i] = (total - 1.0) / size
-            support += taus[i] < srt[i]
-    return float(taus[max(support, 1) - 1])
-
-
 _KERNEL = _jit.Kernel(
     _fused_rows,
-    helpers=(_sorted_threshold, _threshold_step, _rule_group),
+    helpers=(sorted_threshold, _threshold_step, _rule_group),
     reassociate=True,
     intrinsics=(vload, vstore, vsplat, vsub, vmul, vfma, vpos, vmax, vsum, vtop, vcount, vexp),
 )

@@ -36,13 +36,15 @@ from hopfield_aa.normalizers.compiled import entmax_backend, get_backend, set_ba
 #   jacobian_weights: s of J = diag(s) − s sᵀ/Σs (hopfield's retrieval Jacobian).
 # - entmax15_sort: 1.5-entmax by sorting, kept in the package (not with the test oracles) because
 #   analysis/bench_guidance_overhead.py times it as the sort-based baseline.
-# - MAX_SUPPORT_ITER: the support passes after which the exact kernels sort (guidance's fused kernel).
+# - MAX_SUPPORT_ITER: the support passes after which the exact kernels sort, and sorted_threshold, the
+#   numba helper that sorts (guidance's fused kernel).
 # The underscore aliases are the names those modules import today.
 from hopfield_aa.normalizers.api import alpha_argument as alpha_argument  # isort: skip
 from hopfield_aa.normalizers.api import entmax_tensor as entmax_tensor  # isort: skip
 from hopfield_aa.normalizers.api import jacobian_weights as jacobian_weights  # isort: skip
 from hopfield_aa.normalizers.exact import MAX_SUPPORT_ITER as MAX_SUPPORT_ITER  # isort: skip
 from hopfield_aa.normalizers.exact import entmax15_sort as entmax15_sort  # isort: skip
+from hopfield_aa.normalizers.native import sorted_threshold as sorted_threshold  # isort: skip
 
 _entmax_tensor = entmax_tensor
 _alpha_argument = alpha_argument

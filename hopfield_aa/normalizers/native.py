@@ -75,6 +75,30 @@ def _row_max(z: Any, r: int) -> Any:  # pragma: no cover - numba
     return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
 
 
+def sorted_threshold(u: Any, quadratic: bool) -> float:  # pragma: no cover - numba
+    """The threshold τ of one row's ``u`` = (α − 1)(z − max z) by sorting (the fallback of the support
+    passes, here and in :mod:`hopfield_aa.guidance.fused`): over the i largest entries above −1, in
+    float64, α = 1.5: τ_i = mean − √((1 − Σu² + Σu · mean)/i); α = 2: τ_i = (Σu − 1)/i; the support is
+    the count of i with τ_i below the i-th entry (at or below, α = 1.5)."""
+    srt = np.sort(u[u > -1.0].astype(np.float64))[::-1]
+    taus = np.empty(srt.shape[0], np.float64)
+    total = 0.0
+    total_sq = 0.0
+    support = 0
+    for i in range(srt.shape[0]):
+        total += srt[i]
+        size = i + 1.0
+        if quadratic:
+            total_sq += srt[i] * srt[i]
+            mean = total / size
+            taus[i] = mean - math.sqrt(max((1.0 - total_sq + total * mean) / size, 0.0))
+            support += taus[i] <= srt[i]
+        else:
+            taus[i] = (total - 1.0) / size
+            support += taus[i] < srt[i]
+    return float(taus[max(support, 1) - 1])
+
+
 def _rows(z: Any, p: Any, lam: Any, quadratic: bool, max_passes: int) -> None:  # pragma: no cover - numba
     """1.5-entmax (``quadratic``) or sparsemax of the rows of ``z`` (R, n) into ``p``, λ into ``lam`` (R,);
     rows not settled after ``max_passes`` support passes are solved by sorting.
@@ -106,7 +130,6 @@ def _rows(z: Any, p: Any, lam: Any, quadratic: bool, max_passes: int) -> None:  
     count_prev = np.empty(_GROUP, np.float64)
     exact_prev = np.empty(_GROUP, np.bool_)
     active = np.empty(_GROUP, np.bool_)
-    taus = np.empty(n, np.float64)
     group = min(_GROUP, max(1, _GROUP_ENTRIES // n))
     for r0 in range(0, n_rows, group):
         rows = min(group, n_rows - r0)
@@ -177,25 +200,8 @@ def _rows(z: Any, p: Any, lam: Any, quadratic: bool, max_passes: int) -> None:  
                     p[r, j] = zero
                 lam[r] = -np.inf
                 continue
-            if active[g]:  # not settled: the sort algorithm on the candidates (u > −1)
-                row_u = u[g, : size[g]]
-                srt = np.sort(row_u[row_u > -1.0])[::-1]
-                k = srt.shape[0]
-                total = 0.0
-                total_sq = 0.0
-                support = 0
-                for i in range(k):
-                    total += srt[i]
-                    kk = i + 1.0
-                    if quadratic:  # τ_i = mean − √((1 − Σu² + Σu · mean)/i) over the i largest
-                        total_sq += srt[i] * srt[i]
-                        mean = total / kk
-                        taus[i] = mean - math.sqrt(max((1.0 - total_sq + total * mean) / kk, 0.0))
-                        support += taus[i] <= srt[i]
-                    else:
-                        taus[i] = (total - 1.0) / kk
-                        support += taus[i] < srt[i]
-                tau[g] = taus[max(support, 1) - 1]
+            if active[g]:  # not settled: the sort algorithm on the candidates
+                tau[g] = sorted_threshold(u[g, : size[g]], quadratic)
             typed[1] = tau[g]
             t_typed = typed[1]
             if quadratic:
@@ -209,7 +215,9 @@ def _rows(z: Any, p: Any, lam: Any, quadratic: bool, max_passes: int) -> None:  
                 lam[r] = tau[g] + 1.0 + m
 
 
-_KERNEL = _jit.Kernel(_rows, helpers=(_row_max,), reassociate=True, intrinsics=(compress_above,))
+_KERNEL = _jit.Kernel(
+    _rows, helpers=(_row_max, sorted_threshold), reassociate=True, intrinsics=(compress_above,)
+)
 
 
 # ln 2 in two parts (fdlibm's split: k·_LN2_HI is exact for the |k| < 2^11 of a float64 exponent)
