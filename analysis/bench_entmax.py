@@ -371,6 +371,7 @@ def short_softmax_table(repeats: int) -> list[str]:
         ours = native.softmax(z, -1)
         ref = torch.softmax(z, -1)
         err = float(((ours.double() - ref.double()).abs() / ref.double().clamp_min(1e-30)).max())
+
         def torch_calls(z: torch.Tensor = z) -> None:
             for _ in range(10):
                 torch.softmax(z, -1)

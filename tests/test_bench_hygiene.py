@@ -8,6 +8,7 @@ import pytest
 
 ANALYSIS = Path(__file__).resolve().parent.parent / "analysis"
 
+
 def test_a_table_is_refused_when_other_jobs_loaded_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     """The load of other jobs (after the run, less the benchmark's own threads) above 0.5 per core marks
     the record loaded and puts the red banner first; at or below, it is quiet."""

@@ -391,8 +391,8 @@ def test_entmax_conjugate(case: tuple) -> None:
 @FUZZ
 @given(case=scores_cases())
 @example(
-    case=(torch.tensor([ 2.0409, -2.5557]), 1.0, -1),
-).via('discovered failure')
+    case=(torch.tensor([2.0409, -2.5557]), 1.0, -1),
+).via("discovered failure")
 def test_entmax_jacobian(case: tuple) -> None:
     """Symmetric, rows summing to 0 (entmax stays on the simplex)."""
     z, alpha, dim = case
@@ -453,11 +453,13 @@ def jvp_cases(draw: st.DrawFn) -> tuple[Any, Any, Any, Any]:
 @given(case=jvp_cases())
 @example(case=(torch.zeros(2, 3), torch.ones(2, 3), 1.5, -1))  # a row with no positive entry gave 0/0 = NaN
 @example(
-    case=(torch.tensor([1.0003e+30], dtype=torch.bfloat16),
-     torch.tensor([1.0003e+30], dtype=torch.bfloat16),
-     1.0,
-     -1),
-).via('discovered failure')
+    case=(
+        torch.tensor([1.0003e30], dtype=torch.bfloat16),
+        torch.tensor([1.0003e30], dtype=torch.bfloat16),
+        1.0,
+        -1,
+    ),
+).via("discovered failure")
 def test_entmax_jvp(case: tuple) -> None:
     """J v sums to 0 along dim (1ᵀJ = 0)."""
     probs, vector, alpha, dim = case
@@ -575,20 +577,23 @@ HOPFIELD: dict[str, Callable[..., Any]] = {
     fn="retrieval_jacobian",
 )  # found by the deep fuzz run
 @example(
-    case=(torch.tensor([ 0.5181,  0.8931, -1.0215], dtype=torch.float16),
-     torch.tensor([[ 0.1260, -0.1318,  0.6406],
-             [ 0.1050, -0.5352,  0.3613]], dtype=torch.bfloat16),
-     0.001,
-     10.0),
-    fn='retrieval_jacobian',
-).via('discovered failure')
+    case=(
+        torch.tensor([0.5181, 0.8931, -1.0215], dtype=torch.float16),
+        torch.tensor([[0.1260, -0.1318, 0.6406], [0.1050, -0.5352, 0.3613]], dtype=torch.bfloat16),
+        0.001,
+        10.0,
+    ),
+    fn="retrieval_jacobian",
+).via("discovered failure")
 @example(
-    case=(torch.tensor([1.0003e+30], dtype=torch.bfloat16),
-     torch.tensor([[1.0003e+30]], dtype=torch.bfloat16),
-     0.001,
-     0.5),
-    fn='energy',  # or any other generated value
-).via('discovered failure')
+    case=(
+        torch.tensor([1.0003e30], dtype=torch.bfloat16),
+        torch.tensor([[1.0003e30]], dtype=torch.bfloat16),
+        0.001,
+        0.5,
+    ),
+    fn="energy",  # or any other generated value
+).via("discovered failure")
 def test_hopfield_maps(case: tuple, fn: str) -> None:
     """Finite; T_α(ξ) in the patterns' box; DT_α symmetric; ‖DT_α‖ ≥ 0; dtype promoted."""
     state, patterns, beta, alpha = case
@@ -806,10 +811,10 @@ def test_decompose(case: tuple, dim: int) -> None:
 )
 @example(case=(torch.full((2,), 1e30),), eta=1.0, dim=-1)  # ‖v‖ overflowed float32: the cap gave 0
 @example(
-    case=(torch.tensor([1.0003e+30], dtype=torch.bfloat16),),
+    case=(torch.tensor([1.0003e30], dtype=torch.bfloat16),),
     eta=9.849083685407424e-36,
     dim=-1,
-).via('discovered failure')
+).via("discovered failure")
 def test_norm_cap(case: tuple, eta: float, dim: int) -> None:
     """‖clip_η(v)‖ = min(‖v‖, η), along v."""
     (vector,) = case
@@ -1027,15 +1032,15 @@ def _maps(n: int) -> dict[str, Callable[[Any], Any]]:
 )  # found by the deep fuzz run
 @example(
     # The test always failed when commented parts were varied together.
-    case=(torch.tensor([-1., -1., -1.], dtype=torch.bfloat16),),
-    map_name='halve',
+    case=(torch.tensor([-1.0, -1.0, -1.0], dtype=torch.bfloat16),),
+    map_name="halve",
     m=1,
     mixing=1.0,
     tol=0.0,
     max_iter=5,
     stability_check=False,  # or any other generated value
     row_subsets=False,  # or any other generated value
-).via('discovered failure')
+).via("discovered failure")
 def test_anderson(
     case: tuple,
     map_name: str,
