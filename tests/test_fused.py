@@ -140,6 +140,9 @@ def test_a_score_that_is_not_finite_hands_the_call_back_to_the_tensor_path(poiso
     unfused = guided_attention(q, k, v, combine, spec.alphas, scale=8**-0.5)
     assert out.isnan().any() and out[0, 0].isfinite().all()
     assert torch.equal(out.nan_to_num(7.0), unfused.nan_to_num(7.0))
+    with _jit.disabled():  # the tensor kernels too: NaN in the same place, not an error
+        tensor_path = guided_attention(q, k, v, combine, spec.alphas, scale=8**-0.5)
+    assert torch.equal(out.isnan(), tensor_path.isnan())
 
 
 def test_the_fused_call_declines_what_it_does_not_compute():

@@ -237,7 +237,7 @@ def sparsemax_threshold_sort(u: torch.Tensor) -> torch.Tensor:
     srt, _ = torch.sort(u, dim=-1, descending=True)
     cum = srt.cumsum(-1) - 1
     k = torch.arange(1, u.shape[-1] + 1, dtype=u.dtype, device=u.device)
-    support = (k * srt > cum).sum(-1, keepdim=True)
+    support = (k * srt > cum).sum(-1, keepdim=True).clamp_(min=1)  # a row with a NaN: NaN, not an error
     return cum.gather(-1, support - 1) / support.to(u.dtype)
 
 
@@ -296,7 +296,8 @@ def _entmax15_sort_parts(
     # τ_k = mean_k − √(1/k − (mean of squares_k − mean_k²))
     delta = torch.addcmul(inv_k, mean, mean).sub_(shifted.square().cumsum(-1).mul_(inv_k))
     tau = mean.sub_(delta.clamp_(min=0).sqrt_())
-    support = (tau <= shifted).sum(-1, keepdim=True)
+    # at least 1: a row with a NaN has none, and then gets NaN rather than an index error
+    support = (tau <= shifted).sum(-1, keepdim=True).clamp_(min=1)
     tau = tau.gather(-1, support.sub_(1))
     # p from the shifted scores (a threshold in unshifted units would round away at |z| ≳ 1e8)
     return half.sub_(top).sub_(tau).clamp_(min=0).square_(), tau, top
@@ -339,7 +340,7 @@ def _sparsemax_sort_parts(
     cum = shifted.cumsum(-1).sub_(1)
     if ranks is None:
         ranks = _ranks(z.shape[-1], z.dtype, z.device)
-    support = (ranks.mul(shifted) > cum).sum(-1, keepdim=True)
+    support = (ranks.mul(shifted) > cum).sum(-1, keepdim=True).clamp_(min=1)  # a NaN row: NaN, as above
     tau = cum.gather(-1, support.sub(1)).div_(support)
     return (z - top).sub_(tau).clamp_(min=0), tau, top
 
