@@ -196,7 +196,7 @@ FUSED_STAGE = "both retrievals, fused (guidance.fused: scores, softmax, entmax �
 def stage_breakdown(shapes: list[tuple[int, int, int, int, int]], repeats: int) -> str:
     """Time of each stage of guided cross-attention at the model's shapes, summed over one UNet forward."""
     from hopfield_aa.guidance import fused
-    from hopfield_aa.guidance.rules import gag_rule, ladder_rule
+    from hopfield_aa.guidance.rules import RowRule, gag_rule, ladder_rule
     from hopfield_aa.normalizers import _entmax_tensor
 
     stages: dict[str, float] = {}
@@ -225,7 +225,7 @@ def stage_breakdown(shapes: list[tuple[int, int, int, int, int]], repeats: int) 
         clock(FUSED_STAGE, lambda: fused.retrievals(q, k, v, (1.0, 1.5), dim**-0.5))
         clock(
             "both retrievals and the GAG rule, fused (guidance.fused.guided)",
-            lambda: fused.guided(q, k, v, (1.0, 1.5), dim**-0.5, None, ("gag_parallel", 1.0)),
+            lambda: fused.guided(q, k, v, (1.0, 1.5), dim**-0.5, None, RowRule("gag", 1.0)),
         )
         clock("GAG rule alone (rules.gag_rule, defaults)", lambda: gag_rule([dense, sparse], 1.0))
         clock("tensor path: scores β QKᵀ", lambda: (q @ k.transpose(-1, -2)) * dim**-0.5)
@@ -391,7 +391,7 @@ def in_loop_costs(pipe: ReferencePipeline, prompts: list[str], steps: int, repea
 def op_counts(shape: tuple[int, int, int, int, int]) -> dict[str, int]:
     """Aten ops dispatched by one call of each stage at ``shape`` (batch, heads, queries, keys, dim)."""
     from hopfield_aa.guidance import fused
-    from hopfield_aa.guidance.rules import gag_rule
+    from hopfield_aa.guidance.rules import RowRule, gag_rule
     from hopfield_aa.normalizers import _entmax15_sort, _entmax_tensor
 
     batch, heads, n_q, n_k, dim = shape
@@ -408,7 +408,7 @@ def op_counts(shape: tuple[int, int, int, int, int]) -> dict[str, int]:
             q, k, v, (1.0, 1.5), dim**-0.5
         ),
         "both retrievals and the GAG rule, fused (guidance.fused.guided)": lambda: fused.guided(
-            q, k, v, (1.0, 1.5), dim**-0.5, None, ("gag_parallel", 1.0)
+            q, k, v, (1.0, 1.5), dim**-0.5, None, RowRule("gag", 1.0)
         ),
         "entmax α = 1.5 (normalizers._entmax_tensor)": lambda: _entmax_tensor(scores, 1.5, -1),
         "entmax α = 1.5, sort-based reference (normalizers._entmax15_sort)": lambda: _entmax15_sort(
@@ -680,11 +680,11 @@ def main(argv: list[str] | None = None) -> int:
             f"Each stage timed alone (best of 5 × 10 calls) at the shapes of the model's {len(shapes)} "
             f"cross-attention calls per UNet forward {sorted(set(shapes))} (batch, heads, queries, keys, "
             f"head_dim), summed over them; one stock UNet forward with the text encoder and scheduler step "
-            f"takes {stock_forward * 1e3:.1f} ms at this batch. GAG (defaults) and extrapolation take "
+            f"takes {stock_forward * 1e3:.1f} ms at this batch. GAG (any options) and extrapolation take "
             "the fused call, one native kernel that computes the scores (never stored), both "
-            "normalisations, both retrievals and the rule; other GAG options take the fused retrievals "
-            "then the rule; the rows marked 'tensor path' are the ops the kernel replaces, which still run "
-            "where it does not apply (a mask, float64, the α-ladder's rungs).",
+            "normalisations, both retrievals and the rule (the fused retrievals alone: for a rule "
+            "without a row form); the rows marked 'tensor path' are the ops the kernel replaces, which "
+            "still run where it does not apply (a mask, float64, the α-ladder's rungs).",
             "",
             breakdown,
             "",
@@ -716,8 +716,7 @@ def main(argv: list[str] | None = None) -> int:
             memory,
             "",
             "GAG and extrapolation (the fused call, as the processors call it) allocate no score-sized "
-            "buffer: their output alone, as stock attention (with other GAG options: the two retrievals "
-            "and the rule's result; `tests/test_guidance.py`). On the tensor "
+            "buffer: their output alone, as stock attention (`tests/test_guidance.py`). On the tensor "
             "path (the α-ladder here) a guided call keeps at most two score-sized buffers alive (the scores "
             "and one probability matrix), plus entmax's buffers of one row block (2^20 entries at most) "
             "and tensors of the output's size (the α-ladder's Anderson step stacks its rungs).",

@@ -17,7 +17,7 @@ from hopfield_aa import _jit
 from hopfield_aa._simd import vexp, vload, vstore
 from hopfield_aa.guidance import fused
 from hopfield_aa.guidance.attention import guided_attention
-from hopfield_aa.guidance.rules import extrapolate_rule, gag_rule, get_rule, ladder_rule, row_rule
+from hopfield_aa.guidance.rules import RowRule, extrapolate_rule, gag_rule, get_rule, ladder_rule, row_rule
 from hopfield_aa.normalizers import MAX_SUPPORT_ITER, entmax_tensor
 
 pytestmark = pytest.mark.skipif(not _jit.enabled(), reason="numba is not installed")
@@ -100,7 +100,7 @@ def test_rows_solved_by_sorting_equal_those_the_support_passes_settle(alpha):
     for passes in (MAX_SUPPORT_ITER, 0):
         dense, sparse = (torch.empty(2, 2, 13, 16) for _ in range(2))
         arrays = (q.numpy(), k.numpy(), v.numpy(), dense.numpy(), sparse.numpy(), fused._NO_OUTPUT)
-        assert kernel(*arrays, 0.25, alpha == 1.5, passes, 0, 0.0, 0.0, 0, 4) == 0
+        assert kernel(*arrays, 0.25, alpha == 1.5, passes, *fused._NO_RULE, 0, 4) == 0
         results.append((dense, sparse))
     assert torch.equal(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1], atol=1e-6, rtol=0)
@@ -181,32 +181,45 @@ def test_guided_attention_on_the_fused_path_agrees_with_the_tensor_path(rule, in
         torch.testing.assert_close(out, tensor_path, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize(
-    ("name", "function"), [("gag_parallel", gag_rule), ("extrapolate", extrapolate_rule)]
-)
+GAG_OPTIONS = [
+    {},
+    {"zeta": 0.5},
+    {"zeta": 1.0},
+    {"eta": 0.01},
+    {"eta": 0.0, "zeta": 1.0},
+    {"reference": "dense"},
+    {"reference": "dense", "zeta": 0.3, "eta": 0.05},
+]
+
+
+@pytest.mark.parametrize("options", [*GAG_OPTIONS, None], ids=[*map(str, GAG_OPTIONS), "extrapolate"])
 @pytest.mark.parametrize("lam", [0.0, 1.0, 3.5])
-def test_the_rule_inside_the_kernel_is_the_rule_of_the_fused_retrievals(name, function, lam):
-    """fused.guided computes the rule on the retrievals it has just computed: its output is the rule
-    function of fused.retrievals' output to float32 rounding, at a head dimension that fills no whole
-    vector (24), laid out in memory as the stock attention's output (batch, queries, heads, d)."""
+def test_the_rule_inside_the_kernel_is_the_rule_of_the_fused_retrievals(options, lam):
+    """fused.guided computes the rule on the retrievals it has just computed: its output is the rule's
+    tensor form (GAG with each option: ζ, the η cap, reference S or D; or extrapolation) of
+    fused.retrievals' output to float32 rounding, at a head dimension that fills no whole vector (24),
+    laid out in memory as the stock attention's output (batch, queries, heads, d)."""
     q, k, v = _attention_views(3, 4, 10, 19, 24, seed=11)
     dense, sparse = fused.retrievals(q, k, v, (1.0, 1.5), 24**-0.5)
-    out = fused.guided(q, k, v, (1.0, 1.5), 24**-0.5, None, (name, lam))
+    if options is None:
+        form, want = row_rule(extrapolate_rule, lam, {}), extrapolate_rule([dense, sparse], lam)
+    else:
+        defaults = {"zeta": 0.0, "eta": math.inf, "reference": "sparse"}
+        form = row_rule(gag_rule, lam, {**defaults, **options})
+        want = gag_rule([dense, sparse], lam, **options)
+    out = fused.guided(q, k, v, (1.0, 1.5), 24**-0.5, None, form)
     stock = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     assert out.shape == stock.shape and out.stride() == stock.stride()
-    torch.testing.assert_close(out, function([dense, sparse], lam), atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(out, want, atol=3e-6, rtol=3e-6)
 
 
-def test_only_gag_with_its_defaults_and_extrapolation_have_a_row_form():
-    """row_rule names the rules the kernel computes itself; any other rule or option calls the rule."""
-    assert row_rule(gag_rule, 1.5, {"zeta": 0.0, "eta": math.inf, "reference": "sparse"}) == (
-        "gag_parallel",
-        1.5,
-    )
-    assert row_rule(extrapolate_rule, 2.0, {}) == ("extrapolate", 2.0)
-    assert row_rule(gag_rule, 1.0, {"zeta": 0.5, "eta": math.inf, "reference": "sparse"}) is None
-    assert row_rule(gag_rule, 1.0, {"zeta": 0.0, "eta": 0.01, "reference": "sparse"}) is None
-    assert row_rule(gag_rule, 1.0, {"zeta": 0.0, "eta": math.inf, "reference": "dense"}) is None
+def test_gag_with_any_options_and_extrapolation_have_a_row_form():
+    """row_rule gives GAG (every option) and extrapolation a row form; the α-ladder has none."""
+    defaults = {"zeta": 0.0, "eta": math.inf, "reference": "sparse"}
+    assert row_rule(gag_rule, 1.5, defaults) == RowRule("gag", 1.5)
+    assert row_rule(gag_rule, 1.0, {**defaults, "zeta": 0.5, "eta": 0.01}) == RowRule("gag", 1.0, 0.5, 0.01)
+    assert row_rule(gag_rule, 1.0, {**defaults, "reference": "dense"}).dense_reference
+    assert row_rule(extrapolate_rule, 2.0, {}) == RowRule("extrapolate", 2.0)
     assert row_rule(ladder_rule, 2.0, {"regularization": 0.0}) is None
 
 

@@ -261,7 +261,7 @@ class GuidanceHandle:
         Whether the current denoiser call is inside the step/timestep window.
     text_tokens : int or None
         The current call's text length (FLUX single-stream blocks read it).
-    row_rule : tuple of (str, float) or None
+    row_rule : RowRule or None
         The rule's row form where the fused kernel computes it (:func:`.rules.row_rule`).
     """
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from hopfield_aa.guidance import fused
+from hopfield_aa.guidance.rules import RowRule
 from hopfield_aa.normalizers import entmax_tensor
 
 Combine = Callable[[Sequence[torch.Tensor]], torch.Tensor]
@@ -81,7 +82,7 @@ def guided_attention(
     attention_mask: torch.Tensor | None = None,
     rows: slice = ALL_ROWS,
     compiled: bool = False,
-    row_rule: tuple[str, float] | None = None,
+    row_rule: RowRule | None = None,
 ) -> torch.Tensor:
     r"""Attention whose output is a guidance rule of its dense and sparse retrievals.
 
@@ -110,10 +111,10 @@ def guided_attention(
     compiled : bool, default False
         Run the guided part as one ``torch.compile``'d function (see :class:`~.api.GuidanceConfig`'s
         ``compile``); the eager path if compilation fails (warned once).
-    row_rule : (str, float), optional
-        ``combine``'s row form, where it has one (:func:`.rules.row_rule`: GAG with its defaults,
-        extrapolation): the fused kernel then computes the rule itself, in the call that computes the
-        retrievals (:func:`.fused.guided`), and ``combine`` is not called. It must be the same rule.
+    row_rule : RowRule, optional
+        ``combine``'s row form, where it has one (:func:`.rules.row_rule`: GAG, extrapolation): the fused
+        kernel then computes the rule itself, in the call that computes the retrievals
+        (:func:`.fused.guided`), and ``combine`` is not called. It must be the same rule.
 
     Returns
     -------
@@ -170,7 +171,7 @@ def _guided(
     alphas: Sequence[float | torch.Tensor],
     scale: float,
     mask: torch.Tensor | None,
-    row_rule: tuple[str, float] | None = None,
+    row_rule: RowRule | None = None,
 ) -> torch.Tensor:
     """The rule of the retrievals from one float32 score matrix, ``mask`` additive float32 (4-d) or None.
 

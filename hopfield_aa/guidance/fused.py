@@ -1,5 +1,5 @@
-r"""Both retrievals of guided attention in one native call: the dense (softmax) and the sparse (α = 1.5 or
-2 entmax) retrieval from one score matrix that is never stored.
+r"""Guided attention in one native call: the dense (softmax) and the sparse (α = 1.5 or 2 entmax)
+retrieval from one score matrix that is never stored, and the rule of them.
 
 For each (batch, head) the kernel :func:`_fused_rows` holds :math:`\beta K^\top` and ``V`` padded to
 whole vectors of 16 entries, then takes the queries four at a time: their scores
@@ -7,18 +7,21 @@ whole vectors of 16 entries, then takes the queries four at a time: their scores
 :math:`e^{z - m}` and :math:`u = (\alpha - 1)(z - m)`, the entmax threshold by the support passes of
 :mod:`hopfield_aa.normalizers.native` (α = 1.5: the smaller root of the quadratic on the current support;
 α = 2: the Michelot step; a row not settled after ``MAX_SUPPORT_ITER`` passes is solved by sorting), and
-both retrievals :math:`D = \mathrm{softmax}(z) V`, :math:`S = \mathrm{entmax}_\alpha(z) V`, written to two
-output-sized tensors. Scores, probabilities and thresholds live in buffers of a few rows, so a call
+both retrievals :math:`D = \mathrm{softmax}(z) V`, :math:`S = \mathrm{entmax}_\alpha(z) V`. Then either
+both are written to two output-sized tensors (:func:`retrievals`), or the kernel applies the rule, GAG
+(any ζ, η and reference) or extrapolation, and writes its output in the stock attention's memory layout
+(:func:`guided`). Scores, probabilities and thresholds live in buffers of a few rows, so a call
 allocates no score-sized buffer and dispatches one kernel where the tensor path runs about eight ops
 (measured in ``analysis/bench_guidance_overhead.py``). Vector arithmetic is stated through
 :mod:`hopfield_aa._simd`.
 
 The numbers are the tensor path's up to float32 rounding: the scores are summed in another order, the
 exponential is a polynomial (relative error about 1e-7), and the support passes sum in float32 (their
-thresholds in float64); ``tests/test_fused.py`` bounds the difference against float64.
+thresholds in float64); ``tests/test_fused.py`` bounds the difference against float64 and against the
+rules' tensor forms.
 
-:func:`retrievals` returns None where the kernel does not apply (see :func:`applies`); a call whose scores
-hold a NaN or an infinity is handed back to the tensor path as well, which has their semantics.
+Both return None where the kernel does not apply (see :func:`applies`); a call whose scores hold a NaN or
+an infinity is handed back to the tensor path as well, which has their semantics.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch
 
 from hopfield_aa import _jit
 from hopfield_aa._simd import vcount, vexp, vfma, vload, vmax, vmul, vpos, vsplat, vstore, vsub, vsum, vtop
-from hopfield_aa.guidance.rules import _ZERO_FACTOR
+from hopfield_aa.guidance.rules import _ZERO_FACTOR, RowRule
 from hopfield_aa.normalizers import MAX_SUPPORT_ITER, sorted_threshold
 
 ALPHAS = (1.5, 2.0)
@@ -54,6 +57,9 @@ def _fused_rows(
     max_passes: int,
     rule: int,
     lam: float,
+    zeta: float,
+    eta: float,
+    dense_reference: bool,
     zero_factor: float,
     first: int,
     last: int,
@@ -61,9 +67,9 @@ def _fused_rows(
     """Dense and sparse retrievals of the (batch, head) blocks ``first`` to ``last`` (flat index
     ``b · heads + h``) of ``q`` (B, H, L, d), ``k`` and ``v`` (B, H, n, d) (any strides): into the
     C-contiguous ``dense`` and ``sparse`` (B, H, L, d) where ``rule`` is 0, else the rule of them
-    (:data:`ROW_RULES`, scale ``lam``) into the C-contiguous ``result`` (B, L, H, d), the stock attention's
-    layout. Returns how many query rows had a score that is NaN or infinite (their outputs are then
-    unspecified: the caller recomputes the call)."""
+    (:data:`ROW_RULES`; :func:`_rule_group`) into the C-contiguous ``result`` (B, L, H, d), the stock
+    attention's layout. Returns how many query rows had a score that is NaN or infinite (their outputs
+    are then unspecified: the caller recomputes the call)."""
     heads, queries, dim = q.shape[1], q.shape[2], q.shape[3]
     n = k.shape[2]
     n_pad = (n + 15) // 16 * 16
@@ -187,7 +193,7 @@ def _fused_rows(
                         dense[b, h, l0 + g, c] = out[g * d_pad + c]
                         sparse[b, h, l0 + g, c] = out[(_GROUP + g) * d_pad + c]
             else:
-                _rule_group(out, rows, d_pad, rule, lam, zero_factor)
+                _rule_group(out, rows, d_pad, rule, lam, zeta, eta, dense_reference, zero_factor)
                 for g in range(rows):
                     for c in range(dim):
                         result[b, l0 + g, h, c] = out[g * d_pad + c]
@@ -212,31 +218,50 @@ def _threshold_step(
 
 
 def _rule_group(
-    out: Any, rows: int, d_pad: int, rule: int, lam: float, zero_factor: float
+    out: Any,
+    rows: int,
+    d_pad: int,
+    rule: int,
+    lam: float,
+    zeta: float,
+    eta: float,
+    dense_reference: bool,
+    zero_factor: float,
 ) -> None:  # pragma: no cover - compiled by numba
     """The rule of a group's retrievals in ``out`` (dense rows, then sparse rows, each ``d_pad`` long with
-    zeros past d), written over the dense rows. GAG (defaults, :func:`.rules.gag_parallel`):
-    G = S + λ c S, c = ⟨r, S⟩/‖S‖² (0 where ‖S‖ ≤ zero_factor · |r|_∞), r = S − D; extrapolation:
-    P = D + λ (S − D)."""
+    zeros past d), written over the dense rows.
+
+    GAG (``rule`` 1, :func:`.rules.gag_rule`): with r = S − D and the reference u = S (D where
+    ``dense_reference``), r∥ = c u, c = ⟨r, u⟩/‖u‖² (0 where ‖u‖ ≤ zero_factor · |r|_∞), capped to norm
+    η, and G = S + λ (cap_η(r∥) + ζ (r − r∥)) = S + λζ r + λ(c' − ζc) u, c' the capped coefficient.
+    Extrapolation (``rule`` 2): P = D + λ (S − D)."""
     zero = vsplat(0.0)
     for g in range(rows):
         at = g * d_pad
         other = (_GROUP + g) * d_pad
         if rule == 1:
+            ref_at = at if dense_reference else other
             along = np.float32(0.0)
             norm_sq = np.float32(0.0)
             top = zero
             for c in range(0, d_pad, 16):
-                s = vload(out, other + c)
-                r = vsub(s, vload(out, at + c))
-                along += vsum(vmul(r, s))
-                norm_sq += vsum(vmul(s, s))
+                r = vsub(vload(out, other + c), vload(out, at + c))
+                u = vload(out, ref_at + c)
+                along += vsum(vmul(r, u))
+                norm_sq += vsum(vmul(u, u))
                 top = vmax(vmax(r, vsub(zero, r)), top)
             floor = vtop(top) * zero_factor
-            coefficient = lam * (along / norm_sq) if not norm_sq <= floor * floor else 0.0
+            coefficient = along / norm_sq if not norm_sq <= floor * floor else 0.0
+            capped = coefficient
+            length = abs(coefficient) * math.sqrt(norm_sq)
+            if length > eta:
+                capped = coefficient * (eta / length)
+            step = vsplat(lam * zeta)
+            along_u = vsplat(lam * (capped - zeta * coefficient))
             for c in range(0, d_pad, 16):
                 s = vload(out, other + c)
-                vstore(out, at + c, vfma(vsplat(coefficient), s, s))
+                u = vload(out, ref_at + c)
+                vstore(out, at + c, vfma(along_u, u, vfma(step, vsub(s, vload(out, at + c)), s)))
         else:
             for c in range(0, d_pad, 16):
                 d = vload(out, at + c)
@@ -308,7 +333,7 @@ def retrievals(
         return None
     both = query.new_empty((2, *query.shape[:3], value.shape[-1]))
     outputs = both.numpy()
-    if _run(query, key, value, alphas, scale, outputs[0], outputs[1], _NO_OUTPUT, 0, 0.0):
+    if _run(query, key, value, alphas, scale, outputs[0], outputs[1], _NO_OUTPUT, *_NO_RULE):
         return None
     return [both[0], both[1]]
 
@@ -320,10 +345,11 @@ def guided(
     alphas: Sequence[float | torch.Tensor],
     scale: float,
     mask: torch.Tensor | None,
-    rule: tuple[str, float],
+    rule: RowRule,
 ) -> torch.Tensor | None:
-    """The rule ``rule`` = (name in :data:`ROW_RULES`, λ) of the two retrievals, computed in the same
-    native call as they are (no retrieval is stored), or None as for :func:`retrievals`.
+    """The rule ``rule`` (:class:`.rules.RowRule`: GAG with any ζ, η and reference S or D, or
+    extrapolation) of the two retrievals, computed in the same native call as they are (no retrieval is
+    stored), or None as for :func:`retrievals`.
 
     Returns
     -------
@@ -332,22 +358,21 @@ def guided(
     """
     if not applies(query, key, value, alphas, mask):
         return None
-    name, lam = rule
     batch, heads, queries, _ = query.shape
     result = query.new_empty((batch, queries, heads, value.shape[-1]))
-    factor = _ZERO_FACTOR * _F32_EPS
-    if _run(
-        query, key, value, alphas, scale, _NO_OUTPUT, _NO_OUTPUT, result.numpy(), ROW_RULES[name], lam, factor
-    ):
+    outputs = (_NO_OUTPUT, _NO_OUTPUT, result.numpy())
+    parameters = (ROW_RULES[rule.name], rule.scale, rule.zeta, rule.eta, rule.dense_reference, _ZERO)
+    if _run(query, key, value, alphas, scale, *outputs, *parameters):
         return None
     return result.transpose(1, 2)
 
 
-ROW_RULES = {"gag_parallel": 1, "extrapolate": 2}
-"""The rules :func:`guided` computes inside the kernel: GAG with its defaults (ζ = 0, η = ∞, reference S:
-:func:`.rules.gag_parallel`) and PLADIS-style extrapolation (:func:`.rules.extrapolate_rule`)."""
-_F32_EPS = float(torch.finfo(torch.float32).eps)
+ROW_RULES = {"gag": 1, "extrapolate": 2}
+"""The rules :func:`guided` computes inside the kernel (:func:`_rule_group`): GAG with any options
+(:func:`.rules.gag_rule`) and PLADIS-style extrapolation (:func:`.rules.extrapolate_rule`)."""
+_ZERO = _ZERO_FACTOR * float(torch.finfo(torch.float32).eps)  # a reference this small has no parallel part
 _NO_OUTPUT = np.empty((0, 0, 0, 0), np.float32)  # the outputs a call does not write
+_NO_RULE = (0, 0.0, 0.0, math.inf, False, 0.0)  # the kernel's rule arguments where it writes the retrievals
 
 
 def _run(
@@ -359,9 +384,7 @@ def _run(
     dense: np.ndarray,
     sparse: np.ndarray,
     result: np.ndarray,
-    rule: int,
-    lam: float,
-    zero_factor: float = 0.0,
+    *rule: Any,
 ) -> int:
     """:func:`_fused_rows` on the call, its (batch, head) blocks split across threads where there are at
     least ``_MIN_ROWS_PER_THREAD`` query rows a thread; returns its count of rows with a non-finite score."""
@@ -369,7 +392,7 @@ def _run(
     assert kernel is not None
     arrays = (query.numpy(), key.numpy(), value.numpy(), dense, sparse, result)
     quadratic = bool(alphas[1] == 1.5)
-    args = (*arrays, float(scale), quadratic, MAX_SUPPORT_ITER, rule, float(lam), zero_factor)
+    args = (*arrays, float(scale), quadratic, MAX_SUPPORT_ITER, *rule)
     blocks = query.shape[0] * query.shape[1]
     threads = min(torch.get_num_threads(), blocks, blocks * query.shape[2] // _MIN_ROWS_PER_THREAD)
     if threads <= 1:

@@ -22,6 +22,7 @@ from hopfield_aa.adapters import (
     UNetAttentionCall,
 )
 from hopfield_aa.guidance.attention import guided_attention, guided_joint_attention
+from hopfield_aa.guidance.rules import RowRule
 
 
 class GuidanceSession(Protocol):
@@ -31,7 +32,7 @@ class GuidanceSession(Protocol):
     active: bool
     text_tokens: int | None
     compile: bool
-    row_rule: tuple[str, float] | None  # the rule's row form for the fused kernel (rules.row_rule)
+    row_rule: RowRule | None  # the rule's row form for the fused kernel (rules.row_rule)
 
     def alphas_for(self, layer: str) -> tuple[float | torch.Tensor, ...]:
         """The α ladder of one layer (dense first); a per-head α is a tensor of shape (heads, 1, 1)."""

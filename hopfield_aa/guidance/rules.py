@@ -12,7 +12,7 @@ import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -336,17 +336,34 @@ def _check_ladder(options: Mapping[str, Any]) -> None:
     check_scalar(options["regularization"], "regularization", minimum=0.0)
 
 
+class RowRule(NamedTuple):
+    """A configured rule as the fused kernel computes it (:func:`.fused.guided`): ``name`` "gag" or
+    "extrapolate", its scale λ, and GAG's options (ζ, η, and whether the reference is D)."""
+
+    name: str
+    scale: float
+    zeta: float = 0.0
+    eta: float = math.inf
+    dense_reference: bool = False
+
+
 def row_rule(
     function: Callable[..., torch.Tensor], scale: float, options: Mapping[str, Any]
-) -> tuple[str, float] | None:
-    """The row form of a configured rule that the fused kernel computes itself
-    (:data:`.fused.ROW_RULES`): ``("gag_parallel", λ)`` for GAG with its defaults (ζ = 0, η = ∞,
-    reference S), ``("extrapolate", λ)`` for extrapolation; None for any other rule or options (the
-    rule is then called on the retrievals)."""
-    if function is gag_rule and options.get("zeta", 0.0) == 0.0 and options.get("eta", math.inf) == math.inf:
-        return ("gag_parallel", float(scale)) if options.get("reference", "sparse") == "sparse" else None
+) -> RowRule | None:
+    """The row form of a configured rule, which the fused kernel computes itself: GAG with any options
+    (reference S or D) and extrapolation; None for any other rule (it is then called on the
+    retrievals)."""
+    if function is gag_rule:
+        reference = options.get("reference", "sparse")
+        return RowRule(
+            "gag",
+            float(scale),
+            float(options.get("zeta", 0.0)),
+            float(options.get("eta", math.inf)),
+            reference == "dense",
+        )
     if function is extrapolate_rule and not options:
-        return ("extrapolate", float(scale))
+        return RowRule("extrapolate", float(scale))
     return None
 
 
