@@ -121,14 +121,19 @@ def test_threads_split_the_blocks_without_changing_a_bit():
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 
+@pytest.mark.parametrize("keys", [12, 40])
 @pytest.mark.parametrize("poison", [math.nan, math.inf, -math.inf])
-def test_a_score_that_is_not_finite_hands_the_call_back_to_the_tensor_path(poison, monkeypatch):
-    """A NaN or infinite score (here from one query entry) is outside the kernel's arithmetic: the fused
-    call returns None and guided attention computes the call as it does without the fused kernel (the
-    native entmax and softmax on stored scores), bit for bit, NaN where that path puts it."""
-    q, k, v = _attention_views(1, 2, 6, 12, 8, seed=1)
-    q = q.clone()
-    q[0, 1, 3, 2] = poison
+def test_a_score_that_is_not_finite_hands_the_call_back_to_the_tensor_path(poison, keys, monkeypatch):
+    """A NaN or infinite score (from one query entry, or from one key in the last vector of rows of 40)
+    is outside the kernel's arithmetic: the fused call returns None and guided attention computes
+    the call as it does without the fused kernel (the native entmax and softmax on stored scores), bit for
+    bit, NaN where that path puts it."""
+    q, k, v = _attention_views(1, 2, 6, keys, 8, seed=1)
+    q, k = q.clone(), k.clone()
+    if keys > 32:
+        k[0, 1, 35, 4] = poison
+    else:
+        q[0, 1, 3, 2] = poison
     assert fused.retrievals(q, k, v, (1.0, 1.5), 8**-0.5) is None
     spec = get_rule("gag")
 

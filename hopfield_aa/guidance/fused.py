@@ -35,7 +35,21 @@ import numpy as np
 import torch
 
 from hopfield_aa import _jit
-from hopfield_aa._simd import vcount, vexp, vfma, vload, vmax, vmul, vpos, vsplat, vstore, vsub, vsum, vtop
+from hopfield_aa._simd import (
+    vadd,
+    vcount,
+    vexp,
+    vfma,
+    vload,
+    vmax,
+    vmul,
+    vpos,
+    vsplat,
+    vstore,
+    vsub,
+    vsum,
+    vtop,
+)
 from hopfield_aa.guidance.rules import _ZERO_FACTOR, RowRule
 from hopfield_aa.normalizers import MAX_SUPPORT_ITER, sorted_threshold
 
@@ -112,8 +126,8 @@ def _fused_rows(
             for g in range(_GROUP):
                 base = g * n_pad
                 check = vmul(vload(z, base), zero)  # 0, or NaN where a score is NaN or infinite
-                for c in range(16, n_pad, 16):
-                    check = vmax(vmul(vload(z, base + c), zero), check)
+                for c in range(16, n_pad, 16):  # summed: a NaN carries on (a maximum would drop it)
+                    check = vadd(vmul(vload(z, base + c), zero), check)
                 if g < rows and vsum(check) != 0.0:
                     bad += 1
                 for j in range(n, n_pad):
@@ -273,7 +287,7 @@ _KERNEL = _jit.Kernel(
     _fused_rows,
     helpers=(sorted_threshold, _threshold_step, _rule_group),
     reassociate=True,
-    intrinsics=(vload, vstore, vsplat, vsub, vmul, vfma, vpos, vmax, vsum, vtop, vcount, vexp),
+    intrinsics=(vload, vstore, vsplat, vadd, vsub, vmul, vfma, vpos, vmax, vsum, vtop, vcount, vexp),
 )
 
 
