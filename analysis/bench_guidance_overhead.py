@@ -251,6 +251,62 @@ def stage_breakdown(shapes: list[tuple[int, int, int, int, int]], repeats: int) 
 MEMORY_SHAPE = (1, 10, 4096, 77, 64)  # SD 1.5's first cross-attention at 512 px: 64×64 latent tokens
 
 
+def sd_shape_table(shape: tuple[int, int, int, int, int] = MEMORY_SHAPE, repeats: int = 7) -> str:
+    """Time of one attention call at ``shape`` (SD 1.5's first cross-attention), float32, as the UNet
+    processor hands it over (views of (batch, tokens, heads, d) projections): stock SDPA, guided attention
+    with GAG's defaults as the processors call it (the fused kernel with the rule inside), and the same
+    call with the fused kernel declined (the tensor path with the native entmax kernel), side by side in
+    one process, best of ``repeats`` rounds of 3 calls."""
+    from unittest import mock
+
+    from hopfield_aa.guidance import fused
+    from hopfield_aa.guidance.attention import guided_attention
+    from hopfield_aa.guidance.rules import get_rule, row_rule
+
+    batch, heads, queries, keys, dim = shape
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, queries, heads, dim, generator=gen).transpose(1, 2)
+    k, v = (torch.randn(batch, keys, heads, dim, generator=gen).transpose(1, 2) for _ in range(2))
+    rule = get_rule("gag")
+    form = row_rule(rule.function, rule.scale, rule.options)
+
+    def combine(retrievals: Any) -> torch.Tensor:
+        out: torch.Tensor = rule.function(retrievals, rule.scale)
+        return out
+
+    def tensor_path() -> object:
+        with mock.patch.object(fused, "applies", lambda *args: False):
+            return guided_attention(q, k, v, combine, rule.alphas, scale=dim**-0.5)
+
+    calls: dict[str, Callable[[], object]] = {
+        "stock SDPA": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+        "GAG, fused kernel (the default)": lambda: guided_attention(
+            q, k, v, combine, rule.alphas, scale=dim**-0.5, row_rule=form
+        ),
+        "GAG, tensor path (fused kernel declined)": tensor_path,
+    }
+    best = {name: math.inf for name in calls}
+    with torch.no_grad():
+        for fn in calls.values():
+            fn()
+        for _ in range(repeats):
+            for name, fn in calls.items():
+                start = time.perf_counter()
+                for _ in range(3):
+                    fn()
+                best[name] = min(best[name], (time.perf_counter() - start) / 3)
+    stock = best["stock SDPA"]
+    lines = [
+        f"One call at {shape} (batch, heads, queries, keys, head_dim), float32, on the processor's views, "
+        f"best of {repeats} rounds of 3 calls, side by side in one process:",
+        "",
+        "| call | ms | relative to stock |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {name} | {t * 1e3:.2f} | {t / stock:.2f}× |" for name, t in best.items()]
+    return "\n".join(lines)
+
+
 def memory_table(shape: tuple[int, int, int, int, int] = MEMORY_SHAPE) -> str:
     """Peak CPU memory of one attention call at ``shape`` (batch, heads, queries, keys, head_dim), float32:
     stock SDPA and guided attention with each rule, in bytes and in score and output buffers."""
@@ -642,6 +698,7 @@ def main(argv: list[str] | None = None) -> int:
     batch_one = [prompt_pool[0]] * min(args.batch)
     loop_table = in_loop_costs(pipe, batch_one, args.steps, repeats=3)
     memory = memory_table()
+    sd_shape = sd_shape_table()
     bench.stop(load)
     count_table = "\n".join(
         ["| call | aten ops per call |", "|---|---:|"] + [f"| {name} | {n} |" for name, n in counts.items()]
@@ -710,6 +767,10 @@ def main(argv: list[str] | None = None) -> int:
             f"### Where the time goes: the α-ladder, batch {batch}, {args.steps} steps",
             "",
             profile_ladder,
+            "",
+            "### At SD 1.5's cross-attention shape",
+            "",
+            sd_shape,
             "",
             "### Memory",
             "",
