@@ -13,11 +13,13 @@ what runs on other devices.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
 
 from hopfield_aa import _simd
@@ -28,6 +30,7 @@ _enabled = os.environ.get(ENV_SWITCH, "1").strip() != "0"
 _numba: Any = None
 _import_failed = False
 _pool: ThreadPoolExecutor | None = None
+T = TypeVar("T")
 
 
 def _numba_module() -> Any:
@@ -93,9 +96,24 @@ class Kernel:
         return self._compiled
 
 
-def thread_pool() -> ThreadPoolExecutor:
-    """The threads that run parts of one kernel call side by side (the kernels release the GIL), made on
-    first use."""
+# rows per thread below which a call runs on one thread (measured: splitting smaller inputs costs more
+# in hand-offs than it saves)
+MIN_ROWS_PER_THREAD = 2048
+
+
+def in_parts(count: int, rows: int, run: Callable[[int, int], T]) -> list[T]:
+    """``run(start, stop)`` over consecutive parts of ``range(count)``, side by side on the kernels' thread
+    pool (they release the GIL): as many parts as ``torch.get_num_threads()``, ``count`` and
+    :data:`MIN_ROWS_PER_THREAD` rows a part (``rows`` in all) allow; one part runs in the caller's thread."""
+    parts = min(torch.get_num_threads(), count, rows // MIN_ROWS_PER_THREAD)
+    if parts <= 1:
+        return [run(0, count)]
+    bounds = [int(b) for b in np.linspace(0, count, parts + 1).astype(int)]
+    return list(_thread_pool().map(lambda part: run(*part), itertools.pairwise(bounds)))
+
+
+def _thread_pool() -> ThreadPoolExecutor:
+    """The threads of :func:`in_parts`, made on first use."""
     global _pool
     if _pool is None:
         _pool = ThreadPoolExecutor(thread_name_prefix="hopfield_aa-kernel")

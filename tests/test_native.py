@@ -91,7 +91,7 @@ def test_native_float32_rows_are_within_1e_6_of_float64_and_have_the_tensor_kern
 
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 1.25, 1.3])
 def test_rows_split_across_threads_give_the_single_thread_result_bit_for_bit(alpha: float) -> None:
-    z = 2 * torch.randn(3 * native._MIN_ROWS_PER_THREAD, 33, generator=torch.Generator().manual_seed(0))
+    z = 2 * torch.randn(3 * _jit.MIN_ROWS_PER_THREAD, 33, generator=torch.Generator().manual_seed(0))
     forward = native.forward if alpha in native.ALPHAS else native.newton_forward
     threads = torch.get_num_threads()
     try:

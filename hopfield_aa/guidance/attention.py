@@ -180,13 +180,15 @@ def _guided(
     (:mod:`.fused`). Otherwise ``.float()`` returns a float32 tensor itself (no copy), and β scales the
     keys (keys × d entries) rather than the scores (queries × keys).
     """
+    # each declines exactly where the other would (same premise, same scores): one kernel call at most
     if row_rule is not None:
         output = fused.guided(query, key, value, alphas, scale, mask, row_rule)
         if output is not None:
             return output
-    outputs = fused.retrievals(query, key, value, alphas, scale, mask)
-    if outputs is not None:
-        return combine(outputs)
+    else:
+        outputs = fused.retrievals(query, key, value, alphas, scale, mask)
+        if outputs is not None:
+            return combine(outputs)
     scores = query.float() @ (key.float() * scale).transpose(-1, -2)
     if mask is not None:
         scores = scores.add_(mask)

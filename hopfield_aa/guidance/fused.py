@@ -26,7 +26,6 @@ an infinity is handed back to the tensor path as well, which has their semantics
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -56,7 +55,6 @@ from hopfield_aa.normalizers import MAX_SUPPORT_ITER, sorted_threshold
 ALPHAS = (1.5, 2.0)
 """The sparse rungs the kernel solves: ``alphas`` must be ``(1.0, a)`` with ``a`` one of these."""
 _GROUP = 4  # queries whose scores and retrievals are computed together (four independent vector chains)
-_MIN_ROWS_PER_THREAD = 2048  # as the entmax kernels (normalizers.native)
 
 
 def _fused_rows(
@@ -400,17 +398,12 @@ def _run(
     result: np.ndarray,
     *rule: Any,
 ) -> int:
-    """:func:`_fused_rows` on the call, its (batch, head) blocks split across threads where there are at
-    least ``_MIN_ROWS_PER_THREAD`` query rows a thread; returns its count of rows with a non-finite score."""
+    """:func:`_fused_rows` on the call, its (batch, head) blocks split across threads
+    (:func:`.._jit.in_parts`, counting query rows); returns its count of rows with a non-finite score."""
     kernel = _KERNEL.get()
     assert kernel is not None
     arrays = (query.numpy(), key.numpy(), value.numpy(), dense, sparse, result)
     quadratic = bool(alphas[1] == 1.5)
     args = (*arrays, float(scale), quadratic, MAX_SUPPORT_ITER, *rule)
     blocks = query.shape[0] * query.shape[1]
-    threads = min(torch.get_num_threads(), blocks, blocks * query.shape[2] // _MIN_ROWS_PER_THREAD)
-    if threads <= 1:
-        return int(kernel(*args, 0, blocks))
-    bounds = np.linspace(0, blocks, threads + 1).astype(int)
-    parts = [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
-    return sum(_jit.thread_pool().map(lambda part: kernel(*args, *part), parts))
+    return sum(_jit.in_parts(blocks, blocks * query.shape[2], lambda a, b: int(kernel(*args, a, b))))

@@ -33,7 +33,6 @@ A row of only −inf gets p = 0 and λ = −inf; a row with a NaN or +inf score 
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Any
 
@@ -46,9 +45,6 @@ from hopfield_aa.normalizers.exact import MAX_SUPPORT_ITER
 from hopfield_aa.normalizers.newton import MAX_NEWTON_ITER
 
 ALPHAS = (1.5, 2.0)
-# rows per thread below which a call runs on one thread (measured: splitting smaller inputs costs more
-# in hand-offs than it saves)
-_MIN_ROWS_PER_THREAD = 2048
 _SHORT_ROW = 32  # rows of at most this many entries are solved whole, without collecting candidates
 _GROUP = 8  # rows whose support passes are interleaved (:func:`_rows`), fewer for long rows: a group's
 _GROUP_ENTRIES = 2048  # entries stay in the cache until its output is written (measured)
@@ -726,19 +722,10 @@ def _solve(z: np.ndarray, p: np.ndarray, lam: np.ndarray, quadratic: bool, max_p
 
 def _split(kernel: Any, z: np.ndarray, p: np.ndarray, lam: np.ndarray, *args: Any) -> None:
     """``kernel(z, p, lam, *args)`` on the rows of ``z`` (R, n) into ``p`` and ``lam`` (R,); large inputs
-    split across ``torch.get_num_threads()`` threads (the kernels release the GIL)."""
+    split across threads (:func:`.._jit.in_parts`)."""
     assert kernel is not None, "native kernels called where native.applies is False"
-    threads = min(torch.get_num_threads(), z.shape[0] // _MIN_ROWS_PER_THREAD)
-    if threads <= 1:
-        kernel(z, p, lam, *args)
-        return
-    bounds = np.linspace(0, z.shape[0], threads + 1).astype(int)
-
-    def run(part: tuple[int, int]) -> None:
-        a, b = part
-        kernel(z[a:b], p[a:b], lam[a:b], *args)
-
-    list(_jit.thread_pool().map(run, [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]))
+    rows = z.shape[0]
+    _jit.in_parts(rows, rows, lambda a, b: kernel(z[a:b], p[a:b], lam[a:b], *args))
 
 
 @torch.library.custom_op("hopfield_aa::entmax_rows", mutates_args=())
