@@ -251,6 +251,26 @@ def stage_breakdown(shapes: list[tuple[int, int, int, int, int]], repeats: int) 
 MEMORY_SHAPE = (1, 10, 4096, 77, 64)  # SD 1.5's first cross-attention at 512 px: 64×64 latent tokens
 
 
+def guided_call(
+    name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, in_kernel: bool = True
+) -> Callable[[], torch.Tensor]:
+    """One call of guided attention with the registered rule ``name`` (its defaults) on ``q, k, v``, as
+    the processors make it (``in_kernel``: with the rule's row form, so the fused kernel computes the rule
+    where it can)."""
+    from hopfield_aa.guidance.attention import guided_attention
+    from hopfield_aa.guidance.rules import get_rule, row_rule
+
+    rule = get_rule(name)
+    form = row_rule(rule.function, rule.scale, rule.options) if in_kernel else None
+
+    def combine(retrievals: Any) -> torch.Tensor:
+        out: torch.Tensor = rule.function(retrievals, rule.scale)
+        return out
+
+    scale = q.shape[-1] ** -0.5
+    return lambda: guided_attention(q, k, v, combine, rule.alphas, scale=scale, row_rule=form)
+
+
 def sd_shape_table(shape: tuple[int, int, int, int, int] = MEMORY_SHAPE, repeats: int = 7) -> str:
     """Time of one attention call at ``shape`` (SD 1.5's first cross-attention), float32, as the UNet
     processor hands it over (views of (batch, tokens, heads, d) projections): stock SDPA, guided attention
@@ -260,29 +280,20 @@ def sd_shape_table(shape: tuple[int, int, int, int, int] = MEMORY_SHAPE, repeats
     from unittest import mock
 
     from hopfield_aa.guidance import fused
-    from hopfield_aa.guidance.attention import guided_attention
-    from hopfield_aa.guidance.rules import get_rule, row_rule
 
     batch, heads, queries, keys, dim = shape
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(batch, queries, heads, dim, generator=gen).transpose(1, 2)
     k, v = (torch.randn(batch, keys, heads, dim, generator=gen).transpose(1, 2) for _ in range(2))
-    rule = get_rule("gag")
-    form = row_rule(rule.function, rule.scale, rule.options)
-
-    def combine(retrievals: Any) -> torch.Tensor:
-        out: torch.Tensor = rule.function(retrievals, rule.scale)
-        return out
+    gag = guided_call("gag", q, k, v)
 
     def tensor_path() -> object:
         with mock.patch.object(fused, "applies", lambda *args: False):
-            return guided_attention(q, k, v, combine, rule.alphas, scale=dim**-0.5)
+            return gag()
 
     calls: dict[str, Callable[[], object]] = {
         "stock SDPA": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
-        "GAG, fused kernel (the default)": lambda: guided_attention(
-            q, k, v, combine, rule.alphas, scale=dim**-0.5, row_rule=form
-        ),
+        "GAG, fused kernel (the default)": gag,
         "GAG, tensor path (fused kernel declined)": tensor_path,
     }
     best = {name: math.inf for name in calls}
@@ -310,8 +321,7 @@ def sd_shape_table(shape: tuple[int, int, int, int, int] = MEMORY_SHAPE, repeats
 def memory_table(shape: tuple[int, int, int, int, int] = MEMORY_SHAPE) -> str:
     """Peak CPU memory of one attention call at ``shape`` (batch, heads, queries, keys, head_dim), float32:
     stock SDPA and guided attention with each rule, in bytes and in score and output buffers."""
-    from hopfield_aa.guidance.attention import guided_attention
-    from hopfield_aa.guidance.rules import get_rule, row_rule
+    from hopfield_aa.guidance.rules import get_rule
 
     batch, heads, queries, keys, dim = shape
     gen = torch.Generator().manual_seed(0)
@@ -322,17 +332,8 @@ def memory_table(shape: tuple[int, int, int, int, int] = MEMORY_SHAPE) -> str:
         "stock SDPA": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=dim**-0.5)
     }
     for name in ("gag", "extrapolate", "ladder"):
-        rule = get_rule(name)
-
-        def guided(rule: Any = rule) -> object:
-            def combine(retrievals: Any) -> torch.Tensor:
-                out: torch.Tensor = rule.function(retrievals, rule.scale)
-                return out
-
-            form = row_rule(rule.function, rule.scale, rule.options)  # as the processors pass it
-            return guided_attention(q, k, v, combine, rule.alphas, scale=dim**-0.5, row_rule=form)
-
-        calls[f"guided attention, {name} (α {', '.join(f'{a:g}' for a in rule.alphas)})"] = guided
+        alphas = ", ".join(f"{a:g}" for a in get_rule(name).alphas)
+        calls[f"guided attention, {name} (α {alphas})"] = guided_call(name, q, k, v)
     lines = [
         f"Peak CPU tensor memory of one call at {shape} (batch, heads, queries, keys, head_dim), float32, "
         f"measured with torch.profiler's memory events (`_bench.peak_allocated`); one score buffer "
